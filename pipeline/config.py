@@ -1,0 +1,308 @@
+"""Typed experiment configuration: YAML with ``base:`` inheritance, ``--set`` overrides.
+
+``configs/default.yaml`` holds every key; its values define each key's type. A key may
+also be null where ``NULLABLE`` says so. Unknown keys, wrong types and values outside
+``CHOICES`` are errors that name the key, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
+
+# Keys whose value may be null as well as the type of their default.
+NULLABLE: frozenset[str] = frozenset(
+    {
+        "data.sample_submission",
+        "data.test_truth",
+        "data.classes",
+        "data.submission_size",
+        "data.cache_dir",
+        "data.max_images",
+        "model.encoder_weights",
+        "classifier.weights",
+        "train.val_crop",
+        "train.steps_per_epoch",
+    }
+)
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.layout": ("auto", "image_label", "image_class", "imageid_classid", "instances"),
+    "folds.method": ("kfold", "multilabel_stratified"),
+    "model.architecture": ("Unet", "FPN", "Linknet", "PSPNet"),
+    "model.decoder_block_type": ("upsampling", "transpose"),
+    "train.loss": ("jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice"),
+    "train.monitor_mode": ("min", "max"),
+    "train.strategy": ("auto", "one_device", "mirrored", "multi_worker"),
+    "tta.merge": ("mean", "gmean", "max"),
+    "classifier.monitor_mode": ("min", "max"),
+}
+
+# [H, W] pairs of positive integers.
+SIZE_KEYS: frozenset[str] = frozenset(
+    {
+        "data.image_size",
+        "data.submission_size",
+        "train.crop_size",
+        "train.val_crop",
+        "classifier.image_size",
+    }
+)
+
+# Keys holding a list of {name: str, params: mapping} transform specs.
+TRANSFORM_LIST_KEYS: frozenset[str] = frozenset({"augment"})
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid."""
+
+
+class Section(Mapping[str, Any]):
+    """Read-only view of one config mapping; attribute access, strict on unknown keys."""
+
+    def __init__(self, data: Mapping[str, Any], path: str = "") -> None:
+        self._data = data
+        self._path = path
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        return self[key]
+
+    def __getitem__(self, key: str) -> Any:
+        if key not in self._data:
+            where = self._path or "the config"
+            raise KeyError(
+                f"unknown config key {self._dotted(key)!r}; valid keys of {where}: "
+                f"{', '.join(sorted(self._data))}"
+            )
+        value = self._data[key]
+        if isinstance(value, Mapping):
+            return Section(value, self._dotted(key))
+        return copy.deepcopy(value)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def _dotted(self, key: str) -> str:
+        return f"{self._path}.{key}" if self._path else key
+
+    def to_dict(self) -> dict[str, Any]:
+        """A deep copy of the underlying plain dict."""
+        return copy.deepcopy(dict(self._data))
+
+
+class Config(Section):
+    """The merged, validated configuration of one experiment."""
+
+    def __init__(self, data: Mapping[str, Any], source: str = "") -> None:
+        super().__init__(data)
+        self.source = source
+
+    @property
+    def run_dir(self) -> Path:
+        """``<runs_dir>/<experiment>``: every stage reads and writes there."""
+        return Path(self["runs_dir"]) / self["experiment"]
+
+    def fold_dir(self, fold: int, stage: str = "") -> Path:
+        """``run_dir/[stage/]fold_<k>``: one fold's outputs (stage e.g. ``classifier``)."""
+        base = self.run_dir / stage if stage else self.run_dir
+        return base / f"fold_{fold}"
+
+    def with_overrides(self, overrides: Sequence[str]) -> Config:
+        """A new config with ``key.path=value`` overrides applied and validated."""
+        data = self.to_dict()
+        for item in overrides:
+            apply_override(data, item)
+        return Config(validate(data), self.source)
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    """Read one YAML mapping; a clear error names the file on failure."""
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at top level; got {type(data).__name__}")
+    return data
+
+
+def _resolve_bases(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config inheritance cycle: {chain}")
+    data = load_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file name; got {base!r}")
+    parent = _resolve_bases(path.parent / base, (*seen, path))
+    return merge(parent, data)
+
+
+def merge(base: Mapping[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    """Deep-merge ``update`` into a copy of ``base``; lists and scalars are replaced."""
+    out = copy.deepcopy(dict(base))
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load ``path`` (default ``configs/default.yaml``) over the defaults, apply overrides.
+
+    Every config is checked against ``configs/default.yaml``: a key it lacks is unknown.
+    """
+    defaults = load_yaml(DEFAULT_CONFIG)
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    data = merge(defaults, _resolve_bases(path))
+    for item in overrides:
+        apply_override(data, item)
+    return Config(validate(data), str(path))
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b=value`` override in place; the value is parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"override must look like key.path=value; got {item!r}")
+    dotted, raw = item.split("=", 1)
+    keys = dotted.strip().split(".")
+    node: Any = data
+    for depth, key in enumerate(keys[:-1]):
+        if not isinstance(node, dict) or key not in node:
+            _unknown(".".join(keys[: depth + 1]), node if isinstance(node, dict) else {})
+        node = node[key]
+    if not isinstance(node, dict) or keys[-1] not in node:
+        _unknown(dotted, node if isinstance(node, dict) else {})
+    try:
+        node[keys[-1]] = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: value is not valid YAML: {exc}") from exc
+
+
+def _unknown(dotted: str, siblings: Mapping[str, Any]) -> None:
+    raise ConfigError(
+        f"unknown config key {dotted!r}; valid keys here: {', '.join(sorted(siblings))}"
+    )
+
+
+def validate(data: dict[str, Any]) -> dict[str, Any]:
+    """Check ``data`` against the defaults' keys and types; return it with coerced values."""
+    defaults = load_yaml(DEFAULT_CONFIG)
+    return _check(data, defaults, "")
+
+
+def _check(value: Any, default: Any, key: str) -> Any:
+    if isinstance(default, dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r} must be a mapping; got {value!r}")
+        for name in value:
+            if name not in default:
+                where = f"under {key!r}" if key else "at top level"
+                raise ConfigError(
+                    f"unknown config key {_join(key, name)!r}; valid keys {where}: "
+                    f"{', '.join(sorted(default))}"
+                )
+        missing = [name for name in default if name not in value]
+        if missing:
+            raise ConfigError(f"config is missing keys {missing} under {key or 'top level'!r}")
+        return {name: _check(value[name], default[name], _join(key, name)) for name in default}
+    if value is None:
+        if key in NULLABLE:
+            return None
+        raise ConfigError(f"config key {key!r} may not be null")
+    if key in TRANSFORM_LIST_KEYS:
+        return _check_transforms(value, key)
+    value = _coerce(value, default, key)
+    if key in SIZE_KEYS:
+        _check_size(value, key)
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}; got {value!r}")
+    return value
+
+
+def _coerce(value: Any, default: Any, key: str) -> Any:
+    if default is None:
+        return value
+    expected = type(default)
+    if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-3 as a string; accept it as a float
+        except ValueError:
+            pass
+    if expected is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be true or false; got {value!r}")
+    if expected is int and isinstance(value, bool):
+        raise ConfigError(f"config key {key!r} must be an integer; got {value!r}")
+    if not isinstance(value, expected):
+        raise ConfigError(
+            f"config key {key!r} must be {expected.__name__}; got {type(value).__name__} {value!r}"
+        )
+    if expected is list and default and all(isinstance(v, float) for v in default):
+        try:
+            return [float(v) for v in value]
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(
+                f"config key {key!r} must be a list of numbers; got {value!r}"
+            ) from exc
+    return value
+
+
+def _check_size(value: Any, key: str) -> None:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be [H, W] positive integers; got {value!r}")
+
+
+def _check_transforms(value: Any, key: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ConfigError(f"config key {key!r} must be a list of transforms; got {value!r}")
+    out = []
+    for i, item in enumerate(value):
+        if not isinstance(item, dict) or set(item) - {"name", "params"} or "name" not in item:
+            raise ConfigError(
+                f"config key {key}[{i}] must be {{name: <Transform>, params: {{...}}}}; "
+                f"got {item!r}"
+            )
+        params = item.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"config key {key}[{i}].params must be a mapping; got {params!r}")
+        out.append({"name": str(item["name"]), "params": params})
+    return out
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the merged config as YAML atomically (temporary name, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    os.replace(tmp, path)
+    return path

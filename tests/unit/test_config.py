@@ -1,0 +1,101 @@
+"""Config: inheritance, overrides, type errors, unknown keys, every shipped config loads."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import CONFIG_DIR, ConfigError, load_config, save_config
+
+
+def write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+def test_every_shipped_config_loads(name):
+    config = load_config(CONFIG_DIR / name)
+    assert config.folds.n_splits >= 2
+
+
+def test_default_is_the_reference_recipe():
+    c = load_config()
+    assert (c.model.architecture, c.model.backbone) == ("Unet", "efficientnetb2")
+    assert c.data.image_size == [384, 576] and c.train.crop_size == [352, 544]
+    assert c.data.submission_size == [350, 525]
+    assert (c.train.lr, c.train.batch_size, c.train.accumulation_steps) == (1e-3, 16, 8)
+    assert c.train.loss == "jaccard" and c.train.monitor == "val_dice"
+    assert (c.train.reduce_lr_factor, c.train.reduce_lr_patience) == (0.5, 2)
+    assert c.train.early_stopping_patience == 5
+    assert (c.folds.n_splits, c.folds.method, c.seed) == (3, "kfold", 12345)
+
+
+def test_base_inheritance_chain(tmp_path):
+    write(tmp_path / "a.yaml", {"base": str(CONFIG_DIR / "default.yaml"), "train": {"lr": 0.01}})
+    write(tmp_path / "b.yaml", {"base": "a.yaml", "train": {"epochs": 3}})
+    c = load_config(tmp_path / "b.yaml")
+    assert c.train.lr == 0.01 and c.train.epochs == 3
+    assert c.train.batch_size == 16  # untouched keys come from the default
+
+
+def test_inheritance_cycle_is_an_error(tmp_path):
+    write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_overrides_are_parsed_and_typed():
+    c = load_config(overrides=["train.lr=3e-4", "train.epochs=2", "data.submission_size=null"])
+    assert c.train.lr == pytest.approx(3e-4) and isinstance(c.train.lr, float)
+    assert c.train.epochs == 2 and c.data.submission_size is None
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.lrr=1", r"unknown config key 'train.lrr'; valid keys here: .*lr"),
+        ("trian.lr=1", r"unknown config key 'trian'"),
+        ("train.lr=fast", r"'train.lr' must be float; got str 'fast'"),
+        ("train.epochs=1.5", r"'train.epochs' must be int"),
+        ("train.tensorboard=1", r"must be true or false"),
+        ("train.loss=mse", r"must be one of \['jaccard'"),
+        ("data.image_size=[384]", r"\[H, W\] positive integers"),
+        ("train.batch_size=null", r"may not be null"),
+        ("train.lr", r"key.path=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[override])
+
+
+def test_unknown_key_in_file_lists_valid_keys(tmp_path):
+    path = write(tmp_path / "x.yaml", {"train": {"learning_rate": 0.1}})
+    with pytest.raises(ConfigError, match=r"'train.learning_rate'.*valid keys under 'train'"):
+        load_config(path)
+
+
+def test_bad_augment_entry(tmp_path):
+    path = write(tmp_path / "x.yaml", {"augment": [{"transform": "HorizontalFlip"}]})
+    with pytest.raises(ConfigError, match=r"augment\[0\]"):
+        load_config(path)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_strict_attribute_access():
+    c = load_config()
+    with pytest.raises(KeyError, match="unknown config key 'train.lrr'"):
+        _ = c.train.lrr
+
+
+def test_save_and_reload_round_trip(tmp_path):
+    c = load_config(CONFIG_DIR / "demo.yaml", ["train.epochs=4"])
+    path = save_config(c, tmp_path / "run" / "config.yaml")
+    again = load_config(path)
+    assert again.to_dict() == c.to_dict()
