@@ -1,0 +1,418 @@
+"""The Kaggle CSV layouts of RLE masks, read into and written from one canonical table.
+
+The canonical table has the columns ``image_id``, ``class_name`` and ``rle``: exactly
+one row per image and class, ``""`` for an empty mask, sorted by image id and then by
+class order. RLE strings are checked for syntax here but decoded elsewhere, since
+decoding needs each image's shape.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline import rle as rle_codec
+
+logger = logging.getLogger(__name__)
+
+LAYOUTS: tuple[str, ...] = ("image_label", "image_class", "imageid_classid", "instances")
+LAYOUT_COLUMNS: dict[str, tuple[str, ...]] = {
+    "image_label": ("Image_Label", "EncodedPixels"),
+    "image_class": ("ImageId", "ClassId", "EncodedPixels"),
+    "imageid_classid": ("ImageId_ClassId", "EncodedPixels"),
+    "instances": ("ImageId", "EncodedPixels"),
+}
+CANONICAL_COLUMNS: tuple[str, ...] = ("image_id", "class_name", "rle")
+# Layouts whose class names are integers (Severstal's ClassId) and sort numerically.
+_NUMERIC_CLASS_LAYOUTS = ("image_class", "imageid_classid")
+# Layouts that join image and class with "_" and split at the last one on reading.
+_JOINED_LAYOUTS = ("image_label", "imageid_classid")
+
+
+@dataclass(frozen=True)
+class MaskTable:
+    """Masks of a data set as RLE strings, one row per image and class.
+
+    Attributes:
+        table: columns ``image_id``, ``class_name``, ``rle`` (all str; ``""`` = empty),
+            sorted by image id, then by the order of ``classes``.
+        classes: class names in their canonical order.
+        layout: the CSV layout the table was read from, one of ``LAYOUTS``.
+    """
+
+    table: pd.DataFrame
+    classes: list[str]
+    layout: str
+
+
+def detect_layout(columns: Sequence[str]) -> str:
+    """Name the CSV layout that a header matches.
+
+    Extra columns are allowed; when several layouts match, the one that uses the most
+    columns wins (``ImageId,ClassId,EncodedPixels`` is image_class, not instances).
+
+    Args:
+        columns: the CSV header.
+
+    Returns:
+        One of ``LAYOUTS``.
+
+    Raises:
+        ValueError: no layout matches, or two equally specific layouts do.
+    """
+    present = set(columns)
+    matches = [name for name in LAYOUTS if set(LAYOUT_COLUMNS[name]) <= present]
+    if not matches:
+        raise ValueError(
+            f"CSV columns {list(columns)} match no known layout; expected one of "
+            + "; ".join(f"{name}: {','.join(LAYOUT_COLUMNS[name])}" for name in LAYOUTS)
+        )
+    widest = max(len(LAYOUT_COLUMNS[name]) for name in matches)
+    best = [name for name in matches if len(LAYOUT_COLUMNS[name]) == widest]
+    if len(best) > 1:
+        raise ValueError(
+            f"CSV columns {list(columns)} match several layouts ({', '.join(best)}); "
+            "pass the layout explicitly"
+        )
+    return best[0]
+
+
+def read_masks(
+    path: str | Path,
+    layout: str = "auto",
+    classes: Sequence[str] | None = None,
+    instance_class: str = "object",
+    image_ids: Sequence[str] | None = None,
+) -> MaskTable:
+    """Read a Kaggle mask CSV into the canonical table.
+
+    Args:
+        path: the CSV file.
+        layout: one of ``LAYOUTS``, or ``"auto"`` to detect it from the header.
+        classes: the class names in order; a class in the file that is not listed is an
+            error. When ``None``: order of first appearance (image_label), numeric
+            order (image_class, imageid_classid) or ``[instance_class]`` (instances).
+            For instances a given list must hold exactly one name, which is used.
+        instance_class: the class name of the instances layout when ``classes`` is
+            ``None``.
+        image_ids: images to include even if the CSV has no row for them (their masks
+            are empty), e.g. the images of the data set's folder.
+
+    Returns:
+        The ``MaskTable``; instance rows of one image are unioned into one mask.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: unknown layout, missing column, malformed ``Image_Label`` or
+            ``ImageId_ClassId``, non-integer ClassId, empty image id, unknown class,
+            duplicate (image, class) rows, or a malformed RLE string; the message names
+            the file and the 1-based row (header = row 1).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"mask CSV {str(path)!r} does not exist")
+    frame = _read_csv(path)
+    layout = _resolve_layout(path, frame, layout)
+    logger.info("%s: layout %s, %d rows", path, layout, len(frame))
+    if layout == "instances":
+        class_order = [_instance_class_name(classes, instance_class)]
+        long = _to_long(path, frame, layout, class_order[0])
+    else:
+        long = _to_long(path, frame, layout, instance_class)
+        class_order = _resolve_classes(path, long, layout, classes)
+    _check_image_ids(path, long)
+    if layout == "instances":
+        long = _union_instances(path, long)
+    else:
+        _check_rles(path, long)
+        _check_duplicates(path, long)
+    images = set(long["image_id"].tolist())
+    if image_ids is not None:
+        images.update(_check_names(image_ids, "image_ids"))
+    index = pd.MultiIndex.from_product(
+        [sorted(images), class_order], names=["image_id", "class_name"]
+    )
+    observed = long.set_index(["image_id", "class_name"])["rle"]
+    table = observed.reindex(index, fill_value="").reset_index()
+    return MaskTable(table=table, classes=class_order, layout=layout)
+
+
+def write_submission(table: pd.DataFrame, layout: str, classes: Sequence[str]) -> pd.DataFrame:
+    """Lay out a canonical table as a competition CSV.
+
+    Args:
+        table: columns ``image_id``, ``class_name``, ``rle``; exactly one row per image
+            and class of ``classes``; ``""``, NaN or ``None`` for an empty mask.
+        layout: one of ``LAYOUTS``.
+        classes: the class names in order (one name for instances).
+
+    Returns:
+        A DataFrame with the layout's columns (e.g. ``Image_Label,EncodedPixels``), one
+        row per image and class (per image for instances), sorted by image id then
+        class order, empty masks as ``""``; ready for ``to_csv(index=False)``.
+
+    Raises:
+        ValueError: unknown layout, missing columns, a class not in ``classes``, a
+            missing or duplicate (image, class) pair, or class names the layout cannot
+            hold (not integers for Severstal layouts, containing "_" for joined ids,
+            more than one class for instances).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {list(LAYOUTS)}; got {layout!r}")
+    class_order = _check_names(classes, "classes")
+    missing = [column for column in CANONICAL_COLUMNS if column not in table.columns]
+    if missing:
+        raise ValueError(f"table must have columns {list(CANONICAL_COLUMNS)}; missing {missing}")
+    _check_writable_classes(layout, class_order)
+    frame = table.loc[:, list(CANONICAL_COLUMNS)].copy()
+    frame["rle"] = frame["rle"].astype(object).where(frame["rle"].notna(), "")
+    _check_complete(frame, class_order)
+    rank = {name: position for position, name in enumerate(class_order)}
+    frame["class_rank"] = frame["class_name"].map(rank)
+    frame = frame.sort_values(["image_id", "class_rank"], kind="stable")
+    images = frame["image_id"].astype(str)
+    names = frame["class_name"].astype(str)
+    rles = frame["rle"].astype(str).tolist()
+    columns: dict[str, list[str] | list[int]]
+    if layout == "image_label":
+        columns = {"Image_Label": (images + "_" + names).tolist(), "EncodedPixels": rles}
+    elif layout == "image_class":
+        columns = {
+            "ImageId": images.tolist(),
+            "ClassId": names.astype(int).tolist(),
+            "EncodedPixels": rles,
+        }
+    elif layout == "imageid_classid":
+        columns = {"ImageId_ClassId": (images + "_" + names).tolist(), "EncodedPixels": rles}
+    else:
+        columns = {"ImageId": images.tolist(), "EncodedPixels": rles}
+    return pd.DataFrame(columns)
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    """All cells as str, empty cells as "", blank lines kept so row numbers hold."""
+    try:
+        frame = pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[],
+            skip_blank_lines=False,
+            encoding="utf-8-sig",
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise ValueError(f"mask CSV {str(path)!r} could not be parsed: {error}") from error
+    # Row numbers as a spreadsheet shows them: the header is row 1.
+    frame.index = frame.index + 2
+    blank = (frame == "").all(axis=1)
+    return frame.loc[~blank]
+
+
+def _resolve_layout(path: Path, frame: pd.DataFrame, layout: str) -> str:
+    """The requested layout, checked against the header, or the detected one."""
+    if layout == "auto":
+        try:
+            return detect_layout(list(frame.columns))
+        except ValueError as error:
+            raise ValueError(f"mask CSV {str(path)!r}: {error}") from error
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be 'auto' or one of {list(LAYOUTS)}; got {layout!r}")
+    missing = [column for column in LAYOUT_COLUMNS[layout] if column not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"mask CSV {str(path)!r} lacks column(s) {missing} of layout {layout!r} "
+            f"({','.join(LAYOUT_COLUMNS[layout])}); its columns are {list(frame.columns)}"
+        )
+    return layout
+
+
+def _to_long(path: Path, frame: pd.DataFrame, layout: str, instance_class: str) -> pd.DataFrame:
+    """Columns image_id, class_name, rle, indexed by CSV row number."""
+    rles = frame["EncodedPixels"].str.strip()
+    if layout in _JOINED_LAYOUTS:
+        column = LAYOUT_COLUMNS[layout][0]
+        parts = frame[column].str.rpartition("_")
+        bad = (parts[1] == "") | (parts[0] == "") | (parts[2] == "")
+        if bad.any():
+            row = bad.idxmax()
+            raise ValueError(
+                f"mask CSV {str(path)!r} row {row}: {column} must be "
+                f"'<image>_<class>'; got {frame.at[row, column]!r}"
+            )
+        images, names = parts[0], parts[2]
+    elif layout == "image_class":
+        images, names = frame["ImageId"], frame["ClassId"]
+    else:
+        images = frame["ImageId"]
+        names = pd.Series(instance_class, index=frame.index)
+    if layout in _NUMERIC_CLASS_LAYOUTS:
+        names = _normalise_class_ids(path, names.str.strip(), layout)
+    return pd.DataFrame({"image_id": images, "class_name": names, "rle": rles})
+
+
+def _normalise_class_ids(path: Path, names: pd.Series, layout: str) -> pd.Series:
+    """Integer class ids as canonical decimal strings ("01" -> "1")."""
+    bad = ~names.str.fullmatch(r"[0-9]+")
+    if bad.any():
+        row = bad.idxmax()
+        column = "ClassId" if layout == "image_class" else "class part of ImageId_ClassId"
+        raise ValueError(
+            f"mask CSV {str(path)!r} row {row}: {column} must be a non-negative "
+            f"integer; got {names.at[row]!r}"
+        )
+    return names.str.lstrip("0").replace("", "0")
+
+
+def _check_image_ids(path: Path, long: pd.DataFrame) -> None:
+    """Every row names an image."""
+    empty = long["image_id"] == ""
+    if empty.any():
+        raise ValueError(f"mask CSV {str(path)!r} row {empty.idxmax()}: the image id is empty")
+
+
+def _instance_class_name(classes: Sequence[str] | None, instance_class: str) -> str:
+    """The one class name of the instances layout."""
+    if classes is None:
+        return _check_names([instance_class], "instance_class")[0]
+    given = _check_names(classes, "classes")
+    if len(given) != 1:
+        raise ValueError(f"classes must hold one name for the instances layout; got {given}")
+    if instance_class not in ("object", given[0]):
+        raise ValueError(
+            f"classes {given} and instance_class {instance_class!r} disagree; give one of them"
+        )
+    return given[0]
+
+
+def _resolve_classes(
+    path: Path, long: pd.DataFrame, layout: str, classes: Sequence[str] | None
+) -> list[str]:
+    """The class order; rows whose class is not in a given ``classes`` are errors."""
+    if classes is None:
+        found = long["class_name"].drop_duplicates().tolist()
+        if layout in _NUMERIC_CLASS_LAYOUTS:
+            return sorted(found, key=int)
+        return found
+    given = _check_names(classes, "classes")
+    unknown = ~long["class_name"].isin(given)
+    if unknown.any():
+        row = unknown.idxmax()
+        raise ValueError(
+            f"mask CSV {str(path)!r} row {row}: class {long.at[row, 'class_name']!r} "
+            f"is not one of classes {given}"
+        )
+    return given
+
+
+def _check_rles(path: Path, long: pd.DataFrame) -> None:
+    """RLE syntax of every row, so that a bad string is reported with its row."""
+    rle_codec.check_rles(long["rle"].tolist(), _row_names(path, long))
+
+
+def _row_names(path: Path, long: pd.DataFrame) -> list[str]:
+    """How error messages name each row's RLE."""
+    prefix = f"mask CSV {str(path)!r} row "
+    return [f"{prefix}{row}: EncodedPixels" for row in long.index.tolist()]
+
+
+def _check_duplicates(path: Path, long: pd.DataFrame) -> None:
+    """At most one row per (image, class)."""
+    keys = ["image_id", "class_name"]
+    repeated = long.duplicated(keys, keep="first")
+    if repeated.any():
+        row = repeated.idxmax()
+        image_id, name = long.at[row, "image_id"], long.at[row, "class_name"]
+        same = (long["image_id"] == image_id) & (long["class_name"] == name)
+        first = same.idxmax()
+        raise ValueError(
+            f"mask CSV {str(path)!r} rows {first} and {row} both give image "
+            f"{image_id!r}, class {name!r}; expected one row per image and class"
+        )
+
+
+def _union_instances(path: Path, long: pd.DataFrame) -> pd.DataFrame:
+    """One row per image whose RLE is the union of its instance rows."""
+    rles = long["rle"].tolist()
+    names = _row_names(path, long)
+    # Each object's RLE must be well formed on its own, even though the union would
+    # also accept unsorted runs.
+    rle_codec.check_rles(rles, names)
+    codes, image_ids = pd.factorize(long["image_id"], sort=False)
+    unions = rle_codec.union_rles_grouped(rles, codes, len(image_ids), names)
+    return pd.DataFrame(
+        {
+            "image_id": list(image_ids),
+            "class_name": long["class_name"].iloc[:1].tolist() * len(image_ids),
+            "rle": unions,
+        }
+    )
+
+
+def _check_names(names: Sequence[str], argument: str) -> list[str]:
+    """A non-empty list of distinct, non-empty strings (ints become strings)."""
+    if isinstance(names, str):
+        raise ValueError(f"{argument} must be a sequence of strings; got the string {names!r}")
+    result = []
+    for name in names:
+        if isinstance(name, int) and not isinstance(name, bool):
+            name = str(name)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{argument} must hold non-empty strings; got {name!r}")
+        result.append(name)
+    if not result and argument == "classes":
+        raise ValueError("classes must not be empty")
+    if len(set(result)) != len(result):
+        repeated = sorted({name for name in result if result.count(name) > 1})
+        raise ValueError(f"{argument} must be distinct; {repeated} repeat")
+    return result
+
+
+def _check_writable_classes(layout: str, classes: list[str]) -> None:
+    """Class names that the layout can hold and read back unchanged."""
+    if layout == "instances" and len(classes) != 1:
+        raise ValueError(f"the instances layout holds one class; got classes {classes}")
+    if layout in _NUMERIC_CLASS_LAYOUTS:
+        bad = [name for name in classes if not (name.isascii() and name.isdigit())]
+        bad += [name for name in classes if name != name.lstrip("0") and name != "0"]
+        if bad:
+            raise ValueError(
+                f"layout {layout!r} needs integer class names without leading zeros; got {bad}"
+            )
+    if layout in _JOINED_LAYOUTS:
+        bad = [name for name in classes if "_" in name]
+        if bad:
+            raise ValueError(
+                f"layout {layout!r} joins image and class with '_', so class names "
+                f"must not contain '_'; got {bad}"
+            )
+
+
+def _check_complete(frame: pd.DataFrame, classes: list[str]) -> None:
+    """Exactly one row per image and class."""
+    unknown = ~frame["class_name"].isin(classes)
+    if unknown.any():
+        raise ValueError(
+            f"table class {frame.loc[unknown, 'class_name'].iloc[0]!r} is not one of "
+            f"classes {classes}"
+        )
+    repeated = frame.duplicated(["image_id", "class_name"])
+    if repeated.any():
+        first = frame.loc[repeated].iloc[0]
+        raise ValueError(
+            f"table has several rows for image {first['image_id']!r}, class "
+            f"{first['class_name']!r}; expected one row per image and class"
+        )
+    counts = frame.groupby("image_id", sort=True)["class_name"].size()
+    short = counts[counts < len(classes)]
+    if len(short):
+        image_id = short.index[0]
+        present = set(frame.loc[frame["image_id"] == image_id, "class_name"])
+        absent = [name for name in classes if name not in present]
+        raise ValueError(
+            f"table lacks image {image_id!r} class(es) {absent}; expected one row per "
+            "image and class"
+        )
