@@ -28,6 +28,7 @@ NULLABLE: frozenset[str] = frozenset(
         "data.cache_dir",
         "data.max_images",
         "model.encoder_weights",
+        "model.bn_momentum",
         "classifier.weights",
         "train.val_crop",
         "train.steps_per_epoch",

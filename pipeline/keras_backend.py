@@ -11,8 +11,8 @@ os.environ["TF_USE_LEGACY_KERAS"] = "1"
 os.environ["SM_FRAMEWORK"] = "tf.keras"
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import tensorflow as tf  # noqa: E402
-import tf_keras as keras  # noqa: E402
-import segmentation_models as sm  # noqa: E402
+import segmentation_models as sm
+import tensorflow as tf
+import tf_keras as keras
 
-__all__ = ["tf", "keras", "sm"]
+__all__ = ["keras", "sm", "tf"]

@@ -4,8 +4,20 @@ import subprocess
 import sys
 
 PURE = [
-    "config", "rle", "formats", "images", "folds", "metrics", "tta", "postprocess",
-    "submission", "probstore", "threshold_search", "masks", "curves", "make_demo_data",
+    "config",
+    "rle",
+    "formats",
+    "images",
+    "folds",
+    "metrics",
+    "tta",
+    "postprocess",
+    "submission",
+    "probstore",
+    "threshold_search",
+    "masks",
+    "curves",
+    "make_demo_data",
 ]
 
 

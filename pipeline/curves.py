@@ -1,0 +1,68 @@
+"""Training-curve plots from a history table (pure layer: pandas + matplotlib)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def smooth(values: Sequence[float], alpha: float = 0.6) -> np.ndarray:
+    """Bias-corrected exponential moving average (TensorBoard-style), float64 (N,)."""
+    if not 0 <= alpha < 1:
+        raise ValueError(f"alpha must be in [0, 1); got {alpha}")
+    x = np.asarray(values, dtype=np.float64)
+    out = np.empty_like(x)
+    acc, weight = 0.0, 0.0
+    for i, v in enumerate(x):  # a few hundred epochs at most: a loop is clearest
+        acc = alpha * acc + (1 - alpha) * v
+        weight = alpha * weight + (1 - alpha)
+        out[i] = acc / weight
+    return out
+
+
+def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Write a PNG of every metric (train and val on one panel) and the learning rate.
+
+    ``history`` has an ``epoch`` column, metric columns (``loss``, ``val_loss``, ...) and
+    optionally ``lr``; each series is drawn raw (thin) and smoothed (thick).
+    """
+    names = [c for c in history.columns if c not in ("epoch", "lr", "epoch_time")]
+    bases = sorted({c.removeprefix("val_") for c in names})
+    panels = [*bases, "lr"] if "lr" in history.columns else bases
+    cols = min(3, len(panels))
+    rows = int(np.ceil(len(panels) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    epochs = history["epoch"].to_numpy()
+    for ax, name in zip(axes.ravel(), panels, strict=False):
+        series = ["lr"] if name == "lr" else [c for c in (name, f"val_{name}") if c in history]
+        for col in series:
+            values = history[col].to_numpy(dtype=np.float64)
+            (line,) = ax.plot(epochs, values, alpha=0.35, linewidth=1)
+            if len(values) > 1:
+                ax.plot(epochs, smooth(values), color=line.get_color(), linewidth=2, label=col)
+            else:
+                ax.plot(epochs, values, "o", color=line.get_color(), label=col)
+        if name == "lr":
+            ax.set_yscale("log")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=8)
+    for ax in axes.ravel()[len(panels) :]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

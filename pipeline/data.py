@@ -1,0 +1,291 @@
+"""Images and masks for the model: a per-experiment disk cache and the tf.data pipelines.
+
+Each image is decoded and resized once per experiment and size; the results live in
+memory-mapped uint8 arrays (``images.u8`` (N, H, W, 3), ``masks.u8`` (N, H, W, C)) so
+that training reads a crop with one slice, and a 5,546-image set never sits in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.images import read_image, resolve_image_path
+from pipeline.keras_backend import tf
+from pipeline.masks import decode_masks, resize_masks
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ImageCache:
+    """Resized images (and masks) of one image set, memory-mapped read-only.
+
+    ``images`` (N, H, W, 3) uint8, ``masks`` (N, H, W, C) uint8 or None,
+    ``original_sizes`` (N, 2) int: each image's size before resizing.
+    """
+
+    directory: Path
+    image_ids: list[str]
+    original_sizes: np.ndarray
+    images: np.ndarray
+    masks: np.ndarray | None
+
+    def index_of(self, image_ids: Sequence[str]) -> np.ndarray:
+        """Row numbers of ``image_ids`` in the cache (KeyError naming a missing id)."""
+        lookup = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        missing = [i for i in image_ids if i not in lookup]
+        if missing:
+            raise KeyError(f"{len(missing)} image ids not in cache {self.directory}: {missing[:5]}")
+        return np.array([lookup[i] for i in image_ids], dtype=np.int64)
+
+
+def cache_path(cache_dir: Path, name: str, size: Sequence[int]) -> Path:
+    """``cache_dir/<name>_<H>x<W>``: caches are keyed by image set and size."""
+    return Path(cache_dir) / f"{name}_{int(size[0])}x{int(size[1])}"
+
+
+def build_cache(
+    cache_dir: Path,
+    name: str,
+    image_folder: Path,
+    image_ids: Sequence[str],
+    size: Sequence[int],
+    rles: dict[str, list[str]] | None = None,
+    workers: int = 2,
+) -> ImageCache:
+    """Open the cache of ``image_ids`` at ``size``, building it first if needed.
+
+    ``rles`` (image_id -> per-class RLE at the image's own size) adds the masks. The
+    cache is built under a temporary name and renamed, so a crash never leaves a cache
+    that looks complete; a cache of other images or classes is rebuilt.
+    """
+    directory = cache_path(cache_dir, name, size)
+    n_classes = len(next(iter(rles.values()))) if rles else 0
+    meta = {
+        "version": CACHE_VERSION,
+        "size": [int(size[0]), int(size[1])],
+        "n_images": len(image_ids),
+        "n_classes": n_classes,
+        "image_folder": str(Path(image_folder).resolve()),
+    }
+    if directory.is_dir():
+        cache = _open_if_matching(directory, meta, image_ids)
+        if cache is not None:
+            return cache
+        log.info("cache %s is stale (other images, classes or size); rebuilding", directory)
+        shutil.rmtree(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    height, width = meta["size"]
+    images = np.lib.format.open_memmap(
+        tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(image_ids), height, width, 3)
+    )
+    masks = (
+        np.lib.format.open_memmap(
+            tmp / "masks.npy",
+            mode="w+",
+            dtype=np.uint8,
+            shape=(len(image_ids), height, width, n_classes),
+        )
+        if rles
+        else None
+    )
+    sizes = np.zeros((len(image_ids), 2), dtype=np.int64)
+
+    def load(i: int) -> None:
+        image_id = image_ids[i]
+        image = read_image(resolve_image_path(image_folder, image_id))
+        sizes[i] = image.shape[:2]
+        images[i] = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        if masks is not None:
+            assert rles is not None
+            if image_id not in rles:
+                raise KeyError(f"no mask rows for image {image_id!r}")
+            stack = decode_masks(rles[image_id], (image.shape[0], image.shape[1]))
+            masks[i] = resize_masks(stack, (height, width))
+
+    log.info(
+        "caching %d images of %s at %dx%d in %s", len(image_ids), name, height, width, directory
+    )
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(load, range(len(image_ids))))
+    images.flush()
+    if masks is not None:
+        masks.flush()
+    pd.DataFrame({"image_id": list(image_ids), "height": sizes[:, 0], "width": sizes[:, 1]}).to_csv(
+        tmp / "index.csv", index=False
+    )
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, directory)
+    cache = _open_if_matching(directory, meta, image_ids)
+    assert cache is not None
+    return cache
+
+
+def _open_if_matching(
+    directory: Path, meta: dict[str, Any], image_ids: Sequence[str]
+) -> ImageCache | None:
+    meta_file = directory / "meta.json"
+    if not meta_file.is_file() or json.loads(meta_file.read_text()) != meta:
+        return None
+    index = pd.read_csv(directory / "index.csv", dtype={"image_id": str}, keep_default_na=False)
+    if index["image_id"].tolist() != list(image_ids):
+        return None
+    masks_file = directory / "masks.npy"
+    return ImageCache(
+        directory=directory,
+        image_ids=index["image_id"].tolist(),
+        original_sizes=index[["height", "width"]].to_numpy(),
+        images=np.load(directory / "images.npy", mmap_mode="r"),
+        masks=np.load(masks_file, mmap_mode="r") if masks_file.exists() else None,
+    )
+
+
+def build_augmentation(specs: Sequence[dict[str, Any]]) -> A.Compose:
+    """An albumentations pipeline from config specs ``[{name, params}]``."""
+    transforms = []
+    for i, spec in enumerate(specs):
+        cls = getattr(A, spec["name"], None)
+        if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+            raise ValueError(
+                f"augment[{i}].name must name an albumentations transform; got {spec['name']!r}"
+            )
+        try:
+            transforms.append(cls(**spec["params"]))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(
+                f"augment[{i}] ({spec['name']}): bad params {spec['params']}: {exc}"
+            ) from exc
+    return A.Compose(transforms)
+
+
+class CropSampler:
+    """Draws one training sample: a random crop of a cached image, then augmentation.
+
+    Deterministic per sample: the crop and the augmentation are seeded from
+    (seed, sample counter), so a run with the same seed sees the same samples.
+    """
+
+    def __init__(
+        self,
+        cache: ImageCache,
+        crop_size: Sequence[int],
+        augment: A.Compose | None,
+        seed: int,
+    ) -> None:
+        if cache.masks is None:
+            raise ValueError(f"cache {cache.directory} has no masks; cannot train on it")
+        height, width = cache.images.shape[1:3]
+        if crop_size[0] > height or crop_size[1] > width:
+            raise ValueError(
+                f"train.crop_size {list(crop_size)} is larger than data.image_size "
+                f"{[height, width]}"
+            )
+        self.cache = cache
+        self.crop_size = (int(crop_size[0]), int(crop_size[1]))
+        self.augment = augment
+        self.seed = seed
+        self._lock = threading.Lock()
+
+    def __call__(self, index: np.int64, counter: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng([self.seed, int(counter)])
+        image = self.cache.images[int(index)]
+        mask = self.cache.masks[int(index)]  # type: ignore[index]
+        ch, cw = self.crop_size
+        top = int(rng.integers(0, image.shape[0] - ch + 1))
+        left = int(rng.integers(0, image.shape[1] - cw + 1))
+        image = np.ascontiguousarray(image[top : top + ch, left : left + cw])
+        mask = np.ascontiguousarray(mask[top : top + ch, left : left + cw])
+        if self.augment is not None:
+            # One pipeline object is shared by the parallel map; reseeding and calling
+            # must not interleave, or samples stop being reproducible.
+            with self._lock:
+                self.augment.set_random_seed(int(rng.integers(2**31)))
+                out = self.augment(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        return image, mask
+
+
+def make_train_dataset(
+    sampler: CropSampler,
+    indices: np.ndarray,
+    batch_size: int,
+    seed: int,
+    num_parallel_calls: int,
+    prefetch: int,
+) -> tf.data.Dataset:
+    """Endless shuffled batches of (image float32 (B,h,w,3) 0-255, mask float32 (B,h,w,C))."""
+    n_classes = sampler.cache.masks.shape[-1]  # type: ignore[union-attr]
+    ch, cw = sampler.crop_size
+    order = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
+    order = order.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
+    counters = tf.data.Dataset.counter(dtype=tf.int64)
+
+    def load(index: Any, counter: Any) -> tuple[Any, Any]:
+        image, mask = tf.numpy_function(sampler, [index, counter], [tf.uint8, tf.uint8])
+        image.set_shape((ch, cw, 3))
+        mask.set_shape((ch, cw, n_classes))
+        return image, mask
+
+    ds = tf.data.Dataset.zip((order, counters)).map(
+        load, num_parallel_calls=num_parallel_calls, deterministic=True
+    )
+    ds = ds.batch(batch_size, drop_remainder=True).map(_to_float)
+    return ds.prefetch(prefetch)
+
+
+def make_eval_dataset(
+    cache: ImageCache,
+    indices: np.ndarray,
+    batch_size: int,
+    crop: Sequence[int] | None = None,
+) -> tf.data.Dataset:
+    """Batches of whole cached images (or their centre crop) and masks, in order, once."""
+    if cache.masks is None:
+        raise ValueError(f"cache {cache.directory} has no masks; cannot validate on it")
+    height, width = cache.images.shape[1:3]
+    top, left, ch, cw = 0, 0, height, width
+    if crop is not None:
+        ch, cw = int(crop[0]), int(crop[1])
+        top, left = (height - ch) // 2, (width - cw) // 2
+    n_classes = cache.masks.shape[-1]
+    images, masks = cache.images, cache.masks
+
+    def load(index: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        i = int(index)
+        return (
+            np.ascontiguousarray(images[i, top : top + ch, left : left + cw]),
+            np.ascontiguousarray(masks[i, top : top + ch, left : left + cw]),
+        )
+
+    def load_tf(index: Any) -> tuple[Any, Any]:
+        image, mask = tf.numpy_function(load, [index], [tf.uint8, tf.uint8])
+        image.set_shape((ch, cw, 3))
+        mask.set_shape((ch, cw, n_classes))
+        return image, mask
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
+    ds = ds.map(load_tf, num_parallel_calls=2, deterministic=True)
+    return ds.batch(batch_size).map(_to_float).prefetch(2)
+
+
+def _to_float(image: Any, mask: Any) -> tuple[Any, Any]:
+    return tf.cast(image, tf.float32), tf.cast(mask, tf.float32)

@@ -1,0 +1,57 @@
+"""tf.distribute strategies and mixed precision from config (framework layer)."""
+
+from __future__ import annotations
+
+import logging
+
+from pipeline.keras_backend import keras, tf
+
+log = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+
+
+def split_cpu(n_devices: int) -> None:
+    """Split the CPU into ``n_devices`` logical devices (tests of the multi-device path).
+
+    Must run before TensorFlow initialises its devices, i.e. before any op executes.
+    """
+    if n_devices < 2:
+        return
+    cpus = tf.config.list_physical_devices("CPU")
+    try:
+        tf.config.set_logical_device_configuration(
+            cpus[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n_devices)]
+        )
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"cannot split the CPU into {n_devices} logical devices: TensorFlow has already "
+            f"initialised its devices in this process ({exc})"
+        ) from exc
+
+
+def make_strategy(name: str) -> tf.distribute.Strategy:
+    """The ``train.strategy`` of config.
+
+    auto: mirrored over all GPUs when there are several, else one device (GPU or CPU).
+    one_device: the first GPU, or the CPU. mirrored: all GPUs, or all logical CPUs when
+    there is no GPU. multi_worker: MultiWorkerMirroredStrategy (cluster from TF_CONFIG).
+    """
+    if name not in STRATEGIES:
+        raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}; got {name!r}")
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "mirrored" or (name == "auto" and len(gpus) > 1):
+        devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
+        return tf.distribute.MirroredStrategy(devices=devices)
+    return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+def set_mixed_precision(enabled: bool) -> bool:
+    """Use ``mixed_float16`` when asked and a GPU is present; return whether it is on."""
+    if enabled and not tf.config.list_physical_devices("GPU"):
+        log.warning("train.mixed_precision is ignored: no GPU, training runs in float32")
+        enabled = False
+    keras.mixed_precision.set_global_policy("mixed_float16" if enabled else "float32")
+    return enabled

@@ -1,0 +1,33 @@
+"""Model prediction with test-time augmentation, batched over views (framework layer)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from pipeline.keras_backend import keras
+from pipeline.tta import merge_views, stack_views, valid_views
+
+
+def predict_tta(
+    model: keras.Model,
+    images: np.ndarray,
+    views: Sequence[str],
+    how: str = "mean",
+) -> np.ndarray:
+    """Predict a batch (N, H, W, 3) uint8 under every TTA view; (N, H, W, C) float32.
+
+    All views of the batch go through the network in one call; each view's output is
+    inverted before merging. Square-only views are dropped for non-square inputs.
+    """
+    views = valid_views(views, images.shape[1], images.shape[2])
+    stacked = stack_views(images, views).astype(np.float32)
+    preds = model.predict_on_batch(stacked)
+    return merge_views(np.asarray(preds, dtype=np.float32), views, len(images), how)
+
+
+def iter_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive index batches covering ``range(n)``."""
+    for start in range(0, n, batch_size):
+        yield np.arange(start, min(start + batch_size, n))

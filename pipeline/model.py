@@ -1,0 +1,203 @@
+"""Segmentation models from config: any segmentation-models architecture and backbone.
+
+The model takes raw RGB pixel values (0-255, float or uint8) and applies the backbone's
+own input normalisation as its first layer, so that data loading, prediction and the
+classifier never need to know which backbone is in use.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.keras_backend import keras, sm, tf
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("Unet", "FPN", "Linknet", "PSPNet")
+STRIDE = 32
+PSP_STRIDE = 48  # PSPNet with downsample_factor 8 needs sides divisible by 6 * 8
+DECODER_PREFIXES = (
+    "decoder_",
+    "center_",
+    "final_",
+    "fpn_",
+    "segm_",
+    "upsampling_",
+    "aggregation_",
+    "psp_",
+)
+
+
+def check_input_size(size: Sequence[int], what: str, stride: int = STRIDE) -> None:
+    """Raise ValueError unless both sides of ``size`` ([H, W]) are divisible by ``stride``.
+
+    The message proposes the nearest valid sizes below and above each bad side.
+    """
+    bad = [(axis, side) for axis, side in zip("HW", size, strict=True) if side % stride]
+    if not bad:
+        return
+    hints = []
+    for axis, side in bad:
+        low = max(stride, side // stride * stride)
+        high = (side // stride + 1) * stride
+        hints.append(f"{axis}={side} -> {low} or {high}")
+    raise ValueError(
+        f"{what} must have sides divisible by {stride}; got {list(size)} "
+        f"(nearest valid: {', '.join(hints)})"
+    )
+
+
+@keras.utils.register_keras_serializable(package="foldseg")
+class ChannelAffine(keras.layers.Layer):
+    """``y = x @ matrix + offset`` over the channel axis: a backbone's input normalisation.
+
+    Every segmentation-models preprocessing (torch, tf, caffe with its RGB->BGR swap,
+    identity) is affine in the channels, so one 3x3 matrix and an offset express it.
+    """
+
+    def __init__(self, matrix: Sequence[Sequence[float]], offset: Sequence[float], **kwargs: Any):
+        super().__init__(**kwargs)
+        self.matrix = [list(map(float, row)) for row in matrix]
+        self.offset = list(map(float, offset))
+
+    def call(self, inputs: Any) -> Any:
+        x = tf.cast(inputs, self.compute_dtype)
+        m = tf.constant(self.matrix, dtype=self.compute_dtype)
+        b = tf.constant(self.offset, dtype=self.compute_dtype)
+        return tf.tensordot(x, m, axes=[[-1], [0]]) + b
+
+    def get_config(self) -> dict[str, Any]:
+        return {**super().get_config(), "matrix": self.matrix, "offset": self.offset}
+
+
+def preprocessing_affine(backbone: str) -> tuple[np.ndarray, np.ndarray]:
+    """The backbone's input normalisation as (matrix (3, 3), offset (3,)) on 0-255 RGB.
+
+    Found by probing ``sm.get_preprocessing(backbone)`` with black and pure-channel
+    pixels; checked on a random pixel so a non-affine preprocessing cannot slip through.
+    """
+    fn = sm.get_preprocessing(backbone)
+
+    def probe(pixel: np.ndarray) -> np.ndarray:
+        return np.asarray(fn(pixel.reshape(1, 1, 1, 3).astype(np.float32).copy())).reshape(3)
+
+    offset = probe(np.zeros(3))
+    matrix = np.stack([(probe(255.0 * np.eye(3)[c]) - offset) / 255.0 for c in range(3)])
+    check = np.array([17.0, 133.0, 241.0])
+    if not np.allclose(probe(check), check @ matrix + offset, atol=1e-3):
+        raise ValueError(f"preprocessing of backbone {backbone!r} is not affine in the channels")
+    return matrix, offset
+
+
+def resolve_encoder_weights(encoder_weights: str | None) -> tuple[str | None, Path | None]:
+    """Split the config value into (weights for segmentation-models, local file or None)."""
+    if encoder_weights is None or encoder_weights == "imagenet":
+        return encoder_weights, None
+    path = Path(encoder_weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"model.encoder_weights must be 'imagenet', null or an existing weights file; "
+            f"no file at {path}"
+        )
+    return None, path
+
+
+def build_segmentation_model(
+    architecture: str,
+    backbone: str,
+    n_classes: int,
+    encoder_weights: str | None = None,
+    input_size: Sequence[int] | None = None,
+    encoder_freeze: bool = False,
+    decoder_block_type: str = "upsampling",
+    bn_momentum: float | None = None,
+) -> keras.Model:
+    """A sigmoid segmentation model: (N, H, W, 3) 0-255 RGB -> (N, H, W, n_classes) float32.
+
+    ``input_size`` [H, W] fixes the input shape (required by PSPNet); None builds a fully
+    convolutional model for any size divisible by 32. ``bn_momentum`` overrides the
+    moving-average momentum of every BatchNormalization layer.
+    """
+    if architecture not in ARCHITECTURES:
+        raise ValueError(
+            f"model.architecture must be one of {list(ARCHITECTURES)}; got {architecture!r}"
+        )
+    if backbone not in sm.Backbones.models_names():
+        raise ValueError(
+            f"model.backbone must be one of {sm.Backbones.models_names()}; got {backbone!r}"
+        )
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be at least 1; got {n_classes}")
+    sm_weights, local_file = resolve_encoder_weights(encoder_weights)
+    if architecture == "PSPNet":
+        if input_size is None:
+            raise ValueError("PSPNet needs a fixed input size (train.crop_size)")
+        check_input_size(input_size, "PSPNet input", PSP_STRIDE)
+    elif input_size is not None:
+        check_input_size(input_size, f"{architecture} input")
+    shape = (*input_size, 3) if input_size is not None else (None, None, 3)
+    kwargs: dict[str, Any] = {
+        "input_shape": shape,
+        "classes": n_classes,
+        "activation": "linear",
+        "encoder_weights": sm_weights,
+        "encoder_freeze": encoder_freeze,
+    }
+    if architecture == "Unet":
+        kwargs["decoder_block_type"] = decoder_block_type
+    net = getattr(sm, architecture)(backbone, **kwargs)
+    if local_file is not None:
+        # by_name maps the encoder's layers, whose names the backbone file shares.
+        net.load_weights(str(local_file), by_name=True, skip_mismatch=True)
+        log.info("encoder weights loaded by layer name from %s", local_file)
+    if bn_momentum is not None:
+        set_bn_momentum(net, bn_momentum)
+    matrix, offset = preprocessing_affine(backbone)
+    inputs = keras.Input(shape=shape, name="image")
+    x = ChannelAffine(matrix.tolist(), offset.tolist(), name="normalise")(inputs)
+    x = net(x)
+    # The sigmoid runs in float32 even under mixed precision, for stable probabilities.
+    outputs = keras.layers.Activation("sigmoid", dtype="float32", name="prob")(x)
+    return keras.Model(inputs, outputs, name=f"{architecture}_{backbone}")
+
+
+def set_bn_momentum(model: keras.Model, momentum: float) -> None:
+    """Set the moving-average momentum of every BatchNormalization layer (before compile)."""
+    if not 0 <= momentum < 1:
+        raise ValueError(f"model.bn_momentum must be in [0, 1); got {momentum}")
+    for layer in model.submodules:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = momentum
+
+
+def encoder_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """The encoder (backbone) layers of a model from ``build_segmentation_model``."""
+    net = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    names = set(_backbone_layer_names(net))
+    return [layer for layer in net.layers if layer.name in names]
+
+
+def _backbone_layer_names(net: keras.Model) -> list[str]:
+    # Every layer segmentation-models adds on top of the backbone carries one of the
+    # decoder prefixes of its four architectures; the head is the "linear" activation.
+    return [
+        layer.name
+        for layer in net.layers
+        if not layer.name.startswith(DECODER_PREFIXES)
+        and layer.name != "linear"
+        and not isinstance(layer, keras.layers.InputLayer)
+    ]
+
+
+def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
+    """Freeze or unfreeze the encoder; BatchNorm layers stay frozen while frozen.
+
+    The model must be recompiled (with a fresh optimizer) afterwards.
+    """
+    for layer in encoder_layers(model):
+        layer.trainable = trainable

@@ -1,0 +1,307 @@
+"""One resumable Keras training run, shared by the segmentation and classifier stages.
+
+Every completed epoch publishes, atomically, a checkpoint (model + optimizer), the
+callbacks' counters (plateau, early stopping, best score), the learning rate and the
+full history; ``--resume`` picks up from there. The best weights are saved whenever the
+monitored value improves and are loaded at the end, so an interrupted and resumed run
+ends like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.curves import plot_history
+from pipeline.keras_backend import keras, tf
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint"
+STATE = "state.json"
+BEST_WEIGHTS = "best.weights.h5"
+HISTORY = "history.csv"
+CURVES = "curves.png"
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Everything the training loop needs besides the model and the data."""
+
+    epochs: int
+    monitor: str
+    monitor_mode: str
+    reduce_lr_factor: float
+    reduce_lr_patience: int
+    min_lr: float
+    early_stopping_patience: int
+    tensorboard: bool = False
+    verbose: int = 1
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+class _NanGuard(keras.callbacks.Callback):
+    """Stop at the first non-finite loss and remember where, for a clear error."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.where: str | None = None
+        self.epoch = 0
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self.where = f"epoch {self.epoch + 1}, batch {batch + 1} (loss={loss})"
+            self.model.stop_training = True
+
+
+class _EpochState(keras.callbacks.Callback):
+    """Publishes checkpoint, best weights, history and counters after every epoch."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        settings: FitSettings,
+        plateau: keras.callbacks.ReduceLROnPlateau,
+        early: keras.callbacks.EarlyStopping,
+        state: dict[str, Any],
+        phase: int,
+    ) -> None:
+        super().__init__()
+        self.out_dir = out_dir
+        self.settings = settings
+        self.plateau = plateau
+        self.early = early
+        self.state = state
+        self.phase = phase
+        self.started = 0.0
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        # Keras resets these counters in their own on_train_begin; put back the saved ones.
+        saved = self.state.get("callbacks")
+        if saved:
+            self.plateau.wait = saved["plateau_wait"]
+            self.plateau.cooldown_counter = saved["plateau_cooldown"]
+            self.plateau.best = saved["plateau_best"]
+            self.early.wait = saved["early_wait"]
+            self.early.best = saved["early_best"]
+
+    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self.started = time.monotonic()
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = dict(logs or {})
+        if self.settings.monitor not in logs:
+            raise KeyError(
+                f"train.monitor {self.settings.monitor!r} is not logged; available: {sorted(logs)}"
+            )
+        row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
+        row["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+        row["epoch_time"] = round(time.monotonic() - self.started, 2)
+        history = [*self.state.get("history", []), row]
+        value = logs[self.settings.monitor]
+        best = self.state.get("best_value")
+        better = best is None or (
+            value > best if self.settings.monitor_mode == "max" else value < best
+        )
+        if better:
+            _save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
+            self.state["best_value"] = float(value)
+            self.state["best_epoch"] = epoch + 1
+        self.state.update(
+            epoch=epoch + 1,
+            phase=self.phase,
+            history=history,
+            lr=row["lr"],
+            callbacks={
+                # EarlyStopping and ReduceLROnPlateau have already run for this epoch.
+                "plateau_wait": int(self.plateau.wait),
+                "plateau_cooldown": int(self.plateau.cooldown_counter),
+                "plateau_best": float(self.plateau.best),
+                "early_wait": int(self.early.wait),
+                "early_best": float(self.early.best),
+            },
+        )
+        _publish_checkpoint(self.model, self.out_dir, self.state)
+        _write_history(history, self.out_dir)
+        log.info("epoch %d/%d %s", epoch + 1, self.settings.epochs, _summary(row))
+
+
+def _summary(row: dict[str, float]) -> str:
+    parts = [f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "epoch_time")]
+    return " ".join([*parts, f"lr={row['lr']:.3g}", f"time={row['epoch_time']:.1f}s"])
+
+
+def _save_weights_atomic(model: keras.Model, path: Path) -> None:
+    tmp = path.with_name("tmp." + path.name)
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def _checkpoint(model: keras.Model) -> tf.train.Checkpoint:
+    return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+
+
+def _publish_checkpoint(model: keras.Model, out_dir: Path, state: dict[str, Any]) -> None:
+    """Write checkpoint + state under a temporary name, then swap it in."""
+    final = out_dir / CHECKPOINT
+    tmp = out_dir / (CHECKPOINT + ".tmp")
+    old = out_dir / (CHECKPOINT + ".old")
+    for path in (tmp, old):
+        if path.exists():
+            shutil.rmtree(path)
+    tmp.mkdir(parents=True)
+    _checkpoint(model).write(str(tmp / "ckpt"))
+    (tmp / STATE).write_text(json.dumps(state, indent=1))
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _write_history(history: list[dict[str, float]], out_dir: Path) -> None:
+    frame = pd.DataFrame(history)
+    tmp = out_dir / (HISTORY + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, out_dir / HISTORY)
+    try:
+        plot_history(frame, out_dir / CURVES, title=out_dir.name)
+    except (ValueError, RuntimeError) as exc:  # a plot must never cost a training run
+        log.warning("could not draw %s: %s", out_dir / CURVES, exc)
+
+
+def load_state(out_dir: Path) -> dict[str, Any] | None:
+    """The last published epoch state of a run directory, or None if there is none."""
+    # A crash between the two renames of _publish_checkpoint leaves only ".old".
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        path = out_dir / name / STATE
+        if path.is_file():
+            state = json.loads(path.read_text())
+            state["_checkpoint"] = str(out_dir / name / "ckpt")
+            return state
+    return None
+
+
+def fit_resumable(
+    model: keras.Model,
+    compile_phase: Callable[[keras.Model, int, float], None],
+    phase_starts: Sequence[int],
+    train_ds: tf.data.Dataset,
+    val_ds: tf.data.Dataset,
+    steps_per_epoch: int,
+    out_dir: Path,
+    settings: FitSettings,
+    lr: float,
+    resume: bool,
+) -> dict[str, Any]:
+    """Train ``model`` for ``settings.epochs`` in phases, resumable; load the best weights.
+
+    ``phase_starts`` are the epochs (0-based) where ``compile_phase(model, phase, lr)``
+    (re)compiles the model, e.g. ``[0, 3]`` to unfreeze the encoder after 3 epochs. Each
+    phase gets a fresh optimizer. Returns the final state (history, best epoch, ...).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = load_state(out_dir) if resume else None
+    if state is None:
+        if resume:
+            log.info("nothing to resume in %s; starting from epoch 1", out_dir)
+        state = {"epoch": 0, "history": [], "best_value": None}
+        for stale in (CHECKPOINT, CHECKPOINT + ".old"):
+            if (out_dir / stale).exists():
+                shutil.rmtree(out_dir / stale)
+    starts = sorted({0, *[int(s) for s in phase_starts if 0 < int(s) < settings.epochs]})
+    bounds = [*starts[1:], settings.epochs]
+    current_lr = float(state.get("lr", lr))
+    restored = state["epoch"] == 0
+    stopped = bool(state.get("stopped", False))
+    for phase, (start, end) in enumerate(zip(starts, bounds, strict=True)):
+        if stopped or state["epoch"] >= end:
+            continue
+        compile_phase(model, phase, current_lr)
+        if not restored:
+            _restore(model, state, same_phase=state.get("phase") == phase)
+            state.pop("_checkpoint")
+            restored = True
+        keras.backend.set_value(model.optimizer.learning_rate, current_lr)
+        nan_guard = _NanGuard()
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            monitor=settings.monitor,
+            mode=settings.monitor_mode,
+            factor=settings.reduce_lr_factor,
+            patience=settings.reduce_lr_patience,
+            min_lr=settings.min_lr,
+            verbose=1,
+        )
+        early = keras.callbacks.EarlyStopping(
+            monitor=settings.monitor,
+            mode=settings.monitor_mode,
+            patience=settings.early_stopping_patience,
+            verbose=1,
+        )
+        callbacks: list[keras.callbacks.Callback] = [
+            nan_guard,
+            plateau,
+            early,
+            _EpochState(out_dir, settings, plateau, early, state, phase),
+        ]
+        if settings.tensorboard:
+            callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "tensorboard")))
+        model.fit(
+            train_ds,
+            validation_data=val_ds,
+            epochs=end,
+            initial_epoch=max(start, state["epoch"]),
+            steps_per_epoch=steps_per_epoch,
+            callbacks=callbacks,
+            verbose=settings.verbose,
+        )
+        if nan_guard.where is not None:
+            raise TrainingDiverged(
+                f"training diverged in {out_dir}: non-finite loss at {nan_guard.where}; "
+                f"lower train.lr or check the data (the last good epoch is kept in "
+                f"{out_dir / CHECKPOINT}, resume with --resume)"
+            )
+        current_lr = float(keras.backend.get_value(model.optimizer.learning_rate))
+        if early.stopped_epoch > 0:
+            stopped = True
+            state["stopped"] = True
+            _publish_checkpoint(model, out_dir, state)
+    if state.get("best_epoch") is None:
+        raise RuntimeError(f"no epoch completed in {out_dir}; nothing to load")
+    model.load_weights(str(out_dir / BEST_WEIGHTS))
+    log.info(
+        "best %s=%.4f at epoch %d; weights in %s",
+        settings.monitor,
+        state["best_value"],
+        state["best_epoch"],
+        out_dir / BEST_WEIGHTS,
+    )
+    return state
+
+
+def _restore(model: keras.Model, state: dict[str, Any], same_phase: bool) -> None:
+    """Load the saved model (and, within the same phase, optimizer) variables."""
+    if same_phase:
+        # Create the optimizer's slots now so the checkpoint fills them immediately.
+        model.optimizer.build(model.trainable_variables)
+        _checkpoint(model).read(state["_checkpoint"]).expect_partial()
+    else:
+        tf.train.Checkpoint(model=model).read(state["_checkpoint"]).expect_partial()
+    log.info("resumed from epoch %d (%s)", state["epoch"], state["_checkpoint"])

@@ -1,0 +1,103 @@
+"""The real training CLI on a tiny generated set: folds, resume, the mirrored strategy."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.probstore import ProbReader
+from tests.conftest import REPO, write_tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_two_folds_train_and_write_oof(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data)
+    out = run_cli("pipeline.train", "--config", str(config), "--all")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    folds = pd.read_csv(run / "folds.csv")
+    ids = set()
+    for fold in (0, 1):
+        fold_dir = run / f"fold_{fold}"
+        history = pd.read_csv(fold_dir / "history.csv")
+        assert history["epoch"].tolist() == [1, 2]
+        assert {"loss", "val_dice", "val_kaggle_dice", "lr"} <= set(history.columns)
+        assert (fold_dir / "best.weights.h5").is_file() and (fold_dir / "curves.png").is_file()
+        metrics = json.loads((fold_dir / "metrics.json").read_text())
+        assert 0.0 <= metrics["oof_kaggle_dice_050"] <= 1.0
+        reader = ProbReader(fold_dir / "oof")
+        expected = set(folds.loc[folds["fold"] == fold, "image_id"])
+        assert set(reader.image_ids) == expected
+        assert reader.shape(reader.image_ids[0]) == (4, 40, 60)  # (C, H, W) at submission size
+        ids |= set(reader.image_ids)
+    assert ids == set(folds["image_id"])  # every training image predicted out of fold once
+    again = run_cli("pipeline.train", "--config", str(config), "--all")
+    assert again.returncode == 0 and "already finished" in again.stderr
+
+
+def test_fold_outside_the_split_is_an_error(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data)
+    out = run_cli("pipeline.train", "--config", str(config), "--fold", "7")
+    assert out.returncode == 2
+    assert "fold must be in [0, 1]; got 7" in out.stderr
+
+
+def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 4})
+    fold_dir = tmp_path / "runs" / "tiny" / "fold_0"
+    state = fold_dir / "checkpoint" / "state.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--config", str(config), "--fold", "0"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # like a lost machine: no clean shutdown
+    proc.wait()
+    stopped_at = json.loads(state.read_text())["epoch"]
+    assert 2 <= stopped_at < 4
+    assert not (fold_dir / "metrics.json").exists()
+
+    refused = run_cli("pipeline.train", "--config", str(config), "--fold", "0")
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+
+    out = run_cli("pipeline.train", "--config", str(config), "--fold", "0", "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"resumed from epoch {stopped_at}" in out.stderr
+    history = pd.read_csv(fold_dir / "history.csv")
+    assert history["epoch"].tolist() == [1, 2, 3, 4]  # continued, not restarted
+    assert json.loads((fold_dir / "metrics.json").read_text())["epochs_run"] == 4
+
+
+def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 1, "strategy": "mirrored"})
+    out = run_cli("pipeline.train", "--config", str(config), "--fold", "0", "--logical-cpus", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs/tiny/fold_0/metrics.json").read_text())
+    assert metrics["replicas"] == 2
+    # batch_size is per replica: 2 replicas x 4 images x 2 accumulated batches.
+    assert "2 replica(s) x batch 4, 2 accumulated -> 16 images per Adam step" in out.stderr
+    history = pd.read_csv(tmp_path / "runs/tiny/fold_0/history.csv")
+    assert np.isfinite(history["loss"]).all()

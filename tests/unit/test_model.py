@@ -1,0 +1,105 @@
+"""Model building from config: architectures, backbones, sizes, weights, freezing."""
+
+import numpy as np
+import pytest
+
+from pipeline.keras_backend import keras, sm
+from pipeline.model import (
+    ChannelAffine,
+    build_segmentation_model,
+    check_input_size,
+    encoder_layers,
+    preprocessing_affine,
+    set_encoder_trainable,
+)
+
+
+def test_sizes_not_divisible_by_32_are_rejected_with_nearest_valid_sizes():
+    check_input_size([352, 544], "train.crop_size")
+    with pytest.raises(ValueError, match=r"got \[350, 544\].*H=350 -> 320 or 352"):
+        check_input_size([350, 544], "train.crop_size")
+    with pytest.raises(ValueError, match=r"H=20 -> 32 or 32, W=100 -> 96 or 128"):
+        check_input_size([20, 100], "x")
+
+
+def test_build_rejects_bad_input_size_and_names():
+    with pytest.raises(ValueError, match="divisible by 32"):
+        build_segmentation_model("Unet", "resnet18", 2, input_size=[100, 96])
+    with pytest.raises(ValueError, match="model.backbone must be one of"):
+        build_segmentation_model("Unet", "resnet19", 2)
+    with pytest.raises(ValueError, match="model.architecture must be one of"):
+        build_segmentation_model("DeepLab", "resnet18", 2)
+    with pytest.raises(FileNotFoundError, match="no file at"):
+        build_segmentation_model("Unet", "resnet18", 2, encoder_weights="/no/such/weights.h5")
+
+
+@pytest.mark.parametrize(
+    ("architecture", "backbone", "size"),
+    [
+        ("Unet", "resnet18", (64, 96)),
+        ("FPN", "resnet18", (64, 64)),
+        ("Linknet", "mobilenetv2", (64, 96)),
+        ("PSPNet", "resnet18", (96, 96)),
+    ],
+)
+def test_architectures_build_and_predict_probabilities(architecture, backbone, size):
+    fixed = size if architecture == "PSPNet" else None
+    model = build_segmentation_model(architecture, backbone, 3, input_size=fixed)
+    x = np.random.default_rng(0).integers(0, 256, (2, *size, 3)).astype(np.float32)
+    y = model.predict_on_batch(x)
+    assert y.shape == (2, *size, 3)
+    assert y.dtype == np.float32 and (y >= 0).all() and (y <= 1).all()
+
+
+@pytest.mark.slow
+def test_default_backbone_builds():
+    model = build_segmentation_model("Unet", "efficientnetb2", 4)
+    assert model.output_shape == (None, None, None, 4)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnetb0", "vgg16", "resnet18", "mobilenetv2"])
+def test_normalisation_layer_equals_the_backbone_preprocessing(backbone):
+    matrix, offset = preprocessing_affine(backbone)
+    x = np.random.default_rng(1).integers(0, 256, (2, 5, 7, 3)).astype(np.float32)
+    expected = sm.get_preprocessing(backbone)(x.copy())
+    got = ChannelAffine(matrix.tolist(), offset.tolist())(x).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_channel_affine_round_trips_through_config():
+    layer = ChannelAffine([[1, 0, 0], [0, 2, 0], [0, 0, 3]], [0.5, 0, -1])
+    clone = keras.layers.deserialize(keras.layers.serialize(layer))
+    assert clone.matrix == layer.matrix and clone.offset == layer.offset
+
+
+def test_local_encoder_weights_file_is_loaded_by_layer_name(tmp_path):
+    backbone = sm.Backbones.get_backbone(
+        "resnet18",
+        input_shape=(None, None, 3),
+        weights=None,
+        include_top=False,
+        backend=keras.backend,
+        layers=keras.layers,
+        models=keras.models,
+        utils=keras.utils,
+    )
+    for w in backbone.weights:
+        w.assign(np.full(w.shape, 0.123, dtype=np.float32))
+    path = tmp_path / "resnet18_notop.h5"
+    backbone.save_weights(str(path))
+    model = build_segmentation_model("Unet", "resnet18", 1, encoder_weights=str(path))
+    net = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    conv = net.get_layer("conv0")
+    np.testing.assert_allclose(conv.get_weights()[0], 0.123)
+
+
+def test_encoder_freezing_touches_only_the_encoder():
+    model = build_segmentation_model("Unet", "resnet18", 2)
+    encoder = {layer.name for layer in encoder_layers(model)}
+    assert "conv0" in encoder and "decoder_stage0a_conv" not in encoder
+    set_encoder_trainable(model, False)
+    net = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    assert not net.get_layer("conv0").trainable
+    assert net.get_layer("decoder_stage0a_conv").trainable
+    set_encoder_trainable(model, True)
+    assert net.get_layer("conv0").trainable
