@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.images import read_image, resolve_image_path
+from pipeline.images import cache_path, read_image, resolve_image_path
 from pipeline.keras_backend import tf
 from pipeline.masks import decode_masks, resize_masks
 
@@ -53,11 +53,6 @@ class ImageCache:
         if missing:
             raise KeyError(f"{len(missing)} image ids not in cache {self.directory}: {missing[:5]}")
         return np.array([lookup[i] for i in image_ids], dtype=np.int64)
-
-
-def cache_path(cache_dir: Path, name: str, size: Sequence[int]) -> Path:
-    """``cache_dir/<name>_<H>x<W>``: caches are keyed by image set and size."""
-    return Path(cache_dir) / f"{name}_{int(size[0])}x{int(size[1])}"
 
 
 def build_cache(

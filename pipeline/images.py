@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 
 # Tried in this order when an image id has no extension (DSB 2018) or names a file
 # without one; upper-case variants follow so that case-sensitive file systems match.
@@ -136,3 +138,22 @@ def _to_rgb_uint8(image: np.ndarray, path: Path) -> np.ndarray:
     if channels == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
     raise ValueError(f"image file {str(path)!r} has {channels} channels; expected 1, 3 or 4")
+
+
+def cache_path(cache_dir: str | Path, name: str, size: Sequence[int]) -> Path:
+    """``cache_dir/<name>_<H>x<W>``: the resized-image cache of one image set and size."""
+    return Path(cache_dir) / f"{name}_{int(size[0])}x{int(size[1])}"
+
+
+def read_original_sizes(cache_directory: str | Path) -> dict[str, tuple[int, int]]:
+    """image_id -> (H, W) before resizing, from a cache's ``index.csv``."""
+    index = Path(cache_directory) / "index.csv"
+    if not index.is_file():
+        raise FileNotFoundError(
+            f"image cache index {index} not found; train a fold first (python -m pipeline.train)"
+        )
+    frame = pd.read_csv(index, dtype={"image_id": str}, keep_default_na=False)
+    return {
+        image_id: (int(h), int(w))
+        for image_id, h, w in frame[["image_id", "height", "width"]].itertuples(index=False)
+    }
