@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -26,11 +25,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import describe_machine, record
 from pipeline import rle
 
 HEIGHT, WIDTH = 350, 525
 CLOUDS_MASKS = 14_792  # 3,698 test images x 4 classes
-RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 
 
 def make_mask(rng: np.random.Generator) -> np.ndarray:
@@ -66,18 +65,6 @@ def copy_masks(masks: list[np.ndarray], total: int) -> None:
     """The reference for the round trip: copy as many mask bytes, one at a time."""
     for index in range(total):
         masks[index % len(masks)].copy()
-
-
-def describe_machine() -> dict[str, object]:
-    """Cores, CPU model and GPU of this machine."""
-    cpu = platform.processor() or "unknown"
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": None}
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -154,9 +141,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"{scaled}; {round_trip_s / copy_submission_s:.1f}x the time to copy as many masks"
     )
     print(f"load average (1 min) during the run: {result['load_average_1min']}")
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(result) + "\n")
-    print(json.dumps(result))
+    record(result)
     return result
 
 

@@ -47,6 +47,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "classifier.monitor_mode": ("min", "max"),
 }
 
+# Float keys that also accept the word "auto".
+FLOAT_OR_AUTO: frozenset[str] = frozenset({"train.lr"})
+
 # [H, W] pairs of positive integers.
 SIZE_KEYS: frozenset[str] = frozenset(
     {
@@ -60,6 +63,9 @@ SIZE_KEYS: frozenset[str] = frozenset(
 
 # Keys holding a list of {name: str, params: mapping} transform specs.
 TRANSFORM_LIST_KEYS: frozenset[str] = frozenset({"augment"})
+
+# Keys holding a list of {epoch: int, fraction: float, lr: float | null} stages.
+SCHEDULE_KEYS: frozenset[str] = frozenset({"model.unfreeze_schedule"})
 
 
 class ConfigError(ValueError):
@@ -233,6 +239,10 @@ def _check(value: Any, default: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} may not be null")
     if key in TRANSFORM_LIST_KEYS:
         return _check_transforms(value, key)
+    if key in FLOAT_OR_AUTO and value == "auto":
+        return value
+    if key in SCHEDULE_KEYS:
+        return _check_schedule(value, key)
     value = _coerce(value, default, key)
     if key in SIZE_KEYS:
         _check_size(value, key)
@@ -292,6 +302,33 @@ def _check_transforms(value: Any, key: str) -> list[dict[str, Any]]:
         if not isinstance(params, dict):
             raise ConfigError(f"config key {key}[{i}].params must be a mapping; got {params!r}")
         out.append({"name": str(item["name"]), "params": params})
+    return out
+
+
+def _check_schedule(value: Any, key: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise ConfigError(f"config key {key!r} must be a list of stages; got {value!r}")
+    out: list[dict[str, Any]] = []
+    for i, stage in enumerate(value):
+        where = f"{key}[{i}]"
+        if not isinstance(stage, dict) or set(stage) - {"epoch", "fraction", "lr"}:
+            raise ConfigError(
+                f"config key {where} must be {{epoch: int, fraction: float, lr: float|null}}; "
+                f"got {stage!r}"
+            )
+        epoch, fraction, lr = stage.get("epoch"), stage.get("fraction"), stage.get("lr")
+        if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 0:
+            raise ConfigError(f"config key {where}.epoch must be an integer >= 0; got {epoch!r}")
+        if not isinstance(fraction, (int, float)) or not 0 < float(fraction) <= 1:
+            raise ConfigError(f"config key {where}.fraction must be in (0, 1]; got {fraction!r}")
+        if lr is not None:
+            try:
+                lr = float(lr)
+            except (TypeError, ValueError) as exc:
+                raise ConfigError(f"config key {where}.lr must be a number; got {lr!r}") from exc
+        if out and epoch <= out[-1]["epoch"]:
+            raise ConfigError(f"config key {where}.epoch must increase; got {epoch}")
+        out.append({"epoch": epoch, "fraction": float(fraction), "lr": lr})
     return out
 
 

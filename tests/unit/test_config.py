@@ -99,3 +99,28 @@ def test_save_and_reload_round_trip(tmp_path):
     path = save_config(c, tmp_path / "run" / "config.yaml")
     again = load_config(path)
     assert again.to_dict() == c.to_dict()
+
+
+def test_lr_may_be_auto_but_no_other_word():
+    assert load_config(overrides=["train.lr=auto"]).train.lr == "auto"
+    with pytest.raises(ConfigError, match="'train.lr' must be float"):
+        load_config(overrides=["train.lr=fast"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "message"),
+    [
+        ("[{epoch: 2, fraction: 1.5}]", r"fraction must be in \(0, 1\]"),
+        ("[{epoch: -1, fraction: 0.5}]", r"epoch must be an integer >= 0"),
+        ("[{epoch: 2, fraction: 0.5}, {epoch: 2, fraction: 1.0}]", r"epoch must increase"),
+        ("[{epoch: 2, blocks: 3}]", r"unfreeze_schedule\[0\] must be"),
+    ],
+)
+def test_unfreeze_schedule_is_validated(schedule, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides=[f"model.unfreeze_schedule={schedule}"])
+
+
+def test_unfreeze_schedule_is_normalised():
+    c = load_config(overrides=["model.unfreeze_schedule=[{epoch: 1, fraction: 1, lr: 1e-4}]"])
+    assert c.model.unfreeze_schedule == [{"epoch": 1, "fraction": 1.0, "lr": 1e-4}]
