@@ -8,6 +8,7 @@ classifier never need to know which backbone is in use.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -195,9 +196,21 @@ def _backbone_layer_names(net: keras.Model) -> list[str]:
 
 
 def set_encoder_trainable(model: keras.Model, trainable: bool) -> None:
-    """Freeze or unfreeze the encoder; BatchNorm layers stay frozen while frozen.
+    """Freeze or unfreeze the whole encoder (recompile with a fresh optimizer after)."""
+    set_encoder_fraction(model, 1.0 if trainable else 0.0)
 
-    The model must be recompiled (with a fresh optimizer) afterwards.
+
+def set_encoder_fraction(model: keras.Model, fraction: float) -> int:
+    """Let only the top ``fraction`` of the encoder's layers train (the deepest ones).
+
+    Progressive unfreezing goes from the top block down, since the deepest features are
+    the most task-specific. Frozen BatchNorm layers run in inference mode. Returns the
+    number of encoder layers left trainable. Recompile with a fresh optimizer after.
     """
-    for layer in encoder_layers(model):
-        layer.trainable = trainable
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"fraction must be in [0, 1]; got {fraction}")
+    layers = encoder_layers(model)
+    n_trainable = math.ceil(fraction * len(layers))
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= len(layers) - n_trainable
+    return n_trainable

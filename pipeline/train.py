@@ -35,9 +35,10 @@ from pipeline.keras_backend import keras, tf
 from pipeline.losses import get_loss, get_metrics
 from pipeline.masks import resize_probs, truth_masks
 from pipeline.metrics import kaggle_dice
-from pipeline.model import build_segmentation_model, check_input_size, set_encoder_trainable
+from pipeline.model import build_segmentation_model, check_input_size, set_encoder_fraction
 from pipeline.optim import make_optimizer
 from pipeline.probstore import ProbWriter
+from pipeline.schedule import training_phases
 from pipeline.trainer import FitSettings, fit_resumable
 
 log = logging.getLogger(__name__)
@@ -151,9 +152,21 @@ def train_fold(
     with strategy.scope():
         model = build_model(config, len(exp.classes), fixed)
 
+    phases = training_phases(
+        t.epochs, config.model.encoder_freeze_epochs, config.model.unfreeze_schedule
+    )
+
     def compile_phase(net: keras.Model, phase: int, lr: float) -> None:
-        frozen = phase == 0 and config.model.encoder_freeze_epochs > 0
-        set_encoder_trainable(net, not frozen)
+        n_layers = set_encoder_fraction(net, phases[phase].fraction)
+        if len(phases) > 1:
+            log.info(
+                "phase %d from epoch %d: %d encoder layers trainable (top %.0f%%), lr %.3g",
+                phase,
+                phases[phase].start + 1,
+                n_layers,
+                100 * phases[phase].fraction,
+                lr,
+            )
         with strategy.scope():
             net.compile(
                 optimizer=make_optimizer(lr, t.accumulation_steps),

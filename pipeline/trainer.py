@@ -24,6 +24,7 @@ import pandas as pd
 
 from pipeline.curves import plot_history
 from pipeline.keras_backend import keras, tf
+from pipeline.schedule import Phase
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +203,7 @@ def load_state(out_dir: Path) -> dict[str, Any] | None:
 def fit_resumable(
     model: keras.Model,
     compile_phase: Callable[[keras.Model, int, float], None],
-    phase_starts: Sequence[int],
+    phases: Sequence[int | Phase],
     train_ds: tf.data.Dataset,
     val_ds: tf.data.Dataset,
     steps_per_epoch: int,
@@ -213,9 +214,11 @@ def fit_resumable(
 ) -> dict[str, Any]:
     """Train ``model`` for ``settings.epochs`` in phases, resumable; load the best weights.
 
-    ``phase_starts`` are the epochs (0-based) where ``compile_phase(model, phase, lr)``
-    (re)compiles the model, e.g. ``[0, 3]`` to unfreeze the encoder after 3 epochs. Each
-    phase gets a fresh optimizer. Returns the final state (history, best epoch, ...).
+    ``phases`` (``schedule.Phase``, or plain start epochs) say where
+    ``compile_phase(model, index, lr)`` (re)compiles the model with a fresh optimizer,
+    e.g. to unfreeze the encoder after a warm-up; a phase's own ``lr``, when set, replaces
+    the current learning rate as the phase begins (not when resuming inside it).
+    Returns the final state (history, best epoch, ...).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     state = load_state(out_dir) if resume else None
@@ -226,7 +229,11 @@ def fit_resumable(
         for stale in (CHECKPOINT, CHECKPOINT + ".old"):
             if (out_dir / stale).exists():
                 shutil.rmtree(out_dir / stale)
-    starts = sorted({0, *[int(s) for s in phase_starts if 0 < int(s) < settings.epochs]})
+    plan = [p if isinstance(p, Phase) else Phase(int(p), 1.0) for p in phases]
+    plan = [p for p in plan if p.start < settings.epochs]
+    if not plan or plan[0].start != 0:
+        plan.insert(0, Phase(0, 1.0))
+    starts = [p.start for p in plan]
     bounds = [*starts[1:], settings.epochs]
     current_lr = float(state.get("lr", lr))
     restored = state["epoch"] == 0
@@ -234,6 +241,8 @@ def fit_resumable(
     for phase, (start, end) in enumerate(zip(starts, bounds, strict=True)):
         if stopped or state["epoch"] >= end:
             continue
+        if plan[phase].lr is not None and state["epoch"] <= start:
+            current_lr = float(plan[phase].lr)
         compile_phase(model, phase, current_lr)
         if not restored:
             _restore(model, state, same_phase=state.get("phase") == phase)
