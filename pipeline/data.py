@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import threading
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -164,8 +165,11 @@ def build_augmentation(specs: Sequence[dict[str, Any]]) -> A.Compose:
                 f"augment[{i}].name must name an albumentations transform; got {spec['name']!r}"
             )
         try:
-            transforms.append(cls(**spec["params"]))
-        except (TypeError, ValueError) as exc:
+            # albumentations only warns about unknown arguments; a typo must not pass.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("error", message=".*not valid for transform.*")
+                transforms.append(cls(**spec["params"]))
+        except (TypeError, ValueError, UserWarning) as exc:
             raise ValueError(
                 f"augment[{i}] ({spec['name']}): bad params {spec['params']}: {exc}"
             ) from exc

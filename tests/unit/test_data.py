@@ -1,0 +1,94 @@
+"""The image cache and the tf.data input pipelines."""
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.data import (
+    CropSampler,
+    build_augmentation,
+    build_cache,
+    make_eval_dataset,
+    make_train_dataset,
+)
+from pipeline.rle import encode
+
+
+@pytest.fixture
+def image_set(tmp_path: Path) -> tuple[Path, list[str], dict[str, list[str]]]:
+    """Three PNGs of different sizes with one box mask each (class 0) and class 1 empty."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rles = {}
+    for i, (h, w) in enumerate([(40, 60), (50, 50), (64, 96)]):
+        image = np.full((h, w, 3), 30 * i, dtype=np.uint8)
+        cv2.imwrite(str(folder / f"img{i}.png"), image)
+        mask = np.zeros((h, w), dtype=np.uint8)
+        mask[: h // 2, : w // 2] = 1
+        rles[f"img{i}"] = [encode(mask), ""]
+    return folder, sorted(rles), rles
+
+
+def test_cache_resizes_once_and_keeps_original_sizes(tmp_path, image_set):
+    folder, ids, rles = image_set
+    cache = build_cache(tmp_path / "cache", "train", folder, ids, [32, 64], rles)
+    assert cache.images.shape == (3, 32, 64, 3) and cache.masks.shape == (3, 32, 64, 2)
+    assert cache.original_sizes.tolist() == [[40, 60], [50, 50], [64, 96]]
+    assert cache.images[1].mean() == pytest.approx(30, abs=1)
+    # The top-left quarter is the mask after resizing, class 1 stays empty.
+    assert cache.masks[2, :16, :32, 0].all() and not cache.masks[2, 16:, :, 0].any()
+    assert not cache.masks[..., 1].any()
+    stamp = (cache.directory / "images.npy").stat().st_mtime_ns
+    again = build_cache(tmp_path / "cache", "train", folder, ids, [32, 64], rles)
+    assert (again.directory / "images.npy").stat().st_mtime_ns == stamp  # reused, not rebuilt
+    other = build_cache(tmp_path / "cache", "train", folder, ids[:2], [32, 64], rles)
+    assert len(other.image_ids) == 2  # another image set rebuilds the cache
+
+
+def test_cache_names_a_missing_image(tmp_path, image_set):
+    folder, ids, rles = image_set
+    with pytest.raises(FileNotFoundError, match="nope"):
+        build_cache(tmp_path / "cache", "train", folder, [*ids, "nope"], [32, 64])
+    assert not any((tmp_path / "cache").glob("train_32x64"))  # nothing half-built is published
+
+
+def test_unknown_augmentation_is_an_error():
+    with pytest.raises(ValueError, match=r"augment\[0\].name must name an albumentations"):
+        build_augmentation([{"name": "NoSuchFlip", "params": {}}])
+    with pytest.raises(ValueError, match=r"augment\[0\] \(HorizontalFlip\): bad params"):
+        build_augmentation([{"name": "HorizontalFlip", "params": {"q": 1}}])
+
+
+def test_samples_are_reproducible_and_batches_have_the_crop_shape(tmp_path, image_set):
+    folder, ids, rles = image_set
+    cache = build_cache(tmp_path / "cache", "train", folder, ids, [32, 64], rles)
+    augment = build_augmentation(
+        [
+            {"name": "HorizontalFlip", "params": {"p": 0.5}},
+            {"name": "VerticalFlip", "params": {"p": 0.5}},
+        ]
+    )
+    sampler = CropSampler(cache, [32, 32], augment, seed=3)
+    first = [sampler(np.int64(2), np.int64(n)) for n in range(6)]
+    second = [sampler(np.int64(2), np.int64(n)) for n in range(6)]
+    for (a_img, a_mask), (b_img, b_mask) in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a_img, b_img)
+        np.testing.assert_array_equal(a_mask, b_mask)
+    ds = make_train_dataset(
+        sampler, np.arange(3), batch_size=2, seed=0, num_parallel_calls=2, prefetch=1
+    )
+    images, masks = next(iter(ds))
+    assert images.shape == (2, 32, 32, 3) and masks.shape == (2, 32, 32, 2)
+    with pytest.raises(ValueError, match="larger than data.image_size"):
+        CropSampler(cache, [64, 64], None, seed=0)
+
+
+def test_eval_dataset_covers_each_image_once_in_order(tmp_path, image_set):
+    folder, ids, rles = image_set
+    cache = build_cache(tmp_path / "cache", "train", folder, ids, [32, 64], rles)
+    batches = list(make_eval_dataset(cache, np.array([2, 0, 1]), batch_size=2, crop=[32, 32]))
+    assert [b[0].shape[0] for b in batches] == [2, 1]
+    first = batches[0][0].numpy()
+    np.testing.assert_array_equal(first[0], cache.images[2, :, 16:48].astype(np.float32))
