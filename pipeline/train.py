@@ -37,7 +37,7 @@ from pipeline.masks import resize_probs, truth_masks
 from pipeline.metrics import kaggle_dice
 from pipeline.model import build_segmentation_model, check_input_size, set_encoder_fraction
 from pipeline.optim import make_optimizer
-from pipeline.probstore import ProbWriter
+from pipeline.probstore import ProbWriter, dequantise_prob, quantise_prob
 from pipeline.schedule import training_phases
 from pipeline.trainer import FitSettings, fit_resumable
 
@@ -235,10 +235,12 @@ def predict_oof(
                 image_id = cache.image_ids[i]
                 original = (int(cache.original_sizes[i][0]), int(cache.original_sizes[i][1]))
                 target = size if size is not None else original
-                prob = resize_probs(prob, target)
-                writer.add(image_id, prob)
+                q = quantise_prob(resize_probs(prob, target))
+                writer.add(image_id, q)
                 truth = truth_masks(rles[image_id], original, target)
-                scores.append(kaggle_dice(truth[None], prob[None], threshold=0.5)[0])
+                # Scored on the stored uint8 values, so the tuner's plain-0.5 score agrees.
+                stored = dequantise_prob(q)[None]
+                scores.append(kaggle_dice(truth[None], stored, threshold=0.5)[0])
     per_image = np.stack(scores)  # (N, C)
     return {
         "kaggle_dice": float(per_image.mean()),
