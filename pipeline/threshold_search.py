@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
@@ -38,6 +39,8 @@ PLAIN_THRESHOLD = 0.5
 TIE_TOLERANCE = 1e-12
 _LEVELS = QUANTISATION + 1
 _LEVELS_DESC = np.arange(QUANTISATION, -1, -1, dtype=np.int64)
+# cv2.calcHist counts in float32, exact below 2**24; np.bincount beyond that.
+_CALCHIST_MAX_VALUES = 2**24
 
 
 def _check_grid(name: str, values: Sequence[float], integer: bool = False) -> np.ndarray:
@@ -51,6 +54,19 @@ def _check_grid(name: str, values: Sequence[float], integer: bool = False) -> np
     if ((array < 0) | (array > 1)).any():
         raise ValueError(f"{name} must lie in [0, 1]; got {list(values)}")
     return array
+
+
+def _histogram(codes: np.ndarray, n_bins: int) -> np.ndarray:
+    """(n_bins,) int64 counts of the uint16 ``codes`` (any shape, values < n_bins).
+
+    cv2.calcHist is about 3x faster than np.bincount, which first widens every code
+    to int64; its float32 counts are exact while there are fewer than 2**24 codes.
+    """
+    if 0 < codes.size < _CALCHIST_MAX_VALUES:
+        rows = np.ascontiguousarray(codes).reshape(-1, codes.shape[-1])
+        counts = cv2.calcHist([rows], [0], None, [n_bins], [0, n_bins])
+        return counts.ravel().astype(np.int64)
+    return np.bincount(codes.ravel(), minlength=n_bins)
 
 
 def dice_from_counts(
@@ -314,11 +330,11 @@ class GridAccumulator:
         elif truth.dtype != np.uint8 or (truth.size and truth.max() > 1):
             raise ValueError(f"truth of {image_id!r} must be uint8 in {{0, 1}} or bool")
 
-        # One bincount for all classes: code = class * 512 + truth * 256 + level.
+        # One histogram for all classes: code = class * 512 + truth * 256 + level.
         codes = np.left_shift(truth, 8, dtype=np.uint16)
         codes |= q
         codes += self._class_offsets
-        hist = np.bincount(codes.ravel(), minlength=c * 2 * _LEVELS).reshape(c, 2, _LEVELS)
+        hist = _histogram(codes, c * 2 * _LEVELS).reshape(c, 2, _LEVELS)
         hist_all = hist[:, 0] + hist[:, 1]
         scores = self._gate_scores(image_id, hist_all, q.shape[1] * q.shape[2], classifier_prob)
         # above[:, l] = number of pixels with level >= l, for l in 0..256.

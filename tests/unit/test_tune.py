@@ -1,0 +1,403 @@
+"""``pipeline.tune`` on hand-made experiments: OOF stores, truth CSV, cache index, classifier."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline import rle
+from pipeline.config import DEFAULT_CONFIG, load_config
+from pipeline.experiment import open_experiment, write_json
+from pipeline.images import cache_path
+from pipeline.masks import truth_masks
+from pipeline.postprocess import PostprocessParams, load_postprocess
+from pipeline.probstore import ProbReader, ProbWriter
+from pipeline.tune import (
+    CLASSIFIER_OOF,
+    GRID_FILE,
+    TABLE_FILE,
+    decode_truth,
+    main,
+    read_ahead,
+    tune,
+)
+
+CLASSES = ["Fish", "Sugar"]
+ORIGINAL = (8, 12)
+SIZE = (4, 6)
+N_IMAGES = 12
+IMAGE_IDS = [f"img{i:02d}.jpg" for i in range(N_IMAGES)]
+POSTPROCESS = {
+    "thresholds": [0.3, 0.5, 0.7],
+    "min_areas": [0, 3, 6],
+    "gate_thresholds": [0.25, 0.5, 0.75],
+    "gates": ["none", "classifier", "segmentation"],
+    "topk_fraction": 0.1,
+}
+
+
+def upsample(small: np.ndarray) -> np.ndarray:
+    """(C, 4, 6) -> (C, 8, 12) by 2x2 blocks; the nearest resize back returns ``small``."""
+    return np.kron(small, np.ones((2, 2), dtype=np.uint8))
+
+
+def make_experiment(
+    tmp_path: Path,
+    truth: Mapping[str, np.ndarray],
+    probs: Mapping[str, np.ndarray],
+    classifier: Mapping[str, Sequence[float]] | None = None,
+    classifier_folds: Sequence[int] = (0, 1, 2),
+    unfinished: Sequence[int] = (),
+    own_size: bool = False,
+    **postprocess: object,
+) -> Path:
+    """Write a 3-fold experiment by hand; returns its config file.
+
+    ``truth``: image_id -> (C, 4, 6) uint8 at submission size (stored at 8x12);
+    ``probs``: image_id -> (C, 4, 6) uint8 out-of-fold probs; ``classifier``:
+    image_id -> C presence probs, written for ``classifier_folds``. ``own_size``:
+    no submission size, the probs are stored upsampled to the images' 8x12.
+    """
+    rows = [
+        (f"{image_id}_{name}", rle.encode(mask))
+        for image_id in IMAGE_IDS
+        for name, mask in zip(CLASSES, upsample(truth[image_id]), strict=True)
+    ]
+    pd.DataFrame(rows, columns=["Image_Label", "EncodedPixels"]).to_csv(
+        tmp_path / "train.csv", index=False
+    )
+    config_path = tmp_path / "tune.yaml"
+    config_path.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(DEFAULT_CONFIG),
+                "experiment": "handmade",
+                "runs_dir": str(tmp_path / "runs"),
+                "data": {
+                    "train_csv": str(tmp_path / "train.csv"),
+                    "classes": CLASSES,
+                    "image_size": [16, 24],
+                    "submission_size": None if own_size else list(SIZE),
+                },
+                "folds": {"n_splits": 3},
+                "postprocess": {**POSTPROCESS, **postprocess},
+            }
+        )
+    )
+    config = load_config(config_path)
+    exp = open_experiment(config)
+    cache = cache_path(exp.cache_dir, "train", [16, 24])
+    cache.mkdir(parents=True)
+    pd.DataFrame({"image_id": IMAGE_IDS, "height": ORIGINAL[0], "width": ORIGINAL[1]}).to_csv(
+        cache / "index.csv", index=False
+    )
+    for fold in range(3):
+        val_ids = exp.members(fold)[1]
+        with ProbWriter(config.fold_dir(fold) / "oof", CLASSES) as writer:
+            for image_id in val_ids:
+                q = upsample(probs[image_id]) if own_size else probs[image_id]
+                writer.add(image_id, q.transpose(1, 2, 0))
+        if fold not in unfinished:
+            write_json(config.fold_dir(fold) / "metrics.json", {"fold": fold})
+        if classifier is not None and fold in classifier_folds:
+            path = config.fold_dir(fold, "classifier") / CLASSIFIER_OOF
+            path.parent.mkdir(parents=True)
+            frame = pd.DataFrame([[i, *classifier[i]] for i in val_ids])
+            frame.columns = ["image_id", *CLASSES]
+            frame.to_csv(path, index=False)
+    return config_path
+
+
+def block(rows: slice, cols: slice, value: int = 1) -> np.ndarray:
+    out = np.zeros(SIZE, dtype=np.uint8)
+    out[rows, cols] = value
+    return out
+
+
+def false_positive_case() -> tuple[dict, dict, dict]:
+    """Fish: half the images have a mask; the others get an equally confident false
+    positive of the same size, which only a perfect classifier can remove."""
+    truth, probs, classifier = {}, {}, {}
+    for i, image_id in enumerate(IMAGE_IDS):
+        present = i % 2 == 0
+        fish = block(slice(0, 2), slice(0, 3)) if present else np.zeros(SIZE, np.uint8)
+        truth[image_id] = np.stack([fish, np.zeros(SIZE, np.uint8)])
+        predicted = block(slice(0, 2), slice(0, 3), 230)
+        probs[image_id] = np.stack([predicted, np.zeros(SIZE, np.uint8)])
+        classifier[image_id] = [1.0 if present else 0.0, 0.5]
+    return truth, probs, classifier
+
+
+def random_case(seed: int = 3) -> tuple[dict, dict, dict]:
+    rng = np.random.default_rng(seed)
+    truth, probs, classifier = {}, {}, {}
+    for image_id in IMAGE_IDS:
+        masks = []
+        for _ in CLASSES:
+            if rng.random() < 0.4:
+                masks.append(np.zeros(SIZE, np.uint8))
+            else:
+                r, c = rng.integers(0, 3), rng.integers(0, 4)
+                masks.append(block(slice(r, r + 2), slice(c, c + rng.integers(1, 3))))
+        truth[image_id] = np.stack(masks)
+        noise = rng.integers(0, 200, size=(len(CLASSES), *SIZE))
+        probs[image_id] = np.clip(truth[image_id] * 120 + noise, 0, 255).astype(np.uint8)
+        classifier[image_id] = rng.random(len(CLASSES)).round(3).tolist()
+    return truth, probs, classifier
+
+
+@pytest.mark.parametrize(
+    ("original", "size"),
+    [
+        ((1400, 2100), (350, 525)),
+        ((64, 96), (40, 60)),
+        ((40, 60), (80, 120)),
+        ((37, 53), (20, 29)),
+        ((20, 29), (37, 53)),
+        ((100, 100), (33, 250)),
+        ((1, 1), (3, 4)),
+        ((5, 7), (5, 7)),
+    ],
+)
+def test_decode_truth_equals_truth_masks(original: tuple[int, int], size: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(original) + sum(size))
+    # Pixel noise on small images, blobs of about 7x7 pixels on large ones (quick to encode).
+    step = 7 if original[0] * original[1] > 10_000 else 1
+    coarse = (original[0] // step, original[1] // step)
+    for trial in range(3):
+        small = (rng.random((4, *coarse)) < rng.random()).astype(np.uint8)
+        masks = np.stack(
+            [cv2.resize(m, original[::-1], interpolation=cv2.INTER_NEAREST) for m in small]
+        )
+        masks[trial] = trial % 2  # an empty mask, then a full one
+        rles = [rle.encode(mask) for mask in masks]
+        expected = truth_masks(rles, original, size).transpose(2, 0, 1)
+        got = decode_truth(rles, original, size)
+        assert got.dtype == np.uint8 and got.shape == (4, *size)
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_decode_truth_rejects_a_run_past_the_image() -> None:
+    with pytest.raises(ValueError, match="runs to pixel 20, past the end of a 4x4 image"):
+        decode_truth(["10 11"], (4, 4), (2, 2))
+
+
+def test_writes_every_class_and_the_score_tables(tmp_path: Path) -> None:
+    truth, probs, classifier = random_case()
+    config = load_config(make_experiment(tmp_path, truth, probs, classifier))
+    output = tune(config)
+    params, extra = load_postprocess(output.postprocess_path, CLASSES)
+    assert list(params) == CLASSES
+    assert params == output.result.params_by_class()
+    assert extra["n_images"] == N_IMAGES and extra["classifier_used"] is True
+    assert extra["fold_counts"] == [4, 4, 4]
+    assert extra["grid"]["thresholds"] == POSTPROCESS["thresholds"]
+    assert set(extra["gates_won"]) == set(CLASSES)
+    assert set(extra["gate_comparison"]["Fish"]) == {"none", "classifier", "segmentation"}
+    scores = extra["scores"]
+    assert scores["tuned"] >= scores["no_gate"] >= scores["plain"]
+    table = pd.read_csv(config.run_dir / TABLE_FILE)
+    assert table["class"].tolist() == [*CLASSES, "overall"]
+    assert {"plain", "no_gate", "tuned", "fold_mean", "fold_std", "gate", "threshold"} <= set(
+        table.columns
+    )
+    grid = pd.read_csv(config.run_dir / GRID_FILE)
+    # Per class: T x A without a gate, and T x A x G for each of the two gate kinds.
+    assert len(grid) == len(CLASSES) * 3 * 3 * (1 + 2 * 3)
+    assert not list(config.run_dir.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("own_size", [False, True])
+def test_chosen_settings_reproduce_the_score_by_brute_force(tmp_path: Path, own_size: bool) -> None:
+    """Apply each chosen setting to every OOF image against ``masks.truth_masks``."""
+    truth, probs, classifier = random_case(seed=5)
+    path = make_experiment(tmp_path, truth, probs, classifier, own_size=own_size)
+    config = load_config(path)
+    result = tune(config).result
+    rles = open_experiment(config).rles()
+    for c, name in enumerate(CLASSES):
+        params = result.per_class[name].params
+        dice = []
+        for fold in range(3):
+            reader = ProbReader(config.fold_dir(fold) / "oof")
+            for image_id in reader.image_ids:
+                mask = params.apply(reader.get(image_id)[c], classifier[image_id][c])
+                size = None if own_size else SIZE
+                target = truth_masks(rles[image_id], ORIGINAL, size)[:, :, c]
+                total = mask.sum() + target.sum()
+                dice.append(1.0 if total == 0 else 2 * (mask & target).sum() / total)
+        assert np.mean(dice) == pytest.approx(result.per_class[name].score, abs=1e-12)
+        assert result.per_class[name].score >= result.per_class[name].plain_score
+    assert result.score >= result.no_gate_score >= result.plain_score
+
+
+def test_a_perfect_classifier_gate_wins(tmp_path: Path) -> None:
+    truth, probs, classifier = false_positive_case()
+    config = load_config(make_experiment(tmp_path, truth, probs, classifier))
+    output = tune(config)
+    fish = output.result.per_class["Fish"]
+    assert fish.params.gate == "classifier"
+    assert fish.score == 1.0 and fish.no_gate_score == 0.5 and fish.plain_score == 0.5
+    assert fish.fold_scores == (1.0, 1.0, 1.0)
+    assert output.result.per_class["Sugar"].params == PostprocessParams(0.5, 0)
+    _, extra = load_postprocess(output.postprocess_path)
+    assert extra["gates_won"] == {"Fish": "classifier", "Sugar": "none"}
+    assert extra["gate_comparison"]["Fish"] == {
+        "none": 0.5,
+        "classifier": 1.0,
+        "segmentation": 0.5,
+    }
+
+
+def test_min_area_wins_and_a_missing_classifier_is_reported(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fish masks of 12 px are predicted exactly; empty images get a 1 px speck."""
+    truth, probs = {}, {}
+    for i, image_id in enumerate(IMAGE_IDS):
+        fish = block(slice(0, 2), slice(0, 6)) if i % 2 else np.zeros(SIZE, np.uint8)
+        speck = block(slice(3, 4), slice(5, 6))
+        truth[image_id] = np.stack([fish, np.zeros(SIZE, np.uint8)])
+        probs[image_id] = np.stack([fish * 230 if i % 2 else speck * 230, speck * 0])
+    config = load_config(make_experiment(tmp_path, truth, probs))
+    with caplog.at_level("WARNING"):
+        output = tune(config)
+    assert "no classifier out-of-fold probs" in caplog.text
+    assert output.classifier_used is False
+    assert output.result.gates == ("none", "segmentation")
+    fish = output.result.per_class["Fish"]
+    assert fish.params == PostprocessParams(0.5, 3)
+    assert fish.score == 1.0 and fish.plain_score == 0.5
+
+
+def test_an_unfinished_fold_names_the_command_that_makes_it(tmp_path: Path) -> None:
+    truth, probs, _ = random_case()
+    config = load_config(make_experiment(tmp_path, truth, probs, unfinished=(1,)))
+    with pytest.raises(FileNotFoundError, match=r"fold 1 is not finished: .*fold_1 has no") as err:
+        tune(config)
+    assert "python -m pipeline.train --config" in str(err.value)
+    assert "--fold 1" in str(err.value)
+
+
+def test_classifier_probs_for_some_folds_only_are_an_error(tmp_path: Path) -> None:
+    truth, probs, classifier = random_case()
+    config = load_config(
+        make_experiment(tmp_path, truth, probs, classifier, classifier_folds=(0, 2))
+    )
+    with pytest.raises(
+        FileNotFoundError, match=r"exist for folds \[0, 2\] but not for folds \[1\]"
+    ) as err:
+        tune(config)
+    assert "python -m pipeline.train_classifier" in str(err.value)
+
+
+def test_classifier_gate_not_searched_is_not_read(tmp_path: Path) -> None:
+    truth, probs, classifier = random_case()
+    path = make_experiment(
+        tmp_path, truth, probs, classifier, classifier_folds=(0,), gates=["none"]
+    )
+    output = tune(load_config(path))
+    assert output.result.gates == ("none",)
+    assert all(p.gate == "none" for p in output.result.params_by_class().values())
+
+
+def test_bad_classifier_files_are_errors(tmp_path: Path) -> None:
+    truth, probs, classifier = random_case()
+    config = load_config(make_experiment(tmp_path, truth, probs, classifier))
+    path = config.fold_dir(1, "classifier") / CLASSIFIER_OOF
+    frame = pd.read_csv(path)
+    frame.iloc[2, 2] = 1.5
+    frame.to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"row 4 .*must be numbers in \[0, 1\]; got \["):
+        tune(config)
+    frame[CLASSES[::-1]].assign(image_id=frame["image_id"]).to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"must have columns \['image_id', 'Fish', 'Sugar'\]"):
+        tune(config)
+    frame.iloc[2, 2] = 0.5
+    frame.iloc[1:].to_csv(path, index=False)
+    with pytest.raises(ValueError, match=r"validation images of fold 1 .* 1 missing"):
+        tune(config)
+
+
+def test_a_store_with_other_images_is_an_error(tmp_path: Path) -> None:
+    truth, probs, _ = random_case()
+    config = load_config(make_experiment(tmp_path, truth, probs))
+    other = ProbReader(config.fold_dir(1) / "oof")
+    with ProbWriter(config.fold_dir(0) / "oof", CLASSES, overwrite=True) as writer:
+        for image_id in other.image_ids:
+            writer.add(image_id, other.get(image_id).transpose(1, 2, 0))
+    with pytest.raises(ValueError, match="validation images of fold 0 .*another split"):
+        tune(config)
+
+
+def test_a_store_at_another_size_is_an_error(tmp_path: Path) -> None:
+    truth, probs, _ = random_case()
+    path = make_experiment(tmp_path, truth, probs)
+    config = load_config(path, ["data.submission_size=[8, 12]"])
+    with pytest.raises(ValueError, match=r"stored at 4x6; expected 8x12"):
+        tune(config)
+
+
+def test_only_the_classifier_gate_without_classifier_is_an_error(tmp_path: Path) -> None:
+    truth, probs, _ = random_case()
+    config = load_config(make_experiment(tmp_path, truth, probs, gates=["classifier"]))
+    with pytest.raises(ValueError, match="leaves nothing to search"):
+        tune(config)
+
+
+def test_main_prints_the_table_and_returns_2_on_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truth, probs, classifier = false_positive_case()
+    path = make_experiment(tmp_path, truth, probs, classifier)
+    assert main(["--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "classifier@" in out and "overall" in out and "± " in out
+    assert main(["--config", str(path), "--set", "folds.n_splits=4"]) == 2
+
+
+def test_read_ahead_keeps_order_and_raises_producer_errors() -> None:
+    assert list(read_ahead(iter(range(100)), 3)) == list(range(100))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise ValueError("disk on fire")
+
+    with pytest.raises(ValueError, match="disk on fire"):
+        list(read_ahead(failing(), 2))
+    before = threading.active_count()
+    stream = read_ahead(iter(range(1000)), 2)
+    assert next(stream) == 0
+    stream.close()
+    assert threading.active_count() == before
+    with pytest.raises(ValueError, match="depth must be >= 1; got 0"):
+        next(read_ahead(iter([]), 0))
+
+
+def test_tune_does_not_import_tensorflow() -> None:
+    code = (
+        "import sys, pipeline.tune\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "('tensorflow', 'tf_keras', 'keras', 'segmentation_models')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_an_image_missing_from_the_cache_index_is_an_error(tmp_path: Path) -> None:
+    truth, probs, _ = random_case()
+    config = load_config(make_experiment(tmp_path, truth, probs))
+    index = cache_path(config.run_dir / "cache", "train", [16, 24]) / "index.csv"
+    frame = pd.read_csv(index)
+    frame[frame["image_id"] != "img05.jpg"].to_csv(index, index=False)
+    with pytest.raises(ValueError, match="'img05.jpg' of .* has no original size"):
+        tune(config)
