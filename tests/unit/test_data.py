@@ -48,7 +48,7 @@ def test_cache_resizes_once_and_keeps_original_sizes(tmp_path, image_set):
 
 
 def test_cache_names_a_missing_image(tmp_path, image_set):
-    folder, ids, rles = image_set
+    folder, ids, _ = image_set
     with pytest.raises(FileNotFoundError, match="nope"):
         build_cache(tmp_path / "cache", "train", folder, [*ids, "nope"], [32, 64])
     assert not any((tmp_path / "cache").glob("train_32x64"))  # nothing half-built is published

@@ -1,0 +1,258 @@
+"""The presence classifier: image -> one probability per class that its mask is non-empty.
+
+Framework layer. The model is any segmentation-models backbone (or Keras' Xception)
+without its top, behind the same ``ChannelAffine`` input normalisation as the
+segmentation models (so it takes raw 0-255 RGB), then global average pooling, dropout
+and one sigmoid per class. Training samples are whole cached images, augmented; their
+labels come from the unaugmented masks (the mask table), so an augmentation that pushes
+a small mask out of the frame does not change the label.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+
+from pipeline.config import Config
+from pipeline.data import ImageCache
+from pipeline.folds import presence_matrix
+from pipeline.keras_backend import keras, sm, tf
+from pipeline.model import ChannelAffine, preprocessing_affine, set_bn_momentum
+from pipeline.tta import stack_views, valid_views
+
+log = logging.getLogger(__name__)
+
+STAGE = "classifier"
+XCEPTION = "xception"
+# Keras' Xception expects inputs scaled to [-1, 1] (the "tf" mode of preprocess_input).
+XCEPTION_AFFINE = (np.eye(3) / 127.5, np.full(3, -1.0))
+
+
+def classifier_backbones() -> list[str]:
+    """Every valid ``classifier.backbone``: segmentation-models' backbones plus xception."""
+    return [*sm.Backbones.models_names(), XCEPTION]
+
+
+def classifier_fold_dir(config: Config, fold: int) -> Path:
+    """``runs/<experiment>/classifier/fold_<fold>``: one classifier fold's outputs."""
+    return config.fold_dir(fold, STAGE)
+
+
+def presence_labels(
+    table: pd.DataFrame, classes: Sequence[str], image_ids: Sequence[str]
+) -> np.ndarray:
+    """(len(image_ids), C) float32 in {0, 1}: 1 where the image's class mask is non-empty.
+
+    ``table`` is the canonical mask table (``image_id``, ``class_name``, ``rle``; an
+    empty or missing RLE is absent). KeyError names image ids the table lacks.
+    """
+    presence = presence_matrix(table, classes).set_index("image_id")
+    missing = [i for i in image_ids if i not in presence.index]
+    if missing:
+        raise KeyError(f"{len(missing)} image ids have no rows in the mask table: {missing[:5]}")
+    return presence.loc[list(image_ids), list(classes)].to_numpy(dtype=np.float32)
+
+
+def _resolve_weights(weights: str | None) -> tuple[str | None, Path | None]:
+    if weights is None or weights == "imagenet":
+        return weights, None
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"classifier.weights must be 'imagenet', null or an existing weights file; "
+            f"no file at {path}"
+        )
+    return None, path
+
+
+def _build_backbone(backbone: str, shape: tuple[int, int, int], weights: str | None) -> Any:
+    if backbone == XCEPTION:
+        return keras.applications.Xception(include_top=False, weights=weights, input_shape=shape)
+    return sm.Backbones.get_backbone(
+        backbone,
+        input_shape=shape,
+        weights=weights,
+        include_top=False,
+        backend=keras.backend,
+        layers=keras.layers,
+        models=keras.models,
+        utils=keras.utils,
+    )
+
+
+def build_classifier(
+    backbone: str,
+    n_classes: int,
+    image_size: Sequence[int],
+    weights: str | None = None,
+    dropout: float = 0.0,
+    bn_momentum: float | None = None,
+) -> keras.Model:
+    """A presence classifier: (N, H, W, 3) 0-255 RGB -> (N, n_classes) float32 in [0, 1].
+
+    ``image_size`` [H, W] fixes the input shape. ``weights``: ``"imagenet"``, None, or a
+    local weights file of the backbone, loaded by layer name (layers it lacks are
+    skipped). ``bn_momentum`` overrides every BatchNormalization's momentum.
+    """
+    valid = classifier_backbones()
+    if backbone not in valid:
+        raise ValueError(f"classifier.backbone must be one of {valid}; got {backbone!r}")
+    if n_classes < 1:
+        raise ValueError(f"n_classes must be at least 1; got {n_classes}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"classifier.dropout must be in [0, 1); got {dropout}")
+    if len(image_size) != 2 or min(image_size) < 1:
+        raise ValueError(f"classifier.image_size must be [H, W] > 0; got {list(image_size)}")
+    named_weights, local_file = _resolve_weights(weights)
+    shape = (int(image_size[0]), int(image_size[1]), 3)
+    base = _build_backbone(backbone, shape, named_weights)
+    if local_file is not None:
+        base.load_weights(str(local_file), by_name=True, skip_mismatch=True)
+        log.info("classifier backbone weights loaded by layer name from %s", local_file)
+    matrix, offset = XCEPTION_AFFINE if backbone == XCEPTION else preprocessing_affine(backbone)
+    inputs = keras.Input(shape=shape, name="image")
+    x = ChannelAffine(matrix.tolist(), offset.tolist(), name="normalise")(inputs)
+    x = base(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    # float32 output even under mixed precision, for stable probabilities and losses.
+    outputs = keras.layers.Dense(n_classes, activation="sigmoid", dtype="float32", name="presence")(
+        x
+    )
+    model = keras.Model(inputs, outputs, name=f"classifier_{backbone}")
+    if bn_momentum is not None:
+        set_bn_momentum(model, bn_momentum)
+    return model
+
+
+def build_classifier_from_config(config: Config, n_classes: int) -> keras.Model:
+    """The configured classifier (``classifier.*`` and ``model.bn_momentum``).
+
+    Call inside the strategy scope when training.
+    """
+    c = config.classifier
+    return build_classifier(
+        c.backbone,
+        n_classes,
+        c.image_size,
+        weights=c.weights,
+        dropout=c.dropout,
+        bn_momentum=config.model.bn_momentum,
+    )
+
+
+def presence_metrics(n_classes: int) -> list[keras.metrics.Metric]:
+    """Per-class ROC AUC averaged over classes (``auc``) and binary accuracy at 0.5."""
+    return [
+        keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc"),
+        keras.metrics.BinaryAccuracy(threshold=0.5, name="accuracy"),
+    ]
+
+
+class ImageSampler:
+    """Draws one training image: a whole cached image, augmented.
+
+    Deterministic per sample: the augmentation is seeded from (seed, sample counter).
+    """
+
+    def __init__(self, cache: ImageCache, augment: A.Compose | None, seed: int) -> None:
+        self.cache = cache
+        self.augment = augment
+        self.seed = seed
+        self._lock = threading.Lock()
+
+    def __call__(self, index: np.int64, counter: np.int64) -> np.ndarray:
+        image = np.ascontiguousarray(self.cache.images[int(index)])
+        if self.augment is None:
+            return image
+        rng = np.random.default_rng([self.seed, int(counter)])
+        # One pipeline object serves the parallel map; seeding and calling must not interleave.
+        with self._lock:
+            self.augment.set_random_seed(int(rng.integers(2**31)))
+            return self.augment(image=image)["image"]
+
+
+def _check_labels(cache: ImageCache, labels: np.ndarray) -> None:
+    if labels.ndim != 2 or labels.shape[0] != len(cache.image_ids):
+        raise ValueError(
+            f"labels must be (n_cached_images, C) = ({len(cache.image_ids)}, C), one row per "
+            f"cache row; got shape {labels.shape}"
+        )
+
+
+def make_presence_train_dataset(
+    sampler: ImageSampler,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    seed: int,
+    num_parallel_calls: int,
+    prefetch: int,
+) -> tf.data.Dataset:
+    """Endless shuffled batches of (image float32 (B,H,W,3) 0-255, label float32 (B,C)).
+
+    ``indices`` are cache rows to draw from; ``labels`` (n_cached_images, C) has one row
+    per cache row.
+    """
+    _check_labels(sampler.cache, labels)
+    height, width = sampler.cache.images.shape[1:3]
+    table = tf.constant(labels, dtype=tf.float32)
+    order = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
+    order = order.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
+    counters = tf.data.Dataset.counter(dtype=tf.int64)
+
+    def load(index: Any, counter: Any) -> tuple[Any, Any]:
+        image = tf.numpy_function(sampler, [index, counter], tf.uint8)
+        image.set_shape((height, width, 3))
+        return tf.cast(image, tf.float32), tf.gather(table, index)
+
+    ds = tf.data.Dataset.zip((order, counters)).map(
+        load, num_parallel_calls=num_parallel_calls, deterministic=True
+    )
+    return ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+
+
+def make_presence_eval_dataset(
+    cache: ImageCache, indices: np.ndarray, labels: np.ndarray, batch_size: int
+) -> tf.data.Dataset:
+    """Batches of whole cached images (float32 0-255) and labels (B, C), in order, once."""
+    _check_labels(cache, labels)
+    height, width = cache.images.shape[1:3]
+    table = tf.constant(labels, dtype=tf.float32)
+    images = cache.images
+
+    def load(index: np.int64) -> np.ndarray:
+        return np.ascontiguousarray(images[int(index)])
+
+    def load_tf(index: Any) -> tuple[Any, Any]:
+        image = tf.numpy_function(load, [index], tf.uint8)
+        image.set_shape((height, width, 3))
+        return tf.cast(image, tf.float32), tf.gather(table, index)
+
+    ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
+    ds = ds.map(load_tf, num_parallel_calls=2, deterministic=True)
+    return ds.batch(batch_size).prefetch(2)
+
+
+def predict_presence_tta(
+    model: keras.Model, images: np.ndarray, views: Sequence[str]
+) -> np.ndarray:
+    """Presence probabilities of a batch (N, H, W, 3) uint8, mean over TTA views: (N, C) float32.
+
+    All views go through the network in one call. A flip or shift does not change which
+    classes an image contains, so the outputs need no inversion. Square-only views are
+    dropped for non-square inputs.
+    """
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3); got shape {images.shape}")
+    views = valid_views(views, images.shape[1], images.shape[2])
+    stacked = stack_views(images, views).astype(np.float32)
+    preds = np.asarray(model.predict_on_batch(stacked), dtype=np.float32)
+    return preds.reshape(len(views), len(images), -1).mean(axis=0)
