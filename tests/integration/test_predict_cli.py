@@ -1,0 +1,157 @@
+"""The real prediction CLI on a tiny generated set: folds x TTA -> post-processing -> CSV."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from pipeline.config import load_config
+from pipeline.postprocess import PostprocessParams, save_postprocess
+from pipeline.submission import read_submission
+from tests.conftest import REPO, write_tiny_config
+
+pytestmark = pytest.mark.slow
+
+CLASSES = ["Fish", "Flower", "Gravel", "Sugar"]
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_data) -> Path:
+    """A run directory with 2 segmentation folds trained for 1 epoch by the real CLI."""
+    tmp = tmp_path_factory.mktemp("trained")
+    config = write_tiny_config(tmp, tiny_data, train={"epochs": 1})
+    out = run_cli("pipeline.train", "--config", str(config), "--all")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return tmp / "runs" / "tiny"
+
+
+def copy_run(trained_run: Path, tmp_path: Path, tiny_data: Path, **sections: dict) -> Path:
+    """A config of its own over a copy of the trained run, so tests do not share files."""
+    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 1}, **sections)
+    shutil.copytree(trained_run, tmp_path / "runs" / "tiny")
+    return config
+
+
+def test_predict_writes_a_valid_scored_recorded_submission(tmp_path, trained_run, tiny_data):
+    config = copy_run(trained_run, tmp_path, tiny_data)
+    subs = tmp_path / "subs"
+    run_dir = tmp_path / "runs" / "tiny"
+
+    # The error and the untuned path in-process: each CLI run pays for a TensorFlow start.
+    from pipeline.predict import predict
+
+    loaded = load_config(config)
+    with pytest.raises(FileNotFoundError, match=r"postprocess.json not found.*pipeline\.tune"):
+        predict(loaded, None, subs)
+    # No sample (every file in the folder), masks at each image's own size, no truth.
+    own_size = load_config(
+        config,
+        ["data.sample_submission=null", "data.submission_size=null", "data.test_truth=null"],
+    )
+    plain = tmp_path / "plain.csv"
+    untuned = predict(own_size, plain, subs, use_postprocess=False)
+    assert untuned["submission"] == str(plain) and untuned["postprocess"] == "threshold 0.5"
+    assert untuned["test_score"] is None
+    fold_metrics = [json.loads((run_dir / f"fold_{k}/metrics.json").read_text()) for k in (0, 1)]
+    assert untuned["oof_score"] == pytest.approx(
+        sum(m["oof_kaggle_dice_050"] * m["n_val"] for m in fold_metrics) / 18
+    )
+    sample = tiny_data / "sample_submission.csv"
+    check = run_cli("pipeline.submission", "check", str(plain), "--sample", str(sample),
+                    "--images", str(tiny_data / "test_images"))  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert sorted(read_submission(plain)["Image_Label"]) == sorted(
+        read_submission(sample)["Image_Label"]
+    )
+
+    tuned = run_cli("pipeline.tune", "--config", str(config))
+    assert tuned.returncode == 0, tuned.stderr[-3000:]
+    out = run_cli("pipeline.predict", "--config", str(config), "--submissions-dir", str(subs))
+    assert out.returncode == 0, out.stderr[-3000:]
+    written = sorted(subs.glob("tiny_*.csv"))
+    assert len(written) == 1 and f"submission: {written[0]}" in out.stdout
+
+    truth = tiny_data / "test_truth.csv"
+    check = run_cli("pipeline.submission", "check", str(written[0]), "--sample", str(sample),
+                    "--shape", "40x60")  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    score = run_cli("pipeline.submission", "score", str(written[0]), "--truth", str(truth),
+                    "--shape", "40x60")  # fmt: skip
+    assert score.returncode == 0, score.stderr
+    # Every test image and class exactly once, in the sample's order.
+    frame = read_submission(written[0])
+    assert frame["Image_Label"].tolist() == read_submission(sample)["Image_Label"].tolist()
+
+    summary = json.loads((run_dir / "predict.json").read_text())
+    tuned_oof = json.loads((run_dir / "postprocess.json").read_text())["extra"]["scores"]["tuned"]
+    assert summary["oof_score"] == pytest.approx(tuned_oof)
+    assert f"OOF Kaggle Dice: {tuned_oof:.4f}" in out.stdout
+    assert f"test Kaggle Dice: {summary['test_score']:.4f}" in out.stdout
+    assert score.stdout.strip().endswith(f"({summary['n_images']} images)")
+    assert f"kaggle dice overall: {summary['test_score']:.6f}" in score.stdout
+    assert summary["n_images"] == 6 and summary["folds"] == 2
+    assert {"cache", "build_model", "load_weights", "network", "postprocess", "write"} <= set(
+        summary["stage_seconds"]
+    )
+    assert not (run_dir / "predict_tmp").exists()  # the fold merge is cleaned up
+
+    rows = (subs / "README.md").read_text().splitlines()
+    assert rows[-2].startswith(f"| {plain} | tiny | ")  # outside the folder: full path
+    assert rows[-2].endswith(" | - |")  # no truth, no test score
+    assert rows[-1].startswith(f"| {written[0].name} | tiny | {tuned_oof:.4f} | ")
+
+
+def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_data):
+    from pipeline.classifier import build_classifier_from_config, classifier_fold_dir
+    from pipeline.predict import predict
+
+    config_path = copy_run(trained_run, tmp_path, tiny_data, classifier={"image_size": [32, 64]})
+    config = load_config(config_path)
+    classifier = build_classifier_from_config(config, len(CLASSES))
+    for fold in range(2):
+        fold_dir = classifier_fold_dir(config, fold)
+        fold_dir.mkdir(parents=True)
+        classifier.save_weights(str(fold_dir / "best.weights.h5"))
+        (fold_dir / "metrics.json").write_text("{}")
+    # Every pixel on; the sigmoid presence is in (0, 1): gate 0 keeps, gate 1 blanks.
+    on = {"threshold": 0.0, "min_area": 0}
+    params = {
+        "Fish": PostprocessParams(**on, gate="classifier", gate_threshold=0.0),
+        "Flower": PostprocessParams(**on, gate="classifier", gate_threshold=1.0),
+        "Gravel": PostprocessParams(**on),
+        "Sugar": PostprocessParams(**on, gate="classifier", gate_threshold=1.0),
+    }
+    save_postprocess(config.run_dir / "postprocess.json", params, {"scores": {"tuned": 0.5}})
+    result = predict(config, tmp_path / "gated.csv", tmp_path / "subs")
+    assert result["classifier_gate"] == ["Fish", "Flower", "Sugar"]
+    assert "classifier" in result["stage_seconds"]
+    frame = read_submission(tmp_path / "gated.csv")
+    rle = frame.set_index("Image_Label")["EncodedPixels"]
+    full = "1 2400"  # all 40 x 60 pixels
+    for image_id in pd.unique(frame["Image_Label"].str.rsplit("_", n=1).str[0]):
+        assert rle[f"{image_id}_Fish"] == full and rle[f"{image_id}_Gravel"] == full
+        assert rle[f"{image_id}_Flower"] == "" and rle[f"{image_id}_Sugar"] == ""
+
+
+def test_missing_fold_weights_name_the_fold_and_the_command(tmp_path, tiny_data):
+    from pipeline.predict import predict
+
+    config = load_config(write_tiny_config(tmp_path, tiny_data))
+    with pytest.raises(
+        FileNotFoundError, match=r"fold 0 has no weights .*fold_0.*best\.weights\.h5"
+    ):
+        predict(config, tmp_path / "x.csv", tmp_path / "subs", use_postprocess=False)
+    with pytest.raises(FileNotFoundError, match="python -m pipeline.train --config .* --fold 0"):
+        predict(config, tmp_path / "x.csv", tmp_path / "subs", use_postprocess=False)
