@@ -1,0 +1,255 @@
+"""``python -m pipeline.grid``: a seeded grid search, one experiment per setting and seed.
+
+Every combination of the ``--grid key=[a, b]`` values (cartesian product) is trained
+with ``--seeds N`` seeds (``seed + i``), each as its own experiment
+``<experiment>__<key>=<value>__...__seed=<s>``, by ``python -m pipeline.train`` in a
+subprocess (a crash or OOM costs one run, not the grid, and no TensorFlow state leaks
+between runs). Finished folds are skipped, so rerunning the same command trains only
+what is missing. Writes ``runs/<experiment>__grid/``: ``results.csv`` (one row per
+experiment), ``summary.csv`` (one row per setting, best first), ``grid.json`` (the
+command) and ``logs/<experiment>.log`` (each run's output).
+
+Each seed has its own split (and initialisation); every setting of one seed shares
+that split, so settings are compared on identical folds and the comparison of the two
+best is paired by seed. This module never imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pipeline.cli import add_config_arguments, setup_logging
+from pipeline.config import Config, load_config
+from pipeline.experiment import write_json
+from pipeline.lr_schedule import (
+    GridRun,
+    PairedVerdict,
+    compare_top_two,
+    expand_grid,
+    grid_seeds,
+    make_results_table,
+    override,
+    parse_folds,
+    parse_grid_spec,
+    summarise_grid,
+)
+
+log = logging.getLogger(__name__)
+
+GRID_SUFFIX = "__grid"
+RESULTS = "results.csv"
+SUMMARY = "summary.csv"
+METRICS = "metrics.json"  # what pipeline.train writes last: the fold is finished
+SCORE = "oof_kaggle_dice_050"
+
+SPLIT_NOTE = (
+    "each seed has its own split and initialisation; all settings of one seed share that "
+    "split, so settings are compared on identical folds (the top two paired by seed)"
+)
+
+
+@dataclass(frozen=True)
+class GridOutcome:
+    """What a grid run produced."""
+
+    directory: Path
+    results: pd.DataFrame
+    summary: pd.DataFrame
+    verdict: PairedVerdict | None
+    failed: list[str]
+
+
+def grid_dir(config: Config) -> Path:
+    """``<runs_dir>/<experiment>__grid``."""
+    return Path(config.runs_dir) / f"{config.experiment}{GRID_SUFFIX}"
+
+
+def read_fold_scores(config: Config, folds: Sequence[int]) -> dict[int, float]:
+    """``{fold: oof_kaggle_dice_050}`` of the folds of ``folds`` that finished."""
+    scores = {}
+    for fold in folds:
+        path = config.fold_dir(fold) / METRICS
+        if path.is_file():
+            scores[fold] = float(json.loads(path.read_text())[SCORE])
+    return scores
+
+
+def train_commands(
+    config_path: str, overrides: Sequence[str], missing: Sequence[int], n_splits: int
+) -> list[list[str]]:
+    """The ``pipeline.train`` command lines that train the ``missing`` folds."""
+    head = [sys.executable, "-m", "pipeline.train", "--config", config_path]
+    for item in overrides:
+        head += ["--set", item]
+    if len(missing) == n_splits:
+        return [[*head, "--all", "--resume"]]
+    return [[*head, "--fold", str(fold), "--resume"] for fold in missing]
+
+
+def _shared_overrides(config: Config, keys: Sequence[str], directory: Path) -> list[str]:
+    """Overrides every run gets besides its own: one image cache for the whole grid."""
+    if config.data.cache_dir is not None or any(k.startswith("data.") for k in keys):
+        return []
+    # The cache depends on the data and image size only, not on the seed or setting.
+    return [override("data.cache_dir", str(directory / "cache"))]
+
+
+def _train_run(run: GridRun, commands: list[list[str]], log_path: Path, position: str) -> str:
+    """Run the commands of one experiment in turn; return its status."""
+    started = time.monotonic()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    for command in commands:
+        with log_path.open("a") as sink:
+            sink.write(f"$ {' '.join(command)}\n")
+            sink.flush()
+            code = subprocess.call(command, stdout=sink, stderr=subprocess.STDOUT)
+        if code != 0:
+            log.error("%s %s: FAILED (exit %d); see %s", position, run.name, code, log_path)
+            return f"failed (exit {code})"
+    log.info("%s %s: done in %.0fs", position, run.name, time.monotonic() - started)
+    return "done"
+
+
+def run_grid(
+    config_path: str,
+    base_overrides: Sequence[str],
+    specs: Sequence[str],
+    n_seeds: int = 1,
+    folds_text: str | None = None,
+    dry_run: bool = False,
+) -> GridOutcome:
+    """Train every missing fold of every experiment of the grid; write and return tables."""
+    base = load_config(config_path, base_overrides)
+    grid = [parse_grid_spec(spec, base) for spec in specs]
+    keys = [key for key, _ in grid]
+    if any(k.startswith(("folds.", "data.")) for k in keys):
+        log.warning("the grid varies folds.* or data.* keys: settings do not share a split")
+    folds = parse_folds(folds_text, base.folds.n_splits)
+    runs = expand_grid(base.experiment, grid, grid_seeds(base.seed, n_seeds))
+    directory = grid_dir(base)
+    shared = _shared_overrides(base, keys, directory)
+    configs = {run.name: base.with_overrides([*shared, *run.overrides()]) for run in runs}
+    log.info(
+        "grid: %d experiment(s) = %d setting(s) x %d seed(s), folds %s, in %s",
+        len(runs),
+        len(runs) // n_seeds,
+        n_seeds,
+        folds,
+        directory,
+    )
+    if not dry_run:
+        write_json(
+            directory / "grid.json",
+            {
+                "config": config_path,
+                "set": list(base_overrides),
+                "grid": list(specs),
+                "seeds": n_seeds,
+                "folds": folds,
+                "experiments": [run.name for run in runs],
+            },
+        )
+    status: dict[str, str] = {}
+    for i, run in enumerate(runs):
+        position = f"[{i + 1}/{len(runs)}]"
+        config = configs[run.name]
+        missing = [f for f in folds if f not in read_fold_scores(config, folds)]
+        if not missing:
+            log.info("%s %s: already finished (folds %s)", position, run.name, folds)
+            status[run.name] = "already finished"
+            continue
+        commands = train_commands(
+            config_path, [*base_overrides, *shared, *run.overrides()], missing, base.folds.n_splits
+        )
+        if dry_run:
+            log.info("%s %s: would train folds %s", position, run.name, missing)
+            status[run.name] = "planned"
+            continue
+        log_path = directory / "logs" / f"{run.name}.log"
+        log.info("%s %s: training folds %s (log: %s)", position, run.name, missing, log_path)
+        status[run.name] = _train_run(run, commands, log_path, position)
+    scores = {run.name: read_fold_scores(configs[run.name], folds) for run in runs}
+    for run in runs:
+        if status[run.name] == "done" and len(scores[run.name]) < len(folds):
+            status[run.name] = "incomplete"
+    results = make_results_table(runs, scores, folds, status)
+    summary = summarise_grid(results, keys)
+    if not dry_run:
+        _write_csv(results, directory / RESULTS)
+        _write_csv(summary, directory / SUMMARY)
+    failed = [name for name, s in status.items() if s.startswith("failed") or s == "incomplete"]
+    return GridOutcome(directory, results, summary, compare_top_two(results, summary), failed)
+
+
+def _write_csv(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def format_summary(summary: pd.DataFrame) -> str:
+    """The summary table as fixed-width text (scores to 4 decimals)."""
+    shown = summary.drop(columns=[c for c in summary.columns if c != "setting" and "." in c])
+
+    def number(x: Any) -> str:
+        return f"{x:.4f}"
+
+    return shown.to_string(index=False, float_format=number, na_rep="-")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.grid", description=__doc__)
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="KEY=[V1,V2]",
+        help="a config key and the values to try, e.g. 'train.lr=[1e-3,3e-4]' (repeatable; "
+        "the grid is their cartesian product)",
+    )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per setting (seed + i)")
+    parser.add_argument("--folds", default=None, help="folds to train, e.g. 0,1 (default: all)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the experiments; train nothing"
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        outcome = run_grid(
+            args.config, args.overrides, args.grid, args.seeds, args.folds, args.dry_run
+        )
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        log.error("%s", exc)
+        return 2
+    if args.dry_run:
+        print("\n".join(outcome.results["experiment"]))
+        return 0
+    print(f"results: {outcome.directory / RESULTS}")
+    print(f"summary: {outcome.directory / SUMMARY}")
+    print("mean_cv: mean over seeds of each run's mean OOF Kaggle Dice (at 0.5) over its folds")
+    print(format_summary(outcome.summary))
+    if outcome.verdict is not None:
+        print(outcome.verdict.describe())
+    print(f"note: {SPLIT_NOTE}")
+    if outcome.failed:
+        print(f"{len(outcome.failed)} experiment(s) failed or incomplete: {outcome.failed}")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""The grid CLI on the tiny generated set: two experiments, tables, resumability."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO, write_tiny_config
+
+pytestmark = pytest.mark.slow
+
+
+def run_grid(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.grid", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+
+
+def test_grid_module_does_not_import_tensorflow():
+    code = "import sys, pipeline.grid; print('tensorflow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr[-2000:]
+
+
+def test_grid_trains_each_setting_then_skips_finished_runs(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 1})
+    args = ("--config", str(config), "--grid", "train.lr=[0.001,0.003]", "--seeds", "1")
+    out = run_grid(*args, "--folds", "0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    runs = tmp_path / "runs"
+    names = ["tiny__train.lr=0.001__seed=12345", "tiny__train.lr=0.003__seed=12345"]
+    for name in names:
+        assert (runs / name / "fold_0" / "metrics.json").is_file()
+        assert not (runs / name / "fold_1").exists()  # only the requested fold
+    assert (runs / "tiny__grid" / "cache").is_dir()  # one image cache for the grid
+    results = pd.read_csv(runs / "tiny__grid" / "results.csv")
+    assert sorted(results["experiment"]) == names
+    assert results["fold_0"].between(0, 1).all() and (results["cv_mean"] == results["fold_0"]).all()
+    summary = pd.read_csv(runs / "tiny__grid" / "summary.csv")
+    assert len(summary) == 2 and summary["mean_cv"].is_monotonic_decreasing
+    assert "cannot judge" in out.stdout and "identical folds" in out.stdout
+
+    started = time.monotonic()
+    again = run_grid(*args, "--folds", "0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("already finished") == 2
+    assert time.monotonic() - started < 60  # no TensorFlow start, no training
+    rerun = pd.read_csv(runs / "tiny__grid" / "results.csv")
+    assert (rerun["status"] == "already finished").all()
+    assert rerun.drop(columns="status").equals(results.drop(columns="status"))
+
+
+def test_a_failing_run_does_not_stop_the_grid(tmp_path, tiny_data):
+    # 48 is not a multiple of 32: training refuses it, after the config accepted it.
+    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 1})
+    out = run_grid(
+        "--config", str(config), "--grid", "train.crop_size=[[48,48],[32,48]]", "--folds", "0"
+    )
+    assert out.returncode == 1
+    assert out.stderr.count("FAILED (exit 2)") == 2
+    results = pd.read_csv(tmp_path / "runs" / "tiny__grid" / "results.csv")
+    assert results["status"].tolist() == ["failed (exit 2)", "failed (exit 2)"]
+    log = (
+        tmp_path / "runs/tiny__grid/logs/tiny__train.crop_size=48x48__seed=12345.log"
+    ).read_text()
+    assert "divisible by 32" in log
+
+
+def test_grid_errors_exit_2(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data)
+    out = run_grid("--config", str(config), "--grid", "train.lrr=[1,2]")
+    assert out.returncode == 2 and "unknown config key 'train.lrr'" in out.stderr
+    out = run_grid("--config", str(config), "--grid", "train.lr=[0.1]", "--folds", "0,4")
+    assert out.returncode == 2 and "--folds must name folds in [0, 1]" in out.stderr
