@@ -33,6 +33,7 @@ from pipeline.experiment import Experiment, open_experiment, read_json, write_js
 from pipeline.inference import iter_batches, predict_tta
 from pipeline.keras_backend import keras, tf
 from pipeline.losses import get_loss, get_metrics
+from pipeline.lr_schedule import resolve_lr
 from pipeline.masks import resize_probs, truth_masks
 from pipeline.metrics import kaggle_dice
 from pipeline.model import build_segmentation_model, check_input_size, set_encoder_fraction
@@ -177,13 +178,13 @@ def train_fold(
     state = fit_resumable(
         model,
         compile_phase,
-        [config.model.encoder_freeze_epochs],
+        phases,
         train_ds,
         val_ds,
         steps,
         fold_dir,
         fit_settings(t),
-        t.lr,
+        resolve_lr(config),
         resume,
     )
     train_time = time.monotonic() - started

@@ -101,3 +101,16 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
     assert "2 replica(s) x batch 4, 2 accumulated -> 16 images per Adam step" in out.stderr
     history = pd.read_csv(tmp_path / "runs/tiny/fold_0/history.csv")
     assert np.isfinite(history["loss"]).all()
+
+
+def test_progressive_unfreezing_changes_phase_and_lr(tmp_path, tiny_data):
+    schedule = [{"epoch": 1, "fraction": 0.5, "lr": 0.0005}]
+    config = write_tiny_config(
+        tmp_path, tiny_data, model={"unfreeze_schedule": schedule}, train={"lr": 0.002}
+    )
+    out = run_cli("pipeline.train", "--config", str(config), "--fold", "0")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "phase 0 from epoch 1: 0 encoder layers trainable" in out.stderr
+    assert "phase 1 from epoch 2" in out.stderr and "(top 50%), lr 0.0005" in out.stderr
+    history = pd.read_csv(tmp_path / "runs/tiny/fold_0/history.csv")
+    assert history["lr"].round(6).tolist() == [0.002, 0.0005]
