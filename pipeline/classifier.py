@@ -24,7 +24,12 @@ from pipeline.config import Config
 from pipeline.data import ImageCache
 from pipeline.folds import presence_matrix
 from pipeline.keras_backend import keras, sm, tf
-from pipeline.model import ChannelAffine, preprocessing_affine, set_bn_momentum
+from pipeline.model import (
+    ChannelAffine,
+    preprocessing_affine,
+    resolve_encoder_weights,
+    set_bn_momentum,
+)
 from pipeline.tta import stack_views, valid_views
 
 log = logging.getLogger(__name__)
@@ -58,18 +63,6 @@ def presence_labels(
     if missing:
         raise KeyError(f"{len(missing)} image ids have no rows in the mask table: {missing[:5]}")
     return presence.loc[list(image_ids), list(classes)].to_numpy(dtype=np.float32)
-
-
-def _resolve_weights(weights: str | None) -> tuple[str | None, Path | None]:
-    if weights is None or weights == "imagenet":
-        return weights, None
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"classifier.weights must be 'imagenet', null or an existing weights file; "
-            f"no file at {path}"
-        )
-    return None, path
 
 
 def _build_backbone(backbone: str, shape: tuple[int, int, int], weights: str | None) -> Any:
@@ -110,7 +103,7 @@ def build_classifier(
         raise ValueError(f"classifier.dropout must be in [0, 1); got {dropout}")
     if len(image_size) != 2 or min(image_size) < 1:
         raise ValueError(f"classifier.image_size must be [H, W] > 0; got {list(image_size)}")
-    named_weights, local_file = _resolve_weights(weights)
+    named_weights, local_file = resolve_encoder_weights(weights, "classifier.weights")
     shape = (int(image_size[0]), int(image_size[1]), 3)
     base = _build_backbone(backbone, shape, named_weights)
     if local_file is not None:

@@ -95,15 +95,16 @@ def preprocessing_affine(backbone: str) -> tuple[np.ndarray, np.ndarray]:
     return matrix, offset
 
 
-def resolve_encoder_weights(encoder_weights: str | None) -> tuple[str | None, Path | None]:
-    """Split the config value into (weights for segmentation-models, local file or None)."""
+def resolve_encoder_weights(
+    encoder_weights: str | None, key: str = "model.encoder_weights"
+) -> tuple[str | None, Path | None]:
+    """Split the config value ``key`` into (weights for Keras, local file or None)."""
     if encoder_weights is None or encoder_weights == "imagenet":
         return encoder_weights, None
     path = Path(encoder_weights)
     if not path.is_file():
         raise FileNotFoundError(
-            f"model.encoder_weights must be 'imagenet', null or an existing weights file; "
-            f"no file at {path}"
+            f"{key} must be 'imagenet', null or an existing weights file; no file at {path}"
         )
     return None, path
 
