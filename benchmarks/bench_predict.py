@@ -80,7 +80,7 @@ def write_fake_run(config, model) -> None:
     for fold in range(FOLDS):
         fold_dir = config.fold_dir(fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
-        model.save_weights(str(fold_dir / "best.weights.h5"))
+        model.save_weights(str(fold_dir / "best_weights.h5"))
         (fold_dir / "metrics.json").write_text(json.dumps({"fold": fold}))
     # Settings of the shape the recipe tunes: a threshold and a minimum area per class.
     params = {

@@ -40,7 +40,7 @@ XCEPTION = "xception"
 XCEPTION_AFFINE = (np.eye(3) / 127.5, np.full(3, -1.0))
 
 
-def classifier_backbones() -> list[str]:
+def list_classifier_backbones() -> list[str]:
     """Every valid ``classifier.backbone``: segmentation-models' backbones plus xception."""
     return [*sm.Backbones.models_names(), XCEPTION]
 
@@ -94,7 +94,7 @@ def build_classifier(
     local weights file of the backbone, loaded by layer name (layers it lacks are
     skipped). ``bn_momentum`` overrides every BatchNormalization's momentum.
     """
-    valid = classifier_backbones()
+    valid = list_classifier_backbones()
     if backbone not in valid:
         raise ValueError(f"classifier.backbone must be one of {valid}; got {backbone!r}")
     if n_classes < 1:
@@ -141,7 +141,7 @@ def build_classifier_from_config(config: Config, n_classes: int) -> keras.Model:
     )
 
 
-def presence_metrics(n_classes: int) -> list[keras.metrics.Metric]:
+def make_presence_metrics(n_classes: int) -> list[keras.metrics.Metric]:
     """Per-class ROC AUC averaged over classes (``auc``) and binary accuracy at 0.5."""
     return [
         keras.metrics.AUC(multi_label=True, num_labels=n_classes, name="auc"),

@@ -29,6 +29,15 @@ def _as_float32(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Ten
     return tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
 
 
+def _mean(x: tf.Tensor, empty: float = 0.0) -> tf.Tensor:
+    """Mean of every element; ``empty`` (not NaN) for an empty tensor. Under
+    MirroredStrategy a replica gets an empty slice of a final partial batch, and its NaN
+    would poison the loss of the whole batch. Scores use ``empty=1`` (as the pooled
+    score of an empty batch, smooth / smooth), so every loss of an empty batch is 0."""
+    size = tf.cast(tf.size(x), x.dtype)
+    return tf.where(size > 0, tf.math.divide_no_nan(tf.reduce_sum(x), size), empty)
+
+
 def _reduce_axes(per_image: bool) -> list[int]:
     return [1, 2] if per_image else [0, 1, 2]
 
@@ -45,7 +54,7 @@ def soft_jaccard_score(
     axes = _reduce_axes(per_image)
     intersection = tf.reduce_sum(t * p, axis=axes)
     union = tf.reduce_sum(t + p, axis=axes) - intersection
-    return tf.reduce_mean((intersection + smooth) / (union + smooth))
+    return _mean((intersection + smooth) / (union + smooth), empty=1.0)
 
 
 def soft_dice_score(
@@ -60,14 +69,14 @@ def soft_dice_score(
     axes = _reduce_axes(per_image)
     intersection = tf.reduce_sum(t * p, axis=axes)
     total = tf.reduce_sum(t + p, axis=axes)
-    return tf.reduce_mean((2.0 * intersection + smooth) / (total + smooth))
+    return _mean((2.0 * intersection + smooth) / (total + smooth), empty=1.0)
 
 
 def _binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, label_smoothing: float) -> tf.Tensor:
     t, p = _as_float32(y_true, y_pred)
     if label_smoothing:
         t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    return tf.reduce_mean(keras.backend.binary_crossentropy(t, p))
+    return _mean(keras.backend.binary_crossentropy(t, p))
 
 
 def _binary_focal(y_true: tf.Tensor, y_pred: tf.Tensor, gamma: float, alpha: float) -> tf.Tensor:
@@ -77,7 +86,7 @@ def _binary_focal(y_true: tf.Tensor, y_pred: tf.Tensor, gamma: float, alpha: flo
     p = tf.clip_by_value(p, eps, 1.0 - eps)
     positive = -t * alpha * tf.pow(1.0 - p, gamma) * tf.math.log(p)
     negative = -(1.0 - t) * (1.0 - alpha) * tf.pow(p, gamma) * tf.math.log(1.0 - p)
-    return tf.reduce_mean(positive + negative)
+    return _mean(positive + negative)
 
 
 class _OverlapLoss(keras.losses.Loss):

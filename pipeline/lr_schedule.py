@@ -152,14 +152,17 @@ def suggest_lr(
     Returns:
         ``steep_lr``: lr of the most negative slope d(smoothed)/d(log lr), searched from
         ``skip_start`` up to the smoothed minimum (None when it never descends there).
-        ``min_over_10_lr``: lr of the smoothed minimum / 10. ``suggested_lr`` is
-        ``min_over_10_lr``; the steepest point only when the loss was still falling at
-        the end of the range (no minimum to divide), or ``min_over_10_lr`` again when
-        neither exists. Why minimum/10 by default: the moving average lags the raw
-        losses by about ``smoothing / (1 - smoothing)`` batches. Its minimum barely
-        moves (past the minimum the loss rises fast), but its steepest point shifts to
-        higher lr by a fraction of that lag (about half a decade at the defaults, 200
-        steps over 7 decades); a level is also less noisy than a slope.
+        ``min_over_10_lr``: lr of the smoothed minimum / 10. ``suggested_lr`` is the
+        smaller of the two; the steepest point alone when the loss was still falling at
+        the end of the range (no minimum to divide), minimum/10 alone when the loss
+        never descends before its minimum. Why the smaller: both estimate "a high lr at
+        which the loss still falls fast", and each errs high in a known way. The
+        moving average lags the raw losses by about ``smoothing / (1 - smoothing)``
+        batches, which moves its steepest point to higher lrs (about half a decade at
+        smoothing 0.98, 200 steps over 7 decades, on a synthetic curve); minimum/10
+        errs high when the valley is wide and flat (the demo: a valley from 1e-2 to
+        1e-1, minimum/10 = 1e-2 trained worse than 2e-3). Erring low is guarded by
+        ``skip_start``.
     """
     lr = np.asarray(lrs, dtype=np.float64)
     raw = np.asarray(losses, dtype=np.float64)
@@ -188,10 +191,14 @@ def suggest_lr(
     inside = stopped_early or min_index < n - 1 - max(1, n // 20)
     min_over_10 = float(lr[min_index] / 10)
     steep_lr = float(lr[steep_index]) if steep_index is not None else None
-    if not inside and steep_lr is not None:
+    if steep_lr is not None and not inside:
         suggested, rule = steep_lr, f"{RULE_STEEPEST} (no minimum inside the range)"
+    elif steep_lr is not None and steep_lr < min_over_10:
+        suggested, rule = steep_lr, f"{RULE_STEEPEST} (below minimum/10)"
+    elif steep_lr is not None:
+        suggested, rule = min_over_10, f"{RULE_MIN_OVER_10} (below the steepest point)"
     else:
-        suggested, rule = min_over_10, RULE_MIN_OVER_10
+        suggested, rule = min_over_10, f"{RULE_MIN_OVER_10} (no descent before the minimum)"
     return LrSuggestion(
         suggested_lr=suggested,
         rule=rule,

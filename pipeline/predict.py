@@ -1,7 +1,7 @@
 """``python -m pipeline.predict``: folds x TTA -> classifier gate -> post-processing -> CSV.
 
 The test images are cached once at ``data.image_size``. One model is built and given
-each fold's ``best.weights.h5`` in turn; every batch of ``tta.batch_size`` images goes
+each fold's ``best_weights.h5`` in turn; every batch of ``tta.batch_size`` images goes
 through the network once per fold with all its TTA views (``inference.predict_tta``).
 The folds are merged (``tta.merge``) in a memory-mapped fixed-point array under the run
 directory (``FoldAccumulator``), so memory does not grow with the number of images.
@@ -52,7 +52,7 @@ from pipeline.tta import GMEAN_EPS, MERGES
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "best.weights.h5"
+WEIGHTS = "best_weights.h5"
 POSTPROCESS = "postprocess.json"
 PREDICT_JSON = "predict.json"
 WORK_DIR = "predict_tmp"
@@ -204,7 +204,7 @@ def list_test_images(config: Config, exp: Experiment) -> list[str]:
 
 
 def fold_weights(config: Config, stage: str = "") -> list[Path]:
-    """``best.weights.h5`` of every finished fold of a stage ("" segmentation, or
+    """``best_weights.h5`` of every finished fold of a stage ("" segmentation, or
     ``classifier``); FileNotFoundError names the first missing one and its command."""
     command = "python -m pipeline.train_classifier" if stage else "python -m pipeline.train"
     paths = []

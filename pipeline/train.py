@@ -1,6 +1,6 @@
 """``python -m pipeline.train --fold K``: train one segmentation fold (or ``--all``).
 
-Writes ``runs/<experiment>/fold_<K>/``: ``best.weights.h5``, ``history.csv``,
+Writes ``runs/<experiment>/fold_<K>/``: ``best_weights.h5``, ``history.csv``,
 ``curves.png``, ``checkpoint/`` (resume), ``oof/`` (validation probabilities at
 submission size, uint8) and ``metrics.json`` (written last: the fold is finished).
 """

@@ -1,7 +1,7 @@
 """``python -m pipeline.train_classifier --fold K``: train one presence-classifier fold.
 
 Uses the segmentation folds (``folds.csv``) and writes ``runs/<experiment>/classifier/
-fold_<K>/``: ``best.weights.h5``, ``history.csv``, ``curves.png``, ``checkpoint/``
+fold_<K>/``: ``best_weights.h5``, ``history.csv``, ``curves.png``, ``checkpoint/``
 (resume), ``oof_cls.csv`` (each validation image's presence probability per class, with
 the TTA views of ``tta.views``) and ``metrics.json`` (written last: the fold is finished).
 """
@@ -26,10 +26,10 @@ from pipeline.classifier import (
     build_classifier_from_config,
     classifier_fold_dir,
     make_presence_eval_dataset,
+    make_presence_metrics,
     make_presence_train_dataset,
     predict_presence_tta,
     presence_labels,
-    presence_metrics,
 )
 from pipeline.cli import add_config_arguments, config_from_args, parse_fold_arguments, setup_logging
 from pipeline.config import Config
@@ -172,7 +172,7 @@ def train_classifier_fold(
             net.compile(
                 optimizer=make_optimizer(lr, c.accumulation_steps),
                 loss=keras.losses.BinaryCrossentropy(label_smoothing=c.label_smoothing),
-                metrics=presence_metrics(len(exp.classes)),
+                metrics=make_presence_metrics(len(exp.classes)),
             )
 
     state = fit_resumable(

@@ -30,7 +30,9 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
-BEST_WEIGHTS = "best.weights.h5"
+# Keras-2 HDF5 layout (not the ``.weights.h5`` one): the v3 loader hands h5py datasets
+# to ``assign``, which breaks on the BatchNorm statistics of a MirroredStrategy model.
+BEST_WEIGHTS = "best_weights.h5"
 HISTORY = "history.csv"
 CURVES = "curves.png"
 

@@ -123,7 +123,7 @@ def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_da
     for fold in range(2):
         fold_dir = classifier_fold_dir(config, fold)
         fold_dir.mkdir(parents=True)
-        classifier.save_weights(str(fold_dir / "best.weights.h5"))
+        classifier.save_weights(str(fold_dir / "best_weights.h5"))
         (fold_dir / "metrics.json").write_text("{}")
     # Every pixel on; the sigmoid presence is in (0, 1): gate 0 keeps, gate 1 blanks.
     on = {"threshold": 0.0, "min_area": 0}

@@ -37,7 +37,7 @@ def test_two_folds_train_and_write_oof(tmp_path, tiny_data):
         history = pd.read_csv(fold_dir / "history.csv")
         assert history["epoch"].tolist() == [1, 2]
         assert {"loss", "val_dice", "val_kaggle_dice", "lr"} <= set(history.columns)
-        assert (fold_dir / "best.weights.h5").is_file() and (fold_dir / "curves.png").is_file()
+        assert (fold_dir / "best_weights.h5").is_file() and (fold_dir / "curves.png").is_file()
         metrics = json.loads((fold_dir / "metrics.json").read_text())
         assert 0.0 <= metrics["oof_kaggle_dice_050"] <= 1.0
         reader = ProbReader(fold_dir / "oof")

@@ -34,7 +34,7 @@ def test_all_folds_train_and_cover_every_image_once(tmp_path, tiny_data):
     frames = []
     for fold in (0, 1):
         fold_dir = run / "classifier" / f"fold_{fold}"
-        for name in ("best.weights.h5", "history.csv", "curves.png", "checkpoint"):
+        for name in ("best_weights.h5", "history.csv", "curves.png", "checkpoint"):
             assert (fold_dir / name).exists(), name
         history = pd.read_csv(fold_dir / "history.csv")
         assert history["epoch"].tolist() == [1]

@@ -9,8 +9,8 @@ import pytest
 from pipeline.classifier import (
     ImageSampler,
     build_classifier,
-    classifier_backbones,
     classifier_fold_dir,
+    list_classifier_backbones,
     make_presence_eval_dataset,
     make_presence_train_dataset,
     predict_presence_tta,
@@ -71,7 +71,7 @@ def test_xception_builds_with_its_minus_one_to_one_normalisation():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"classifier.backbone must be one of \[.*'xception'\]"):
         build_classifier("resnet19", 2, (32, 32))
-    assert "efficientnetb7" in classifier_backbones()
+    assert "efficientnetb7" in list_classifier_backbones()
     with pytest.raises(ValueError, match="classifier.dropout must be in"):
         build_classifier("resnet18", 2, (32, 32), dropout=1.0)
     with pytest.raises(ValueError, match="n_classes must be at least 1; got 0"):

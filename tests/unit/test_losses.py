@@ -160,6 +160,14 @@ def test_loss_accepts_float16_predictions() -> None:
     assert value16 == pytest.approx(float(loss(truth, prob)), abs=1e-3)
 
 
+@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("per_image", [False, True])
+def test_loss_of_an_empty_batch_is_zero_not_nan(name: str, per_image: bool) -> None:
+    # A replica's share of a final partial batch under MirroredStrategy can be empty.
+    empty = np.zeros((0, 8, 10, 3), np.float32)
+    assert float(losses.get_loss(name, per_image=per_image)(empty, empty)) == 0.0
+
+
 def test_jaccard_per_image_differs_from_batch_pooling() -> None:
     truth = np.zeros((2, 2, 2, 1), np.float32)
     truth[0] = 1.0

@@ -88,7 +88,8 @@ def test_synthetic_curve_stops_after_the_minimum_and_suggests_the_steep_region()
         stop = find_divergence(noisy, 0.98, 4.0)
         assert stop is not None and 1e-2 < lrs[stop] < 0.3  # after the minimum, not at 1.0
         s = suggest_lr(lrs[: stop + 1], noisy[: stop + 1], 0.98, stopped_early=True)
-        assert s.rule == RULE_MIN_OVER_10 and s.suggested_lr == s.min_over_10_lr
+        # Here minimum/10 is the smaller (the steepest smoothed point lags, see below).
+        assert s.rule.startswith(RULE_MIN_OVER_10) and s.suggested_lr == s.min_over_10_lr
         assert steep_region.min() <= s.suggested_lr <= steep_region.max()
         assert 5e-3 < s.min_loss_lr < 3e-2
         # The EMA lags, so the steepest smoothed point sits at or above the true one.
@@ -124,11 +125,23 @@ def test_ema_lag_in_decades():
     assert ema_lag_decades(0.0, 1e-7, 1.0, 200) == 0.0
 
 
+def test_wide_flat_valley_suggests_the_steepest_point_below_minimum_over_10():
+    lrs = exponential_lrs(1e-6, 1.0, 121)  # 20 rows per decade
+    x = np.log10(lrs)
+    # Falls around 1e-3, a wide valley with its (shallow) minimum at 1e-1, rises after.
+    losses = 1 - 0.5 / (1 + np.exp(-(x + 3) / 0.2)) - 0.01 * np.clip(x + 2, 0, 1)
+    losses += 0.5 * np.clip(x + 1, 0, None)
+    s = suggest_lr(lrs, losses, 0.0, stopped_early=True)
+    assert s.min_loss_lr == pytest.approx(0.1) and s.min_over_10_lr == pytest.approx(0.01)
+    assert s.steep_lr == pytest.approx(1e-3) and s.suggested_lr == s.steep_lr
+    assert s.rule == "steepest (below minimum/10)"
+
+
 def test_flat_curve_has_no_steep_point_and_falls_back_to_minimum_over_10():
     lrs = exponential_lrs(1e-5, 1e-1, 20)
     losses = np.r_[0.5, np.full(19, 1.0)]  # minimum at the first row
     s = suggest_lr(lrs, losses, 0.0, stopped_early=True)
-    assert s.steep_lr is None and s.rule == RULE_MIN_OVER_10
+    assert s.steep_lr is None and s.rule.startswith(RULE_MIN_OVER_10)
     assert s.suggested_lr == pytest.approx(1e-6)
 
 
