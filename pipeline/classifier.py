@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 STAGE = "classifier"
 XCEPTION = "xception"
 # Keras' Xception expects inputs scaled to [-1, 1] (the "tf" mode of preprocess_input).
+POOLINGS = ("avg", "max", "avgmax")
 XCEPTION_AFFINE = (np.eye(3) / 127.5, np.full(3, -1.0))
 
 
@@ -87,18 +88,23 @@ def build_classifier(
     weights: str | None = None,
     dropout: float = 0.0,
     bn_momentum: float | None = None,
+    pooling: str = "avg",
 ) -> keras.Model:
     """A presence classifier: (N, H, W, 3) 0-255 RGB -> (N, n_classes) float32 in [0, 1].
 
     ``image_size`` [H, W] fixes the input shape. ``weights``: ``"imagenet"``, None, or a
     local weights file of the backbone, loaded by layer name (layers it lacks are
-    skipped). ``bn_momentum`` overrides every BatchNormalization's momentum.
+    skipped). ``bn_momentum`` overrides every BatchNormalization's momentum. ``pooling``
+    of the last feature map: ``avg``, ``max`` (a small region of a class still fires),
+    or ``avgmax``, both concatenated (the pooling of many top Kaggle classifiers).
     """
     valid = list_classifier_backbones()
     if backbone not in valid:
         raise ValueError(f"classifier.backbone must be one of {valid}; got {backbone!r}")
     if n_classes < 1:
         raise ValueError(f"n_classes must be at least 1; got {n_classes}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"classifier.pooling must be one of {list(POOLINGS)}; got {pooling!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"classifier.dropout must be in [0, 1); got {dropout}")
     if len(image_size) != 2 or min(image_size) < 1:
@@ -113,7 +119,17 @@ def build_classifier(
     inputs = keras.Input(shape=shape, name="image")
     x = ChannelAffine(matrix.tolist(), offset.tolist(), name="normalise")(inputs)
     x = base(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    if pooling == "avg":
+        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    elif pooling == "max":
+        x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+    else:
+        x = keras.layers.Concatenate(name="pool")(
+            [
+                keras.layers.GlobalAveragePooling2D(name="avg_pool")(x),
+                keras.layers.GlobalMaxPooling2D(name="max_pool")(x),
+            ]
+        )
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     # float32 output even under mixed precision, for stable probabilities and losses.
     outputs = keras.layers.Dense(n_classes, activation="sigmoid", dtype="float32", name="presence")(
@@ -138,6 +154,7 @@ def build_classifier_from_config(config: Config, n_classes: int) -> keras.Model:
         weights=c.weights,
         dropout=c.dropout,
         bn_momentum=config.model.bn_momentum,
+        pooling=c.pooling,
     )
 
 

@@ -29,6 +29,7 @@ NULLABLE: frozenset[str] = frozenset(
         "data.max_images",
         "model.encoder_weights",
         "model.bn_momentum",
+        "model.decoder_filters",
         "classifier.weights",
         "train.val_crop",
         "train.steps_per_epoch",
@@ -45,6 +46,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.strategy": ("auto", "one_device", "mirrored", "multi_worker"),
     "tta.merge": ("mean", "gmean", "max"),
     "classifier.monitor_mode": ("min", "max"),
+    "classifier.pooling": ("avg", "max", "avgmax"),
 }
 
 # Float keys that also accept the word "auto".
@@ -60,6 +62,9 @@ SIZE_KEYS: frozenset[str] = frozenset(
         "classifier.image_size",
     }
 )
+
+# Lists of exactly N positive integers (their default is null).
+INT_LIST_KEYS: dict[str, int] = {"model.decoder_filters": 5}
 
 # Keys holding a list of {name: str, params: mapping} transform specs.
 TRANSFORM_LIST_KEYS: frozenset[str] = frozenset({"augment"})
@@ -243,6 +248,8 @@ def _check(value: Any, default: Any, key: str) -> Any:
         return value
     if key in SCHEDULE_KEYS:
         return _check_schedule(value, key)
+    if key in INT_LIST_KEYS:
+        return _check_int_list(value, key, INT_LIST_KEYS[key])
     value = _coerce(value, default, key)
     if key in SIZE_KEYS:
         _check_size(value, key)
@@ -275,6 +282,17 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             raise ConfigError(
                 f"config key {key!r} must be a list of numbers; got {value!r}"
             ) from exc
+    return value
+
+
+def _check_int_list(value: Any, key: str, length: int) -> list[int]:
+    ok = (
+        isinstance(value, list)
+        and len(value) == length
+        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+    )
+    if not ok:
+        raise ConfigError(f"config key {key!r} must be {length} positive integers; got {value!r}")
     return value
 
 

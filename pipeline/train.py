@@ -81,6 +81,7 @@ def build_model(config: Config, n_classes: int, input_size: Sequence[int] | None
         input_size=input_size,
         decoder_block_type=m.decoder_block_type,
         bn_momentum=m.bn_momentum,
+        decoder_filters=m.decoder_filters,
     )
 
 

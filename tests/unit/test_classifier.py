@@ -68,6 +68,14 @@ def test_xception_builds_with_its_minus_one_to_one_normalisation():
     np.testing.assert_allclose(normalise(x).numpy().reshape(3), [-1.0, 0.0, 1.0], atol=1e-6)
 
 
+@pytest.mark.parametrize(("pooling", "width"), [("avg", 1280), ("max", 1280), ("avgmax", 2560)])
+def test_pooling_of_the_last_feature_map(pooling, width):
+    model = build_classifier("mobilenetv2", 3, (64, 64), pooling=pooling)
+    assert model.get_layer("pool").output_shape == (None, width)
+    x = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.float32)
+    assert model.predict_on_batch(x).shape == (2, 3)
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"classifier.backbone must be one of \[.*'xception'\]"):
         build_classifier("resnet19", 2, (32, 32))
@@ -76,6 +84,10 @@ def test_bad_arguments_are_named():
         build_classifier("resnet18", 2, (32, 32), dropout=1.0)
     with pytest.raises(ValueError, match="n_classes must be at least 1; got 0"):
         build_classifier("resnet18", 0, (32, 32))
+    with pytest.raises(
+        ValueError, match=r"classifier.pooling must be one of \['avg', 'max', 'avgmax'\]"
+    ):
+        build_classifier("resnet18", 2, (32, 32), pooling="sum")
 
 
 def test_missing_local_weights_file_is_an_error():

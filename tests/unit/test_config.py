@@ -124,3 +124,20 @@ def test_unfreeze_schedule_is_validated(schedule, message):
 def test_unfreeze_schedule_is_normalised():
     c = load_config(overrides=["model.unfreeze_schedule=[{epoch: 1, fraction: 1, lr: 1e-4}]"])
     assert c.model.unfreeze_schedule == [{"epoch": 1, "fraction": 1.0, "lr": 1e-4}]
+
+
+def test_decoder_filters_are_null_or_five_positive_integers():
+    assert load_config().model.decoder_filters is None
+    c = load_config(overrides=["model.decoder_filters=[128, 64, 32, 16, 8]"])
+    assert c.model.decoder_filters == [128, 64, 32, 16, 8]
+    for bad in ("[128, 64, 32, 16]", "[128, 64, 32, 16, 0]", "[128, 64, 32, 16, 8.5]", "wide"):
+        with pytest.raises(
+            ConfigError, match="'model.decoder_filters' must be 5 positive integers"
+        ):
+            load_config(overrides=[f"model.decoder_filters={bad}"])
+
+
+def test_classifier_pooling_is_a_choice():
+    assert load_config(overrides=["classifier.pooling=avgmax"]).classifier.pooling == "avgmax"
+    with pytest.raises(ConfigError, match=r"'classifier.pooling' must be one of \['avg', 'max'"):
+        load_config(overrides=["classifier.pooling=sum"])

@@ -103,3 +103,17 @@ def test_encoder_freezing_touches_only_the_encoder():
     assert net.get_layer("decoder_stage0a_conv").trainable
     set_encoder_trainable(model, True)
     assert net.get_layer("conv0").trainable
+
+
+def test_decoder_filters_narrow_the_decoder():
+    wide = build_segmentation_model("Unet", "resnet18", 2)
+    narrow = build_segmentation_model("Unet", "resnet18", 2, decoder_filters=[64, 32, 16, 8, 4])
+    assert narrow.count_params() < wide.count_params()
+    x = np.zeros((1, 64, 64, 3), np.float32)
+    assert narrow.predict_on_batch(x).shape == (1, 64, 64, 2)
+    linknet = build_segmentation_model("Linknet", "resnet18", 2, decoder_filters=[8] * 5)
+    assert linknet.predict_on_batch(x).shape == (1, 64, 64, 2)
+    with pytest.raises(ValueError, match="decoder_filters applies to Unet and Linknet only"):
+        build_segmentation_model("FPN", "resnet18", 2, decoder_filters=[8] * 5)
+    with pytest.raises(ValueError, match="must be 5 positive integers"):
+        build_segmentation_model("Unet", "resnet18", 2, decoder_filters=[8] * 4)
