@@ -26,6 +26,7 @@ from pipeline.folds import presence_matrix
 from pipeline.keras_backend import keras, sm, tf
 from pipeline.model import (
     ChannelAffine,
+    encoder_layers,
     preprocessing_affine,
     resolve_encoder_weights,
     set_bn_momentum,
@@ -139,6 +140,37 @@ def build_classifier(
     if bn_momentum is not None:
         set_bn_momentum(model, bn_momentum)
     return model
+
+
+def copy_segmentation_encoder(classifier: keras.Model, segmentation: keras.Model) -> int:
+    """Copy the encoder of a segmentation model into the classifier's backbone.
+
+    Layers are matched by name (segmentation-models builds both from the same backbone
+    function); returns the number of layers copied. A shape mismatch, or no common
+    layer at all (another backbone), is an error.
+    """
+    source = {layer.name: layer for layer in encoder_layers(segmentation)}
+    base = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
+    copied = 0
+    for layer in base.layers:
+        src = source.get(layer.name)
+        if src is None or not layer.weights:
+            continue
+        values = src.get_weights()
+        expected = [tuple(w.shape) for w in layer.weights]
+        if [v.shape for v in values] != expected:
+            raise ValueError(
+                f"encoder layer {layer.name!r}: segmentation weights {[v.shape for v in values]}"
+                f" do not fit the classifier's {expected}"
+            )
+        layer.set_weights(values)
+        copied += 1
+    if copied == 0:
+        raise ValueError(
+            f"no layer of the segmentation encoder ({segmentation.name}) matches the "
+            f"classifier backbone ({base.name}); use the same backbone for both"
+        )
+    return copied
 
 
 def build_classifier_from_config(config: Config, n_classes: int) -> keras.Model:

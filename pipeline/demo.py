@@ -22,7 +22,7 @@ from pipeline.config import Config
 from pipeline.evaluate import evaluate
 from pipeline.predict import predict
 from pipeline.train import train_folds
-from pipeline.train_classifier import train_classifier_folds
+from pipeline.train_classifier import score_all_folds, train_classifier_folds
 from pipeline.tune import format_summary, tune
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
         raise ValueError(f"demo data in {out} could not be made (see the error above)")
     folds = list(range(config.folds.n_splits))
     seg = timed("segmentation", lambda: train_folds(config, folds, resume=True))
-    timed("classifier", lambda: train_classifier_folds(config, folds, resume=True))
+    cls = timed("classifier", lambda: train_classifier_folds(config, folds, resume=True))
+    pooled = score_all_folds(config, folds)
     tuned = timed("tune", lambda: tune(config))
     print(format_summary(tuned))
     submission = timed("predict", lambda: predict(config, submissions_dir=submissions_dir))
@@ -58,6 +59,13 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
     figures = {
         "oof_kaggle_dice_050": round(oof_plain, 4),
         "oof_tuned": round(float(tuned.result.score), 4),
+        # Pooled: every OOF image of every fold in one ranking (stricter than the mean of
+        # the per-fold AUCs, which forgives folds calibrated differently).
+        "classifier_auc_pooled": {k: round(v, 4) for k, v in pooled["oof_auc_per_class"].items()},
+        "classifier_auc_fold_mean": {
+            name: round(sum(r["oof_auc_per_class"][name] for r in cls) / len(cls), 4)
+            for name in pooled["oof_auc_per_class"]
+        },
         "test_score": submission.get("test_score"),
         "submission": str(submission.get("submission")),
         "report": str(config.run_dir / "report" / "report.html"),
@@ -79,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"segmentation OOF Kaggle Dice at threshold 0.5: {figures['oof_kaggle_dice_050']:.4f}")
     print(f"OOF Kaggle Dice after tuned post-processing:  {figures['oof_tuned']:.4f}")
+    for label, key in (
+        ("pooled", "classifier_auc_pooled"),
+        ("fold mean", "classifier_auc_fold_mean"),
+    ):
+        aucs = ", ".join(f"{k} {v:.3f}" for k, v in figures[key].items())
+        print(f"classifier OOF AUC per class ({label}): {aucs}")
     if figures["test_score"] is not None:
         print(f"test Kaggle Dice of the submission:           {figures['test_score']:.4f}")
     print(f"submission: {figures['submission']}")

@@ -25,6 +25,7 @@ from pipeline.classifier import (
     ImageSampler,
     build_classifier_from_config,
     classifier_fold_dir,
+    copy_segmentation_encoder,
     make_presence_eval_dataset,
     make_presence_metrics,
     make_presence_train_dataset,
@@ -40,8 +41,8 @@ from pipeline.inference import iter_batches
 from pipeline.keras_backend import keras
 from pipeline.metrics import presence_confusion
 from pipeline.optim import make_optimizer
-from pipeline.train import _device_name, is_finished, seed_everything
-from pipeline.trainer import FitSettings, fit_resumable
+from pipeline.train import _device_name, build_model, is_finished, seed_everything
+from pipeline.trainer import BEST_WEIGHTS, FitSettings, fit_resumable
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,29 @@ def score_presence(truth: np.ndarray, prob: np.ndarray, classes: Sequence[str]) 
     }
 
 
+def init_from_segmentation(config: Config, model: keras.Model, fold: int, n_classes: int) -> None:
+    """Start the classifier's backbone from the encoder of segmentation fold ``fold``.
+
+    The same fold, so the classifier's validation images stay unseen. A resumed run's
+    checkpoint overrides these weights afterwards.
+    """
+    weights = config.fold_dir(fold) / BEST_WEIGHTS
+    if config.model.backbone != config.classifier.backbone:
+        raise ValueError(
+            f"classifier.init_from_segmentation needs classifier.backbone == model.backbone; "
+            f"got {config.classifier.backbone!r} and {config.model.backbone!r}"
+        )
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"classifier.init_from_segmentation needs {weights}: train segmentation fold "
+            f"{fold} first (python -m pipeline.train --fold {fold})"
+        )
+    segmentation = build_model(config, n_classes)
+    segmentation.load_weights(str(weights))
+    copied = copy_segmentation_encoder(model, segmentation)
+    log.info("classifier backbone: %d encoder layers copied from %s", copied, weights)
+
+
 def _check_fold_start(fold: int, fold_dir: Path, resume: bool, force: bool) -> None:
     if is_finished(fold_dir) and not force:
         raise FileExistsError(
@@ -142,7 +166,7 @@ def train_classifier_fold(
     steps = max(1, len(train_ids) // global_batch)
     log.info(
         "classifier fold %d: %d train / %d val images at %s; %d replica(s) x batch %d, "
-        "%d accumulated; %d steps per epoch; positives per class %s",
+        "%d accumulated; %d steps per epoch; training positives per class %s",
         fold,
         len(train_ids),
         len(val_ids),
@@ -151,7 +175,13 @@ def train_classifier_fold(
         c.batch_size,
         c.accumulation_steps,
         steps,
-        dict(zip(exp.classes, labels.sum(axis=0).astype(int).tolist(), strict=True)),
+        dict(
+            zip(
+                exp.classes,
+                labels[cache.index_of(train_ids)].sum(axis=0).astype(int).tolist(),
+                strict=True,
+            )
+        ),
     )
     sampler = ImageSampler(cache, build_augmentation(config.augment), config.seed)
     train_ds = make_presence_train_dataset(
@@ -166,6 +196,8 @@ def train_classifier_fold(
     val_ds = make_presence_eval_dataset(cache, cache.index_of(val_ids), labels, global_batch)
     with strategy.scope():
         model = build_classifier_from_config(config, len(exp.classes))
+    if c.init_from_segmentation:
+        init_from_segmentation(config, model, fold, len(exp.classes))
 
     def compile_phase(net: keras.Model, phase: int, lr: float) -> None:
         with strategy.scope():

@@ -10,6 +10,7 @@ from pipeline.classifier import (
     ImageSampler,
     build_classifier,
     classifier_fold_dir,
+    copy_segmentation_encoder,
     list_classifier_backbones,
     make_presence_eval_dataset,
     make_presence_train_dataset,
@@ -74,6 +75,23 @@ def test_pooling_of_the_last_feature_map(pooling, width):
     assert model.get_layer("pool").output_shape == (None, width)
     x = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.float32)
     assert model.predict_on_batch(x).shape == (2, 3)
+
+
+def test_segmentation_encoder_is_copied_into_the_classifier_backbone():
+    from pipeline.model import build_segmentation_model, encoder_layers
+
+    segmentation = build_segmentation_model("Unet", "resnet18", 2)
+    classifier = build_classifier("resnet18", 2, (64, 64))
+    copied = copy_segmentation_encoder(classifier, segmentation)
+    source = {layer.name: layer for layer in encoder_layers(segmentation)}
+    base = next(layer for layer in classifier.layers if isinstance(layer, keras.Model))
+    with_weights = [layer for layer in base.layers if layer.weights]
+    assert copied == len(with_weights) > 10
+    for layer in with_weights:
+        for got, want in zip(layer.get_weights(), source[layer.name].get_weights(), strict=True):
+            np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="no layer of the segmentation encoder"):
+        copy_segmentation_encoder(build_classifier("mobilenetv2", 2, (64, 64)), segmentation)
 
 
 def test_bad_arguments_are_named():
@@ -221,3 +239,18 @@ def test_presence_scores_hand_computed():
     assert np.isnan(scores["oof_per_class_050"]["B"]["sensitivity"])
     with pytest.raises(ValueError, match=r"must both be \(N, 2\)"):
         score_presence(truth, prob[:, :1], ["A", "B"])
+
+
+def test_init_from_segmentation_needs_the_same_backbone_and_a_trained_fold(tmp_path):
+    from pipeline.train_classifier import init_from_segmentation
+
+    config = load_config(
+        overrides=[f"runs_dir={tmp_path}", "classifier.init_from_segmentation=true"]
+    )
+    with pytest.raises(ValueError, match="needs classifier.backbone == model.backbone"):
+        init_from_segmentation(config, None, 0, 2)
+    same = load_config(overrides=[f"runs_dir={tmp_path}", "classifier.backbone=efficientnetb2"])
+    with pytest.raises(
+        FileNotFoundError, match=r"fold_1/best_weights.h5: train segmentation fold 1"
+    ):
+        init_from_segmentation(same, None, 1, 2)
