@@ -15,7 +15,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,10 +152,38 @@ def _summary(row: dict[str, float]) -> str:
     return " ".join([*parts, f"lr={row['lr']:.3g}", f"time={row['epoch_time']:.1f}s"])
 
 
+@contextmanager
+def _all_trainable(model: keras.Model) -> Iterator[None]:
+    """Every layer trainable for the duration, then each layer's own flag back.
+
+    The Keras-2 HDF5 layout stores a layer's weights as trainable + non-trainable, so the
+    order depends on what is frozen: a file saved mid-way through progressive
+    unfreezing would not load into a model frozen differently (or into the fully
+    trainable model that prediction builds). Saving and loading all-trainable makes the
+    order canonical. Flags are restored parents first (setting a parent's flag resets
+    its children's).
+    """
+    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    flags = [layer.trainable for layer in layers]
+    model.trainable = True
+    try:
+        yield
+    finally:
+        for layer, flag in zip(layers, flags, strict=True):
+            layer.trainable = flag
+
+
 def _save_weights_atomic(model: keras.Model, path: Path) -> None:
     tmp = path.with_name("tmp." + path.name)
-    model.save_weights(str(tmp))
+    with _all_trainable(model):
+        model.save_weights(str(tmp))
     os.replace(tmp, path)
+
+
+def load_best_weights(model: keras.Model, path: Path) -> None:
+    """Load a file written by the trainer, whatever the model's frozen layers."""
+    with _all_trainable(model):
+        model.load_weights(str(path))
 
 
 def _checkpoint(model: keras.Model) -> tf.train.Checkpoint:
@@ -296,7 +325,7 @@ def fit_resumable(
             _publish_checkpoint(model, out_dir, state)
     if state.get("best_epoch") is None:
         raise RuntimeError(f"no epoch completed in {out_dir}; nothing to load")
-    model.load_weights(str(out_dir / BEST_WEIGHTS))
+    load_best_weights(model, out_dir / BEST_WEIGHTS)
     log.info(
         "best %s=%.4f at epoch %d; weights in %s",
         settings.monitor,

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -120,12 +121,16 @@ def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_da
     config_path = copy_run(trained_run, tmp_path, tiny_data, classifier={"image_size": [32, 64]})
     config = load_config(config_path)
     classifier = build_classifier_from_config(config, len(CLASSES))
+    # A zero head: presence exactly 0.5 whatever the (random) backbone says, where a
+    # random ResNet can saturate the sigmoid to 1.0.
+    head = classifier.get_layer("presence")
+    head.set_weights([np.zeros_like(w) for w in head.get_weights()])
     for fold in range(2):
         fold_dir = classifier_fold_dir(config, fold)
         fold_dir.mkdir(parents=True)
         classifier.save_weights(str(fold_dir / "best_weights.h5"))
         (fold_dir / "metrics.json").write_text("{}")
-    # Every pixel on; the sigmoid presence is in (0, 1): gate 0 keeps, gate 1 blanks.
+    # Every pixel on; presence 0.5: gate 0 keeps, gate 1 blanks.
     on = {"threshold": 0.0, "min_area": 0}
     params = {
         "Fish": PostprocessParams(**on, gate="classifier", gate_threshold=0.0),
@@ -150,7 +155,7 @@ def test_missing_fold_weights_name_the_fold_and_the_command(tmp_path, tiny_data)
 
     config = load_config(write_tiny_config(tmp_path, tiny_data))
     with pytest.raises(
-        FileNotFoundError, match=r"fold 0 has no weights .*fold_0.*best\.weights\.h5"
+        FileNotFoundError, match=r"fold 0 has no weights .*fold_0.*best_weights\.h5"
     ):
         predict(config, tmp_path / "x.csv", tmp_path / "subs", use_postprocess=False)
     with pytest.raises(FileNotFoundError, match="python -m pipeline.train --config .* --fold 0"):
