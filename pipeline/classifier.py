@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 STAGE = "classifier"
 XCEPTION = "xception"
 # Keras' Xception expects inputs scaled to [-1, 1] (the "tf" mode of preprocess_input).
-POOLINGS = ("avg", "max", "avgmax")
 XCEPTION_AFFINE = (np.eye(3) / 127.5, np.full(3, -1.0))
+POOLINGS = ("avg", "max", "avgmax")
 
 
 def list_classifier_backbones() -> list[str]:

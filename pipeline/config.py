@@ -285,24 +285,22 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
     return value
 
 
-def _check_int_list(value: Any, key: str, length: int) -> list[int]:
-    ok = (
+def _is_positive_ints(value: Any, length: int) -> bool:
+    return (
         isinstance(value, list)
         and len(value) == length
         and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
     )
-    if not ok:
+
+
+def _check_int_list(value: Any, key: str, length: int) -> list[int]:
+    if not _is_positive_ints(value, length):
         raise ConfigError(f"config key {key!r} must be {length} positive integers; got {value!r}")
     return value
 
 
 def _check_size(value: Any, key: str) -> None:
-    ok = (
-        isinstance(value, list)
-        and len(value) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-    )
-    if not ok:
+    if not _is_positive_ints(value, 2):
         raise ConfigError(f"config key {key!r} must be [H, W] positive integers; got {value!r}")
 
 

@@ -48,11 +48,12 @@ from pipeline.model import check_input_size
 from pipeline.postprocess import PostprocessParams, load_postprocess
 from pipeline.probstore import QUANTISATION, quantise_prob
 from pipeline.train import METRICS, build_model, read_metrics
+from pipeline.trainer import BEST_WEIGHTS as WEIGHTS
+from pipeline.trainer import load_best_weights
 from pipeline.tta import GMEAN_EPS, MERGES
 
 log = logging.getLogger(__name__)
 
-WEIGHTS = "best_weights.h5"
 POSTPROCESS = "postprocess.json"
 PREDICT_JSON = "predict.json"
 WORK_DIR = "predict_tmp"
@@ -268,7 +269,7 @@ def predict_folds(
     """
     for fold, path in enumerate(weights):
         with clock.stage("load_weights"):
-            model.load_weights(str(path))
+            load_best_weights(model, path)
         started = time.perf_counter()
         for batch in iter_batches(len(images), batch_size):
             start, stop = int(batch[0]), int(batch[-1]) + 1
@@ -302,7 +303,7 @@ def predict_presence(
     total = np.zeros((len(image_ids), n_classes), dtype=np.float64)
     for path in weights:
         with clock.stage("load_weights"):
-            model.load_weights(str(path))
+            load_best_weights(model, path)
         with clock.stage("classifier"):
             for batch in iter_batches(len(image_ids), config.tta.batch_size):
                 images = np.asarray(cache.images[batch[0] : batch[-1] + 1])

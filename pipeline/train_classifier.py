@@ -42,7 +42,7 @@ from pipeline.keras_backend import keras
 from pipeline.metrics import presence_confusion
 from pipeline.optim import make_optimizer
 from pipeline.train import _device_name, build_model, is_finished, seed_everything
-from pipeline.trainer import BEST_WEIGHTS, FitSettings, fit_resumable
+from pipeline.trainer import BEST_WEIGHTS, FitSettings, fit_resumable, load_best_weights
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def init_from_segmentation(config: Config, model: keras.Model, fold: int, n_clas
             f"{fold} first (python -m pipeline.train --fold {fold})"
         )
     segmentation = build_model(config, n_classes)
-    segmentation.load_weights(str(weights))
+    load_best_weights(segmentation, weights)
     copied = copy_segmentation_encoder(model, segmentation)
     log.info("classifier backbone: %d encoder layers copied from %s", copied, weights)
 
