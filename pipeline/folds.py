@@ -54,15 +54,18 @@ def presence_matrix(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame
     if unknown:
         raise ValueError(f"table.class_name must be one of {classes}; got {unknown}")
 
-    image_ids = np.sort(table["image_id"].astype(str).unique())
-    rle = table["rle"].fillna("").astype(str).str.strip()
-    present = table.loc[rle != "", ["image_id", "class_name"]].astype(str)
-    presence = pd.DataFrame(False, index=pd.Index(image_ids, name="image_id"), columns=classes)
-    if len(present):
-        hits = pd.crosstab(present["image_id"], present["class_name"]) > 0
-        presence.loc[hits.index, hits.columns] = hits.to_numpy()
-    presence = presence.astype(bool)
-    presence[NO_MASK_COLUMN] = ~presence.any(axis=1)
+    ids = table["image_id"].astype(str).to_numpy()
+    image_ids = np.unique(ids)
+    rle = table["rle"]
+    text = rle.where(rle.notna(), "").astype(str)
+    # No strip: it would copy every (long) string; isspace stops at the first digit.
+    nonempty = ((text.str.len() > 0) & ~text.str.isspace()).to_numpy(bool)
+    rows = np.searchsorted(image_ids, ids[nonempty])
+    cols = pd.Index(classes).get_indexer(table["class_name"].astype(str).to_numpy()[nonempty])
+    matrix = np.zeros((len(image_ids), len(classes)), dtype=bool)
+    matrix[rows, cols] = True
+    presence = pd.DataFrame(matrix, index=pd.Index(image_ids, name="image_id"), columns=classes)
+    presence[NO_MASK_COLUMN] = ~matrix.any(axis=1)
     return presence.reset_index()
 
 

@@ -69,6 +69,19 @@ def _histogram(codes: np.ndarray, n_bins: int) -> np.ndarray:
     return np.bincount(codes.ravel(), minlength=n_bins)
 
 
+def class_histograms(q: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """(C, 2, 256) int64 level counts of each class map: outside the truth, then inside.
+
+    ``q`` (C, H, W) uint8 quantised probs, ``truth`` (C, H, W) uint8 {0, 1} (not
+    checked here). One histogram for all classes: code = class * 512 + truth * 256 + level.
+    """
+    c = q.shape[0]
+    codes = np.left_shift(truth, 8, dtype=np.uint16)
+    codes |= q
+    codes += (np.arange(c, dtype=np.uint16) * 2 * _LEVELS)[:, None, None]
+    return _histogram(codes, c * 2 * _LEVELS).reshape(c, 2, _LEVELS)
+
+
 def dice_from_counts(
     pred_area: np.ndarray, inter: np.ndarray, truth_area: np.ndarray
 ) -> np.ndarray:
@@ -299,7 +312,6 @@ class GridAccumulator:
         self._plain = np.zeros((c, n_folds))
         self._counts = np.zeros(n_folds, dtype=np.int64)
         self._seen: set[str] = set()
-        self._class_offsets = (np.arange(c, dtype=np.uint16) * 2 * _LEVELS)[:, None, None]
 
     def add(
         self,
@@ -330,79 +342,128 @@ class GridAccumulator:
         elif truth.dtype != np.uint8 or (truth.size and truth.max() > 1):
             raise ValueError(f"truth of {image_id!r} must be uint8 in {{0, 1}} or bool")
 
-        # One histogram for all classes: code = class * 512 + truth * 256 + level.
-        codes = np.left_shift(truth, 8, dtype=np.uint16)
-        codes |= q
-        codes += self._class_offsets
-        hist = _histogram(codes, c * 2 * _LEVELS).reshape(c, 2, _LEVELS)
-        hist_all = hist[:, 0] + hist[:, 1]
-        scores = self._gate_scores(image_id, hist_all, q.shape[1] * q.shape[2], classifier_prob)
-        # above[:, l] = number of pixels with level >= l, for l in 0..256.
-        above_all = np.zeros((c, _LEVELS + 1), dtype=np.int64)
-        above_pos = np.zeros((c, _LEVELS + 1), dtype=np.int64)
-        above_all[:, :-1] = np.cumsum(hist_all[:, ::-1], axis=1)[:, ::-1]
-        above_pos[:, :-1] = np.cumsum(hist[:, 1, ::-1], axis=1)[:, ::-1]
-        truth_area = above_pos[:, :1]
+        hist = class_histograms(q, truth)
+        prob = None if classifier_prob is None else np.asarray(classifier_prob)[None]
+        self.add_histograms([image_id], [fold], hist[None], q.shape[1] * q.shape[2], prob)
 
-        pred = above_all[:, self._levels]
-        inter = above_pos[:, self._levels]
-        keep = pred[:, :, None] >= self.min_areas
-        base = dice_from_counts(
-            np.where(keep, pred[:, :, None], 0),
-            np.where(keep, inter[:, :, None], 0),
-            truth_area[:, :, None],
-        )
-        self._base[:, fold] += base
-        if self.kinds:
-            empty = (truth_area[:, 0] == 0).astype(np.float64)
-            passes = scores[:, :, None] >= self.gate_thresholds
-            self._gated[:, :, fold] += np.where(
-                passes[:, :, None, None, :], base[None, ..., None], empty[None, :, None, None, None]
+    def add_histograms(
+        self,
+        image_ids: Sequence[str],
+        folds: Sequence[int] | np.ndarray,
+        hists: np.ndarray,
+        n_pixels: int | Sequence[int] | np.ndarray,
+        classifier_probs: np.ndarray | None = None,
+    ) -> None:
+        """Score a batch of N images at every grid point from their level counts.
+
+        ``hists`` (N, C, 2, 256) int: ``class_histograms`` of each image (all pixels
+        not in the truth, then truth pixels); ``n_pixels`` each image's H * W (one int
+        for all, or N); ``classifier_probs`` (N, C) in [0, 1], needed iff the
+        classifier gate is searched. The same sums as adding the images one by one,
+        vectorised over the batch.
+        """
+        c = len(self.classes)
+        n = len(image_ids)
+        folds = np.asarray(folds, dtype=np.int64).reshape(-1)
+        hists = np.asarray(hists)
+        if hists.shape != (n, c, 2, _LEVELS) or folds.shape != (n,):
+            raise ValueError(
+                f"hists must be ({n}, {c}, 2, {_LEVELS}) and folds ({n},) for {n} image ids; "
+                f"got {hists.shape} and {folds.shape}"
             )
-        plain = dice_from_counts(
-            above_all[:, self._plain_level], above_pos[:, self._plain_level], truth_area[:, 0]
+        bad = np.flatnonzero((folds < 0) | (folds >= self.n_folds))
+        if bad.size:
+            raise ValueError(
+                f"fold of {image_ids[bad[0]]!r} must be in [0, {self.n_folds - 1}]; "
+                f"got {folds[bad[0]]}"
+            )
+        repeated = [i for i in image_ids if i in self._seen]
+        if repeated or len(set(image_ids)) != n:
+            first = (
+                repeated[0] if repeated else next(i for i in image_ids if image_ids.count(i) > 1)
+            )
+            raise ValueError(f"image_id {first!r} was already added")
+        pixels = np.broadcast_to(np.asarray(n_pixels, dtype=np.int64), (n,))
+        hist_all = hists[:, :, 0] + hists[:, :, 1]
+        scores = self._gate_scores(image_ids, hist_all, pixels, classifier_probs)
+        # above[..., l] = number of pixels with level >= l, for l in 0..256.
+        above_all = np.zeros((n, c, _LEVELS + 1), dtype=np.int64)
+        above_pos = np.zeros((n, c, _LEVELS + 1), dtype=np.int64)
+        above_all[..., :-1] = np.cumsum(hist_all[..., ::-1], axis=-1)[..., ::-1]
+        above_pos[..., :-1] = np.cumsum(hists[:, :, 1, ::-1], axis=-1)[..., ::-1]
+        truth_area = above_pos[..., :1]
+
+        pred = above_all[..., self._levels]
+        inter = above_pos[..., self._levels]
+        keep = pred[..., None] >= self.min_areas
+        base = dice_from_counts(  # (N, C, T, A)
+            np.where(keep, pred[..., None], 0),
+            np.where(keep, inter[..., None], 0),
+            truth_area[..., None],
         )
-        self._plain[:, fold] += plain
-        self._counts[fold] += 1
-        self._seen.add(image_id)
+        plain = dice_from_counts(  # (N, C)
+            above_all[..., self._plain_level], above_pos[..., self._plain_level], truth_area[..., 0]
+        )
+        empty = (truth_area[..., 0] == 0).astype(np.float64)  # (N, C)
+        for fold in np.unique(folds).tolist():
+            rows = folds == fold
+            fold_base = base[rows]
+            self._base[:, fold] += fold_base.sum(axis=0)
+            self._plain[:, fold] += plain[rows].sum(axis=0)
+            self._counts[fold] += int(rows.sum())
+            if self.kinds:
+                # A gate that passes keeps the Dice, one that fails scores the empty
+                # prediction: sum_n pass * base + sum_n (1 - pass) * empty.
+                passes = (scores[:, rows, :, None] >= self.gate_thresholds).astype(np.float64)
+                kept = np.einsum("kncg,ncta->kctag", passes, fold_base)
+                failed = np.einsum("kncg,nc->kcg", 1.0 - passes, empty[rows])
+                self._gated[:, :, fold] += kept + failed[:, :, None, None, :]
+        self._seen.update(image_ids)
 
     def _gate_scores(
         self,
-        image_id: str,
+        image_ids: Sequence[str],
         hist_all: np.ndarray,
-        n_pixels: int,
-        classifier_prob: np.ndarray | None,
+        n_pixels: np.ndarray,
+        classifier_probs: np.ndarray | None,
     ) -> np.ndarray:
-        """(kinds, C) float64 gate scores of one image, from its (C, 256) level counts."""
-        c = len(self.classes)
-        scores = np.zeros((len(self.kinds), c))
+        """(kinds, N, C) float64 gate scores of N images, from their (N, C, 256) counts."""
+        n, c = hist_all.shape[:2]
+        scores = np.zeros((len(self.kinds), n, c))
         wants_classifier = "classifier" in self.kinds
-        if wants_classifier != (classifier_prob is not None):
+        if wants_classifier != (classifier_probs is not None):
             raise ValueError(
-                f"classifier_prob of {image_id!r} must be given iff gates include 'classifier' "
-                f"(gates {list(self.gates)}); got {classifier_prob!r}"
+                f"classifier_prob of {image_ids[0]!r} must be given iff gates include "
+                f"'classifier' (gates {list(self.gates)}); got {classifier_probs!r}"
             )
-        if classifier_prob is not None:
-            prob = np.asarray(classifier_prob, dtype=np.float64)
-            if prob.shape != (c,) or not ((prob >= 0) & (prob <= 1)).all():
+        if classifier_probs is not None:
+            prob = np.asarray(classifier_probs, dtype=np.float64)
+            if prob.shape != (n, c):
                 raise ValueError(
-                    f"classifier_prob of {image_id!r} must be ({c},) in [0, 1]; got {prob!r}"
+                    f"classifier_prob of {image_ids[0]!r} must be ({c},) in [0, 1] per image; "
+                    f"got shape {prob.shape[1:]}"
+                )
+            bad = np.flatnonzero(~((prob >= 0) & (prob <= 1)).all(axis=1))
+            if bad.size:
+                raise ValueError(
+                    f"classifier_prob of {image_ids[bad[0]]!r} must be ({c},) in [0, 1]; "
+                    f"got {prob[bad[0]]!r}"
                 )
             scores[self.kinds.index("classifier")] = prob
         if "segmentation" in self.kinds:
             scores[self.kinds.index("segmentation")] = self._topk_means(hist_all, n_pixels)
         return scores
 
-    def _topk_means(self, hist_all: np.ndarray, n_pixels: int) -> np.ndarray:
-        """(C,) ``postprocess.segmentation_score`` of each class map, from (C, 256) counts.
+    def _topk_means(self, hist_all: np.ndarray, n_pixels: np.ndarray) -> np.ndarray:
+        """(N, C) ``postprocess.segmentation_score`` of each class map, from (N, C, 256) counts.
 
         Same exact integer sum of the k largest levels, divided the same way.
         """
-        k = topk_count(n_pixels, self.topk_fraction)
-        desc = hist_all[:, ::-1]
-        before = np.cumsum(desc, axis=1) - desc
-        take = np.clip(k - before, 0, desc)
-        total = (take * _LEVELS_DESC).sum(axis=1)
+        k = np.array([topk_count(int(p), self.topk_fraction) for p in n_pixels])[:, None]
+        desc = hist_all[..., ::-1]
+        before = np.cumsum(desc, axis=-1) - desc
+        take = np.clip(k[..., None] - before, 0, desc)
+        total = (take * _LEVELS_DESC).sum(axis=-1)
         return total / (k * float(QUANTISATION))
 
     def result(self) -> TuneResult:

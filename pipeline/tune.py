@@ -25,7 +25,9 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -42,10 +44,13 @@ from pipeline.images import cache_path, read_original_sizes
 from pipeline.postprocess import save_postprocess
 from pipeline.probstore import ProbReader
 from pipeline.rle import decode
-from pipeline.threshold_search import GridAccumulator, TuneResult
+from pipeline.threshold_search import GridAccumulator, TuneResult, class_histograms
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")
+Result = TypeVar("Result")
+# (image_id, fold, (C, 2, 256) level counts, pixels per class map)
+_Scored = tuple[str, int, np.ndarray, int]
 
 # The names pipeline.train and pipeline.train_classifier write under; repeated here
 # because importing those modules would import TensorFlow.
@@ -56,6 +61,9 @@ CLASSIFIER_OOF = "oof_cls.csv"
 # Images read and decoded ahead of the scoring (a Clouds image and its truth: 1.5 MB);
 # the store's 64 MB read chunks bound the rest.
 READ_AHEAD_IMAGES = 32
+# Threads computing per-image histograms, and images summed into the grid at a time.
+MAX_WORKERS = 4
+SCORE_BATCH = 64
 POSTPROCESS_FILE = "postprocess.json"
 TABLE_FILE = "postprocess_table.csv"
 GRID_FILE = "postprocess_grid.csv"
@@ -159,16 +167,15 @@ def _check_fold_ids(ids: Sequence[str], exp: Experiment, fold: int, source: str)
         )
 
 
-def iter_oof_truth(
+def iter_oof(
     config: Config,
     readers: Sequence[ProbReader],
-    rles: Mapping[str, Sequence[str]],
     original_sizes: Mapping[str, tuple[int, int]],
-) -> Iterator[tuple[str, int, np.ndarray, np.ndarray]]:
-    """Stream ``(image_id, fold, q, truth)`` over every fold's store, read sequentially.
+) -> Iterator[tuple[str, int, np.ndarray, tuple[int, int]]]:
+    """Stream ``(image_id, fold, q, original size)`` over every fold's store, sequentially.
 
-    ``q`` is uint8 (C, H, W) as stored; ``truth`` uint8 (C, H, W) {0, 1} at the same
-    (H, W), decoded from the image's RLEs at its original size and resized (nearest).
+    ``q`` is uint8 (C, H, W) as stored, checked to be at the submission size (or the
+    image's own size when there is none).
     """
     size = config.data.submission_size
     for fold, reader in enumerate(readers):
@@ -186,7 +193,31 @@ def iter_oof_truth(
                     f"{q.shape[1]}x{q.shape[2]}; expected {target[0]}x{target[1]} "
                     f"(data.submission_size {size}): was the fold predicted with another config?"
                 )
-            yield image_id, fold, q, decode_truth(rles[image_id], original, target)
+            yield image_id, fold, q, original
+
+
+def map_ahead(
+    function: Callable[[Item], Result], items: Iterable[Item], workers: int, depth: int
+) -> Iterator[Result]:
+    """``map(function, items)`` in order, on ``workers`` threads, at most ``depth`` ahead.
+
+    For work that releases the GIL (numpy, OpenCV). Memory is bounded by ``depth``
+    items in flight; an exception is raised at its item's place in the order.
+    """
+    if workers < 1 or depth < 1:
+        raise ValueError(f"workers and depth must be >= 1; got {workers} and {depth}")
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="map_ahead") as pool:
+        pending: deque[Future[Result]] = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= depth:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 def read_ahead(items: Iterable[Item], depth: int) -> Iterator[Item]:
@@ -362,13 +393,41 @@ def search_postprocess(
     lookup = classifier_probs if "classifier" in gates else None
     original_sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
     rles = exp.rles()
-    # Reading and truth decoding run in a second thread, ahead of the scoring: disk
-    # reads and most of the array work release the GIL, so they overlap.
-    stream = iter_oof_truth(config, readers, rles, original_sizes)
-    for image_id, fold, q, truth in read_ahead(stream, READ_AHEAD_IMAGES):
-        clf = lookup[image_id] if lookup is not None else None
-        accumulator.add(image_id, fold, q, truth, clf)
+
+    def histograms(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> _Scored:
+        image_id, fold, q, original = item
+        truth = decode_truth(rles[image_id], original, q.shape[1:])
+        return image_id, fold, class_histograms(q, truth), q.shape[1] * q.shape[2]
+
+    # Reading runs in one thread ahead; truth decoding and the per-pixel histograms in
+    # a pool (numpy and OpenCV release the GIL); the grid sums here, a batch at a time.
+    stream = read_ahead(iter_oof(config, readers, original_sizes), READ_AHEAD_IMAGES)
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    batch: list[_Scored] = []
+    for scored in map_ahead(histograms, stream, workers, READ_AHEAD_IMAGES):
+        batch.append(scored)
+        if len(batch) == SCORE_BATCH:
+            _add_batch(accumulator, batch, lookup)
+            batch = []
+    _add_batch(accumulator, batch, lookup)
     return accumulator.result()
+
+
+def _add_batch(
+    accumulator: GridAccumulator,
+    batch: Sequence[_Scored],
+    classifier_probs: Mapping[str, np.ndarray] | None,
+) -> None:
+    if not batch:
+        return
+    ids = [image_id for image_id, *_ in batch]
+    accumulator.add_histograms(
+        ids,
+        [fold for _, fold, _, _ in batch],
+        np.stack([hist for _, _, hist, _ in batch]),
+        [n_pixels for *_, n_pixels in batch],
+        None if classifier_probs is None else np.stack([classifier_probs[i] for i in ids]),
+    )
 
 
 def compare_gates(result: TuneResult) -> dict[str, dict[str, float]]:

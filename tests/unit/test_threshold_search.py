@@ -229,3 +229,37 @@ def test_errors() -> None:
     with pytest.raises(ValueError, match="image_id 'x' was already added"):
         acc.add("x", 1, q, q, clf)
     assert acc.result().fold_counts == (1, 0)
+
+
+def test_batched_histograms_equal_image_by_image() -> None:
+    from pipeline.threshold_search import class_histograms
+
+    items = _oof(seed=4, n=17)  # two image sizes, every fold, within each batch
+    one_by_one = _accumulate(items).result()
+    batched = GridAccumulator(CLASSES, THRESHOLDS, MIN_AREAS, GATE_THRESHOLDS, N_FOLDS, TOPK)
+    for start in range(0, len(items), 7):
+        batch = items[start : start + 7]
+        batched.add_histograms(
+            [image_id for image_id, *_ in batch],
+            [fold for _, fold, *_ in batch],
+            np.stack([class_histograms(q, truth) for _, _, q, truth, _ in batch]),
+            [q.shape[1] * q.shape[2] for _, _, q, _, _ in batch],
+            np.stack([clf for *_, clf in batch]),
+        )
+    result = batched.result()
+    assert result.fold_counts == one_by_one.fold_counts
+    np.testing.assert_allclose(result.no_gate_table, one_by_one.no_gate_table, atol=1e-12)
+    for kind, table in one_by_one.gate_tables.items():
+        np.testing.assert_allclose(result.gate_tables[kind], table, atol=1e-12)
+    assert result.params_by_class() == one_by_one.params_by_class()
+
+    q = items[0][2]
+    hist = class_histograms(q, items[0][3])[None]
+    with pytest.raises(ValueError, match="already added"):
+        batched.add_histograms([items[0][0]], [0], hist, q[0].size, items[0][4][None])
+    with pytest.raises(ValueError, match=r"hists must be \(2, 3, 2, 256\)"):
+        batched.add_histograms(["n1", "n2"], [0, 1], hist, q[0].size, items[0][4][None])
+    with pytest.raises(ValueError, match="fold of 'n1' must be in"):
+        batched.add_histograms(["n1"], [3], hist, q[0].size, items[0][4][None])
+    with pytest.raises(ValueError, match="'n1' was already added"):
+        batched.add_histograms(["n1", "n1"], [0, 0], np.repeat(hist, 2, 0), q[0].size)

@@ -27,6 +27,7 @@ from pipeline.tune import (
     TABLE_FILE,
     decode_truth,
     main,
+    map_ahead,
     read_ahead,
     tune,
 )
@@ -401,3 +402,87 @@ def test_an_image_missing_from_the_cache_index_is_an_error(tmp_path: Path) -> No
     frame[frame["image_id"] != "img05.jpg"].to_csv(index, index=False)
     with pytest.raises(ValueError, match="'img05.jpg' of .* has no original size"):
         tune(config)
+
+
+def test_map_ahead_keeps_order_bounds_work_in_flight_and_raises_in_place() -> None:
+    def slow_square(x: int) -> int:
+        return x * x
+
+    assert list(map_ahead(slow_square, iter(range(200)), 3, 5)) == [x * x for x in range(200)]
+    pulled: list[int] = []
+
+    def source() -> Iterator[int]:
+        for x in range(1000):
+            pulled.append(x)
+            yield x
+
+    stream = map_ahead(slow_square, source(), 2, 4)
+    assert [next(stream) for _ in range(3)] == [0, 1, 4]
+    assert len(pulled) <= 3 + 4  # never more than `depth` items ahead of the consumer
+    stream.close()
+
+    def fails_at_7(x: int) -> int:
+        if x == 7:
+            raise ValueError("bad item 7")
+        return x
+
+    seen = []
+    with pytest.raises(ValueError, match="bad item 7"):
+        for x in map_ahead(fails_at_7, iter(range(20)), 2, 3):
+            seen.append(x)
+    assert seen == list(range(7))
+    with pytest.raises(ValueError, match="workers and depth must be >= 1"):
+        next(map_ahead(slow_square, iter([]), 0, 1))
+
+
+def test_mask_table_cache_is_reused_and_follows_the_csv(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline import experiment
+
+    truth, probs, classifier = false_positive_case()
+    config = load_config(make_experiment(tmp_path, truth, probs, classifier))
+    caches = list((tmp_path / "runs" / "handmade" / "cache" / "masks").glob("*.pkl"))
+    assert len(caches) == 1  # written by the first open
+    reads: list[Path] = []
+    real_read = experiment.read_masks
+
+    def counting_read(path: Path, **kwargs: object) -> object:
+        reads.append(Path(path))
+        return real_read(path, **kwargs)
+
+    monkeypatch.setattr(experiment, "read_masks", counting_read)
+    first = open_experiment(config)
+    assert reads == []  # served from the cache
+    pd.testing.assert_frame_equal(first.table, real_read(config.data.train_csv).table)
+
+    # An edited CSV (new size and time) is read and validated again.
+    csv = Path(config.data.train_csv)
+    frame = pd.read_csv(csv, keep_default_na=False)
+    frame.loc[0, "EncodedPixels"] = "1 2"
+    frame.to_csv(csv, index=False)
+    edited = open_experiment(config)
+    assert len(reads) == 1
+    assert edited.table["rle"].iloc[0] == "1 2"
+    assert len(list(caches[0].parent.glob("*.pkl"))) == 1  # the stale table was removed
+
+    # A malformed RLE is still caught after a cached read, naming the row.
+    frame.loc[1, "EncodedPixels"] = "5 1 2 1"
+    frame.to_csv(csv, index=False)
+    with pytest.raises(ValueError, match="row 3"):
+        open_experiment(config)
+
+    # A damaged cache file is ignored and rewritten.
+    frame.loc[1, "EncodedPixels"] = ""
+    frame.to_csv(csv, index=False)
+    open_experiment(config)
+    (cache,) = caches[0].parent.glob("*.pkl")
+    cache.write_bytes(b"not a pickle")
+    reads.clear()
+    assert open_experiment(config).table.equals(edited.table.assign(rle=frame_rles(frame)))
+    assert len(reads) == 1
+
+
+def frame_rles(frame: pd.DataFrame) -> list[str]:
+    """The EncodedPixels column in the canonical table's order (image, then class)."""
+    return frame["EncodedPixels"].tolist()
