@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from collections.abc import Sequence
 
 from pipeline.config import DEFAULT_CONFIG, Config, load_config
@@ -53,3 +55,21 @@ def parse_fold_arguments(
         "--force", action="store_true", help="retrain a fold even if it already finished"
     )
     return parser.parse_args(argv)
+
+
+# Set by pipeline.fold_jobs in the environment of the fold processes it starts.
+JOB_ENV = "FOLDSEG_JOB"
+
+
+def exit_process(code: int) -> None:
+    """``sys.exit(code)``; a fold job (``FOLDSEG_JOB`` set) skips interpreter teardown.
+
+    Tearing down TensorFlow took 4-24 s after a fold had finished, time a waiting fold
+    could use. Every output is written and closed by then; logs and streams are flushed.
+    """
+    if os.environ.get(JOB_ENV):
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -66,6 +66,9 @@ SIZE_KEYS: frozenset[str] = frozenset(
 # Lists of exactly N positive integers (their default is null).
 INT_LIST_KEYS: dict[str, int] = {"model.decoder_filters": 5}
 
+# Integer keys that must be at least 1.
+POSITIVE_INT_KEYS: frozenset[str] = frozenset({"train.parallel_folds"})
+
 # Keys holding a list of {name: str, params: mapping} transform specs.
 TRANSFORM_LIST_KEYS: frozenset[str] = frozenset({"augment"})
 
@@ -255,6 +258,8 @@ def _check(value: Any, default: Any, key: str) -> Any:
         _check_size(value, key)
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}; got {value!r}")
+    if key in POSITIVE_INT_KEYS and value < 1:
+        raise ConfigError(f"config key {key!r} must be an integer >= 1; got {value!r}")
     return value
 
 

@@ -20,9 +20,10 @@ from pipeline import make_demo_data
 from pipeline.cli import add_config_arguments, config_from_args, setup_logging
 from pipeline.config import Config
 from pipeline.evaluate import evaluate
+from pipeline.fold_jobs import FoldJob
 from pipeline.predict import predict
-from pipeline.train import train_folds
-from pipeline.train_classifier import score_all_folds, train_classifier_folds
+from pipeline.train import run_parallel, train_folds
+from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
 from pipeline.tune import format_summary, tune
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,10 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
     if code != 0:
         raise ValueError(f"demo data in {out} could not be made (see the error above)")
     folds = list(range(config.folds.n_splits))
+    if config.train.parallel_folds > 1:
+        # Both stages' folds in one pool, so no worker idles between the stages.
+        jobs = [FoldJob("segmentation", k) for k in folds] + classifier_jobs(config, folds)
+        timed("folds", lambda: run_parallel(config, jobs, resume=True))
     seg = timed("segmentation", lambda: train_folds(config, folds, resume=True))
     cls = timed("classifier", lambda: train_classifier_folds(config, folds, resume=True))
     pooled = score_all_folds(config, folds)

@@ -61,11 +61,12 @@ def presence_matrix(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame
     # No strip: it would copy every (long) string; isspace stops at the first digit.
     nonempty = ((text.str.len() > 0) & ~text.str.isspace()).to_numpy(bool)
     rows = np.searchsorted(image_ids, ids[nonempty])
-    cols = pd.Index(classes).get_indexer(table["class_name"].astype(str).to_numpy()[nonempty])
+    names = pd.Index(table["class_name"].astype(str).to_numpy()[nonempty])
+    cols = pd.Index(classes).get_indexer(names)
     matrix = np.zeros((len(image_ids), len(classes)), dtype=bool)
     matrix[rows, cols] = True
     presence = pd.DataFrame(matrix, index=pd.Index(image_ids, name="image_id"), columns=classes)
-    presence[NO_MASK_COLUMN] = ~matrix.any(axis=1)
+    presence[NO_MASK_COLUMN] = pd.Series(~matrix.any(axis=1), index=presence.index)
     return presence.reset_index()
 
 

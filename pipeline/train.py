@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import logging
 import random
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +17,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cli import add_config_arguments, config_from_args, parse_fold_arguments, setup_logging
+from pipeline.cli import (
+    add_config_arguments,
+    config_from_args,
+    exit_process,
+    parse_fold_arguments,
+    setup_logging,
+)
 from pipeline.config import Config
 from pipeline.data import (
     CropSampler,
@@ -30,6 +35,7 @@ from pipeline.data import (
 )
 from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
 from pipeline.experiment import Experiment, open_experiment, read_json, write_json
+from pipeline.fold_jobs import FoldJob, run_fold_jobs
 from pipeline.inference import iter_batches, predict_tta
 from pipeline.keras_backend import keras, tf
 from pipeline.losses import get_loss, get_metrics
@@ -114,14 +120,7 @@ def train_fold(
     else:
         check_input_size(config.data.image_size, "data.image_size (validation input)")
     train_ids, val_ids = exp.members(fold)
-    cache = build_cache(
-        exp.cache_dir,
-        "train",
-        Path(config.data.train_images),
-        exp.image_ids,
-        config.data.image_size,
-        exp.rles(),
-    )
+    cache = training_cache(config, exp, config.data.image_size)
     started = time.monotonic()
     mixed = set_mixed_precision(t.mixed_precision)
     strategy = make_strategy(t.strategy)
@@ -259,10 +258,44 @@ def _device_name() -> str:
     return "CPU"
 
 
+def training_cache(config: Config, exp: Experiment, size: Sequence[int]) -> ImageCache:
+    """The training images and masks at ``size``, decoded once per experiment."""
+    return build_cache(
+        exp.cache_dir, "train", Path(config.data.train_images), exp.image_ids, size, exp.rles()
+    )
+
+
+def run_parallel(
+    config: Config, jobs: Sequence[FoldJob], resume: bool = False, force: bool = False
+) -> None:
+    """Run fold jobs as ``train.parallel_folds`` child processes at once.
+
+    The split and the image caches the jobs read are made here first, so that no two
+    children make them at the same time.
+    """
+    exp = open_experiment(config)
+    for job in jobs:
+        exp.check_fold(job.fold)
+    sizes = {tuple(config.data.image_size)}
+    if any(job.stage == "classifier" for job in jobs):
+        sizes.add(tuple(config.classifier.image_size))
+    for size in sorted(sizes):
+        training_cache(config, exp, size)
+    run_fold_jobs(config, jobs, config.train.parallel_folds, resume=resume, force=force)
+
+
 def train_folds(
     config: Config, folds: Sequence[int], resume: bool = False, force: bool = False
 ) -> list[dict[str, Any]]:
-    """Train several folds in turn; finished folds are skipped unless ``force``."""
+    """Train several folds; finished folds are skipped unless ``force``.
+
+    One after the other in this process, or with ``train.parallel_folds`` > 1 as that
+    many child processes at once.
+    """
+    pending = [k for k in folds if force or not is_finished(config.fold_dir(k))]
+    if config.train.parallel_folds > 1 and len(pending) > 1:
+        run_parallel(config, [FoldJob("segmentation", k) for k in pending], resume, force)
+        return [read_metrics(config.fold_dir(k)) for k in folds]
     results = []
     for fold in folds:
         fold_dir = config.fold_dir(fold)
@@ -307,4 +340,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

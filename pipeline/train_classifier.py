@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,16 +31,30 @@ from pipeline.classifier import (
     predict_presence_tta,
     presence_labels,
 )
-from pipeline.cli import add_config_arguments, config_from_args, parse_fold_arguments, setup_logging
+from pipeline.cli import (
+    add_config_arguments,
+    config_from_args,
+    exit_process,
+    parse_fold_arguments,
+    setup_logging,
+)
 from pipeline.config import Config
-from pipeline.data import ImageCache, build_augmentation, build_cache
+from pipeline.data import ImageCache, build_augmentation
 from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
 from pipeline.experiment import open_experiment, read_json, write_json
+from pipeline.fold_jobs import FoldJob
 from pipeline.inference import iter_batches
 from pipeline.keras_backend import keras
 from pipeline.metrics import presence_confusion
 from pipeline.optim import make_optimizer
-from pipeline.train import _device_name, build_model, is_finished, seed_everything
+from pipeline.train import (
+    _device_name,
+    build_model,
+    is_finished,
+    run_parallel,
+    seed_everything,
+    training_cache,
+)
 from pipeline.trainer import BEST_WEIGHTS, FitSettings, fit_resumable, load_best_weights
 
 log = logging.getLogger(__name__)
@@ -149,14 +162,7 @@ def train_classifier_fold(
     _check_fold_start(fold, fold_dir, resume, force)
     c, t = config.classifier, config.train
     train_ids, val_ids = exp.members(fold)
-    cache = build_cache(
-        exp.cache_dir,
-        "train",
-        Path(config.data.train_images),
-        exp.image_ids,
-        c.image_size,
-        rles=exp.rles(),
-    )
+    cache = training_cache(config, exp, c.image_size)
     labels = presence_labels(exp.table, exp.classes, cache.image_ids)
     started = time.monotonic()
     mixed = set_mixed_precision(t.mixed_precision)
@@ -293,7 +299,18 @@ def read_oof_presence(config: Config, folds: Sequence[int]) -> pd.DataFrame:
 def train_classifier_folds(
     config: Config, folds: Sequence[int], resume: bool = False, force: bool = False
 ) -> list[dict[str, Any]]:
-    """Train several classifier folds in turn; finished folds are skipped unless ``force``."""
+    """Train several classifier folds; finished folds are skipped unless ``force``.
+
+    One after the other in this process, or with ``train.parallel_folds`` > 1 as that
+    many child processes at once.
+    """
+    pending = [k for k in folds if force or not is_finished(classifier_fold_dir(config, k))]
+    if config.train.parallel_folds > 1 and len(pending) > 1:
+        run_parallel(config, classifier_jobs(config, pending), resume, force)
+        return [
+            read_json(classifier_fold_dir(config, k) / METRICS, "train the classifier fold")
+            for k in folds
+        ]
     results = []
     for fold in folds:
         fold_dir = classifier_fold_dir(config, fold)
@@ -305,6 +322,16 @@ def train_classifier_folds(
             continue
         results.append(train_classifier_fold(config, fold, resume=resume, force=force))
     return results
+
+
+def classifier_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
+    """Classifier fold jobs; each waits for its segmentation fold when it starts from
+    that fold's encoder (``classifier.init_from_segmentation``)."""
+    jobs = []
+    for k in folds:
+        after = (FoldJob("segmentation", k),) if config.classifier.init_from_segmentation else ()
+        jobs.append(FoldJob("classifier", k, after))
+    return jobs
 
 
 def score_all_folds(config: Config, folds: Sequence[int]) -> dict[str, Any]:
@@ -346,4 +373,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

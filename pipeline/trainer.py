@@ -36,6 +36,8 @@ STATE = "state.json"
 BEST_WEIGHTS = "best_weights.h5"
 HISTORY = "history.csv"
 CURVES = "curves.png"
+# curves.png is redrawn at most this often during training (and always at its end).
+CURVES_EVERY_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class _EpochState(keras.callbacks.Callback):
         self.state = state
         self.phase = phase
         self.started = 0.0
+        self.plotted_at: float | None = None  # when curves.png was last drawn
+        self.unplotted = False  # epochs since then
 
     def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
         # Keras resets these counters in their own on_train_begin; put back the saved ones.
@@ -143,8 +147,19 @@ class _EpochState(keras.callbacks.Callback):
             },
         )
         _publish_checkpoint(self.model, self.out_dir, self.state)
-        _write_history(history, self.out_dir)
+        # Drawing the curves costs ~0.7 s: at most every CURVES_EVERY_S, and at the end.
+        now = time.monotonic()
+        plot = self.plotted_at is None or now - self.plotted_at >= CURVES_EVERY_S
+        _write_history(history, self.out_dir, plot=plot)
+        if plot:
+            self.plotted_at = now
+        self.unplotted = not plot
         log.info("epoch %d/%d %s", epoch + 1, self.settings.epochs, _summary(row))
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.unplotted:
+            _draw_curves(pd.DataFrame(self.state["history"]), self.out_dir)
+            self.unplotted = False
 
 
 def _summary(row: dict[str, float]) -> str:
@@ -208,11 +223,16 @@ def _publish_checkpoint(model: keras.Model, out_dir: Path, state: dict[str, Any]
         shutil.rmtree(old)
 
 
-def _write_history(history: list[dict[str, float]], out_dir: Path) -> None:
+def _write_history(history: list[dict[str, float]], out_dir: Path, plot: bool = True) -> None:
     frame = pd.DataFrame(history)
     tmp = out_dir / (HISTORY + ".tmp")
     frame.to_csv(tmp, index=False)
     os.replace(tmp, out_dir / HISTORY)
+    if plot:
+        _draw_curves(frame, out_dir)
+
+
+def _draw_curves(frame: pd.DataFrame, out_dir: Path) -> None:
     try:
         plot_history(frame, out_dir / CURVES, title=out_dir.name)
     except (ValueError, RuntimeError) as exc:  # a plot must never cost a training run

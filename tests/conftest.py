@@ -44,6 +44,7 @@ def write_tiny_config(tmp_path: Path, data: Path, **sections: dict) -> Path:
             "accumulation_steps": 2,
             "epochs": 2,
             "verbose": 0,
+            "parallel_folds": 1,
         },
         "tta": {"views": ["identity", "hflip"], "batch_size": 8},
     }

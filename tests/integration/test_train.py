@@ -50,6 +50,21 @@ def test_two_folds_train_and_write_oof(tmp_path, tiny_data):
     assert again.returncode == 0 and "already finished" in again.stderr
 
 
+def test_all_folds_as_parallel_processes(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data, train={"parallel_folds": 2})
+    out = run_cli("pipeline.train", "--config", str(config), "--all")
+    assert out.returncode == 0, out.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    assert "2 at a time with" in out.stderr
+    for fold in (0, 1):
+        fold_dir = run / f"fold_{fold}"
+        assert pd.read_csv(fold_dir / "history.csv")["epoch"].tolist() == [1, 2]
+        assert f"[segmentation fold {fold}] epoch 2/2" in out.stderr  # forwarded progress
+        assert "--fold" in (fold_dir / "train.log").read_text()
+        assert len(ProbReader(fold_dir / "oof").image_ids) == 9
+    assert "fold 1: OOF Kaggle Dice at 0.5 = " in out.stdout
+
+
 def test_fold_outside_the_split_is_an_error(tmp_path, tiny_data):
     config = write_tiny_config(tmp_path, tiny_data)
     out = run_cli("pipeline.train", "--config", str(config), "--fold", "7")

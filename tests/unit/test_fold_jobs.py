@@ -1,0 +1,140 @@
+"""pipeline.fold_jobs with stand-in stage modules (no TensorFlow): scheduling, skips,
+dependencies, thread budget and failures."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import fold_jobs
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.fold_jobs import FoldJob, job_command, run_fold_jobs, threads_per_job
+
+# A stand-in for python -m pipeline.train / train_classifier: records when it ran and
+# with which thread budget, writes metrics.json, fails for the fold in FAIL_FOLD.
+STAGE = textwrap.dedent(
+    """
+    import argparse, json, os, sys, time
+    from pathlib import Path
+    import yaml
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config"); parser.add_argument("--fold", type=int)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--force", action="store_true")
+    args = parser.parse_args()
+    config = yaml.safe_load(Path(args.config).read_text())
+    run = Path(config["runs_dir"]) / config["experiment"]
+    stage = "{stage}"
+    out = (run / "classifier" if stage == "classifier" else run) / f"fold_{{args.fold}}"
+    start = time.time()
+    print(f"{{stage}} fold {{args.fold}} starting", flush=True)
+    print(f"12:00:00 INFO pipeline.trainer: epoch 1/1 loss={{args.fold}}.5", flush=True)
+    time.sleep(float(os.environ.get("STAGE_SECONDS", "0.6")))
+    if str(args.fold) == os.environ.get("FAIL_FOLD") and stage == "segmentation":
+        print("something broke in this fold", flush=True)
+        sys.exit(3)
+    record = {{"stage": stage, "fold": args.fold, "start": start, "end": time.time(),
+              "threads": os.environ.get("FOLDSEG_THREADS"), "resume": args.resume}}
+    with (run / "runs.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\\n")
+    (out / "metrics.json").write_text(json.dumps({{"fold": args.fold}}))
+    """
+)
+
+
+@pytest.fixture
+def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    for stage in ("segmentation", "classifier"):
+        (tmp_path / f"stage_{stage}.py").write_text(STAGE.format(stage=stage))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setattr(
+        fold_jobs,
+        "STAGES",
+        {"segmentation": "stage_segmentation", "classifier": "stage_classifier"},
+    )
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {"base": str(DEFAULT_CONFIG), "experiment": "jobs", "runs_dir": str(tmp_path)}
+        )
+    )
+    config = load_config(path)
+    config.run_dir.mkdir(parents=True)
+    return config
+
+
+def _records(config) -> list[dict]:
+    lines = (config.run_dir / "runs.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_jobs_run_two_at_a_time_in_order_after_their_dependencies(
+    setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = setup
+    caplog.set_level("INFO", logger="pipeline.fold_jobs")
+    monkeypatch.setattr(fold_jobs.os, "cpu_count", lambda: 4)
+    seg = [FoldJob("segmentation", k) for k in range(3)]
+    cls = [FoldJob("classifier", k, after=(seg[k],)) for k in range(3)]
+    done = run_fold_jobs(config, seg + cls, workers=2, resume=True)
+    assert sorted(done, key=lambda j: (j.stage, j.fold)) == sorted(
+        seg + cls, key=lambda j: (j.stage, j.fold)
+    )
+    records = _records(config)
+    assert len(records) == 6 and all(r["threads"] == "2" and r["resume"] for r in records)
+    # Never more than two at once, and two did overlap.
+    events = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records])
+    level, peak = 0, 0
+    for _, step in events:
+        level += step
+        peak = max(peak, level)
+    assert peak == 2
+    by_job = {(r["stage"], r["fold"]): r for r in records}
+    for k in range(3):
+        assert by_job[("classifier", k)]["start"] >= by_job[("segmentation", k)]["end"]
+    logs = (config.fold_dir(0, "classifier") / "train.log").read_text()
+    assert "--fold 0 --resume" in logs and "classifier fold 0 starting" in logs
+    # Each job's epoch summaries are forwarded, named.
+    assert "[segmentation fold 2] epoch 1/1 loss=2.5" in caplog.messages
+    assert "[classifier fold 0] epoch 1/1 loss=0.5" in caplog.messages
+
+    # Finished folds are skipped; force runs them again.
+    assert run_fold_jobs(config, seg, workers=2) == []
+    assert run_fold_jobs(config, seg[:1], workers=2, force=True) == seg[:1]
+
+
+def test_a_failed_job_stops_the_run_and_quotes_its_log(
+    setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = setup
+    monkeypatch.setenv("FAIL_FOLD", "1")
+    monkeypatch.setenv("STAGE_SECONDS", "0.2")
+    jobs = [FoldJob("segmentation", k) for k in range(2)] + [FoldJob("classifier", 5)]
+    with pytest.raises(RuntimeError, match=r"segmentation fold 1 failed \(exit code 3\)") as err:
+        run_fold_jobs(config, jobs, workers=2)
+    assert "something broke in this fold" in str(err.value)
+    assert not (config.fold_dir(5, "classifier") / "metrics.json").exists()  # never started
+
+
+def test_threads_commands_and_config() -> None:
+    assert threads_per_job(2, cores=2) == 1
+    assert threads_per_job(3, cores=16) == 5
+    assert threads_per_job(4, cores=2) == 1
+    command = job_command(FoldJob("classifier", 2), Path("c.yaml"), resume=True, force=False)
+    assert command[1:] == [
+        "-m",
+        "pipeline.train_classifier",
+        "--config",
+        "c.yaml",
+        "--fold",
+        "2",
+        "--resume",
+    ]
+    with pytest.raises(ValueError, match="stage must be one of"):
+        FoldJob("tuning", 0)
+    with pytest.raises(ConfigError, match="train.parallel_folds' must be an integer >= 1"):
+        load_config(DEFAULT_CONFIG, ["train.parallel_folds=0"])
