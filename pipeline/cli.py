@@ -57,8 +57,10 @@ def parse_fold_arguments(
     return parser.parse_args(argv)
 
 
-# Set by pipeline.fold_jobs in the environment of the fold processes it starts.
+# Set by pipeline.fold_jobs in the environment of the fold processes it starts: a fold
+# job, and its TensorFlow thread budget (applied by pipeline.keras_backend).
 JOB_ENV = "FOLDSEG_JOB"
+THREADS_ENV = "FOLDSEG_THREADS"
 
 
 def exit_process(code: int) -> None:

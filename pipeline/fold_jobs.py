@@ -23,17 +23,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cli import JOB_ENV
+from pipeline.cli import JOB_ENV, THREADS_ENV
 from pipeline.config import Config, save_config
+from pipeline.tune import CLASSIFIER_STAGE
+from pipeline.tune import SEGMENTATION_METRICS as METRICS
 
 log = logging.getLogger(__name__)
 
 STAGES = {"segmentation": "pipeline.train", "classifier": "pipeline.train_classifier"}
-CLASSIFIER_STAGE = "classifier"  # pipeline.train_classifier's directory under the run
-METRICS = "metrics.json"
 LOG_FILE = "train.log"
 JOBS_CONFIG = "config.jobs.yaml"
-THREADS_ENV = "FOLDSEG_THREADS"  # read by pipeline.keras_backend
 TAIL_LINES = 25
 POLL_S = 0.5
 PROGRESS_MARK = " pipeline.trainer: "

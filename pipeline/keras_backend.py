@@ -15,9 +15,10 @@ import segmentation_models as sm
 import tensorflow as tf
 import tf_keras as keras
 
+from pipeline.cli import THREADS_ENV
+
 # Set by pipeline.fold_jobs for fold processes that share the CPU: TensorFlow's
 # thread pools must be sized before its runtime starts, i.e. here.
-THREADS_ENV = "FOLDSEG_THREADS"
 if os.environ.get(THREADS_ENV):
     _threads = int(os.environ[THREADS_ENV])
     tf.config.threading.set_intra_op_parallelism_threads(_threads)

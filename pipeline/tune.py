@@ -53,13 +53,13 @@ Result = TypeVar("Result")
 _Scored = tuple[str, int, np.ndarray, int]
 
 # The names pipeline.train and pipeline.train_classifier write under; repeated here
-# because importing those modules would import TensorFlow.
+# (and used by pipeline.fold_jobs) because importing those modules would import TensorFlow.
 SEGMENTATION_METRICS = "metrics.json"
 SEGMENTATION_OOF = "oof"
 CLASSIFIER_STAGE = "classifier"
 CLASSIFIER_OOF = "oof_cls.csv"
-# Images read and decoded ahead of the scoring (a Clouds image and its truth: 1.5 MB);
-# the store's 64 MB read chunks bound the rest.
+# Images read ahead of the scoring, and histograms in flight (a Clouds image: 0.7 MB);
+# the store's read chunks (probstore.DEFAULT_BATCH_BYTES) bound the rest.
 READ_AHEAD_IMAGES = 32
 # Threads computing per-image histograms, and images summed into the grid at a time.
 MAX_WORKERS = 4
