@@ -11,6 +11,7 @@ a small mask out of the frame does not change the label.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,7 @@ def build_classifier(
     dropout: float = 0.0,
     bn_momentum: float | None = None,
     pooling: str = "avg",
+    multiscale: bool = False,
 ) -> keras.Model:
     """A presence classifier: (N, H, W, 3) 0-255 RGB -> (N, n_classes) float32 in [0, 1].
 
@@ -98,6 +100,11 @@ def build_classifier(
     skipped). ``bn_momentum`` overrides every BatchNormalization's momentum. ``pooling``
     of the last feature map: ``avg``, ``max`` (a small region of a class still fires),
     or ``avgmax``, both concatenated (the pooling of many top Kaggle classifiers).
+    ``multiscale`` pools the last feature map of every encoder stage (strides 2, 4, ...
+    32, see ``stage_outputs``) and concatenates them, so that the head also sees the
+    colour and texture statistics of the shallow stages, not only what survives to the
+    deepest one; it also gives every stage a short gradient path when training from
+    scratch.
     """
     valid = list_classifier_backbones()
     if backbone not in valid:
@@ -119,18 +126,18 @@ def build_classifier(
     matrix, offset = XCEPTION_AFFINE if backbone == XCEPTION else preprocessing_affine(backbone)
     inputs = keras.Input(shape=shape, name="image")
     x = ChannelAffine(matrix.tolist(), offset.tolist(), name="normalise")(inputs)
-    x = base(x)
-    if pooling == "avg":
-        x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    elif pooling == "max":
-        x = keras.layers.GlobalMaxPooling2D(name="pool")(x)
+    if multiscale:
+        taps = stage_outputs(base)
+        # The same layers, with every stage's output exposed; it keeps the backbone's
+        # name, so weight files and copy_segmentation_encoder find it as before.
+        x = keras.Model(base.inputs, taps, name=base.name)(x)
+        pooled = [
+            _pool(t, pooling, f"s{stride}_")
+            for t, stride in zip(x, stage_strides(base), strict=True)
+        ]
+        x = keras.layers.Concatenate(name="pool")(pooled)
     else:
-        x = keras.layers.Concatenate(name="pool")(
-            [
-                keras.layers.GlobalAveragePooling2D(name="avg_pool")(x),
-                keras.layers.GlobalMaxPooling2D(name="max_pool")(x),
-            ]
-        )
+        x = _pool(base(x), pooling, "")
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     # float32 output even under mixed precision, for stable probabilities and losses.
     outputs = keras.layers.Dense(n_classes, activation="sigmoid", dtype="float32", name="presence")(
@@ -140,6 +147,70 @@ def build_classifier(
     if bn_momentum is not None:
         set_bn_momentum(model, bn_momentum)
     return model
+
+
+def _pool(x: Any, pooling: str, prefix: str) -> Any:
+    if pooling == "avg":
+        return keras.layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool" if prefix else "pool")(
+            x
+        )
+    if pooling == "max":
+        return keras.layers.GlobalMaxPooling2D(name=f"{prefix}max_pool" if prefix else "pool")(x)
+    both = [
+        keras.layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool")(x),
+        keras.layers.GlobalMaxPooling2D(name=f"{prefix}max_pool")(x),
+    ]
+    return keras.layers.Concatenate(name=f"{prefix}avgmax_pool" if prefix else "pool")(both)
+
+
+def _stride(size: tuple[int, int], input_size: tuple[int, int]) -> int | None:
+    # The nearest power of two: "same" convolutions give ceil(n / stride), "valid" ones
+    # (Xception, Inception) a few pixels less.
+    strides = {2 ** round(math.log2(m / n)) for n, m in zip(size, input_size, strict=True)}
+    return strides.pop() if len(strides) == 1 else None
+
+
+def _stage_layers(base: keras.Model) -> dict[int, keras.layers.Layer]:
+    input_size = (int(base.inputs[0].shape[1]), int(base.inputs[0].shape[2]))
+    top = base.outputs[-1]._keras_history.layer
+    last: dict[int, keras.layers.Layer] = {}
+    deepest = 0
+    for layer in base.layers:  # in topological order
+        shape = getattr(layer.output, "shape", None)
+        # Padding is not a stage's output, nor ResNeXt's channel-group slices (Lambda).
+        if isinstance(layer, (keras.layers.ZeroPadding2D, keras.layers.Lambda)):
+            continue
+        if shape is None or len(shape) != 4:
+            continue
+        if not shape[1] or not shape[2] or (shape[1] == shape[2] == 1 and layer is not top):
+            continue  # squeeze-and-excitation vectors are not stages
+        stride = _stride((int(shape[1]), int(shape[2])), input_size)
+        # Maps only shrink along an encoder: a larger one after a smaller is padding.
+        if stride is not None and 2 <= stride >= deepest:
+            deepest = stride
+            last[stride] = layer  # the last layer at each resolution ends its stage
+    return last
+
+
+def stage_strides(base: keras.Model) -> list[int]:
+    """The output strides of a backbone's stages, shallow to deep (e.g. [2, 4, 8, 16, 32])."""
+    return list(_stage_layers(base))
+
+
+def stage_outputs(base: keras.Model) -> list[Any]:
+    """The last feature map of every stage of a backbone: one tensor per output stride,
+    shallow to deep, the deepest being the backbone's own output.
+
+    Found from the layer graph (the last layer at each resolution), so it serves every
+    backbone, Xception included; for segmentation-models' backbones these are the
+    layers its decoders take as skip connections.
+    """
+    layers = _stage_layers(base)
+    if not layers or layers[max(layers)] is not base.outputs[-1]._keras_history.layer:
+        raise ValueError(
+            f"backbone {base.name}: its output is not the last layer of its deepest stage"
+        )
+    return [layer.output for layer in layers.values()]
 
 
 def copy_segmentation_encoder(classifier: keras.Model, segmentation: keras.Model) -> int:
@@ -187,6 +258,7 @@ def build_classifier_from_config(config: Config, n_classes: int) -> keras.Model:
         dropout=c.dropout,
         bn_momentum=config.model.bn_momentum,
         pooling=c.pooling,
+        multiscale=c.multiscale_pooling,
     )
 
 

@@ -14,7 +14,14 @@ from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow
 
-CLASSIFIER = {"backbone": "resnet18", "image_size": [32, 64], "epochs": 1, "batch_size": 4}
+CLASSIFIER = {
+    "backbone": "resnet18",
+    "image_size": [32, 64],
+    "epochs": 1,
+    "batch_size": 4,
+    "pooling": "avgmax",
+    "multiscale_pooling": True,
+}
 
 
 def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

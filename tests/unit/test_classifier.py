@@ -16,10 +16,12 @@ from pipeline.classifier import (
     make_presence_train_dataset,
     predict_presence_tta,
     presence_labels,
+    stage_outputs,
+    stage_strides,
 )
 from pipeline.config import load_config
 from pipeline.data import ImageCache, build_augmentation
-from pipeline.keras_backend import keras
+from pipeline.keras_backend import keras, sm
 from pipeline.train_classifier import score_presence
 
 
@@ -75,6 +77,76 @@ def test_pooling_of_the_last_feature_map(pooling, width):
     assert model.get_layer("pool").output_shape == (None, width)
     x = np.random.default_rng(0).integers(0, 256, (2, 64, 64, 3)).astype(np.float32)
     assert model.predict_on_batch(x).shape == (2, 3)
+
+
+def _backbone(model):
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def test_multiscale_pooling_pools_every_stage_and_concatenates():
+    model = build_classifier("resnet18", 3, (64, 96), pooling="avgmax", multiscale=True)
+    base = _backbone(model)
+    assert stage_strides(base) == [2, 4, 8, 16, 32]
+    # ResNet-18's stages have 64, 64, 128, 256, 512 channels; avg and max of each.
+    assert model.get_layer("pool").output_shape == (None, 2 * (64 + 64 + 128 + 256 + 512))
+    maps = [tuple(t.shape[1:3]) for t in base.outputs]
+    assert maps == [(32, 48), (16, 24), (8, 12), (4, 6), (2, 3)]
+    x = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3)).astype(np.float32)
+    assert model.predict_on_batch(x).shape == (2, 3)
+    single = build_classifier("resnet18", 3, (64, 96), pooling="avg")
+    assert single.get_layer("pool").output_shape == (None, 512)
+
+
+@pytest.mark.parametrize("backbone", ["efficientnetb0", "resnet34", "mobilenetv2"])
+def test_stages_are_the_skip_layers_segmentation_models_uses(backbone):
+    # Found from the layer graph, they must agree with segmentation-models' own table
+    # of skip connections (strides 16, 8, 4, 2), with the backbone's output as stride 32.
+    base = _backbone(build_classifier(backbone, 2, (64, 64), multiscale=True))
+    names = [t.name.split("/")[0] for t in base.outputs]
+    assert names[:4] == list(reversed(sm.Backbones.get_feature_layers(backbone, n=4)))
+    assert base.outputs[-1]._keras_history.layer is base.layers[-1]
+
+
+@pytest.mark.parametrize(
+    ("backbone", "size", "top"),
+    [
+        ("seresnext50", (64, 96), (2, 3)),  # squeeze-excitation vectors, group slices
+        ("xception", (96, 96), (3, 3)),  # "valid" convolutions: 47, 45, 23 ... pixels
+    ],
+)
+def test_stages_of_backbones_with_odd_layers(backbone, size, top):
+    base = _backbone(build_classifier(backbone, 2, size, multiscale=True))
+    assert stage_strides(base) == [2, 4, 8, 16, 32]
+    assert tuple(base.outputs[-1].shape[1:3]) == top
+    assert all(t.shape[-1] >= 64 for t in base.outputs)  # whole maps, not channel slices
+
+
+def test_stage_outputs_refuses_a_backbone_whose_output_is_not_its_deepest_stage():
+    inputs = keras.Input((32, 32, 3))
+    deep = keras.layers.Conv2D(4, 3, strides=4, padding="same", name="deep")(inputs)
+    assert stage_strides(keras.Model(inputs, deep)) == [4]
+    upsampled = keras.layers.UpSampling2D(2, name="up")(deep)  # an output at stride 2
+    with pytest.raises(ValueError, match="backbone odd: its output is not the last layer"):
+        stage_outputs(keras.Model(inputs, upsampled, name="odd"))
+
+
+def test_multiscale_classifier_takes_the_segmentation_encoder_and_local_weights(tmp_path):
+    from pipeline.model import build_segmentation_model, encoder_layers
+
+    segmentation = build_segmentation_model("Unet", "resnet18", 2)
+    classifier = build_classifier("resnet18", 2, (64, 64), multiscale=True)
+    assert copy_segmentation_encoder(classifier, segmentation) > 10
+    source = {layer.name: layer for layer in encoder_layers(segmentation)}
+    np.testing.assert_array_equal(
+        _backbone(classifier).get_layer("stage3_unit1_conv1").get_weights()[0],
+        source["stage3_unit1_conv1"].get_weights()[0],
+    )
+    path = tmp_path / "classifier.h5"
+    classifier.save_weights(str(path))
+    again = build_classifier("resnet18", 2, (64, 64), multiscale=True)
+    again.load_weights(str(path))
+    x = np.random.default_rng(1).integers(0, 256, (2, 64, 64, 3)).astype(np.float32)
+    np.testing.assert_allclose(again.predict_on_batch(x), classifier.predict_on_batch(x), rtol=1e-5)
 
 
 def test_segmentation_encoder_is_copied_into_the_classifier_backbone():
