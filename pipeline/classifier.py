@@ -127,17 +127,17 @@ def build_classifier(
     inputs = keras.Input(shape=shape, name="image")
     x = ChannelAffine(matrix.tolist(), offset.tolist(), name="normalise")(inputs)
     if multiscale:
-        taps = stage_outputs(base)
+        stages = stage_outputs(base)
         # The same layers, with every stage's output exposed; it keeps the backbone's
         # name, so weight files and copy_segmentation_encoder find it as before.
-        x = keras.Model(base.inputs, taps, name=base.name)(x)
+        maps = keras.Model(base.inputs, list(stages.values()), name=base.name)(x)
         pooled = [
-            _pool(t, pooling, f"s{stride}_")
-            for t, stride in zip(x, stage_strides(base), strict=True)
+            _global_pool(m, pooling, f"pool_s{stride}")
+            for m, stride in zip(maps, stages, strict=True)
         ]
         x = keras.layers.Concatenate(name="pool")(pooled)
     else:
-        x = _pool(base(x), pooling, "")
+        x = _global_pool(base(x), pooling, "pool")
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     # float32 output even under mixed precision, for stable probabilities and losses.
     outputs = keras.layers.Dense(n_classes, activation="sigmoid", dtype="float32", name="presence")(
@@ -149,18 +149,17 @@ def build_classifier(
     return model
 
 
-def _pool(x: Any, pooling: str, prefix: str) -> Any:
+def _global_pool(x: Any, pooling: str, name: str) -> Any:
+    """Global ``pooling`` (avg, max or avgmax) of a feature map, as a layer named ``name``."""
     if pooling == "avg":
-        return keras.layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool" if prefix else "pool")(
-            x
-        )
+        return keras.layers.GlobalAveragePooling2D(name=name)(x)
     if pooling == "max":
-        return keras.layers.GlobalMaxPooling2D(name=f"{prefix}max_pool" if prefix else "pool")(x)
+        return keras.layers.GlobalMaxPooling2D(name=name)(x)
     both = [
-        keras.layers.GlobalAveragePooling2D(name=f"{prefix}avg_pool")(x),
-        keras.layers.GlobalMaxPooling2D(name=f"{prefix}max_pool")(x),
+        keras.layers.GlobalAveragePooling2D(name=f"{name}_avg")(x),
+        keras.layers.GlobalMaxPooling2D(name=f"{name}_max")(x),
     ]
-    return keras.layers.Concatenate(name=f"{prefix}avgmax_pool" if prefix else "pool")(both)
+    return keras.layers.Concatenate(name=name)(both)
 
 
 def _stride(size: tuple[int, int], input_size: tuple[int, int]) -> int | None:
@@ -186,20 +185,15 @@ def _stage_layers(base: keras.Model) -> dict[int, keras.layers.Layer]:
             continue  # squeeze-and-excitation vectors are not stages
         stride = _stride((int(shape[1]), int(shape[2])), input_size)
         # Maps only shrink along an encoder: a larger one after a smaller is padding.
-        if stride is not None and 2 <= stride >= deepest:
+        if stride is not None and stride >= max(deepest, 2):
             deepest = stride
             last[stride] = layer  # the last layer at each resolution ends its stage
     return last
 
 
-def stage_strides(base: keras.Model) -> list[int]:
-    """The output strides of a backbone's stages, shallow to deep (e.g. [2, 4, 8, 16, 32])."""
-    return list(_stage_layers(base))
-
-
-def stage_outputs(base: keras.Model) -> list[Any]:
-    """The last feature map of every stage of a backbone: one tensor per output stride,
-    shallow to deep, the deepest being the backbone's own output.
+def stage_outputs(base: keras.Model) -> dict[int, Any]:
+    """The last feature map of every stage of a backbone, by output stride, shallow to
+    deep (e.g. strides 2, 4, 8, 16, 32), the deepest being the backbone's own output.
 
     Found from the layer graph (the last layer at each resolution), so it serves every
     backbone, Xception included; for segmentation-models' backbones these are the
@@ -210,7 +204,12 @@ def stage_outputs(base: keras.Model) -> list[Any]:
         raise ValueError(
             f"backbone {base.name}: its output is not the last layer of its deepest stage"
         )
-    return [layer.output for layer in layers.values()]
+    return {stride: layer.output for stride, layer in layers.items()}
+
+
+def stage_strides(base: keras.Model) -> list[int]:
+    """The output strides of a backbone's stages, shallow to deep (e.g. [2, 4, 8, 16, 32])."""
+    return list(stage_outputs(base))
 
 
 def copy_segmentation_encoder(classifier: keras.Model, segmentation: keras.Model) -> int:
