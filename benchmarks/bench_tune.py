@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -197,7 +198,7 @@ def read_files(paths: list[Path]) -> float:
     return time.perf_counter() - start
 
 
-def run_child(code: str, *args: str) -> tuple[dict[str, object], float]:
+def run_child(code: str, *args: str) -> tuple[dict[str, Any], float]:
     """Run Python ``code`` in a fresh interpreter: (its last stdout line as JSON, wall s)."""
     start = time.perf_counter()
     done = subprocess.run(

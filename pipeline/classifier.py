@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.data import ImageCache
+from pipeline.data import ImageCache, batch_for_replicas
 from pipeline.folds import presence_matrix
+from pipeline.inference import predict_on_replicas
 from pipeline.keras_backend import keras, sm, tf
 from pipeline.model import (
     ChannelAffine,
@@ -333,9 +334,16 @@ def make_presence_train_dataset(
 
 
 def make_presence_eval_dataset(
-    cache: ImageCache, indices: np.ndarray, labels: np.ndarray, batch_size: int
+    cache: ImageCache,
+    indices: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    replicas: int = 1,
 ) -> tf.data.Dataset:
-    """Batches of whole cached images (float32 0-255) and labels (B, C), in order, once."""
+    """Batches of whole cached images (float32 0-255) and labels (B, C), in order, once.
+
+    ``batch_size`` is the global batch; no batch is smaller than ``replicas``.
+    """
     _check_labels(cache, labels)
     height, width = cache.images.shape[1:3]
     table = tf.constant(labels, dtype=tf.float32)
@@ -351,7 +359,7 @@ def make_presence_eval_dataset(
 
     ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
     ds = ds.map(load_tf, num_parallel_calls=2, deterministic=True)
-    return ds.batch(batch_size).prefetch(2)
+    return batch_for_replicas(ds, len(indices), batch_size, replicas).prefetch(2)
 
 
 def predict_presence_tta(
@@ -367,5 +375,5 @@ def predict_presence_tta(
         raise ValueError(f"images must be (N, H, W, 3); got shape {images.shape}")
     views = valid_views(views, images.shape[1], images.shape[2])
     stacked = stack_views(images, views).astype(np.float32)
-    preds = np.asarray(model.predict_on_batch(stacked), dtype=np.float32)
+    preds = predict_on_replicas(model, stacked)
     return preds.reshape(len(views), len(images), -1).mean(axis=0)

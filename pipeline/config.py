@@ -15,7 +15,14 @@ from typing import Any
 
 import yaml
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# The repository's configs/ (a source checkout or an editable install); a regular
+# install carries the same files as pipeline/configs/ (setup.cfg's package_dir).
+_INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = (
+    _INSTALLED_CONFIGS
+    if (_INSTALLED_CONFIGS / "default.yaml").is_file()
+    else Path(__file__).resolve().parent.parent / "configs"
+)
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 # Keys whose value may be null as well as the type of their default.

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 
-def smooth(values: Sequence[float], alpha: float = 0.6) -> np.ndarray:
+def smooth(values: Sequence[float] | np.ndarray, alpha: float = 0.6) -> np.ndarray:
     """Bias-corrected exponential moving average (TensorBoard-style), float64 (N,)."""
     if not 0 <= alpha < 1:
         raise ValueError(f"alpha must be in [0, 1); got {alpha}")

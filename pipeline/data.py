@@ -24,13 +24,13 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.images import cache_path, read_image, resolve_image_path
+from pipeline.images import cache_path, files_fingerprint, read_image, resolve_image_path
 from pipeline.keras_backend import tf
 from pipeline.masks import decode_masks, resize_masks
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -64,12 +64,15 @@ def build_cache(
     size: Sequence[int],
     rles: dict[str, list[str]] | None = None,
     workers: int = 2,
+    masks_key: str = "",
 ) -> ImageCache:
     """Open the cache of ``image_ids`` at ``size``, building it first if needed.
 
     ``rles`` (image_id -> per-class RLE at the image's own size) adds the masks. The
     cache is built under a temporary name and renamed, so a crash never leaves a cache
-    that looks complete; a cache of other images or classes is rebuilt.
+    that looks complete. The cache is rebuilt when anything it was made from changed:
+    the ids, the size, the image files (names, sizes, modification times) or
+    ``masks_key`` (what the masks were decoded from: ``experiment.data_key``).
     """
     directory = cache_path(cache_dir, name, size)
     n_classes = len(next(iter(rles.values()))) if rles else 0
@@ -79,18 +82,23 @@ def build_cache(
         "n_images": len(image_ids),
         "n_classes": n_classes,
         "image_folder": str(Path(image_folder).resolve()),
+        "files": files_fingerprint(image_folder, image_ids),
+        "masks_key": masks_key if rles else "",
     }
     if directory.is_dir():
         cache = _open_if_matching(directory, meta, image_ids)
         if cache is not None:
             return cache
-        log.info("cache %s is stale (other images, classes or size); rebuilding", directory)
+        log.info(
+            "cache %s is stale (other images, image files, masks or size); rebuilding",
+            directory,
+        )
         shutil.rmtree(directory)
     tmp = directory.with_name(directory.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    height, width = meta["size"]
+    height, width = (int(v) for v in size)
     images = np.lib.format.open_memmap(
         tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(len(image_ids), height, width, 3)
     )
@@ -251,13 +259,41 @@ def make_train_dataset(
     return ds.prefetch(prefetch)
 
 
+def batch_for_replicas(
+    ds: tf.data.Dataset, n: int, batch_size: int, replicas: int
+) -> tf.data.Dataset:
+    """``ds.batch(batch_size)`` over ``n`` elements, with no batch smaller than ``replicas``.
+
+    A distribution strategy splits each global batch over its replicas; a final batch
+    of fewer elements than replicas leaves a replica an empty slice. TensorFlow's
+    oneDNN convolution (on by default on CPUs with AVX-512/AMX) returns its *input* for
+    an empty batch, so the next BatchNorm fails ("scale must have the same number of
+    elements as the channels of x, got 64 and 3"). Such a remainder is merged into the
+    batch before it, so every image is still seen exactly once.
+    """
+    if n < replicas:
+        raise ValueError(
+            f"{n} evaluation image(s) cannot be split over {replicas} replicas; use fewer "
+            f"devices (train.strategy) or more images per fold (folds.n_splits)"
+        )
+    remainder = n % batch_size
+    if remainder == 0 or remainder >= replicas:
+        return ds.batch(batch_size)
+    head = n - batch_size - remainder
+    return ds.take(head).batch(batch_size).concatenate(ds.skip(head).batch(batch_size + remainder))
+
+
 def make_eval_dataset(
     cache: ImageCache,
     indices: np.ndarray,
     batch_size: int,
     crop: Sequence[int] | None = None,
+    replicas: int = 1,
 ) -> tf.data.Dataset:
-    """Batches of whole cached images (or their centre crop) and masks, in order, once."""
+    """Batches of whole cached images (or their centre crop) and masks, in order, once.
+
+    ``batch_size`` is the global batch; no batch is smaller than ``replicas``.
+    """
     if cache.masks is None:
         raise ValueError(f"cache {cache.directory} has no masks; cannot validate on it")
     height, width = cache.images.shape[1:3]
@@ -283,7 +319,8 @@ def make_eval_dataset(
 
     ds = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
     ds = ds.map(load_tf, num_parallel_calls=2, deterministic=True)
-    return ds.batch(batch_size).map(_to_float).prefetch(2)
+    ds = batch_for_replicas(ds, len(indices), batch_size, replicas)
+    return ds.map(_to_float).prefetch(2)
 
 
 def _to_float(image: Any, mask: Any) -> tuple[Any, Any]:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,12 +18,13 @@ import pandas as pd
 
 from pipeline.config import Config, save_config
 from pipeline.folds import ensure_folds, fold_members
-from pipeline.formats import MaskTable, read_masks
+from pipeline.formats import CANONICAL_COLUMNS, MaskTable, read_masks
+from pipeline.images import IMAGE_EXTENSIONS, files_fingerprint, folder_image_ids
 from pipeline.masks import rles_by_image
 
 log = logging.getLogger(__name__)
 # Bump when MaskTable or read_masks changes what a cached table holds.
-MASK_CACHE_VERSION = 1
+MASK_CACHE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class Experiment:
     layout: str
     image_ids: list[str]
     folds: pd.DataFrame
+    data_key: str  # what the masks depend on (``data_key``): keys the decoded masks
 
     @property
     def run_dir(self) -> Path:
@@ -69,58 +70,136 @@ def experiment_cache_dir(config: Config) -> Path:
     return Path(configured) if configured else config.run_dir / "cache"
 
 
-def read_masks_cached(config: Config) -> MaskTable:
-    """``formats.read_masks`` of ``data.train_csv``, kept once validated.
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 of a file's bytes, remembered by (path, size, mtime) under ``memo_dir``.
 
-    Parsing and validating every RLE of a Clouds-size CSV (120 MB) takes seconds, and
-    every stage opens the experiment. The validated table is pickled under the cache
-    directory, keyed by the file's path, size and modification time and the reading
-    options; any change to them reads and validates the CSV again. An unreadable
-    cache file is ignored and rewritten.
+    The memo makes the common case (nothing changed) a ``stat``; any change of size or
+    modification time hashes the bytes again, so an edit is never missed.
     """
+    stat = path.stat()
+    stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    memo = None
+    if memo_dir is not None:
+        name = hashlib.sha1(str(stamp["path"]).encode()).hexdigest()[:16]
+        memo = memo_dir / f"{name}.sha256.json"
+        try:
+            saved = json.loads(memo.read_text())
+            if saved.get("stamp") == stamp and isinstance(saved.get("sha256"), str):
+                return str(saved["sha256"])
+        except (OSError, ValueError, AttributeError):
+            pass  # absent or damaged: hash again
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    sha = digest.hexdigest()
+    if memo is not None:
+        _write_text_atomic(memo, json.dumps({"stamp": stamp, "sha256": sha}))
+    return sha
+
+
+def data_key(config: Config, image_ids: list[str]) -> str:
+    """What the masks of an experiment depend on: the CSV's bytes, the reading options
+    (layout, class order, instance class) and the image folder's files (names, sizes,
+    modification times). The mask table cache and the decoded masks are keyed by it,
+    so an edited CSV, reordered classes or a replaced image invalidate both together."""
     data = config.data
-    path = Path(data.train_csv)
-    options = {
+    csv = Path(data.train_csv)
+    parts = {
+        "version": MASK_CACHE_VERSION,
+        "csv_sha256": file_sha256(csv, experiment_cache_dir(config) / "masks"),
         "layout": data.layout,
         "classes": data.classes,
         "instance_class": data.instance_class,
+        "images": files_fingerprint(Path(data.train_images), image_ids),
     }
-    if not path.is_file():
-        return read_masks(path, **options)  # its FileNotFoundError
-    stat = path.stat()
-    path_key = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:16]
-    state = json.dumps(
-        [MASK_CACHE_VERSION, stat.st_size, stat.st_mtime_ns, options], sort_keys=True
-    )
-    cache = (
-        experiment_cache_dir(config)
-        / "masks"
-        / f"{path_key}-{hashlib.sha1(state.encode()).hexdigest()[:16]}.pkl"
-    )
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def read_masks_cached(config: Config, known_images: list[str], key: str) -> MaskTable:
+    """``formats.read_masks`` of ``data.train_csv`` over the folder's images, kept once
+    validated.
+
+    Parsing and validating every RLE of a Clouds-size CSV (120 MB) takes seconds, and
+    every stage opens the experiment. The validated table is kept as JSON (never a
+    pickle: opening someone else's run directory must not run code) under the cache
+    directory, named by ``key`` (``data_key``). An unreadable file is ignored and
+    rewritten.
+    """
+    data = config.data
+    path = Path(data.train_csv)
+    cache = experiment_cache_dir(config) / "masks" / f"table-{key}.json"
     if cache.is_file():
         try:
-            with cache.open("rb") as handle:
-                cached = pickle.load(handle)
-            if isinstance(cached, MaskTable):
-                return cached
-        except Exception as exc:  # a truncated or foreign file: read the CSV again
-            log.warning("ignoring unreadable mask cache %s: %s", cache, exc)
-    mask_table = read_masks(path, **options)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    for stale in cache.parent.glob(f"{path_key}-*.pkl"):
+            saved = json.loads(cache.read_text())
+            table = pd.DataFrame({name: saved[name] for name in CANONICAL_COLUMNS}, dtype=str)
+            return MaskTable(table=table, classes=list(saved["classes"]), layout=saved["layout"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring unreadable mask table cache %s: %s", cache, exc)
+    mask_table = read_masks(
+        path,
+        layout=data.layout,
+        classes=data.classes,
+        instance_class=data.instance_class,
+        known_images=known_images,
+    )
+    for stale in cache.parent.glob("table-*.json"):
         stale.unlink(missing_ok=True)
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as handle:
-        pickle.dump(mask_table, handle, protocol=pickle.HIGHEST_PROTOCOL)
-    os.replace(tmp, cache)
+    saved = {
+        "classes": mask_table.classes,
+        "layout": mask_table.layout,
+        **{name: mask_table.table[name].tolist() for name in CANONICAL_COLUMNS},
+    }
+    _write_text_atomic(cache, json.dumps(saved))
     return mask_table
 
 
-def open_experiment(config: Config) -> Experiment:
-    """Read the training table, make or reuse the split, save the merged config."""
+def dataset_image_ids(config: Config) -> list[str]:
+    """The images of ``data.train_images``, spelled as ``data.train_csv`` names them.
+
+    Raises:
+        FileNotFoundError: the CSV or the folder is missing.
+        ValueError: the folder holds no image.
+    """
     data = config.data
-    mask_table = read_masks_cached(config)
+    csv = Path(data.train_csv)
+    if not csv.is_file():
+        raise FileNotFoundError(f"data.train_csv {str(csv)!r} does not exist")
+    csv_ids = _csv_image_ids(csv)
+    ids = folder_image_ids(data.train_images, csv_ids)
+    if not ids:
+        raise ValueError(
+            f"data.train_images folder {str(data.train_images)!r} holds no image files "
+            f"({', '.join(IMAGE_EXTENSIONS)})"
+        )
+    return ids
+
+
+def _csv_image_ids(csv: Path, limit: int = 1000) -> list[str]:
+    """The image ids of the CSV's first ``limit`` rows (enough to see how it spells them)."""
+    try:
+        head = pd.read_csv(csv, dtype=str, keep_default_na=False, nrows=limit)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError):
+        return []  # read_masks names the problem with its row
+    for column in ("ImageId", "Image_Label", "ImageId_ClassId"):
+        if column in head.columns:
+            values = head[column].tolist()
+            return values if column == "ImageId" else [v.rpartition("_")[0] for v in values]
+    return []
+
+
+def open_experiment(config: Config) -> Experiment:
+    """Read the training table, make or reuse the split, save the merged config.
+
+    The data set is every image of ``data.train_images``; the CSV gives their masks (an
+    image without rows has empty masks) and a row naming another image is an error.
+    """
+    data = config.data
+    folder_ids = dataset_image_ids(config)
+    key = data_key(config, folder_ids)
+    mask_table = read_masks_cached(config, folder_ids, key)
     table = mask_table.table
+    _check_has_masks(config, table, mask_table.classes)
     image_ids = sorted(table["image_id"].unique())
     if data.max_images is not None:
         image_ids = image_ids[: data.max_images]
@@ -136,24 +215,61 @@ def open_experiment(config: Config) -> Experiment:
         seed=config.seed,
         method=config.folds.method,
     )
+    log_data_set(config, table, mask_table.classes, mask_table.layout)
+    return Experiment(config, table, mask_table.classes, mask_table.layout, image_ids, folds, key)
+
+
+def _check_has_masks(config: Config, table: pd.DataFrame, classes: list[str]) -> None:
+    """A CSV without a single mask (header only, or every row empty) is an error, and a
+    class without any mask gets a warning naming it."""
+    non_empty = table["rle"] != ""
+    if not non_empty.any():
+        raise ValueError(
+            f"mask CSV {str(config.data.train_csv)!r} gives no mask for any of the "
+            f"{table['image_id'].nunique()} images of {str(config.data.train_images)!r} "
+            f"(header only, or every EncodedPixels empty); expected at least one mask row"
+        )
+    per_class = table.loc[non_empty, "class_name"].value_counts()
+    absent = [name for name in classes if per_class.get(name, 0) == 0]
+    if absent:
+        log.warning(
+            "class(es) %s have no mask in any image of %s: the model cannot learn them",
+            absent,
+            config.data.train_csv,
+        )
+
+
+def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], layout: str) -> None:
+    """Images on disk, with and without any mask, and images per class."""
+    non_empty = table["rle"] != ""
+    with_mask = table.loc[non_empty, "image_id"].nunique()
+    n_images = table["image_id"].nunique()
+    per_class = table.loc[non_empty, "class_name"].value_counts()
     log.info(
-        "experiment %s: %d images, classes %s, layout %s, %d folds",
+        "experiment %s: %d images in %s (%d with a mask, %d without any), layout %s, "
+        "%d folds; images per class %s",
         config.experiment,
-        len(image_ids),
-        mask_table.classes,
-        mask_table.layout,
+        n_images,
+        config.data.train_images,
+        with_mask,
+        n_images - with_mask,
+        layout,
         config.folds.n_splits,
+        {name: int(per_class.get(name, 0)) for name in classes},
     )
-    return Experiment(config, table, mask_table.classes, mask_table.layout, image_ids, folds)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
     """Write JSON atomically (temporary name, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    os.replace(tmp, path)
+    _write_text_atomic(path, json.dumps(data, indent=1, default=float))
     return path
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def read_json(path: Path, hint: str = "") -> dict[str, Any]:

@@ -87,6 +87,7 @@ def read_masks(
     classes: Sequence[str] | None = None,
     instance_class: str = "object",
     image_ids: Sequence[str] | None = None,
+    known_images: Sequence[str] | None = None,
 ) -> MaskTable:
     """Read a Kaggle mask CSV into the canonical table.
 
@@ -100,7 +101,10 @@ def read_masks(
         instance_class: the class name of the instances layout when ``classes`` is
             ``None``.
         image_ids: images to include even if the CSV has no row for them (their masks
-            are empty), e.g. the images of the data set's folder.
+            are empty).
+        known_images: the data set's images (its folder's): the table holds exactly
+            these, those without rows with empty masks, and a row naming any other
+            image is an error.
 
     Returns:
         The ``MaskTable``; instance rows of one image are unioned into one mask.
@@ -109,8 +113,9 @@ def read_masks(
         FileNotFoundError: ``path`` does not exist.
         ValueError: unknown layout, missing column, malformed ``Image_Label`` or
             ``ImageId_ClassId``, non-integer ClassId, empty image id, unknown class,
-            duplicate (image, class) rows, or a malformed RLE string; the message names
-            the file and the 1-based row (header = row 1).
+            duplicate (image, class) rows, a malformed RLE string, or a row whose
+            image is not in ``known_images``; the message names the file and the
+            1-based row (header = row 1).
     """
     path = Path(path)
     if not path.is_file():
@@ -125,6 +130,10 @@ def read_masks(
         long = _to_long(path, frame, layout, instance_class)
         class_order = _resolve_classes(path, long, layout, classes)
     _check_image_ids(path, long)
+    if known_images is not None:
+        known = _check_names(known_images, "known_images") if len(known_images) else []
+        _check_known_images(path, long, set(known))
+        image_ids = [*(image_ids or []), *known]
     if layout == "instances":
         long = _union_instances(path, long)
     else:
@@ -272,6 +281,19 @@ def _check_image_ids(path: Path, long: pd.DataFrame) -> None:
     empty = long["image_id"] == ""
     if empty.any():
         raise ValueError(f"mask CSV {str(path)!r} row {empty.idxmax()}: the image id is empty")
+
+
+def _check_known_images(path: Path, long: pd.DataFrame, known: set[str]) -> None:
+    """Every row names an image of the data set."""
+    unknown = ~long["image_id"].isin(known)
+    if unknown.any():
+        rows = long.index[unknown].tolist()
+        missing = long.loc[unknown, "image_id"].drop_duplicates().tolist()
+        shown = ", ".join(str(row) for row in rows[:5]) + (", ..." if len(rows) > 5 else "")
+        raise ValueError(
+            f"mask CSV {str(path)!r} row(s) {shown}: {len(missing)} image(s) not in the "
+            f"image folder, e.g. {missing[:3]}; every row must name an image of the folder"
+        )
 
 
 def _instance_class_name(classes: Sequence[str] | None, instance_class: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,11 +18,34 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", "
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
+def check_image_id(image_id: str, folder: str | Path) -> None:
+    """Refuse an id that could leave its folder: empty, absolute, ``..`` or a separator.
+
+    The guard is on the id, not on where the file lives: a folder of symlinks (DVC,
+    git-annex, cluster data mounts) points elsewhere by design.
+
+    Raises:
+        ValueError: naming the id and the folder.
+    """
+    if (
+        not image_id
+        or Path(image_id).is_absolute()
+        or ".." in Path(image_id).parts
+        or "/" in image_id
+        or "\\" in image_id
+    ):
+        raise ValueError(
+            f"image_id must name a file directly inside the image folder {str(folder)!r} "
+            f"(no path separator, no '..'); got {image_id!r}"
+        )
+
+
 def resolve_image_path(folder: str | Path, image_id: str) -> Path:
     """Find the file of an image id inside a folder.
 
     ``folder / image_id`` is used when it is a file; otherwise ``image_id`` followed by
     each of ``IMAGE_EXTENSIONS`` (lower case, then upper case), the first that exists.
+    Symlinked files and folders are followed.
 
     Args:
         folder: the image folder.
@@ -31,33 +55,74 @@ def resolve_image_path(folder: str | Path, image_id: str) -> Path:
         The path of the image file, inside ``folder``.
 
     Raises:
-        ValueError: ``image_id`` is empty, absolute, contains ``..`` or resolves
-            outside ``folder`` (including through a symlink).
+        ValueError: ``image_id`` is empty, absolute, contains ``..`` or a separator.
         FileNotFoundError: ``folder`` does not exist or no candidate file exists.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
-    relative = Path(image_id)
-    if not image_id or relative.is_absolute() or ".." in relative.parts:
-        raise ValueError(
-            f"image_id must name a file inside the image folder {str(folder)!r}; got {image_id!r}"
-        )
+    check_image_id(image_id, folder)
     extensions = IMAGE_EXTENSIONS + tuple(ext.upper() for ext in IMAGE_EXTENSIONS)
     candidates = [folder / image_id] + [folder / (image_id + ext) for ext in extensions]
-    root = folder.resolve()
     for candidate in candidates:
         if candidate.is_file():
-            if not candidate.resolve().is_relative_to(root):
-                raise ValueError(
-                    f"image_id {image_id!r} resolves outside the image folder "
-                    f"{str(folder)!r} (to {str(candidate.resolve())!r})"
-                )
             return candidate
     raise FileNotFoundError(
         f"no image for image_id {image_id!r} in folder {str(folder)!r}; tried the id "
         f"itself and the extensions {', '.join(IMAGE_EXTENSIONS)} (any case)"
     )
+
+
+def list_image_files(folder: str | Path) -> list[str]:
+    """Names of the image files directly in ``folder`` (``IMAGE_EXTENSIONS``, any case),
+    sorted; symlinks to files count.
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder {str(folder)!r} does not exist")
+    suffixes = {ext.lower() for ext in IMAGE_EXTENSIONS}
+    return sorted(p.name for p in folder.iterdir() if p.suffix.lower() in suffixes and p.is_file())
+
+
+def folder_image_ids(folder: str | Path, csv_ids: Sequence[str]) -> list[str]:
+    """The image ids of a data set's folder, spelled as its CSV spells them.
+
+    A CSV names images by file name (``0011165.jpg``: Clouds, Severstal) or by bare
+    stem (DSB 2018's hashes). When any CSV id ends in an image extension the folder's
+    file names are the ids, else their stems.
+
+    Raises:
+        FileNotFoundError: the folder does not exist.
+        ValueError: two files share a stem (``a.png`` and ``a.jpg``) under stem ids.
+    """
+    names = list_image_files(folder)
+    suffixes = {ext.lower() for ext in IMAGE_EXTENSIONS}
+    if any(Path(image_id).suffix.lower() in suffixes for image_id in csv_ids):
+        return names
+    stems: dict[str, str] = {}
+    for name in names:
+        stem = Path(name).stem
+        if stem in stems:
+            raise ValueError(
+                f"image folder {str(folder)!r} holds both {stems[stem]!r} and {name!r}: "
+                f"the CSV names images without extension, so image_id {stem!r} is ambiguous"
+            )
+        stems[stem] = name
+    return sorted(stems)
+
+
+def files_fingerprint(folder: str | Path, image_ids: Sequence[str]) -> str:
+    """A hash of the image files of ``image_ids`` in ``folder``: each resolved file's
+    name, size and modification time (symlinks followed). Changes when an image is
+    added, removed, renamed or rewritten."""
+    digest = hashlib.sha256()
+    for image_id in image_ids:
+        stat = resolve_image_path(folder, image_id).stat()
+        digest.update(f"{image_id}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -23,8 +23,23 @@ def predict_tta(
     """
     views = valid_views(views, images.shape[1], images.shape[2])
     stacked = stack_views(images, views).astype(np.float32)
-    preds = model.predict_on_batch(stacked)
-    return merge_views(np.asarray(preds, dtype=np.float32), views, len(images), how)
+    preds = predict_on_replicas(model, stacked)
+    return merge_views(preds, views, len(images), how)
+
+
+def predict_on_replicas(model: keras.Model, batch: np.ndarray) -> np.ndarray:
+    """``model.predict_on_batch`` as float32, safe under a multi-replica strategy.
+
+    A batch is split over the model's replicas; one smaller than the replica count
+    would leave a replica an empty slice, which oneDNN's convolution mishandles (see
+    ``data.batch_for_replicas``). Such a batch is padded with copies of its last image
+    and the padding's outputs dropped: inference is per image, so the rest is unchanged.
+    """
+    n = len(batch)
+    replicas = model.distribute_strategy.num_replicas_in_sync
+    if 0 < n < replicas:
+        batch = np.concatenate([batch, np.repeat(batch[-1:], replicas - n, axis=0)])
+    return np.asarray(model.predict_on_batch(batch), dtype=np.float32)[:n]
 
 
 def iter_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:

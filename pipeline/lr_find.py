@@ -113,6 +113,7 @@ def _fold_training_input(
         exp.image_ids,
         config.data.image_size,
         exp.rles(),
+        masks_key=exp.data_key,
     )
     t = config.train
     sampler = CropSampler(cache, t.crop_size, build_augmentation(config.augment), config.seed)

@@ -9,7 +9,7 @@ Each merged prob is resized to the submission size, quantised to uint8 exactly l
 out-of-fold store the post-processing was tuned on, post-processed and RLE-encoded.
 
 Writes ``submissions/<experiment>_<yyyymmdd-hhmm>.csv`` (validated, atomic), a row in
-``submissions/README.md`` and ``runs/<experiment>/predict.json`` (timings).
+``submissions/history.md`` and ``runs/<experiment>/predict.json`` (timings).
 ``--no-postprocess`` uses threshold 0.5 for every class instead of ``postprocess.json``.
 """
 
@@ -486,7 +486,7 @@ def write_outputs(
     submission.write_submission_file(frame, path, exp.layout, exp.classes, image_ids, shapes)
     inside = path.resolve().parent == submissions_dir.resolve()
     submission.record_submission(
-        submissions_dir / "README.md",
+        submissions_dir / submission.SUBMISSION_LOG,
         path.name if inside else str(path),
         config.experiment,
         oof_score,
@@ -512,7 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--submissions-dir",
         type=Path,
         default=Path("submissions"),
-        help="folder of <experiment>_<yyyymmdd-hhmm>.csv and README.md (default: %(default)s)",
+        help="folder of <experiment>_<yyyymmdd-hhmm>.csv and history.md (default: %(default)s)",
     )
     parser.add_argument(
         "--no-postprocess",

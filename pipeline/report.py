@@ -610,7 +610,7 @@ def format_value(value: Any, digits: int = 4) -> str:
             return "n/a"
         # Values too small for the fixed digits (a rounding difference, a short run's
         # energy) keep two significant digits instead of showing as 0.
-        small = value != 0 and abs(value) < 0.5 * 10.0**-digits
+        small = value != 0 and abs(float(value)) < 0.5 * 10.0**-digits
         return f"{value:.1e}" if small else f"{value:.{digits}f}"
     return str(value)
 

@@ -148,7 +148,7 @@ def train_fold(
         t.num_parallel_calls,
         t.prefetch,
     )
-    val_ds = make_eval_dataset(cache, cache.index_of(val_ids), global_batch, t.val_crop)
+    val_ds = make_eval_dataset(cache, cache.index_of(val_ids), global_batch, t.val_crop, replicas)
     fixed = t.crop_size if config.model.architecture == "PSPNet" else None
     with strategy.scope():
         model = build_model(config, len(exp.classes), fixed)
@@ -261,7 +261,13 @@ def _device_name() -> str:
 def training_cache(config: Config, exp: Experiment, size: Sequence[int]) -> ImageCache:
     """The training images and masks at ``size``, decoded once per experiment."""
     return build_cache(
-        exp.cache_dir, "train", Path(config.data.train_images), exp.image_ids, size, exp.rles()
+        exp.cache_dir,
+        "train",
+        Path(config.data.train_images),
+        exp.image_ids,
+        size,
+        exp.rles(),
+        masks_key=exp.data_key,
     )
 
 

@@ -199,7 +199,9 @@ def train_classifier_fold(
         t.num_parallel_calls,
         t.prefetch,
     )
-    val_ds = make_presence_eval_dataset(cache, cache.index_of(val_ids), labels, global_batch)
+    val_ds = make_presence_eval_dataset(
+        cache, cache.index_of(val_ids), labels, global_batch, replicas
+    )
     with strategy.scope():
         model = build_classifier_from_config(config, len(exp.classes))
     if c.init_from_segmentation:

@@ -292,8 +292,9 @@ def fit_resumable(
     for phase, (start, end) in enumerate(zip(starts, bounds, strict=True)):
         if stopped or state["epoch"] >= end:
             continue
-        if plan[phase].lr is not None and state["epoch"] <= start:
-            current_lr = float(plan[phase].lr)
+        phase_lr = plan[phase].lr
+        if phase_lr is not None and state["epoch"] <= start:
+            current_lr = float(phase_lr)
         compile_phase(model, phase, current_lr)
         if not restored:
             _restore(model, state, same_phase=state.get("phase") == phase)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import pandas as pd
 import pytest
@@ -48,11 +47,10 @@ def test_grid_trains_each_setting_then_skips_finished_runs(tmp_path, tiny_data):
     assert len(summary) == 2 and summary["mean_cv"].is_monotonic_decreasing
     assert "cannot judge" in out.stdout and "identical folds" in out.stdout
 
-    started = time.monotonic()
     again = run_grid(*args, "--folds", "0")
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("already finished") == 2
-    assert time.monotonic() - started < 60  # no TensorFlow start, no training
+    assert "epoch 1/" not in again.stderr  # nothing trained again
     rerun = pd.read_csv(runs / "tiny__grid" / "results.csv")
     assert (rerun["status"] == "already finished").all()
     assert rerun.drop(columns="status").equals(results.drop(columns="status"))

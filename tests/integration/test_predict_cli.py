@@ -108,7 +108,7 @@ def test_predict_writes_a_valid_scored_recorded_submission(tmp_path, trained_run
     )
     assert not (run_dir / "predict_tmp").exists()  # the fold merge is cleaned up
 
-    rows = (subs / "README.md").read_text().splitlines()
+    rows = (subs / "history.md").read_text().splitlines()
     assert rows[-2].startswith(f"| {plain} | tiny | ")  # outside the folder: full path
     assert rows[-2].endswith(" | - |")  # no truth, no test score
     assert rows[-1].startswith(f"| {written[0].name} | tiny | {tuned_oof:.4f} | ")

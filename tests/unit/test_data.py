@@ -8,6 +8,7 @@ import pytest
 
 from pipeline.data import (
     CropSampler,
+    batch_for_replicas,
     build_augmentation,
     build_cache,
     make_eval_dataset,
@@ -92,3 +93,30 @@ def test_eval_dataset_covers_each_image_once_in_order(tmp_path, image_set):
     assert [b[0].shape[0] for b in batches] == [2, 1]
     first = batches[0][0].numpy()
     np.testing.assert_array_equal(first[0], cache.images[2, :, 16:48].astype(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "replicas", "sizes"),
+    [
+        (9, 8, 2, [9]),  # a remainder of 1 < 2 replicas joins the batch before it
+        (17, 8, 2, [8, 9]),
+        (10, 8, 2, [8, 2]),  # a remainder of 2 gives each replica one image
+        (16, 8, 2, [8, 8]),
+        (9, 8, 1, [8, 1]),  # one replica: plain batching
+        (3, 8, 2, [3]),
+    ],
+)
+def test_no_eval_batch_leaves_a_replica_empty(n, batch, replicas, sizes):
+    from pipeline.keras_backend import tf
+
+    ds = batch_for_replicas(tf.data.Dataset.range(n), n, batch, replicas)
+    batches = [b.numpy().tolist() for b in ds]
+    assert [len(b) for b in batches] == sizes
+    assert [x for b in batches for x in b] == list(range(n))  # each once, in order
+
+
+def test_fewer_eval_images_than_replicas_is_an_error():
+    from pipeline.keras_backend import tf
+
+    with pytest.raises(ValueError, match="1 evaluation image.*2 replicas"):
+        batch_for_replicas(tf.data.Dataset.range(1), 1, 8, 2)

@@ -14,13 +14,18 @@ from pipeline import fold_jobs
 from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.fold_jobs import FoldJob, job_command, run_fold_jobs, threads_per_job
 
-# A stand-in for python -m pipeline.train / train_classifier: records when it ran and
-# with which thread budget, writes metrics.json, fails for the fold in FAIL_FOLD.
+# A stand-in for python -m pipeline.train / train_classifier: records how many jobs ran
+# at once and with which thread budget, writes metrics.json. No test depends on speed:
+# - segmentation folds 0 and 1 wait for each other to have started (a rendezvous), so
+#   two jobs provably run at once;
+# - with FAIL_FOLD set, that fold fails at once and every other job waits to be
+#   stopped by the runner (for at most WAIT_S), so nothing can finish in between.
 STAGE = textwrap.dedent(
     """
     import argparse, json, os, sys, time
     from pathlib import Path
     import yaml
+    WAIT_S = 120
     parser = argparse.ArgumentParser()
     parser.add_argument("--config"); parser.add_argument("--fold", type=int)
     parser.add_argument("--resume", action="store_true")
@@ -29,19 +34,34 @@ STAGE = textwrap.dedent(
     config = yaml.safe_load(Path(args.config).read_text())
     run = Path(config["runs_dir"]) / config["experiment"]
     stage = "{stage}"
+    name = f"{{stage}}_{{args.fold}}"
     out = (run / "classifier" if stage == "classifier" else run) / f"fold_{{args.fold}}"
+    (run / "started").mkdir(exist_ok=True)
+    (run / "running").mkdir(exist_ok=True)
+    (run / "started" / name).touch()
+    (run / "running" / name).touch()
     start = time.time()
     print(f"{{stage}} fold {{args.fold}} starting", flush=True)
     print(f"12:00:00 INFO pipeline.trainer: epoch 1/1 loss={{args.fold}}.5", flush=True)
-    time.sleep(float(os.environ.get("STAGE_SECONDS", "0.6")))
-    if str(args.fold) == os.environ.get("FAIL_FOLD") and stage == "segmentation":
-        print("something broke in this fold", flush=True)
-        sys.exit(3)
+    fail = os.environ.get("FAIL_FOLD")
+    if fail is not None:
+        if str(args.fold) == fail and stage == "segmentation":
+            print("something broke in this fold", flush=True)
+            sys.exit(3)
+        time.sleep(WAIT_S)
+    if stage == "segmentation" and args.fold in (0, 1):
+        other = run / "started" / f"segmentation_{{1 - args.fold}}"
+        deadline = time.time() + WAIT_S
+        while not other.exists() and time.time() < deadline:
+            time.sleep(0.01)
+    concurrent = len(list((run / "running").iterdir()))
     record = {{"stage": stage, "fold": args.fold, "start": start, "end": time.time(),
-              "threads": os.environ.get("FOLDSEG_THREADS"), "resume": args.resume}}
+              "threads": os.environ.get("FOLDSEG_THREADS"), "resume": args.resume,
+              "concurrent": concurrent}}
     with (run / "runs.jsonl").open("a") as handle:
         handle.write(json.dumps(record) + "\\n")
     (out / "metrics.json").write_text(json.dumps({{"fold": args.fold}}))
+    (run / "running" / name).unlink()
     """
 )
 
@@ -86,13 +106,8 @@ def test_jobs_run_two_at_a_time_in_order_after_their_dependencies(
     )
     records = _records(config)
     assert len(records) == 6 and all(r["threads"] == "2" and r["resume"] for r in records)
-    # Never more than two at once, and two did overlap.
-    events = sorted([(r["start"], 1) for r in records] + [(r["end"], -1) for r in records])
-    level, peak = 0, 0
-    for _, step in events:
-        level += step
-        peak = max(peak, level)
-    assert peak == 2
+    # Never more than two at once, and two did run together (the rendezvous).
+    assert max(r["concurrent"] for r in records) == 2
     by_job = {(r["stage"], r["fold"]): r for r in records}
     for k in range(3):
         assert by_job[("classifier", k)]["start"] >= by_job[("segmentation", k)]["end"]
@@ -112,12 +127,14 @@ def test_a_failed_job_stops_the_run_and_quotes_its_log(
 ) -> None:
     config = setup
     monkeypatch.setenv("FAIL_FOLD", "1")
-    monkeypatch.setenv("STAGE_SECONDS", "0.2")
     jobs = [FoldJob("segmentation", k) for k in range(2)] + [FoldJob("classifier", 5)]
     with pytest.raises(RuntimeError, match=r"segmentation fold 1 failed \(exit code 3\)") as err:
         run_fold_jobs(config, jobs, workers=2)
     assert "something broke in this fold" in str(err.value)
     assert not (config.fold_dir(5, "classifier") / "metrics.json").exists()  # never started
+    # Fold 0 was still waiting: the runner stopped it rather than waiting for it.
+    assert not (config.fold_dir(0) / "metrics.json").exists()
+    assert not (config.run_dir / "runs.jsonl").exists()
 
 
 def test_threads_commands_and_config() -> None:

@@ -105,19 +105,43 @@ def test_resolve_missing(tmp_path: Path) -> None:
         images.resolve_image_path(tmp_path / "absent", "zzz")
 
 
-@pytest.mark.parametrize("image_id", ["../x", "a/../../x", "", "/etc/passwd"])
+@pytest.mark.parametrize("image_id", ["../x", "a/../../x", "", "/etc/passwd", "sub/x", "a\\x"])
 def test_resolve_rejects_ids_outside_the_folder(tmp_path: Path, image_id: str) -> None:
     folder = tmp_path / "images"
     folder.mkdir()
     write(tmp_path / "x.png", np.zeros((2, 2), dtype=np.uint8))
-    with pytest.raises(ValueError, match="must name a file inside the image folder"):
+    with pytest.raises(ValueError, match="must name a file directly inside the image folder"):
         images.resolve_image_path(folder, image_id)
 
 
-def test_resolve_rejects_symlink_escape(tmp_path: Path) -> None:
+def test_symlinked_files_and_folders_are_read(tmp_path: Path) -> None:
+    """DVC, git-annex and cluster mounts lay data out as symlinks to a store elsewhere."""
+    store = tmp_path / "store"
+    store.mkdir()
+    outside = write(store / "blob.png", np.full((2, 3), 7, dtype=np.uint8))
     folder = tmp_path / "images"
     folder.mkdir()
-    outside = write(tmp_path / "secret.png", np.zeros((2, 2), dtype=np.uint8))
     (folder / "link.png").symlink_to(outside)
-    with pytest.raises(ValueError, match=r"image_id 'link' resolves outside the image folder"):
-        images.resolve_image_path(folder, "link")
+    (folder / "dangling.png").symlink_to(tmp_path / "gone.png")
+    path = images.resolve_image_path(folder, "link")
+    assert images.read_image(path).shape == (2, 3, 3)
+    assert images.list_image_files(folder) == ["link.png"]  # a dangling link is no image
+    linked = tmp_path / "linked_folder"
+    linked.symlink_to(store, target_is_directory=True)
+    assert images.list_image_files(linked) == ["blob.png"]
+    assert images.resolve_image_path(linked, "blob.png") == linked / "blob.png"
+
+
+def test_folder_ids_follow_the_csv_spelling(tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("b.jpg", "a.PNG", "notes.txt"):
+        (folder / name).write_bytes(b"x")
+    assert images.folder_image_ids(folder, ["a.PNG"]) == ["a.PNG", "b.jpg"]
+    assert images.folder_image_ids(folder, ["a"]) == ["a", "b"]
+    assert images.folder_image_ids(folder, []) == ["a", "b"]
+    (folder / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"holds both 'a.PNG' and 'a.jpg'.*'a' is ambiguous"):
+        images.folder_image_ids(folder, ["a"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        images.folder_image_ids(tmp_path / "absent", ["a"])

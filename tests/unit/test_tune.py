@@ -76,6 +76,10 @@ def make_experiment(
     pd.DataFrame(rows, columns=["Image_Label", "EncodedPixels"]).to_csv(
         tmp_path / "train.csv", index=False
     )
+    images = tmp_path / "train_images"
+    images.mkdir(exist_ok=True)
+    for image_id in IMAGE_IDS:
+        cv2.imwrite(str(images / image_id), np.zeros(ORIGINAL, dtype=np.uint8))
     config_path = tmp_path / "tune.yaml"
     config_path.write_text(
         yaml.safe_dump(
@@ -85,6 +89,7 @@ def make_experiment(
                 "runs_dir": str(tmp_path / "runs"),
                 "data": {
                     "train_csv": str(tmp_path / "train.csv"),
+                    "train_images": str(images),
                     "classes": CLASSES,
                     "image_size": [16, 24],
                     "submission_size": None if own_size else list(SIZE),
@@ -442,7 +447,7 @@ def test_mask_table_cache_is_reused_and_follows_the_csv(
 
     truth, probs, classifier = false_positive_case()
     config = load_config(make_experiment(tmp_path, truth, probs, classifier))
-    caches = list((tmp_path / "runs" / "handmade" / "cache" / "masks").glob("*.pkl"))
+    caches = list((tmp_path / "runs" / "handmade" / "cache" / "masks").glob("table-*.json"))
     assert len(caches) == 1  # written by the first open
     reads: list[Path] = []
     real_read = experiment.read_masks
@@ -464,7 +469,7 @@ def test_mask_table_cache_is_reused_and_follows_the_csv(
     edited = open_experiment(config)
     assert len(reads) == 1
     assert edited.table["rle"].iloc[0] == "1 2"
-    assert len(list(caches[0].parent.glob("*.pkl"))) == 1  # the stale table was removed
+    assert len(list(caches[0].parent.glob("table-*.json"))) == 1  # the stale one is gone
 
     # A malformed RLE is still caught after a cached read, naming the row.
     frame.loc[1, "EncodedPixels"] = "5 1 2 1"
@@ -476,8 +481,8 @@ def test_mask_table_cache_is_reused_and_follows_the_csv(
     frame.loc[1, "EncodedPixels"] = ""
     frame.to_csv(csv, index=False)
     open_experiment(config)
-    (cache,) = caches[0].parent.glob("*.pkl")
-    cache.write_bytes(b"not a pickle")
+    (cache,) = caches[0].parent.glob("table-*.json")
+    cache.write_bytes(b"not json")
     reads.clear()
     assert open_experiment(config).table.equals(edited.table.assign(rle=frame_rles(frame)))
     assert len(reads) == 1
