@@ -418,6 +418,51 @@ def _score_sections(run: RunData, scores: Scores, out: Path) -> list[report.Sect
     return [main, spread, per_fold, presence]
 
 
+def cv_scores(tune_extra: dict[str, Any] | None) -> pd.DataFrame | None:
+    """The CV figures tune recorded, honest first: per class and overall, the nested
+    score (settings tuned on the other folds), the in-sample one (tuned and scored on
+    the same images) and plain threshold 0.5; None before tuning."""
+    if not tune_extra or "scores" not in tune_extra:
+        return None
+    rows = []
+    for name, scores in [
+        *tune_extra.get("per_class", {}).items(),
+        ("overall", tune_extra["scores"]),
+    ]:
+        stability = tune_extra.get("stability", {}).get(name)
+        rows.append(
+            {
+                "class": name,
+                "tuned, nested (honest)": scores.get("tuned_nested", float("nan")),
+                "tuned, in-sample (optimistic)": scores["tuned"],
+                "plain 0.5": scores["plain"],
+                "folds choosing the final setting": (
+                    f"{stability['folds_agreeing']}/{stability['folds']}" if stability else ""
+                ),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _cv_section(run: RunData) -> report.Section:
+    section = report.Section("CV score")
+    table = cv_scores(run.tune_extra)
+    if table is None:
+        section.paragraphs.append(
+            f"not tuned yet: run `python -m pipeline.tune --config {run.config.source}`"
+        )
+        return section
+    section.paragraphs.append(
+        "Compare the leaderboard with the nested figure: each fold is scored with the "
+        "post-processing chosen on the other folds' out-of-fold images. The in-sample "
+        "figure chooses and scores on the same images, so it is optimistic by "
+        "construction. The last column counts the folds whose own choice equals the final "
+        "setting (tuned on all folds): a low count means an unstable setting."
+    )
+    section.tables.append(("Kaggle Dice, out of fold", table))
+    return section
+
+
 def _postprocess_section(
     run: RunData, check: pd.DataFrame | None, notes: list[str]
 ) -> report.Section:
@@ -553,11 +598,13 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST) -> dict[str, Any]:
     scores.summary.to_csv(out / "scores_summary.csv", index=False)
     notes = list(run.notes)
     check = tune_check(run, pooled)
+    cv = cv_scores(run.tune_extra)
     auc = classifier_auc(run)
     runs, energy_notes = timed_runs(config, run.exp.n_folds)
     energy = report.energy_table(runs, config.energy)
     sections = [
         _overview(run),
+        _cv_section(run),
         *_score_sections(run, scores, out),
         _postprocess_section(run, check, notes),
         _curves_section(run, out),
@@ -582,6 +629,7 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST) -> dict[str, Any]:
                 | {"params": {c: p.to_dict() for c, p in s.params.items()}}
                 for s in run.stages
             },
+            "cv": None if cv is None else cv.to_dict(orient="records"),
             "summary": _nested_summary(scores),
             "per_fold": by_fold.to_dict(orient="records"),
             "pooled": pooled.to_dict(orient="records"),

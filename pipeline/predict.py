@@ -227,18 +227,19 @@ def fold_weights(config: Config, stage: str = "") -> list[Path]:
 
 def read_postprocess(
     config: Config, classes: Sequence[str], use_postprocess: bool
-) -> tuple[dict[str, PostprocessParams], float]:
-    """Per-class post-processing and the OOF score it reaches.
+) -> tuple[dict[str, PostprocessParams], float, float | None]:
+    """Per-class post-processing and the OOF scores it reaches: in-sample and nested.
 
-    From ``postprocess.json`` (the tuned score with gates, ``extra.scores.tuned``), or
-    with ``use_postprocess`` False threshold 0.5 everywhere and the folds' OOF Kaggle
-    Dice at 0.5 (mean over all validation images).
+    From ``postprocess.json`` (``extra.scores.tuned``: tuned and scored on the same OOF
+    images; ``tuned_nested``: each fold scored with settings tuned on the others, None
+    in a file from before it existed), or with ``use_postprocess`` False threshold 0.5
+    everywhere and the folds' OOF Kaggle Dice at 0.5 (nothing tuned: both the same).
     """
     if not use_postprocess:
         metrics = [read_metrics(config.fold_dir(k)) for k in range(config.folds.n_splits)]
         n_val = sum(m["n_val"] for m in metrics)
         oof = sum(m["oof_kaggle_dice_050"] * m["n_val"] for m in metrics) / n_val
-        return {name: PostprocessParams(threshold=0.5, min_area=0) for name in classes}, oof
+        return {name: PostprocessParams(threshold=0.5, min_area=0) for name in classes}, oof, oof
     path = config.run_dir / POSTPROCESS
     if not path.is_file():
         raise FileNotFoundError(
@@ -250,7 +251,8 @@ def read_postprocess(
     scores = extra.get("scores")
     if not isinstance(scores, Mapping) or not isinstance(scores.get("tuned"), (int, float)):
         raise ValueError(f"{path}: extra.scores.tuned must hold the tuned OOF score; got {scores}")
-    return params, float(scores["tuned"])
+    nested = scores.get("tuned_nested")
+    return params, float(scores["tuned"]), float(nested) if nested is not None else None
 
 
 def predict_folds(
@@ -370,7 +372,7 @@ def predict(
     started, cpu_started = time.perf_counter(), time.process_time()
     exp = open_experiment(config)
     weights = fold_weights(config)
-    params, oof_score = read_postprocess(config, exp.classes, use_postprocess)
+    params, oof_score, oof_nested = read_postprocess(config, exp.classes, use_postprocess)
     gated = [name for name, p in params.items() if p.gate == "classifier"]
     image_ids = list_test_images(config, exp)
     data = config.data
@@ -425,7 +427,7 @@ def predict(
         shutil.rmtree(work, ignore_errors=True)
     with clock.stage("write"):
         result = write_outputs(
-            config, exp, table, image_ids, cache, out, submissions_dir, oof_score
+            config, exp, table, image_ids, cache, out, submissions_dir, oof_score, oof_nested
         )
     seconds = time.perf_counter() - started
     result.update(
@@ -456,6 +458,7 @@ def write_outputs(
     out: Path | None,
     submissions_dir: Path,
     oof_score: float,
+    oof_nested: float | None,
 ) -> dict[str, Any]:
     """Lay out, score (when ``data.test_truth`` is set), write and record the submission."""
     data = config.data
@@ -489,10 +492,16 @@ def write_outputs(
         submissions_dir / submission.SUBMISSION_LOG,
         path.name if inside else str(path),
         config.experiment,
+        oof_nested,
         oof_score,
         test_score,
     )
-    return {"submission": str(path), "oof_score": oof_score, "test_score": test_score}
+    return {
+        "submission": str(path),
+        "oof_score": oof_score,
+        "oof_score_nested": oof_nested,
+        "test_score": test_score,
+    }
 
 
 def describe_device() -> str:
@@ -528,7 +537,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     print(f"submission: {result['submission']}")
-    print(f"OOF Kaggle Dice: {result['oof_score']:.4f}")
+    nested = result["oof_score_nested"]
+    print(
+        f"OOF Kaggle Dice: nested {'-' if nested is None else f'{nested:.4f}'} (honest: tuned "
+        f"on the other folds), in-sample {result['oof_score']:.4f}"
+    )
     test = result["test_score"]
     print(f"test Kaggle Dice: {'-' if test is None else f'{test:.4f}'}")
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result["stage_seconds"].items())

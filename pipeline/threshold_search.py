@@ -101,6 +101,16 @@ class ClassResult:
     no_gate_score: float
     plain_score: float  # threshold 0.5, no min area, no gate
     fold_scores: tuple[float, ...]  # the chosen setting per fold; NaN for a fold with no image
+    # Nested (honest) figures: for each fold, the setting chosen on the *other* folds and
+    # its score on this one. ``nested_score`` pools them over all images like ``score``.
+    nested_score: float = float("nan")
+    nested_fold_scores: tuple[float, ...] = ()
+    nested_params: tuple[PostprocessParams | None, ...] = ()  # None: fold has no image
+
+    @property
+    def stable(self) -> bool:
+        """Whether every fold's nested choice is the setting chosen on all folds."""
+        return all(p is None or p == self.params for p in self.nested_params)
 
 
 @dataclass(frozen=True, eq=False)
@@ -135,6 +145,33 @@ class TuneResult:
     def score(self) -> float:
         """Overall tuned score (gates allowed)."""
         return self._mean("score")
+
+    @property
+    def nested_score(self) -> float:
+        """Overall nested score: each fold scored with settings tuned on the other folds."""
+        return self._mean("nested_score")
+
+    @property
+    def nested_fold_scores(self) -> tuple[float, ...]:
+        """Overall nested score per fold (NaN for a fold with no image)."""
+        per_class = np.array([self.per_class[c].nested_fold_scores for c in self.classes])
+        return tuple(float(s) for s in per_class.mean(axis=0))
+
+    def stability(self) -> dict[str, dict[str, Any]]:
+        """Per class: whether the folds' nested choices agree with the final one, and
+        each fold's choice (threshold, min area, gate)."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in self.classes:
+            r = self.per_class[name]
+            chosen = [p.to_dict() if p is not None else None for p in r.nested_params]
+            same = sum(1 for p in r.nested_params if p is not None and p == r.params)
+            out[name] = {
+                "stable": r.stable,
+                "folds_agreeing": same,
+                "folds": sum(1 for p in r.nested_params if p is not None),
+                "per_fold": chosen,
+            }
+        return out
 
     @property
     def no_gate_score(self) -> float:
@@ -174,6 +211,7 @@ class TuneResult:
                     "plain": result.plain_score,
                     "no_gate": result.no_gate_score,
                     "tuned": result.score,
+                    "tuned_nested": result.nested_score,
                     "fold_mean": float(np.nanmean(folds)),
                     "fold_std": float(np.nanstd(folds)),
                     **result.params.to_dict(),
@@ -185,6 +223,7 @@ class TuneResult:
                 "plain": self.plain_score,
                 "no_gate": self.no_gate_score,
                 "tuned": self.score,
+                "tuned_nested": self.nested_score,
                 "fold_mean": self.fold_mean,
                 "fold_std": self.fold_std,
             }
@@ -234,7 +273,11 @@ class TuneResult:
             "scores": {
                 "plain": self.plain_score,
                 "no_gate": self.no_gate_score,
+                # In-sample: chosen and scored on the same OOF images (optimistic).
                 "tuned": self.score,
+                # Honest: each fold scored with the setting chosen on the other folds.
+                "tuned_nested": self.nested_score,
+                "nested_fold_scores": list(self.nested_fold_scores),
                 "fold_scores": list(self.fold_scores),
                 "fold_mean": self.fold_mean,
                 "fold_std": self.fold_std,
@@ -245,10 +288,13 @@ class TuneResult:
                     "no_gate": r.no_gate_score,
                     "no_gate_params": r.no_gate_params.to_dict(),
                     "tuned": r.score,
+                    "tuned_nested": r.nested_score,
                     "fold_scores": list(r.fold_scores),
+                    "nested_fold_scores": list(r.nested_fold_scores),
                 }
                 for name, r in self.per_class.items()
             },
+            "stability": self.stability(),
             "grid": {
                 "thresholds": list(self.thresholds),
                 "min_areas": list(self.min_areas),
@@ -487,6 +533,9 @@ class GridAccumulator:
             fold_sums = self._sums_of(c, best)
             with np.errstate(invalid="ignore"):
                 fold_scores = fold_sums / self._counts
+            nested_sums, nested_choices = self._nested(c)
+            with np.errstate(invalid="ignore"):
+                nested_fold_scores = nested_sums / self._counts
             per_class[name] = ClassResult(
                 name=name,
                 params=self._params(best),
@@ -495,6 +544,11 @@ class GridAccumulator:
                 no_gate_score=float(self._sums_of(c, no_gate).sum() / n_images),
                 plain_score=float(plain_mean[c]),
                 fold_scores=tuple(float(s) for s in fold_scores),
+                nested_score=float(np.nansum(nested_sums) / n_images),
+                nested_fold_scores=tuple(float(s) for s in nested_fold_scores),
+                nested_params=tuple(
+                    None if choice is None else self._params(choice) for choice in nested_choices
+                ),
             )
         gate_tables = {
             kind: np.concatenate([base_mean[..., None], gated_mean[i]], axis=-1)
@@ -512,6 +566,36 @@ class GridAccumulator:
             no_gate_table=base_mean,
             gate_tables=gate_tables,
         )
+
+    def _nested(self, c: int) -> tuple[np.ndarray, list[tuple[str | None, int, int, int] | None]]:
+        """Class ``c``'s nested Dice sums per fold and each fold's choice.
+
+        Fold f is scored at the setting that the same rule (``_best``) chooses on the
+        sums of every other fold; a fold with no image scores 0 and has no choice. With
+        a single fold holding images there is nothing else to tune on, so that fold
+        falls back to its own (in-sample) choice, which only happens on degenerate splits.
+        """
+        allow_none, allow_gates = "none" in self.gates, bool(self.kinds)
+        total_base = self._base[c].sum(axis=0)
+        total_gated = self._gated[:, c].sum(axis=1)
+        sums = np.zeros(self.n_folds)
+        choices: list[tuple[str | None, int, int, int] | None] = []
+        for fold in range(self.n_folds):
+            count = int(self._counts[fold])
+            if count == 0:
+                choices.append(None)
+                continue
+            others = int(self._counts.sum()) - count
+            if others == 0:
+                base, gated, n = total_base, total_gated, count
+            else:
+                base = total_base - self._base[c, fold]
+                gated = total_gated - self._gated[:, c, fold]
+                n = others
+            choice = self._best(base / n, gated / n, allow_none, allow_gates)
+            sums[fold] = self._sums_of(c, choice)[fold]
+            choices.append(choice)
+        return sums, choices
 
     def _sums_of(self, c: int, choice: tuple[str | None, int, int, int]) -> np.ndarray:
         """(n_folds,) Dice sums of class ``c`` at one grid point."""

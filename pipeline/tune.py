@@ -509,27 +509,39 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
 
 
 def format_summary(output: TuneOutput) -> str:
-    """The printed table: per class and overall, plain 0.5, tuned, gated, chosen setting."""
+    """The printed table: per class and overall, plain 0.5, tuned (nested, then in-sample),
+    the chosen setting and how many folds' nested choices agree with it."""
     result = output.result
     lines = [
         f"post-processing tuned on {output.n_images} out-of-fold images "
         f"({len(result.fold_counts)} folds); gates searched: {', '.join(result.gates)}"
         + ("" if "classifier" in result.gates else " (the classifier gate was not searched)"),
-        f"{'class':<12} {'plain 0.5':>9} {'thr+area':>9} {'+gate':>9} {'folds mean ± std':>17}"
-        f"  {'gate':<20} {'threshold':>9} {'min_area':>8}",
+        "nested = each fold scored with the setting tuned on the other folds (the honest "
+        "CV); in-sample = tuned and scored on the same images (optimistic)",
+        f"{'class':<12} {'plain 0.5':>9} {'nested':>9} {'in-sample':>9} {'thr+area':>9} "
+        f"{'folds mean ± std':>17}  {'gate':<20} {'threshold':>9} {'min_area':>8} {'agree':>6}",
     ]
     summary = result.summary()
+    stability = result.stability()
     for row in summary.itertuples(index=False):
         name = str(row[0])
         spread = f"{row.fold_mean:.4f} ± {row.fold_std:.4f}"
-        head = f"{name:<12} {row.plain:>9.4f} {row.no_gate:>9.4f} {row.tuned:>9.4f} {spread:>17}"
+        head = (
+            f"{name:<12} {row.plain:>9.4f} {row.tuned_nested:>9.4f} {row.tuned:>9.4f} "
+            f"{row.no_gate:>9.4f} {spread:>17}"
+        )
         if name in result.per_class:
             params = result.per_class[name].params
             gate = (
                 params.gate if params.gate == "none" else f"{params.gate}@{params.gate_threshold}"
             )
-            head += f"  {gate:<20} {params.threshold:>9} {params.min_area:>8}"
+            agree = f"{stability[name]['folds_agreeing']}/{stability[name]['folds']}"
+            head += f"  {gate:<20} {params.threshold:>9} {params.min_area:>8} {agree:>6}"
         lines.append(head)
+    lines.append(
+        f"CV Kaggle Dice: nested {result.nested_score:.4f} (honest), in-sample "
+        f"{result.score:.4f}, plain 0.5 {result.plain_score:.4f}"
+    )
     lines.append(f"wrote {output.postprocess_path}, {output.table_path}, {output.grid_path}")
     return "\n".join(lines)
 

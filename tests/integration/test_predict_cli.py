@@ -96,9 +96,12 @@ def test_predict_writes_a_valid_scored_recorded_submission(tmp_path, trained_run
     assert frame["Image_Label"].tolist() == read_submission(sample)["Image_Label"].tolist()
 
     summary = json.loads((run_dir / "predict.json").read_text())
-    tuned_oof = json.loads((run_dir / "postprocess.json").read_text())["extra"]["scores"]["tuned"]
+    tuned = json.loads((run_dir / "postprocess.json").read_text())["extra"]["scores"]
+    tuned_oof, nested = tuned["tuned"], tuned["tuned_nested"]
     assert summary["oof_score"] == pytest.approx(tuned_oof)
-    assert f"OOF Kaggle Dice: {tuned_oof:.4f}" in out.stdout
+    assert summary["oof_score_nested"] == pytest.approx(nested)
+    assert f"OOF Kaggle Dice: nested {nested:.4f} (honest" in out.stdout
+    assert f"in-sample {tuned_oof:.4f}" in out.stdout
     assert f"test Kaggle Dice: {summary['test_score']:.4f}" in out.stdout
     assert score.stdout.strip().endswith(f"({summary['n_images']} images)")
     assert f"kaggle dice overall: {summary['test_score']:.6f}" in score.stdout
@@ -111,7 +114,7 @@ def test_predict_writes_a_valid_scored_recorded_submission(tmp_path, trained_run
     rows = (subs / "history.md").read_text().splitlines()
     assert rows[-2].startswith(f"| {plain} | tiny | ")  # outside the folder: full path
     assert rows[-2].endswith(" | - |")  # no truth, no test score
-    assert rows[-1].startswith(f"| {written[0].name} | tiny | {tuned_oof:.4f} | ")
+    assert rows[-1].startswith(f"| {written[0].name} | tiny | {nested:.4f} | {tuned_oof:.4f} | ")
 
 
 def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_data):

@@ -219,20 +219,20 @@ def test_write_is_atomic_and_validated(tmp_path: Path) -> None:
 def test_record_submission_appends_rows(tmp_path: Path) -> None:
     readme = tmp_path / "README.md"
     readme.write_text("# Submissions\n\n" + README_HEADER)
-    record_submission(readme, "base_20240101-1200.csv", "base", 0.66312, None)
-    record_submission(readme, "b.csv", "exp|2", 0.5, 0.6631)
+    record_submission(readme, "base_20240101-1200.csv", "base", None, 0.66312, None)
+    record_submission(readme, "b.csv", "exp|2", 0.48, 0.5, 0.6631)
     lines = readme.read_text().splitlines()
     assert lines[0] == "# Submissions"
     assert lines[-2:] == [
-        "| base_20240101-1200.csv | base | 0.6631 | - |",
-        r"| b.csv | exp\|2 | 0.5000 | 0.6631 |",
+        "| base_20240101-1200.csv | base | - | 0.6631 | - |",
+        r"| b.csv | exp\|2 | 0.4800 | 0.5000 | 0.6631 |",
     ]
     assert [p.name for p in tmp_path.iterdir()] == ["README.md"]
     created = tmp_path / "new" / "README.md"
-    record_submission(created, "c.csv", "c", 0.1, 0.2)
-    assert created.read_text() == README_HEADER + "| c.csv | c | 0.1000 | 0.2000 |\n"
+    record_submission(created, "c.csv", "c", 0.05, 0.1, 0.2)
+    assert created.read_text() == README_HEADER + "| c.csv | c | 0.0500 | 0.1000 | 0.2000 |\n"
     with pytest.raises(ValueError, match="scores must be finite"):
-        record_submission(created, "d.csv", "d", float("nan"), None)
+        record_submission(created, "d.csv", "d", None, float("nan"), None)
 
 
 def test_score_hand_computed() -> None:

@@ -263,3 +263,55 @@ def test_batched_histograms_equal_image_by_image() -> None:
         batched.add_histograms(["n1"], [3], hist, q[0].size, items[0][4][None])
     with pytest.raises(ValueError, match="'n1' was already added"):
         batched.add_histograms(["n1", "n1"], [0, 0], np.repeat(hist, 2, 0), q[0].size)
+
+
+def test_nested_scores_each_fold_with_the_setting_chosen_on_the_others() -> None:
+    items = _oof(seed=2, n=24)
+    result = _accumulate(items).result()
+    counts = np.bincount([fold for _, fold, *_ in items], minlength=N_FOLDS)
+    for c, name in enumerate(CLASSES):
+        chosen = result.per_class[name]
+        sums = []
+        for fold in range(N_FOLDS):
+            others = _accumulate([item for item in items if item[1] != fold]).result()
+            params = others.per_class[name].params
+            assert chosen.nested_params[fold] == params
+            dice = [
+                _kaggle_dice(params.apply(q[c], classifier_prob=clf[c]), truth[c])
+                for _, f, q, truth, clf in items
+                if f == fold
+            ]
+            assert chosen.nested_fold_scores[fold] == pytest.approx(np.mean(dice), abs=1e-12)
+            sums.append(np.sum(dice))
+        assert chosen.nested_score == pytest.approx(sum(sums) / counts.sum(), abs=1e-12)
+        agreeing = sum(p == chosen.params for p in chosen.nested_params)
+        assert result.stability()[name]["folds_agreeing"] == agreeing
+        assert chosen.stable == (agreeing == N_FOLDS)
+    assert result.nested_score == pytest.approx(
+        np.mean([result.per_class[c].nested_score for c in CLASSES])
+    )
+    saved = result.to_dict()
+    assert saved["scores"]["tuned_nested"] == result.nested_score
+    assert saved["scores"]["tuned"] == result.score
+
+
+def test_nested_tuning_exposes_a_setting_that_only_fits_in_sample() -> None:
+    """Fold 0 needs threshold 0.3 (a faint true pixel), fold 1 needs 0.6 (a false pixel
+    at 0.47): in-sample scores the best single setting on both; nested scores each fold
+    with the other's choice, which fails it."""
+    acc = GridAccumulator(["a"], [0.3, 0.6], [0], [0.5], 2, TOPK, gates=("none",))
+    truth = np.zeros((1, 2, 2), dtype=np.uint8)
+    truth[0, 0, 0] = 1
+    faint = np.zeros((1, 2, 2), dtype=np.uint8)
+    faint[0, 0, 0] = 102  # 0.4: kept by 0.3 only
+    noisy = np.zeros((1, 2, 2), dtype=np.uint8)
+    noisy[0, 0, 0], noisy[0, 1, 1] = 200, 120  # a false pixel at 0.47: removed by 0.6 only
+    acc.add("faint", 0, faint, truth)  # 0.3 -> 1, 0.6 -> 0
+    acc.add("noisy", 1, noisy, truth)  # 0.3 -> 2/3, 0.6 -> 1
+    chosen = acc.result().per_class["a"]
+    assert chosen.params.threshold == 0.3
+    assert chosen.score == pytest.approx((1 + 2 / 3) / 2)
+    assert [p.threshold for p in chosen.nested_params] == [0.6, 0.3]
+    assert chosen.nested_fold_scores == pytest.approx((0.0, 2 / 3))
+    assert chosen.nested_score == pytest.approx(1 / 3)
+    assert not chosen.stable
