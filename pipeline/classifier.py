@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.config import Config
-from pipeline.data import ImageCache, batch_for_replicas
+from pipeline.data import ImageCache, batch_for_replicas, sample_numbers
 from pipeline.folds import presence_matrix
 from pipeline.inference import predict_on_replicas
 from pipeline.keras_backend import keras, sm, tf
@@ -33,6 +33,7 @@ from pipeline.model import (
     resolve_encoder_weights,
     set_bn_momentum,
 )
+from pipeline.sample_order import SampleOrder
 from pipeline.tta import stack_views, valid_views
 
 log = logging.getLogger(__name__)
@@ -309,27 +310,29 @@ def make_presence_train_dataset(
     seed: int,
     num_parallel_calls: int,
     prefetch: int,
+    start: int = 0,
 ) -> tf.data.Dataset:
     """Endless shuffled batches of (image float32 (B,H,W,3) 0-255, label float32 (B,C)).
 
     ``indices`` are cache rows to draw from; ``labels`` (n_cached_images, C) has one row
-    per cache row.
+    per cache row. Sample ``n`` (from ``start``) is a pure function of ``(seed, n)``, as
+    in ``data.make_train_dataset``.
     """
     _check_labels(sampler.cache, labels)
     height, width = sampler.cache.images.shape[1:3]
     table = tf.constant(labels, dtype=tf.float32)
-    order = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
-    order = order.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
-    counters = tf.data.Dataset.counter(dtype=tf.int64)
+    order = SampleOrder(indices, seed)
 
-    def load(index: Any, counter: Any) -> tuple[Any, Any]:
-        image = tf.numpy_function(sampler, [index, counter], tf.uint8)
+    def draw(n: np.int64) -> tuple[np.ndarray, np.int64]:
+        index = order(n)
+        return sampler(index, n), index
+
+    def load(n: Any) -> tuple[Any, Any]:
+        image, index = tf.numpy_function(draw, [n], [tf.uint8, tf.int64])
         image.set_shape((height, width, 3))
         return tf.cast(image, tf.float32), tf.gather(table, index)
 
-    ds = tf.data.Dataset.zip((order, counters)).map(
-        load, num_parallel_calls=num_parallel_calls, deterministic=True
-    )
+    ds = sample_numbers(start).map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
     return ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
 
 

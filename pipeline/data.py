@@ -27,6 +27,7 @@ import pandas as pd
 from pipeline.images import cache_path, files_fingerprint, read_image, resolve_image_path
 from pipeline.keras_backend import tf
 from pipeline.masks import decode_masks, resize_masks
+from pipeline.sample_order import SampleOrder
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +232,11 @@ class CropSampler:
         return image, mask
 
 
+def sample_numbers(start: int) -> tf.data.Dataset:
+    """int64 sample numbers ``start, start + 1, ...`` (endless)."""
+    return tf.data.Dataset.counter(start=int(start), dtype=tf.int64)
+
+
 def make_train_dataset(
     sampler: CropSampler,
     indices: np.ndarray,
@@ -238,23 +244,28 @@ def make_train_dataset(
     seed: int,
     num_parallel_calls: int,
     prefetch: int,
+    start: int = 0,
 ) -> tf.data.Dataset:
-    """Endless shuffled batches of (image float32 (B,h,w,3) 0-255, mask float32 (B,h,w,C))."""
+    """Endless shuffled batches of (image float32 (B,h,w,3) 0-255, mask float32 (B,h,w,C)).
+
+    Sample ``n`` (from ``start``) is image ``SampleOrder(indices, seed)(n)`` cropped and
+    augmented from ``(sampler.seed, n)``: the stream from ``start`` is the same whether
+    or not the samples before it were drawn in this process.
+    """
     n_classes = sampler.cache.masks.shape[-1]  # type: ignore[union-attr]
     ch, cw = sampler.crop_size
-    order = tf.data.Dataset.from_tensor_slices(np.asarray(indices, dtype=np.int64))
-    order = order.shuffle(len(indices), seed=seed, reshuffle_each_iteration=True).repeat()
-    counters = tf.data.Dataset.counter(dtype=tf.int64)
+    order = SampleOrder(indices, seed)
 
-    def load(index: Any, counter: Any) -> tuple[Any, Any]:
-        image, mask = tf.numpy_function(sampler, [index, counter], [tf.uint8, tf.uint8])
+    def draw(n: np.int64) -> tuple[np.ndarray, np.ndarray]:
+        return sampler(order(n), n)
+
+    def load(n: Any) -> tuple[Any, Any]:
+        image, mask = tf.numpy_function(draw, [n], [tf.uint8, tf.uint8])
         image.set_shape((ch, cw, 3))
         mask.set_shape((ch, cw, n_classes))
         return image, mask
 
-    ds = tf.data.Dataset.zip((order, counters)).map(
-        load, num_parallel_calls=num_parallel_calls, deterministic=True
-    )
+    ds = sample_numbers(start).map(load, num_parallel_calls=num_parallel_calls, deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True).map(_to_float)
     return ds.prefetch(prefetch)
 

@@ -45,6 +45,7 @@ from pipeline.metrics import kaggle_dice
 from pipeline.model import build_segmentation_model, check_input_size, set_encoder_fraction
 from pipeline.optim import make_optimizer
 from pipeline.probstore import ProbWriter, dequantise_prob, quantise_prob
+from pipeline.sample_order import first_sample
 from pipeline.schedule import training_phases
 from pipeline.trainer import FitSettings, fit_resumable
 
@@ -140,14 +141,19 @@ def train_fold(
         steps,
     )
     sampler = CropSampler(cache, t.crop_size, build_augmentation(config.augment), config.seed)
-    train_ds = make_train_dataset(
-        sampler,
-        cache.index_of(train_ids),
-        global_batch,
-        config.seed + fold,
-        t.num_parallel_calls,
-        t.prefetch,
-    )
+    train_rows = cache.index_of(train_ids)
+
+    def train_data(epoch: int) -> tf.data.Dataset:
+        return make_train_dataset(
+            sampler,
+            train_rows,
+            global_batch,
+            config.seed + fold,
+            t.num_parallel_calls,
+            t.prefetch,
+            start=first_sample(epoch, steps, global_batch),
+        )
+
     val_ds = make_eval_dataset(cache, cache.index_of(val_ids), global_batch, t.val_crop, replicas)
     fixed = t.crop_size if config.model.architecture == "PSPNet" else None
     with strategy.scope():
@@ -179,7 +185,7 @@ def train_fold(
         model,
         compile_phase,
         phases,
-        train_ds,
+        train_data,
         val_ds,
         steps,
         fold_dir,

@@ -44,9 +44,10 @@ from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
 from pipeline.experiment import open_experiment, read_json, write_json
 from pipeline.fold_jobs import FoldJob
 from pipeline.inference import iter_batches
-from pipeline.keras_backend import keras
+from pipeline.keras_backend import keras, tf
 from pipeline.metrics import presence_confusion
 from pipeline.optim import make_optimizer
+from pipeline.sample_order import first_sample
 from pipeline.train import (
     _device_name,
     build_model,
@@ -190,15 +191,20 @@ def train_classifier_fold(
         ),
     )
     sampler = ImageSampler(cache, build_augmentation(config.augment), config.seed)
-    train_ds = make_presence_train_dataset(
-        sampler,
-        cache.index_of(train_ids),
-        labels,
-        global_batch,
-        config.seed + fold,
-        t.num_parallel_calls,
-        t.prefetch,
-    )
+    train_rows = cache.index_of(train_ids)
+
+    def train_data(epoch: int) -> tf.data.Dataset:
+        return make_presence_train_dataset(
+            sampler,
+            train_rows,
+            labels,
+            global_batch,
+            config.seed + fold,
+            t.num_parallel_calls,
+            t.prefetch,
+            start=first_sample(epoch, steps, global_batch),
+        )
+
     val_ds = make_presence_eval_dataset(
         cache, cache.index_of(val_ids), labels, global_batch, replicas
     )
@@ -219,7 +225,7 @@ def train_classifier_fold(
         model,
         compile_phase,
         [],
-        train_ds,
+        train_data,
         val_ds,
         steps,
         fold_dir,

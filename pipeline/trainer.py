@@ -255,7 +255,7 @@ def fit_resumable(
     model: keras.Model,
     compile_phase: Callable[[keras.Model, int, float], None],
     phases: Sequence[int | Phase],
-    train_ds: tf.data.Dataset,
+    train_data: Callable[[int], tf.data.Dataset],
     val_ds: tf.data.Dataset,
     steps_per_epoch: int,
     out_dir: Path,
@@ -269,6 +269,9 @@ def fit_resumable(
     ``compile_phase(model, index, lr)`` (re)compiles the model with a fresh optimizer,
     e.g. to unfreeze the encoder after a warm-up; a phase's own ``lr``, when set, replaces
     the current learning rate as the phase begins (not when resuming inside it).
+    ``train_data(epoch)`` is the endless training stream from the first sample of
+    (0-based) ``epoch``: each ``fit`` (a phase, or a resumed run) continues the stream
+    where an uninterrupted run would be.
     Returns the final state (history, best epoch, ...).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -324,11 +327,12 @@ def fit_resumable(
         ]
         if settings.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "tensorboard")))
+        first_epoch = max(start, state["epoch"])
         model.fit(
-            train_ds,
+            train_data(first_epoch),
             validation_data=val_ds,
             epochs=end,
-            initial_epoch=max(start, state["epoch"]),
+            initial_epoch=first_epoch,
             steps_per_epoch=steps_per_epoch,
             callbacks=callbacks,
             verbose=settings.verbose,

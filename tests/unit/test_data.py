@@ -120,3 +120,26 @@ def test_fewer_eval_images_than_replicas_is_an_error():
 
     with pytest.raises(ValueError, match="1 evaluation image.*2 replicas"):
         batch_for_replicas(tf.data.Dataset.range(1), 1, 8, 2)
+
+
+def test_a_stream_started_at_epoch_two_continues_the_uninterrupted_one(tmp_path, image_set):
+    """What --resume and a new unfreezing phase rely on: the samples of epoch 3 do not
+    depend on whether epochs 1-2 ran in this process."""
+    from pipeline.sample_order import first_sample
+
+    folder, ids, rles = image_set
+    cache = build_cache(tmp_path / "cache", "train", folder, ids, [32, 64], rles)
+    augment = build_augmentation([{"name": "HorizontalFlip", "params": {"p": 0.5}}])
+    sampler = CropSampler(cache, [32, 32], augment, seed=5)
+    steps, batch = 2, 2
+
+    def stream(start: int) -> list[np.ndarray]:
+        ds = make_train_dataset(sampler, np.arange(3), batch, 9, 2, 1, start=start)
+        return [images.numpy() for images, _ in ds.take(steps)]
+
+    whole = make_train_dataset(sampler, np.arange(3), batch, 9, 2, 1)
+    uninterrupted = [images.numpy() for images, _ in whole.take(3 * steps)]
+    resumed = stream(first_sample(2, steps, batch))
+    for a, b in zip(uninterrupted[2 * steps :], resumed, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(uninterrupted[0], resumed[0])  # not restarted at sample 0
