@@ -31,6 +31,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def add_force_argument(parser: argparse.ArgumentParser) -> None:
+    """``--force``: go on although the config differs from the folds' training config."""
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="go on although this config differs from the one the folds were trained with",
+    )
+
+
 def setup_logging(verbose: bool = False) -> None:
     """Log to stderr with timestamps; called once in each ``main``."""
     logging.basicConfig(

@@ -34,9 +34,15 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report
-from pipeline.cli import add_config_arguments, config_from_args, setup_logging
+from pipeline.cli import add_config_arguments, add_force_argument, config_from_args, setup_logging
 from pipeline.config import Config
-from pipeline.experiment import Experiment, open_experiment, read_json, write_json
+from pipeline.experiment import (
+    Experiment,
+    check_trained_config,
+    open_experiment,
+    read_json,
+    write_json,
+)
 from pipeline.folds import presence_matrix
 from pipeline.images import (
     cache_path,
@@ -580,12 +586,14 @@ def _overview(run: RunData) -> report.Section:
     )
 
 
-def evaluate(config: Config, n_worst: int = DEFAULT_WORST) -> dict[str, Any]:
+def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) -> dict[str, Any]:
     """Score every fold's OOF predictions and write the report; returns metrics.json's content.
 
     FileNotFoundError names an unfinished segmentation fold and the command to run;
     missing classifier, tuning or prediction outputs become notes in the report.
+    ``force``: go on although this config differs from the folds' training config.
     """
+    check_trained_config(config, force)
     run = open_run(config)
     out = config.run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
@@ -701,10 +709,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=DEFAULT_WORST,
         help="how many of the worst OOF images to draw (default: %(default)s)",
     )
+    add_force_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        metrics = evaluate(config_from_args(args), n_worst=args.worst)
+        metrics = evaluate(config_from_args(args), n_worst=args.worst, force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2

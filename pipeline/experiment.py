@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import yaml
 
 from pipeline.config import Config, save_config
 from pipeline.folds import ensure_folds, fold_members
@@ -60,8 +61,7 @@ class Experiment:
         return fold_members(self.folds, fold)
 
     def check_fold(self, fold: int) -> None:
-        if not 0 <= fold < self.n_folds:
-            raise ValueError(f"fold must be in [0, {self.n_folds - 1}]; got {fold}")
+        check_fold_number(self.config, fold)
 
 
 def experiment_cache_dir(config: Config) -> Path:
@@ -206,7 +206,6 @@ def open_experiment(config: Config) -> Experiment:
         table = table[table["image_id"].isin(set(image_ids))].reset_index(drop=True)
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
     folds = ensure_folds(
         run_dir / "folds.csv",
         table,
@@ -256,6 +255,97 @@ def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], layout
         layout,
         config.folds.n_splits,
         {name: int(per_class.get(name, 0)) for name in classes},
+    )
+
+
+# The config a fold was trained with, in its fold directory (and the latest training
+# command's at the run's top): later stages compare theirs with it.
+TRAINED_CONFIG = "config.yaml"
+# The keys whose change makes a trained fold another experiment: what the data is, how
+# it is split and sized, and the network. Other keys (TTA, post-processing grids,
+# energy, ...) may change between stages.
+TRAINED_KEYS: tuple[str, ...] = (
+    "seed",
+    "data.train_csv",
+    "data.train_images",
+    "data.layout",
+    "data.classes",
+    "data.instance_class",
+    "data.image_size",
+    "data.max_images",
+    "folds",
+    "model",
+)
+CLASSIFIER_KEYS: tuple[str, ...] = (
+    "classifier.backbone",
+    "classifier.image_size",
+    "classifier.pooling",
+    "classifier.multiscale_pooling",
+)
+_PATH_KEYS = ("data.train_csv", "data.train_images")
+
+
+def check_fold_number(config: Config, fold: int) -> None:
+    """``fold`` in ``[0, folds.n_splits - 1]``; checked before anything is written."""
+    n_folds = int(config.folds.n_splits)
+    if not 0 <= fold < n_folds:
+        raise ValueError(f"fold must be in [0, {n_folds - 1}]; got {fold}")
+
+
+def record_trained_config(config: Config, fold_dir: Path) -> None:
+    """Keep the config a fold is trained with (and the run's latest one at its top)."""
+    save_config(config, fold_dir / TRAINED_CONFIG)
+    save_config(config, config.run_dir / TRAINED_CONFIG)
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    value: Any = data
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    if dotted in _PATH_KEYS and isinstance(value, str):
+        return str(Path(value).resolve())
+    return value
+
+
+def trained_config_differences(config: Config) -> list[str]:
+    """Every key that matters (``TRAINED_KEYS``; ``CLASSIFIER_KEYS`` for classifier
+    folds) whose value differs from a trained fold's recorded config: one line each,
+    naming the key, the fold's file, its value then and now."""
+    now = config.to_dict()
+    lines = []
+    for stage, keys in (("", TRAINED_KEYS), ("classifier", TRAINED_KEYS + CLASSIFIER_KEYS)):
+        for fold in range(int(config.folds.n_splits)):
+            path = config.fold_dir(fold, stage) / TRAINED_CONFIG
+            if not path.is_file():
+                continue
+            try:
+                then = yaml.safe_load(path.read_text())
+            except (OSError, yaml.YAMLError) as exc:
+                raise ValueError(f"{path} is not a readable config: {exc}") from exc
+            if not isinstance(then, dict):
+                raise ValueError(f"{path} must hold a mapping; got {type(then).__name__}")
+            for key in keys:
+                old, new = _lookup(then, key), _lookup(now, key)
+                if old != new:
+                    lines.append(f"{key}: {old!r} in {path}, {new!r} now")
+    return lines
+
+
+def check_trained_config(config: Config, force: bool = False) -> None:
+    """Stop when this config differs from the one the folds were trained with in a key
+    that matters (``trained_config_differences``); with ``force`` only warn."""
+    lines = trained_config_differences(config)
+    if not lines:
+        return
+    shown = "\n  ".join(lines[:12]) + (f"\n  ... {len(lines) - 12} more" if len(lines) > 12 else "")
+    if force:
+        log.warning("going on (--force) although the folds were trained otherwise:\n  %s", shown)
+        return
+    raise ValueError(
+        f"this config differs from the one the folds of {config.run_dir} were trained "
+        f"with:\n  {shown}\nuse the training config, retrain, or pass --force to go on"
     )
 
 

@@ -26,6 +26,25 @@ _TABLE_COLUMNS = ("image_id", "class_name", "rle")
 _FOLD_COLUMNS = ["image_id", "fold"]
 
 
+def classifier_skip_reason(table: pd.DataFrame, classes: Sequence[str]) -> str | None:
+    """Why a presence classifier has nothing to learn, or None when it has.
+
+    A class present in every image (DSB 2018's nuclei), or in none, has one label
+    everywhere: its AUC is undefined and a gate on it can only remove true masks. When
+    every class is like that the classifier is skipped.
+    """
+    presence = presence_matrix(table, classes)
+    constant = {
+        name: ("every" if bool(presence[name].all()) else "no")
+        for name in classes
+        if presence[name].nunique() <= 1
+    }
+    if len(constant) < len(classes):
+        return None
+    described = ", ".join(f"{name!r} in {where} image" for name, where in constant.items())
+    return f"presence is the same in all {len(presence)} images ({described}): nothing to learn"
+
+
 def presence_matrix(table: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
     """Per-image class presence from the canonical mask table.
 

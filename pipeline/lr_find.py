@@ -32,7 +32,7 @@ from pipeline.cli import add_config_arguments, config_from_args, setup_logging
 from pipeline.config import Config
 from pipeline.data import CropSampler, build_augmentation, build_cache, make_train_dataset
 from pipeline.devices import make_strategy, set_mixed_precision
-from pipeline.experiment import Experiment, open_experiment, write_json
+from pipeline.experiment import Experiment, check_fold_number, open_experiment, write_json
 from pipeline.keras_backend import keras, tf
 from pipeline.losses import get_loss
 from pipeline.lr_schedule import (
@@ -133,9 +133,9 @@ def run_lr_find(config: Config, fold: int = 0) -> dict[str, Any]:
     lrs = exponential_lrs(lf.start_lr, lf.end_lr, lf.steps)
     find_divergence([], lf.smoothing, lf.diverge_factor)  # checks both settings up front
     check_input_size(t.crop_size, "train.crop_size")
+    check_fold_number(config, fold)
     seed_everything(config.seed)
     exp = open_experiment(config)
-    exp.check_fold(fold)
     started = time.monotonic()
     set_mixed_precision(t.mixed_precision)
     strategy = make_strategy(t.strategy)

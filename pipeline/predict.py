@@ -34,13 +34,13 @@ import pandas as pd
 from pipeline import rle, submission
 from pipeline.classifier import STAGE as CLASSIFIER_STAGE
 from pipeline.classifier import build_classifier_from_config, predict_presence_tta
-from pipeline.cli import add_config_arguments, config_from_args, setup_logging
+from pipeline.cli import add_config_arguments, add_force_argument, config_from_args, setup_logging
 from pipeline.config import Config
 from pipeline.data import ImageCache, build_cache
 from pipeline.devices import set_mixed_precision
-from pipeline.experiment import Experiment, open_experiment, write_json
+from pipeline.experiment import Experiment, check_trained_config, open_experiment, write_json
 from pipeline.formats import read_masks
-from pipeline.images import IMAGE_EXTENSIONS
+from pipeline.images import IMAGE_EXTENSIONS, folder_image_ids
 from pipeline.inference import iter_batches, predict_tta
 from pipeline.keras_backend import keras, tf
 from pipeline.masks import resize_probs
@@ -181,7 +181,8 @@ class StageClock:
 
 
 def list_test_images(config: Config, exp: Experiment) -> list[str]:
-    """Test image ids: those the sample submission lists, else every image file (sorted)."""
+    """Test image ids: those the sample submission lists, else every image file of
+    ``data.test_images`` (sorted), spelled as the training CSV names its images."""
     data = config.data
     if data.sample_submission is not None:
         sample = read_masks(
@@ -194,8 +195,8 @@ def list_test_images(config: Config, exp: Experiment) -> list[str]:
     folder = Path(data.test_images)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.test_images folder {str(folder)!r} does not exist")
-    suffixes = {ext.lower() for ext in IMAGE_EXTENSIONS}
-    ids = sorted(p.name for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+    # Spelled as the training CSV spells its images: file names, or bare stems (DSB).
+    ids = folder_image_ids(folder, exp.image_ids)
     if not ids:
         raise FileNotFoundError(
             f"data.test_images folder {str(folder)!r} holds no image files "
@@ -251,6 +252,14 @@ def read_postprocess(
     scores = extra.get("scores")
     if not isinstance(scores, Mapping) or not isinstance(scores.get("tuned"), (int, float)):
         raise ValueError(f"{path}: extra.scores.tuned must hold the tuned OOF score; got {scores}")
+    size = config.data.submission_size
+    expected = list(size) if size is not None else "each image's own size"
+    if "size" in extra and extra["size"] != expected:
+        raise ValueError(
+            f"{path} was tuned at submission size {extra['size']}, but data.submission_size "
+            f"is now {expected}: its minimum areas are in pixels of the tuned size; tune "
+            f"again or predict with --no-postprocess"
+        )
     nested = scores.get("tuned_nested")
     return params, float(scores["tuned"]), float(nested) if nested is not None else None
 
@@ -366,10 +375,16 @@ def predict(
     out: Path | None = None,
     submissions_dir: Path = Path("submissions"),
     use_postprocess: bool = True,
+    force: bool = False,
 ) -> dict[str, Any]:
-    """Predict the test images, write and record the submission; return the run's figures."""
+    """Predict the test images, write and record the submission; return the run's figures.
+
+    ``force``: go on although this config differs from the folds' training config in a
+    key that matters.
+    """
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
+    check_trained_config(config, force)
     exp = open_experiment(config)
     weights = fold_weights(config)
     params, oof_score, oof_nested = read_postprocess(config, exp.classes, use_postprocess)
@@ -476,6 +491,9 @@ def write_outputs(
             for i, (h, w) in zip(cache.image_ids, cache.original_sizes, strict=True)
         }
     )
+    if exp.layout == "instances":
+        # Objects are scored one by one: one row per connected component.
+        frame = submission.split_instances(frame, shapes)
     test_score = None
     if data.test_truth is not None:
         truth = submission.read_submission(data.test_truth)
@@ -528,11 +546,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="threshold 0.5 for every class instead of the tuned postprocess.json",
     )
+    add_force_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
         config = config_from_args(args)
-        result = predict(config, args.out, args.submissions_dir, not args.no_postprocess)
+        result = predict(
+            config, args.out, args.submissions_dir, not args.no_postprocess, args.force
+        )
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2

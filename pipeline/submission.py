@@ -24,6 +24,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 
@@ -205,6 +206,39 @@ def make_submission_frame(
         rank = image_rank * len(frame) + np.arange(len(frame))
     order = np.argsort(rank, kind="stable")
     return frame.iloc[order].reset_index(drop=True)
+
+
+def split_instances(frame: pd.DataFrame, shapes: Shapes) -> pd.DataFrame:
+    """One row per object: each image's mask split into its connected components.
+
+    Instance competitions (DSB 2018, Airbus ships) score objects, so a union mask per
+    image would count as one object. ``frame`` is an instances-layout submission
+    (``ImageId,EncodedPixels``, one union row per image); each non-empty mask becomes
+    one row per 8-connected component, in label order (top-left first), the
+    components disjoint by construction; an image without objects keeps its single
+    empty row. Row order follows the images' order in ``frame``.
+
+    Args:
+        frame: instances-layout frame, e.g. from ``make_submission_frame``.
+        shapes: ``(H, W)`` of every mask, or a mapping image_id -> ``(H, W)``.
+
+    Returns:
+        The frame with one row per object (and per empty image).
+    """
+    ids: list[str] = []
+    rles: list[str] = []
+    for image_id, encoded in zip(frame["ImageId"], frame[_RLE_COLUMN], strict=True):
+        if not _is_filled(encoded):
+            ids.append(image_id)
+            rles.append("")
+            continue
+        shape = shapes[image_id] if isinstance(shapes, Mapping) else shapes
+        mask = rle_codec.decode(str(encoded), _check_shape(shape, str(image_id)))
+        n_labels, labels = cv2.connectedComponents(mask, connectivity=8)
+        components = [(labels == label).astype(np.uint8) for label in range(1, n_labels)]
+        ids.extend([image_id] * len(components))
+        rles.extend(rle_codec.encode_batch(components))
+    return pd.DataFrame({"ImageId": ids, _RLE_COLUMN: rles})
 
 
 def write_submission_file(

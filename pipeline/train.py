@@ -34,7 +34,15 @@ from pipeline.data import (
     make_train_dataset,
 )
 from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
-from pipeline.experiment import Experiment, open_experiment, read_json, write_json
+from pipeline.experiment import (
+    Experiment,
+    check_fold_number,
+    check_trained_config,
+    open_experiment,
+    read_json,
+    record_trained_config,
+    write_json,
+)
 from pipeline.fold_jobs import FoldJob, run_fold_jobs
 from pipeline.inference import iter_batches, predict_tta
 from pipeline.keras_backend import keras, tf
@@ -101,9 +109,8 @@ def train_fold(
     config: Config, fold: int, resume: bool = False, force: bool = False
 ) -> dict[str, Any]:
     """Train one fold, predict its validation images, return and save its metrics."""
+    check_fold_number(config, fold)
     seed_everything(config.seed)
-    exp = open_experiment(config)
-    exp.check_fold(fold)
     fold_dir = config.fold_dir(fold)
     if is_finished(fold_dir) and not force:
         raise FileExistsError(f"fold {fold} already finished ({fold_dir / METRICS}); pass --force")
@@ -112,14 +119,17 @@ def train_fold(
             f"fold {fold} has an interrupted run in {fold_dir}; pass --resume to continue "
             f"it or --force to start over"
         )
-    if force:
-        (fold_dir / METRICS).unlink(missing_ok=True)
     t = config.train
     check_input_size(t.crop_size, "train.crop_size")
     if t.val_crop is not None:
         check_input_size(t.val_crop, "train.val_crop")
     else:
         check_input_size(config.data.image_size, "data.image_size (validation input)")
+    check_trained_config(config, force)
+    exp = open_experiment(config)
+    if force:
+        (fold_dir / METRICS).unlink(missing_ok=True)
+    record_trained_config(config, fold_dir)
     train_ids, val_ids = exp.members(fold)
     cache = training_cache(config, exp, config.data.image_size)
     started = time.monotonic()

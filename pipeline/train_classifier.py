@@ -41,8 +41,16 @@ from pipeline.cli import (
 from pipeline.config import Config
 from pipeline.data import ImageCache, build_augmentation
 from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
-from pipeline.experiment import open_experiment, read_json, write_json
+from pipeline.experiment import (
+    check_fold_number,
+    check_trained_config,
+    open_experiment,
+    read_json,
+    record_trained_config,
+    write_json,
+)
 from pipeline.fold_jobs import FoldJob
+from pipeline.folds import classifier_skip_reason
 from pipeline.inference import iter_batches
 from pipeline.keras_backend import keras, tf
 from pipeline.metrics import presence_confusion
@@ -148,19 +156,21 @@ def _check_fold_start(fold: int, fold_dir: Path, resume: bool, force: bool) -> N
             f"classifier fold {fold} has an interrupted run in {fold_dir}; pass --resume to "
             f"continue it or --force to start over"
         )
-    if force:
-        (fold_dir / METRICS).unlink(missing_ok=True)
 
 
 def train_classifier_fold(
     config: Config, fold: int, resume: bool = False, force: bool = False
 ) -> dict[str, Any]:
     """Train one classifier fold, predict its validation images, return and save metrics."""
+    check_fold_number(config, fold)
     seed_everything(config.seed)
-    exp = open_experiment(config)
-    exp.check_fold(fold)
     fold_dir = classifier_fold_dir(config, fold)
     _check_fold_start(fold, fold_dir, resume, force)
+    check_trained_config(config, force)
+    exp = open_experiment(config)
+    if force:
+        (fold_dir / METRICS).unlink(missing_ok=True)
+    record_trained_config(config, fold_dir)
     c, t = config.classifier, config.train
     train_ids, val_ids = exp.members(fold)
     cache = training_cache(config, exp, c.image_size)
@@ -312,6 +322,13 @@ def train_classifier_folds(
     One after the other in this process, or with ``train.parallel_folds`` > 1 as that
     many child processes at once.
     """
+    for fold in folds:
+        check_fold_number(config, fold)
+    exp = open_experiment(config)
+    reason = classifier_skip_reason(exp.table, exp.classes)
+    if reason is not None:
+        log.info("presence classifier skipped: %s", reason)
+        return []
     pending = [k for k in folds if force or not is_finished(classifier_fold_dir(config, k))]
     if config.train.parallel_folds > 1 and len(pending) > 1:
         run_parallel(config, classifier_jobs(config, pending), resume, force)
@@ -368,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         split_cpu(args.logical_cpus)
         folds = list(range(config.folds.n_splits)) if args.all else [args.fold]
         results = train_classifier_folds(config, folds, resume=args.resume, force=args.force)
-        pooled = score_all_folds(config, folds) if len(folds) > 1 else None
+        pooled = score_all_folds(config, folds) if len(results) > 1 else None
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2

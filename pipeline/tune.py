@@ -37,9 +37,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import add_config_arguments, config_from_args, setup_logging
+from pipeline.cli import add_config_arguments, add_force_argument, config_from_args, setup_logging
 from pipeline.config import Config
-from pipeline.experiment import Experiment, open_experiment
+from pipeline.experiment import Experiment, check_trained_config, open_experiment
+from pipeline.folds import classifier_skip_reason
 from pipeline.images import cache_path, read_original_sizes
 from pipeline.postprocess import save_postprocess
 from pipeline.probstore import ProbReader
@@ -441,18 +442,23 @@ def compare_gates(result: TuneResult) -> dict[str, dict[str, float]]:
     return out
 
 
-def tune(config: Config) -> TuneOutput:
+def tune(config: Config, force: bool = False) -> TuneOutput:
     """Tune post-processing on every fold's out-of-fold probs and write the results.
 
     Writes ``postprocess.json``, ``postprocess_table.csv`` and ``postprocess_grid.csv``
-    into the run directory, each atomically.
+    into the run directory, each atomically. ``force``: go on although this config
+    differs from the folds' training config in a key that matters.
     """
+    check_trained_config(config, force)
     exp = open_experiment(config)
     readers = open_oof_stores(config, exp)
     classifier_probs = None
     if "classifier" in config.postprocess.gates:
-        classifier_probs = read_classifier_oof(config, exp)
-        if classifier_probs is None:
+        reason = classifier_skip_reason(exp.table, exp.classes)
+        classifier_probs = None if reason is not None else read_classifier_oof(config, exp)
+        if reason is not None:
+            log.info("the classifier gate is left out: %s", reason)
+        elif classifier_probs is None:
             log.warning(
                 "no classifier out-of-fold probs under %s: tuning without the classifier "
                 "gate (train it with python -m pipeline.train_classifier --all)",
@@ -549,10 +555,11 @@ def format_summary(output: TuneOutput) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__)
     add_config_arguments(parser)
+    add_force_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
-        output = tune(config_from_args(args))
+        output = tune(config_from_args(args), force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2

@@ -153,3 +153,37 @@ def test_symlinked_images_and_folders_are_read(tmp_path):
     mount.symlink_to(store / "train_images", target_is_directory=True)
     config = load_config(config.source, [f"data.train_images={mount}"])  # type: ignore[arg-type]
     assert open_experiment(config).image_ids == IDS
+
+
+def test_a_config_that_differs_from_the_trained_one_is_refused(tmp_path, caplog):
+    from pipeline.experiment import (
+        check_trained_config,
+        record_trained_config,
+        trained_config_differences,
+    )
+
+    path = severstal_set(tmp_path, DEFECTS)
+    config = load_config(path)
+    check_trained_config(config)  # nothing trained yet: nothing to compare
+    record_trained_config(config, config.fold_dir(0))
+    record_trained_config(config, config.fold_dir(1, "classifier"))
+    assert (config.run_dir / "config.yaml").is_file()
+    check_trained_config(load_config(path, ["tta.views=[identity]", "train.lr=0.5"]))
+    changed = load_config(path, ["data.image_size=[32, 32]", "classifier.backbone=resnet34"])
+    lines = trained_config_differences(changed)
+    assert lines[0].startswith("data.image_size: [16, 32] in ") and "fold_0" in lines[0]
+    assert any(line.startswith("classifier.backbone: ") for line in lines)
+    assert sum("classifier" in line for line in lines) == 2  # its size and backbone
+    with pytest.raises(ValueError, match=r"(?s)differs from the one the folds.*--force"):
+        check_trained_config(changed)
+    check_trained_config(changed, force=True)
+    assert "going on (--force)" in caplog.text
+
+
+def test_a_rejected_fold_number_writes_nothing(tmp_path):
+    from pipeline.train import train_fold
+
+    config = load_config(severstal_set(tmp_path, DEFECTS), ["train.lr=0.0123"])
+    with pytest.raises(ValueError, match=r"fold must be in \[0, 1\]; got 9"):
+        train_fold(config, 9)
+    assert not (tmp_path / "runs").exists()

@@ -276,3 +276,23 @@ def test_fold_members_rejects_fold_out_of_range(fold: int) -> None:
     folds = pd.DataFrame({"image_id": ["a", "b", "c"], "fold": [0, 1, 2]})
     with pytest.raises(ValueError, match=rf"fold must be in \[0, 2\]; got {fold}"):
         fold_members(folds, fold)
+
+
+def test_classifier_is_skipped_only_when_no_class_varies() -> None:
+    from pipeline.folds import classifier_skip_reason
+
+    every = pd.DataFrame(
+        {"image_id": ["a", "b"], "class_name": ["nucleus"] * 2, "rle": ["1 2", "3 1"]}
+    )
+    reason = classifier_skip_reason(every, ["nucleus"])
+    assert reason is not None and "'nucleus' in every image" in reason and "all 2 images" in reason
+    mixed = pd.DataFrame(
+        {
+            "image_id": ["a", "a", "b", "b"],
+            "class_name": ["x", "y", "x", "y"],
+            "rle": ["1 2", "1 1", "3 1", ""],
+        }
+    )
+    assert classifier_skip_reason(mixed, ["x", "y"]) is None  # y varies
+    none = mixed.assign(rle=["1 2", "", "3 1", ""])
+    assert "'y' in no image" in str(classifier_skip_reason(none, ["x", "y"]))

@@ -301,3 +301,26 @@ def test_instances_follow_the_sample_image_order() -> None:
     sample = pd.DataFrame({"ImageId": ["b", "a"], "EncodedPixels": ["1 1"] * 2})
     frame = make_submission_frame(table, "instances", ["object"], sample)
     assert frame.values.tolist() == [["b", ""], ["a", "1 1"]]
+
+
+def test_instances_are_split_into_one_row_per_object() -> None:
+    from pipeline.rle import decode, encode
+    from pipeline.submission import split_instances
+
+    mask = np.zeros((6, 8), dtype=np.uint8)
+    mask[0:2, 0:2] = 1  # object 1
+    mask[4:6, 5:8] = 1  # object 2
+    mask[3, 3] = 1  # object 3, touching neither
+    frame = pd.DataFrame({"ImageId": ["b", "a"], "EncodedPixels": [encode(mask), ""]})
+    split = split_instances(frame, (6, 8))
+    assert split["ImageId"].tolist() == ["b", "b", "b", "a"]
+    assert split["EncodedPixels"].iloc[-1] == ""  # an image without objects keeps one row
+    objects = [decode(r, (6, 8)) for r in split["EncodedPixels"].iloc[:3]]
+    assert [int(o.sum()) for o in objects] == [4, 1, 6]
+    np.testing.assert_array_equal(np.sum(objects, axis=0), mask)  # disjoint, union = mask
+    validate_submission(split, "instances", ["nucleus"], ["a", "b"], (6, 8))
+    diagonal = np.eye(3, dtype=np.uint8)  # 8-connected: one object
+    one = split_instances(
+        pd.DataFrame({"ImageId": ["c"], "EncodedPixels": [encode(diagonal)]}), {"c": (3, 3)}
+    )
+    assert len(one) == 1
