@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from pipeline.config import DEFAULT_CONFIG, Config, load_config
 
@@ -67,9 +69,64 @@ def parse_fold_arguments(
 
 
 # Set by pipeline.fold_jobs in the environment of the fold processes it starts: a fold
-# job, and its TensorFlow thread budget (applied by pipeline.keras_backend).
+# job (its value: the parent's pid), and its TensorFlow thread budget (applied by
+# pipeline.keras_backend).
 JOB_ENV = "FOLDSEG_JOB"
 THREADS_ENV = "FOLDSEG_THREADS"
+_PR_SET_PDEATHSIG = 1
+
+
+def guard_job_process() -> None:
+    """In a fold job: die with the parent, even when it is killed with SIGKILL.
+
+    Linux's ``prctl(PR_SET_PDEATHSIG, SIGTERM)`` asks the kernel to send SIGTERM when
+    the parent exits; a parent that died before this call is caught by comparing the
+    current parent pid with the one the parent recorded. Elsewhere, nothing to do.
+    """
+    parent = os.environ.get(JOB_ENV, "")
+    if not parent.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass  # no prctl: the parent's own cleanup still stops us
+    if os.getppid() != int(parent):
+        os._exit(143)  # the parent is already gone
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so that cleanup code runs."""
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises ``Interrupted`` (cleanup runs) in the main thread."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Interrupted(f"signal {signum}")
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def report_interrupt(command: str) -> int:
+    """The one line a stopped training prints; the exit code (130)."""
+    logging.getLogger("pipeline").error(
+        "interrupted: every fold keeps its last completed epoch; continue with %s --resume",
+        command,
+    )
+    return 130
 
 
 def exit_process(code: int) -> None:

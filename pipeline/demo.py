@@ -17,10 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import make_demo_data
-from pipeline.cli import add_config_arguments, config_from_args, setup_logging
+from pipeline.cli import (
+    add_config_arguments,
+    config_from_args,
+    report_interrupt,
+    setup_logging,
+    sigterm_as_interrupt,
+)
 from pipeline.config import Config
 from pipeline.evaluate import evaluate
-from pipeline.fold_jobs import FoldJob
+from pipeline.fold_jobs import FoldJob, FoldJobFailed
 from pipeline.predict import predict
 from pipeline.train import run_parallel, train_folds
 from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
@@ -87,10 +93,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging()
     started = time.monotonic()
     try:
-        figures = run_demo(config_from_args(args))
+        with sigterm_as_interrupt():
+            figures = run_demo(config_from_args(args))
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except FoldJobFailed as exc:
+        log.error("%s\nfix the cause and run make demo again: finished stages are kept", exc)
+        return 1
+    except KeyboardInterrupt:
+        return report_interrupt("make demo (which resumes)")
     print(f"segmentation OOF Kaggle Dice at threshold 0.5: {figures['oof_kaggle_dice_050']:.4f}")
     print(
         f"OOF Kaggle Dice after tuned post-processing:  nested {figures['oof_tuned_nested']:.4f}"

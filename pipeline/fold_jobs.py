@@ -14,8 +14,10 @@ Orchestration layer, TensorFlow-free: the parent only launches and watches.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cli import JOB_ENV, THREADS_ENV
+from pipeline.cli import JOB_ENV, THREADS_ENV, sigterm_as_interrupt
 from pipeline.config import Config, save_config
 from pipeline.tune import CLASSIFIER_STAGE
 from pipeline.tune import SEGMENTATION_METRICS as METRICS
@@ -36,6 +38,10 @@ JOBS_CONFIG = "config.jobs.yaml"
 TAIL_LINES = 25
 POLL_S = 0.5
 PROGRESS_MARK = " pipeline.trainer: "
+
+
+class FoldJobFailed(RuntimeError):
+    """A fold job exited with an error; the message quotes its log."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +137,7 @@ def run_fold_jobs(
         **os.environ,
         THREADS_ENV: str(threads),
         "OMP_NUM_THREADS": str(threads),
-        JOB_ENV: "1",
+        JOB_ENV: str(os.getpid()),  # the child dies with this process (guard_job_process)
     }
     log.info(
         "running %d fold jobs, %d at a time with %d threads each; logs in each fold's %s",
@@ -144,40 +150,70 @@ def run_fold_jobs(
     running: list[_Running] = []
     finished: list[FoldJob] = []
     try:
-        while waiting or running:
-            for entry in list(running):
-                code = entry.process.poll()
-                entry.forward_progress()
-                if code is None:
-                    continue
-                running.remove(entry)
-                if code != 0:
-                    raise RuntimeError(
-                        f"{entry.job.name} failed (exit code {code}); the end of "
-                        f"{entry.log_path}:\n{_tail(entry.log_path)}"
-                    )
-                finished.append(entry.job)
-                log.info("%s finished in %.0f s", entry.job.name, time.monotonic() - entry.started)
-            while len(running) < workers:
-                # A job waits for its ``after`` jobs of this run; one outside the run is
-                # the child's own business (it fails with its CLI's message if needed).
-                active = set(waiting) | {entry.job for entry in running}
-                ready = [job for job in waiting if not active.intersection(job.after)]
-                if not ready:
-                    break
-                job = ready[0]
-                waiting.remove(job)
-                running.append(_start(config, job, config_path, env, resume, force))
-            time.sleep(POLL_S)
+        with sigterm_as_interrupt():
+            _run_loop(config, waiting, running, finished, workers, config_path, env, resume, force)
     finally:
-        for entry in running:  # after a failure or Ctrl-C: stop, they resume later
-            entry.process.terminate()
-        for entry in running:
-            try:
-                entry.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                entry.process.kill()
+        _stop(running)
     return finished
+
+
+def _run_loop(
+    config: Config,
+    waiting: list[FoldJob],
+    running: list[_Running],
+    finished: list[FoldJob],
+    workers: int,
+    config_path: Path,
+    env: dict[str, str],
+    resume: bool,
+    force: bool,
+) -> None:
+    """Start and watch jobs until every one has finished; FoldJobFailed on a failure."""
+    while waiting or running:
+        for entry in list(running):
+            code = entry.process.poll()
+            entry.forward_progress()
+            if code is None:
+                continue
+            running.remove(entry)
+            if code != 0:
+                raise FoldJobFailed(
+                    f"{entry.job.name} failed (exit code {code}); the end of "
+                    f"{entry.log_path}:\n{_tail(entry.log_path)}"
+                )
+            finished.append(entry.job)
+            log.info("%s finished in %.0f s", entry.job.name, time.monotonic() - entry.started)
+        while len(running) < workers:
+            # A job waits for its ``after`` jobs of this run; one outside the run is
+            # the child's own business (it fails with its CLI's message if needed).
+            active = set(waiting) | {entry.job for entry in running}
+            ready = [job for job in waiting if not active.intersection(job.after)]
+            if not ready:
+                break
+            job = ready[0]
+            waiting.remove(job)
+            running.append(_start(config, job, config_path, env, resume, force))
+        time.sleep(POLL_S)
+
+
+def _stop(running: list[_Running]) -> None:
+    """After a failure, Ctrl-C or SIGTERM: stop every job's process group (they resume
+    later from their last completed epoch)."""
+    for entry in running:
+        _signal_group(entry.process, signal.SIGTERM)
+    for entry in running:
+        try:
+            entry.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            _signal_group(entry.process, signal.SIGKILL)
+            entry.process.wait()
+    if running:
+        log.info("stopped %s", ", ".join(entry.job.name for entry in running))
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
 
 
 def _start(
@@ -196,7 +232,11 @@ def _start(
         handle.write(f"$ {' '.join(command)}\n".encode())
         handle.flush()
         start = handle.tell()
-        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
+        # Its own process group: a terminal's Ctrl-C reaches the parent only, which stops
+        # each job's whole group in order; the job dies with the parent (PDEATHSIG).
+        process = subprocess.Popen(
+            command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
     log.info("%s started (log: %s)", job.name, log_path)
     return _Running(job, process, log_path, time.monotonic(), start)
 

@@ -47,6 +47,7 @@ from pipeline.masks import resize_probs
 from pipeline.model import check_input_size
 from pipeline.postprocess import PostprocessParams, load_postprocess
 from pipeline.probstore import QUANTISATION, quantise_prob
+from pipeline.run_lock import hold_lock
 from pipeline.train import METRICS, build_model, read_metrics
 from pipeline.trainer import BEST_WEIGHTS as WEIGHTS
 from pipeline.trainer import load_best_weights
@@ -382,9 +383,16 @@ def predict(
     ``force``: go on although this config differs from the folds' training config in a
     key that matters.
     """
+    check_trained_config(config, force)
+    with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
+        return _predict(config, out, submissions_dir, use_postprocess)
+
+
+def _predict(
+    config: Config, out: Path | None, submissions_dir: Path, use_postprocess: bool
+) -> dict[str, Any]:
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
-    check_trained_config(config, force)
     exp = open_experiment(config)
     weights = fold_weights(config)
     params, oof_score, oof_nested = read_postprocess(config, exp.classes, use_postprocess)

@@ -21,8 +21,11 @@ from pipeline.cli import (
     add_config_arguments,
     config_from_args,
     exit_process,
+    guard_job_process,
     parse_fold_arguments,
+    report_interrupt,
     setup_logging,
+    sigterm_as_interrupt,
 )
 from pipeline.config import Config
 from pipeline.data import (
@@ -43,7 +46,7 @@ from pipeline.experiment import (
     record_trained_config,
     write_json,
 )
-from pipeline.fold_jobs import FoldJob, run_fold_jobs
+from pipeline.fold_jobs import FoldJob, FoldJobFailed, run_fold_jobs
 from pipeline.inference import iter_batches, predict_tta
 from pipeline.keras_backend import keras, tf
 from pipeline.losses import get_loss, get_metrics
@@ -53,6 +56,7 @@ from pipeline.metrics import kaggle_dice
 from pipeline.model import build_segmentation_model, check_input_size, set_encoder_fraction
 from pipeline.optim import make_optimizer
 from pipeline.probstore import ProbWriter, dequantise_prob, quantise_prob
+from pipeline.run_lock import hold_lock
 from pipeline.sample_order import first_sample
 from pipeline.schedule import training_phases
 from pipeline.trainer import FitSettings, fit_resumable
@@ -108,8 +112,17 @@ def is_finished(fold_dir: Path) -> bool:
 def train_fold(
     config: Config, fold: int, resume: bool = False, force: bool = False
 ) -> dict[str, Any]:
-    """Train one fold, predict its validation images, return and save its metrics."""
+    """Train one fold, predict its validation images, return and save its metrics.
+
+    The fold's lock (``run_lock``) is held throughout: a second trainer of the same
+    fold, here or on another machine sharing the runs directory, is refused.
+    """
     check_fold_number(config, fold)
+    with hold_lock(config.fold_dir(fold), f"segmentation fold {fold}"):
+        return _train_fold(config, fold, resume, force)
+
+
+def _train_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[str, Any]:
     seed_everything(config.seed)
     fold_dir = config.fold_dir(fold)
     if is_finished(fold_dir) and not force:
@@ -345,14 +358,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parse_fold_arguments(parser, argv)
     setup_logging()
+    guard_job_process()
     try:
-        config = config_from_args(args)
-        split_cpu(args.logical_cpus)
-        folds = range(config.folds.n_splits) if args.all else [args.fold]
-        results = train_folds(config, list(folds), resume=args.resume, force=args.force)
+        with sigterm_as_interrupt():
+            config = config_from_args(args)
+            split_cpu(args.logical_cpus)
+            folds = range(config.folds.n_splits) if args.all else [args.fold]
+            results = train_folds(config, list(folds), resume=args.resume, force=args.force)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except FoldJobFailed as exc:
+        log.error("%s\ncontinue with --resume once the cause is fixed", exc)
+        return 1
+    except KeyboardInterrupt:
+        return report_interrupt(f"python -m pipeline.train --config {args.config} --all")
     for r in results:
         print(f"fold {r['fold']}: OOF Kaggle Dice at 0.5 = {r['oof_kaggle_dice_050']:.4f}")
     if len(results) > 1:

@@ -35,8 +35,11 @@ from pipeline.cli import (
     add_config_arguments,
     config_from_args,
     exit_process,
+    guard_job_process,
     parse_fold_arguments,
+    report_interrupt,
     setup_logging,
+    sigterm_as_interrupt,
 )
 from pipeline.config import Config
 from pipeline.data import ImageCache, build_augmentation
@@ -49,12 +52,13 @@ from pipeline.experiment import (
     record_trained_config,
     write_json,
 )
-from pipeline.fold_jobs import FoldJob
+from pipeline.fold_jobs import FoldJob, FoldJobFailed
 from pipeline.folds import classifier_skip_reason
 from pipeline.inference import iter_batches
 from pipeline.keras_backend import keras, tf
 from pipeline.metrics import presence_confusion
 from pipeline.optim import make_optimizer
+from pipeline.run_lock import hold_lock
 from pipeline.sample_order import first_sample
 from pipeline.train import (
     _device_name,
@@ -161,8 +165,16 @@ def _check_fold_start(fold: int, fold_dir: Path, resume: bool, force: bool) -> N
 def train_classifier_fold(
     config: Config, fold: int, resume: bool = False, force: bool = False
 ) -> dict[str, Any]:
-    """Train one classifier fold, predict its validation images, return and save metrics."""
+    """Train one classifier fold, predict its validation images, return and save metrics.
+
+    Holds the fold's lock throughout (see ``train.train_fold``).
+    """
     check_fold_number(config, fold)
+    with hold_lock(classifier_fold_dir(config, fold), f"classifier fold {fold}"):
+        return _train_classifier_fold(config, fold, resume, force)
+
+
+def _train_classifier_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[str, Any]:
     seed_everything(config.seed)
     fold_dir = classifier_fold_dir(config, fold)
     _check_fold_start(fold, fold_dir, resume, force)
@@ -380,15 +392,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parse_fold_arguments(parser, argv)
     setup_logging()
+    guard_job_process()
     try:
-        config = config_from_args(args)
-        split_cpu(args.logical_cpus)
-        folds = list(range(config.folds.n_splits)) if args.all else [args.fold]
-        results = train_classifier_folds(config, folds, resume=args.resume, force=args.force)
-        pooled = score_all_folds(config, folds) if len(results) > 1 else None
+        with sigterm_as_interrupt():
+            config = config_from_args(args)
+            split_cpu(args.logical_cpus)
+            folds = list(range(config.folds.n_splits)) if args.all else [args.fold]
+            results = train_classifier_folds(config, folds, resume=args.resume, force=args.force)
+            pooled = score_all_folds(config, folds) if len(results) > 1 else None
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except FoldJobFailed as exc:
+        log.error("%s\ncontinue with --resume once the cause is fixed", exc)
+        return 1
+    except KeyboardInterrupt:
+        command = f"python -m pipeline.train_classifier --config {args.config} --all"
+        return report_interrupt(command)
     for r in results:
         print(f"classifier fold {r['fold']}: OOF AUC = {r['oof_auc']:.4f}")
     if pooled is not None:

@@ -45,6 +45,7 @@ from pipeline.images import cache_path, read_original_sizes
 from pipeline.postprocess import save_postprocess
 from pipeline.probstore import ProbReader
 from pipeline.rle import decode
+from pipeline.run_lock import hold_lock
 from pipeline.threshold_search import GridAccumulator, TuneResult, class_histograms
 
 log = logging.getLogger(__name__)
@@ -450,6 +451,11 @@ def tune(config: Config, force: bool = False) -> TuneOutput:
     differs from the folds' training config in a key that matters.
     """
     check_trained_config(config, force)
+    with hold_lock(config.run_dir, f"run {config.run_dir} (tune)"):
+        return _tune(config)
+
+
+def _tune(config: Config) -> TuneOutput:
     exp = open_experiment(config)
     readers = open_oof_stores(config, exp)
     classifier_probs = None

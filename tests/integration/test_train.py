@@ -58,10 +58,34 @@ def test_two_folds_train_and_write_oof(tmp_path, tiny_data):
 
 
 def test_all_folds_as_parallel_processes(tmp_path, tiny_data):
+    """SIGTERM to --all stops every fold process and says how to resume; --all --resume
+    then finishes each fold once."""
     config = write_tiny_config(tmp_path, tiny_data, train={"parallel_folds": 2})
-    out = run_cli("pipeline.train", "--config", str(config), "--all")
-    assert out.returncode == 0, out.stderr[-3000:]
     run = tmp_path / "runs" / "tiny"
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--config", str(config), "--all"],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    states = [run / f"fold_{k}" / "checkpoint" / "state.json" for k in (0, 1)]
+    deadline = time.monotonic() + 400
+    while not all(state.is_file() for state in states):  # both folds past epoch 1
+        assert time.monotonic() < deadline and parent.poll() is None, "no fold got going"
+        time.sleep(0.2)
+    parent.send_signal(signal.SIGTERM)
+    _, stderr = parent.communicate(timeout=60)
+    assert parent.returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert "interrupted: every fold keeps its last completed epoch" in stderr
+    assert "--all --resume" in stderr
+    deadline = time.monotonic() + 20
+    while fold_processes(str(run)):
+        assert time.monotonic() < deadline, f"fold processes left: {fold_processes(str(run))}"
+        time.sleep(0.2)
+
+    out = run_cli("pipeline.train", "--config", str(config), "--all", "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
     assert "2 at a time with" in out.stderr
     for fold in (0, 1):
         fold_dir = run / f"fold_{fold}"
@@ -70,6 +94,24 @@ def test_all_folds_as_parallel_processes(tmp_path, tiny_data):
         assert "--fold" in (fold_dir / "train.log").read_text()
         assert len(ProbReader(fold_dir / "oof").image_ids) == 9
     assert "fold 1: OOF Kaggle Dice at 0.5 = " in out.stdout
+
+
+def fold_processes(marker: str) -> list[int]:
+    """Pids of live processes whose command line mentions ``marker`` (a run directory)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as handle:
+                cmdline = handle.read().decode(errors="replace")
+            with open(f"/proc/{entry}/stat") as handle:
+                zombie = handle.read().split(")")[-1].split()[0] == "Z"
+        except OSError:
+            continue
+        if marker in cmdline and not zombie:
+            pids.append(int(entry))
+    return pids
 
 
 def test_fold_outside_the_split_is_an_error(tmp_path, tiny_data):
@@ -91,6 +133,12 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_data):
         start_new_session=True,
     )
     deadline = time.monotonic() + 400
+    while not (fold_dir / ".lock").is_file():
+        assert time.monotonic() < deadline and proc.poll() is None, "training never started"
+        time.sleep(0.2)
+    second = run_cli("pipeline.train", "--config", str(config), "--fold", "0", "--resume")
+    assert second.returncode == 2 and "Traceback" not in second.stderr
+    assert f"segmentation fold 0 is being written by pid {proc.pid} on host" in second.stderr
     while time.monotonic() < deadline:
         if state.is_file() and json.loads(state.read_text())["epoch"] >= 2:
             break
