@@ -120,6 +120,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def report_interrupted(command: str) -> int:
+    """The one line an interrupted stage (not a training) prints; the exit code (130)."""
+    logging.getLogger("pipeline").error(
+        "interrupted: outputs are written atomically, so nothing is half-written; run %s again",
+        command,
+    )
+    return 130
+
+
 def report_interrupt(command: str) -> int:
     """The one line a stopped training prints; the exit code (130)."""
     logging.getLogger("pipeline").error(

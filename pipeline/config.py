@@ -74,7 +74,23 @@ SIZE_KEYS: frozenset[str] = frozenset(
 INT_LIST_KEYS: dict[str, int] = {"model.decoder_filters": 5}
 
 # Integer keys that must be at least 1.
-POSITIVE_INT_KEYS: frozenset[str] = frozenset({"train.parallel_folds"})
+POSITIVE_INT_KEYS: frozenset[str] = frozenset(
+    {
+        "train.parallel_folds",
+        "train.batch_size",
+        "train.accumulation_steps",
+        "train.epochs",
+        "train.num_parallel_calls",
+        "train.prefetch",
+        "tta.batch_size",
+        "classifier.batch_size",
+        "classifier.accumulation_steps",
+        "classifier.epochs",
+        "lr_find.steps",
+    }
+)
+# Integer keys that must be at least 2 (a split needs two parts).
+AT_LEAST_TWO_KEYS: frozenset[str] = frozenset({"folds.n_splits"})
 
 # Keys holding a list of {name: str, params: mapping} transform specs.
 TRANSFORM_LIST_KEYS: frozenset[str] = frozenset({"augment"})
@@ -210,11 +226,17 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     keys = dotted.strip().split(".")
     node: Any = data
     for depth, key in enumerate(keys[:-1]):
-        if not isinstance(node, dict) or key not in node:
-            _unknown(".".join(keys[: depth + 1]), node if isinstance(node, dict) else {})
+        if key not in node:
+            _unknown(".".join(keys[: depth + 1]), node)
+        if not isinstance(node[key], dict):
+            section = ".".join(keys[: depth + 1])
+            raise ConfigError(
+                f"config key {section!r} must be a mapping (a section); got "
+                f"{node[key]!r}, so {dotted!r} cannot be set"
+            )
         node = node[key]
-    if not isinstance(node, dict) or keys[-1] not in node:
-        _unknown(dotted, node if isinstance(node, dict) else {})
+    if keys[-1] not in node:
+        _unknown(dotted, node)
     try:
         node[keys[-1]] = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
@@ -267,6 +289,8 @@ def _check(value: Any, default: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}; got {value!r}")
     if key in POSITIVE_INT_KEYS and value < 1:
         raise ConfigError(f"config key {key!r} must be an integer >= 1; got {value!r}")
+    if key in AT_LEAST_TWO_KEYS and value < 2:
+        raise ConfigError(f"config key {key!r} must be an integer >= 2; got {value!r}")
     return value
 
 

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import albumentations as A
 import cv2
@@ -28,6 +28,10 @@ from pipeline.images import cache_path, files_fingerprint, read_image, resolve_i
 from pipeline.keras_backend import tf
 from pipeline.masks import decode_masks, resize_masks
 from pipeline.sample_order import SampleOrder
+
+if TYPE_CHECKING:  # the run layer above; only its types are needed here
+    from pipeline.config import Config
+    from pipeline.experiment import Experiment
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,8 @@ def build_cache(
     rles: dict[str, list[str]] | None = None,
     workers: int = 2,
     masks_key: str = "",
+    masks_source: str = "the mask CSV",
+    classes: Sequence[str] | None = None,
 ) -> ImageCache:
     """Open the cache of ``image_ids`` at ``size``, building it first if needed.
 
@@ -73,7 +79,9 @@ def build_cache(
     cache is built under a temporary name and renamed, so a crash never leaves a cache
     that looks complete. The cache is rebuilt when anything it was made from changed:
     the ids, the size, the image files (names, sizes, modification times) or
-    ``masks_key`` (what the masks were decoded from: ``experiment.data_key``).
+    ``masks_key`` (what the masks were decoded from: ``experiment.data_key``). A mask
+    that does not fit its image is a ValueError naming the image, its file and size, the
+    class (``classes``) and ``masks_source``.
     """
     directory = cache_path(cache_dir, name, size)
     n_classes = len(next(iter(rles.values()))) if rles else 0
@@ -117,21 +125,34 @@ def build_cache(
 
     def load(i: int) -> None:
         image_id = image_ids[i]
-        image = read_image(resolve_image_path(image_folder, image_id))
+        path = resolve_image_path(image_folder, image_id)
+        image = read_image(path)
         sizes[i] = image.shape[:2]
         images[i] = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
         if masks is not None:
             assert rles is not None
             if image_id not in rles:
                 raise KeyError(f"no mask rows for image {image_id!r}")
-            stack = decode_masks(rles[image_id], (image.shape[0], image.shape[1]))
+            try:
+                stack = decode_masks(rles[image_id], (image.shape[0], image.shape[1]))
+            except ValueError as exc:
+                raise ValueError(
+                    f"{masks_source}: a mask of image {image_id!r} does not fit the image "
+                    f"file {str(path)!r} ({image.shape[0]}x{image.shape[1]}): "
+                    f"{_which_class(rles[image_id], image.shape[:2], classes)}{exc}"
+                ) from None
             masks[i] = resize_masks(stack, (height, width))
 
     log.info(
         "caching %d images of %s at %dx%d in %s", len(image_ids), name, height, width, directory
     )
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(load, range(len(image_ids))))
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(load, range(len(image_ids))))
+    except BaseException:
+        del images, masks  # close the memory maps before removing their files
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     images.flush()
     if masks is not None:
         masks.flush()
@@ -143,6 +164,17 @@ def build_cache(
     cache = _open_if_matching(directory, meta, image_ids)
     assert cache is not None
     return cache
+
+
+def _which_class(rles: Sequence[str], shape: tuple[int, ...], classes: Sequence[str] | None) -> str:
+    """``"class 'Fish': "`` for the first RLE that does not decode at ``shape``."""
+    for c, encoded in enumerate(rles):
+        try:
+            decode_masks([encoded], (int(shape[0]), int(shape[1])))
+        except ValueError:
+            name = classes[c] if classes is not None and c < len(classes) else str(c)
+            return f"class {name!r}: "
+    return ""
 
 
 def _open_if_matching(
@@ -161,6 +193,21 @@ def _open_if_matching(
         original_sizes=index[["height", "width"]].to_numpy(),
         images=np.load(directory / "images.npy", mmap_mode="r"),
         masks=np.load(masks_file, mmap_mode="r") if masks_file.exists() else None,
+    )
+
+
+def training_cache(config: Config, exp: Experiment, size: Sequence[int]) -> ImageCache:
+    """The training images and masks at ``size``, decoded once per experiment."""
+    return build_cache(
+        exp.cache_dir,
+        "train",
+        Path(config.data.train_images),
+        exp.image_ids,
+        size,
+        exp.rles(),
+        masks_key=exp.data_key,
+        masks_source=f"mask CSV {str(config.data.train_csv)!r}",
+        classes=exp.classes,
     )
 
 

@@ -27,7 +27,7 @@ from pipeline.cli import (
 from pipeline.config import Config
 from pipeline.evaluate import evaluate
 from pipeline.fold_jobs import FoldJob, FoldJobFailed
-from pipeline.predict import predict
+from pipeline.predict import predict, previous_prediction
 from pipeline.train import run_parallel, train_folds
 from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
 from pipeline.tune import format_summary, tune
@@ -64,7 +64,11 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
     pooled = score_all_folds(config, folds)
     tuned = timed("tune", lambda: tune(config))
     print(format_summary(tuned))
-    submission = timed("predict", lambda: predict(config, submissions_dir=submissions_dir))
+    submission = previous_prediction(config)
+    if submission is not None:
+        log.info("nothing changed since the last prediction: reusing %s", submission["submission"])
+    else:
+        submission = timed("predict", lambda: predict(config, submissions_dir=submissions_dir))
     timed("evaluate", lambda: evaluate(config))
     oof_plain = sum(r["oof_kaggle_dice_050"] for r in seg) / len(seg)
     figures = {

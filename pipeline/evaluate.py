@@ -34,10 +34,17 @@ import numpy as np
 import pandas as pd
 
 from pipeline import report
-from pipeline.cli import add_config_arguments, add_force_argument, config_from_args, setup_logging
+from pipeline.cli import (
+    add_config_arguments,
+    add_force_argument,
+    config_from_args,
+    report_interrupted,
+    setup_logging,
+)
 from pipeline.config import Config
 from pipeline.experiment import (
     Experiment,
+    check_folds_finished,
     check_trained_config,
     open_experiment,
     read_json,
@@ -593,6 +600,7 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     missing classifier, tuning or prediction outputs become notes in the report.
     ``force``: go on although this config differs from the folds' training config.
     """
+    check_folds_finished(config)
     check_trained_config(config, force)
     run = open_run(config)
     out = config.run_dir / REPORT_DIR
@@ -717,6 +725,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupted("python -m pipeline.evaluate")
     print(format_summary(metrics))
     return 0
 

@@ -70,11 +70,12 @@ def experiment_cache_dir(config: Config) -> Path:
     return Path(configured) if configured else config.run_dir / "cache"
 
 
-def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+def file_sha256(path: Path, memo_dir: Path | None = None, remember: bool = False) -> str:
     """SHA-256 of a file's bytes, remembered by (path, size, mtime) under ``memo_dir``.
 
     The memo makes the common case (nothing changed) a ``stat``; any change of size or
-    modification time hashes the bytes again, so an edit is never missed.
+    modification time hashes the bytes again, so an edit is never missed. The memo is
+    written only with ``remember`` (once the file was read and validated).
     """
     stat = path.stat()
     stamp = {"path": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
@@ -93,7 +94,7 @@ def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
     sha = digest.hexdigest()
-    if memo is not None:
+    if memo is not None and remember:
         _write_text_atomic(memo, json.dumps({"stamp": stamp, "sha256": sha}))
     return sha
 
@@ -143,6 +144,8 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
         instance_class=data.instance_class,
         known_images=known_images,
     )
+    _check_has_masks(config, mask_table.table, len(known_images))
+    file_sha256(path, cache.parent, remember=True)
     for stale in cache.parent.glob("table-*.json"):
         stale.unlink(missing_ok=True)
     saved = {
@@ -199,7 +202,6 @@ def open_experiment(config: Config) -> Experiment:
     key = data_key(config, folder_ids)
     mask_table = read_masks_cached(config, folder_ids, key)
     table = mask_table.table
-    _check_has_masks(config, table, mask_table.classes)
     image_ids = sorted(table["image_id"].unique())
     if data.max_images is not None:
         image_ids = image_ids[: data.max_images]
@@ -218,23 +220,14 @@ def open_experiment(config: Config) -> Experiment:
     return Experiment(config, table, mask_table.classes, mask_table.layout, image_ids, folds, key)
 
 
-def _check_has_masks(config: Config, table: pd.DataFrame, classes: list[str]) -> None:
-    """A CSV without a single mask (header only, or every row empty) is an error, and a
-    class without any mask gets a warning naming it."""
+def _check_has_masks(config: Config, table: pd.DataFrame, n_images: int) -> None:
+    """A CSV without a single mask (header only, or every row empty) is an error."""
     non_empty = table["rle"] != ""
     if not non_empty.any():
         raise ValueError(
             f"mask CSV {str(config.data.train_csv)!r} gives no mask for any of the "
-            f"{table['image_id'].nunique()} images of {str(config.data.train_images)!r} "
+            f"{n_images} images of {str(config.data.train_images)!r} "
             f"(header only, or every EncodedPixels empty); expected at least one mask row"
-        )
-    per_class = table.loc[non_empty, "class_name"].value_counts()
-    absent = [name for name in classes if per_class.get(name, 0) == 0]
-    if absent:
-        log.warning(
-            "class(es) %s have no mask in any image of %s: the model cannot learn them",
-            absent,
-            config.data.train_csv,
         )
 
 
@@ -256,6 +249,13 @@ def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], layout
         config.folds.n_splits,
         {name: int(per_class.get(name, 0)) for name in classes},
     )
+    absent = [name for name in classes if per_class.get(name, 0) == 0]
+    if absent:
+        log.warning(
+            "class(es) %s have no mask in any image of %s: the model cannot learn them",
+            absent,
+            config.data.train_csv,
+        )
 
 
 # The config a fold was trained with, in its fold directory (and the latest training
@@ -292,6 +292,23 @@ def check_fold_number(config: Config, fold: int) -> None:
         raise ValueError(f"fold must be in [0, {n_folds - 1}]; got {fold}")
 
 
+def check_folds_finished(config: Config) -> None:
+    """Every segmentation fold has finished (its ``metrics.json`` exists); checked by
+    the stages that read the folds before they open or write anything.
+
+    Raises:
+        FileNotFoundError: naming the first unfinished fold and the command that makes it.
+    """
+    for fold in range(int(config.folds.n_splits)):
+        metrics = config.fold_dir(fold) / "metrics.json"
+        if not metrics.is_file():
+            raise FileNotFoundError(
+                f"segmentation fold {fold} is not finished: {metrics} does not exist; make "
+                f"it with `python -m pipeline.train --config {config.source or '<config>'} "
+                f"--fold {fold}` (with the same --set overrides)"
+            )
+
+
 def record_trained_config(config: Config, fold_dir: Path) -> None:
     """Keep the config a fold is trained with (and the run's latest one at its top)."""
     save_config(config, fold_dir / TRAINED_CONFIG)
@@ -307,6 +324,16 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
     if dotted in _PATH_KEYS and isinstance(value, str):
         return str(Path(value).resolve())
     return value
+
+
+def _leaf_differences(key: str, old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
+    """Differing leaves under ``key`` (a section is compared key by key)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for name in sorted(set(old) | set(new)):
+            out.update(_leaf_differences(f"{key}.{name}", old.get(name), new.get(name)))
+        return out
+    return {} if old == new else {key: (old, new)}
 
 
 def trained_config_differences(config: Config) -> list[str]:
@@ -328,8 +355,8 @@ def trained_config_differences(config: Config) -> list[str]:
                 raise ValueError(f"{path} must hold a mapping; got {type(then).__name__}")
             for key in keys:
                 old, new = _lookup(then, key), _lookup(now, key)
-                if old != new:
-                    lines.append(f"{key}: {old!r} in {path}, {new!r} now")
+                for leaf, (was, is_now) in _leaf_differences(key, old, new).items():
+                    lines.append(f"{leaf}: {was!r} in {path}, {is_now!r} now")
     return lines
 
 
@@ -363,7 +390,16 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 
 def read_json(path: Path, hint: str = "") -> dict[str, Any]:
-    """Read a JSON file a previous stage wrote; FileNotFoundError says which stage."""
+    """Read a JSON file a previous stage wrote; FileNotFoundError says which stage, and
+    a damaged file (not JSON, or not an object) is a ValueError naming it."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found{'; ' + hint if hint else ''}")
-    return json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{path} is damaged (not valid JSON: {exc}); remake it{': ' + hint if hint else ''}"
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object; got {type(data).__name__}")
+    return data

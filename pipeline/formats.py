@@ -241,6 +241,8 @@ def _resolve_layout(path: Path, frame: pd.DataFrame, layout: str) -> str:
 
 def _to_long(path: Path, frame: pd.DataFrame, layout: str, instance_class: str) -> pd.DataFrame:
     """Columns image_id, class_name, rle, indexed by CSV row number."""
+    if frame.empty:  # a header without rows: no masks at all
+        return pd.DataFrame({column: pd.Series(dtype=str) for column in CANONICAL_COLUMNS})
     rles = frame["EncodedPixels"].str.strip()
     if layout in _JOINED_LAYOUTS:
         column = LAYOUT_COLUMNS[layout][0]

@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.cli import add_config_arguments, setup_logging
+from pipeline.cli import add_config_arguments, report_interrupted, setup_logging
 from pipeline.config import Config, load_config
 from pipeline.experiment import write_json
 from pipeline.lr_schedule import (
@@ -82,7 +82,10 @@ def read_fold_scores(config: Config, folds: Sequence[int]) -> dict[int, float]:
     for fold in folds:
         path = config.fold_dir(fold) / METRICS
         if path.is_file():
-            scores[fold] = float(json.loads(path.read_text())[SCORE])
+            try:
+                scores[fold] = float(json.loads(path.read_text())[SCORE])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path} is damaged ({exc!r}); retrain that fold") from None
     return scores
 
 
@@ -235,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupted("python -m pipeline.grid")
     if args.dry_run:
         print("\n".join(outcome.results["experiment"]))
         return 0

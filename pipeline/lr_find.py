@@ -28,9 +28,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import add_config_arguments, config_from_args, setup_logging
+from pipeline.cli import add_config_arguments, config_from_args, report_interrupted, setup_logging
 from pipeline.config import Config
-from pipeline.data import CropSampler, build_augmentation, build_cache, make_train_dataset
+from pipeline.data import CropSampler, build_augmentation, make_train_dataset, training_cache
 from pipeline.devices import make_strategy, set_mixed_precision
 from pipeline.experiment import Experiment, check_fold_number, open_experiment, write_json
 from pipeline.keras_backend import keras, tf
@@ -106,15 +106,7 @@ def _fold_training_input(
 ) -> tf.data.Dataset:
     """Fold ``fold``'s endless training batches, as ``pipeline.train.train_fold`` makes them."""
     train_ids, _ = exp.members(fold)
-    cache = build_cache(
-        exp.cache_dir,
-        "train",
-        Path(config.data.train_images),
-        exp.image_ids,
-        config.data.image_size,
-        exp.rles(),
-        masks_key=exp.data_key,
-    )
+    cache = training_cache(config, exp, config.data.image_size)
     t = config.train
     sampler = CropSampler(cache, t.crop_size, build_augmentation(config.augment), config.seed)
     return make_train_dataset(
@@ -310,6 +302,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupted("python -m pipeline.lr_find")
     steep = result["steep_lr"]
     print(f"suggested lr: {result['suggested_lr']:.3g} ({result['rule']})")
     print(

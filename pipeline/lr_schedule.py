@@ -258,7 +258,10 @@ def resolve_lr(config: Config) -> float:
             f"`python -m pipeline.lr_find --config {source}` first (with the same --set "
             f"overrides)"
         )
-    value = json.loads(path.read_text()).get("suggested_lr")
+    try:
+        value = json.loads(path.read_text()).get("suggested_lr")
+    except (ValueError, AttributeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc}); run lr_find again") from None
     if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{path}: suggested_lr must be a positive number; got {value!r}")
     return float(value)

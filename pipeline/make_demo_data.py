@@ -152,6 +152,7 @@ def make_demo_data(
     meta = _check_arguments(n_train, n_test, height, width, truth_size, seed)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1; got {workers!r}")
+    _check_output_folder(out)
     train_csv = out / "train.csv"
     saved = _read_meta(out)
     if not force and train_csv.exists():
@@ -259,8 +260,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         logger.error("%s", error)
         return 2
+    except OSError as error:  # e.g. a read-only or special file system under --out
+        logger.error("cannot write the demo data to %s: %s", args.out, error)
+        return 2
     print(f"demo data in {out}")
     return 0
+
+
+def _check_output_folder(out: Path) -> None:
+    """``out`` must be a folder, or creatable as one, before anything is drawn."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; expected a folder (made if absent)")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"--out {str(out)!r} cannot be made: {str(parent)!r} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {str(out)!r} cannot be made: {str(parent)!r} is not writable")
 
 
 def _draw_background(rng: np.random.Generator, height: int, width: int, scale: float) -> np.ndarray:

@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import hashlib
+import json
 import logging
 import math
 import os
@@ -28,19 +30,38 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pandas as pd
 
 from pipeline import rle, submission
 from pipeline.classifier import STAGE as CLASSIFIER_STAGE
 from pipeline.classifier import build_classifier_from_config, predict_presence_tta
-from pipeline.cli import add_config_arguments, add_force_argument, config_from_args, setup_logging
+from pipeline.cli import (
+    add_config_arguments,
+    add_force_argument,
+    config_from_args,
+    report_interrupted,
+    setup_logging,
+)
 from pipeline.config import Config
 from pipeline.data import ImageCache, build_cache
 from pipeline.devices import set_mixed_precision
-from pipeline.experiment import Experiment, check_trained_config, open_experiment, write_json
+from pipeline.experiment import (
+    Experiment,
+    check_trained_config,
+    open_experiment,
+    read_json,
+    write_json,
+)
 from pipeline.formats import read_masks
-from pipeline.images import IMAGE_EXTENSIONS, folder_image_ids
+from pipeline.images import (
+    IMAGE_EXTENSIONS,
+    files_fingerprint,
+    folder_image_ids,
+    list_image_files,
+    resolve_image_path,
+)
 from pipeline.inference import iter_batches, predict_tta
 from pipeline.keras_backend import keras, tf
 from pipeline.masks import resize_probs
@@ -192,7 +213,9 @@ def list_test_images(config: Config, exp: Experiment) -> list[str]:
             classes=exp.classes,
             instance_class=data.instance_class,
         )
-        return sorted(sample.table["image_id"].unique())
+        ids = sorted(sample.table["image_id"].unique())
+        _check_sample_images(data.sample_submission, Path(data.test_images), ids)
+        return ids
     folder = Path(data.test_images)
     if not folder.is_dir():
         raise FileNotFoundError(f"data.test_images folder {str(folder)!r} does not exist")
@@ -204,6 +227,25 @@ def list_test_images(config: Config, exp: Experiment) -> list[str]:
             f"({', '.join(IMAGE_EXTENSIONS)})"
         )
     return ids
+
+
+def _check_sample_images(sample: str, folder: Path, image_ids: Sequence[str]) -> None:
+    """Every image the sample submission lists must be in the test folder (checked
+    before any model is loaded)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"data.test_images folder {str(folder)!r} does not exist")
+    missing = []
+    for image_id in image_ids:
+        try:
+            resolve_image_path(folder, image_id)
+        except FileNotFoundError:
+            missing.append(image_id)
+    if missing:
+        raise FileNotFoundError(
+            f"sample submission {sample!r} lists {len(missing)} image(s) that the test folder "
+            f"{str(folder)!r} lacks, e.g. {missing[:3]}; data.sample_submission and "
+            f"data.test_images must describe the same test set"
+        )
 
 
 def fold_weights(config: Config, stage: str = "") -> list[Path]:
@@ -223,6 +265,13 @@ def fold_weights(config: Config, stage: str = "") -> list[Path]:
             raise FileNotFoundError(
                 f"fold {fold} has not finished training (no {fold_dir / METRICS}); {hint} --resume"
             )
+        try:  # a truncated file is found here, before any image is read or model built
+            h5py.File(fold_dir / WEIGHTS, "r").close()
+        except OSError as exc:
+            raise ValueError(
+                f"weights file {fold_dir / WEIGHTS} is damaged ({exc}); retrain its fold "
+                f"with --force"
+            ) from None
         paths.append(fold_dir / WEIGHTS)
     return paths
 
@@ -239,6 +288,14 @@ def read_postprocess(
     """
     if not use_postprocess:
         metrics = [read_metrics(config.fold_dir(k)) for k in range(config.folds.n_splits)]
+        for k, m in enumerate(metrics):
+            if not isinstance(m.get("n_val"), int) or not isinstance(
+                m.get("oof_kaggle_dice_050"), (int, float)
+            ):
+                raise ValueError(
+                    f"{config.fold_dir(k) / METRICS} lacks n_val or oof_kaggle_dice_050 "
+                    f"(damaged, or from another version); retrain the fold with --force"
+                )
         n_val = sum(m["n_val"] for m in metrics)
         oof = sum(m["oof_kaggle_dice_050"] * m["n_val"] for m in metrics) / n_val
         return {name: PostprocessParams(threshold=0.5, min_area=0) for name in classes}, oof, oof
@@ -383,6 +440,7 @@ def predict(
     ``force``: go on although this config differs from the folds' training config in a
     key that matters.
     """
+    fold_weights(config)
     check_trained_config(config, force)
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
         return _predict(config, out, submissions_dir, use_postprocess)
@@ -394,6 +452,7 @@ def _predict(
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
     exp = open_experiment(config)
+    inputs = inputs_key(config, use_postprocess)
     weights = fold_weights(config)
     params, oof_score, oof_nested = read_postprocess(config, exp.classes, use_postprocess)
     gated = [name for name, p in params.items() if p.gate == "classifier"]
@@ -466,10 +525,47 @@ def _predict(
             "cpu_seconds": round(time.process_time() - cpu_started, 3),
             "stage_seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
             "stage_cpu_seconds": {k: round(v, 3) for k, v in clock.cpu_seconds.items()},
+            "inputs_key": inputs,
         }
     )
     write_json(config.run_dir / PREDICT_JSON, result)
     return result
+
+
+def inputs_key(config: Config, use_postprocess: bool = True) -> str:
+    """What a prediction depends on: the config, every fold's weights (size and
+    modification time), the tuned post-processing (its bytes) and the test images.
+    Equal keys mean the same submission (``previous_prediction``)."""
+    parts: list[Any] = [config.to_dict(), use_postprocess]
+    for stage in ("", CLASSIFIER_STAGE):
+        for fold in range(config.folds.n_splits):
+            path = config.fold_dir(fold, stage) / WEIGHTS
+            if path.is_file():
+                stat = path.stat()
+                parts.append([str(path), stat.st_size, stat.st_mtime_ns])
+    postprocess = config.run_dir / POSTPROCESS
+    if use_postprocess and postprocess.is_file():
+        parts.append(hashlib.sha256(postprocess.read_bytes()).hexdigest())
+    folder = Path(config.data.test_images)
+    if folder.is_dir():
+        names = list_image_files(folder)
+        parts.append(files_fingerprint(folder, names))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def previous_prediction(config: Config, use_postprocess: bool = True) -> dict[str, Any] | None:
+    """The last ``predict.json`` if nothing it depends on changed since and its
+    submission file is still there; else None."""
+    path = config.run_dir / PREDICT_JSON
+    try:
+        previous = read_json(path)
+    except (FileNotFoundError, ValueError):
+        return None
+    if previous.get("inputs_key") != inputs_key(config, use_postprocess):
+        return None
+    if not Path(str(previous.get("submission", ""))).is_file():
+        return None
+    return previous
 
 
 def write_outputs(
@@ -565,6 +661,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupted("python -m pipeline.predict")
     print(f"submission: {result['submission']}")
     nested = result["oof_score_nested"]
     print(

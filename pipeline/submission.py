@@ -718,7 +718,9 @@ def _detect(frame: pd.DataFrame, path: Path) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipeline.submission``; returns the exit status."""
+    """Entry point of ``python -m pipeline.submission``; returns the exit status: 0 the
+    submission is valid (and scored), 1 it is not (the message names its row), 2 bad
+    input (a missing file, a bad option)."""
     parser = argparse.ArgumentParser(prog="python -m pipeline.submission", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a submission file")
@@ -743,9 +745,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.verbose)
     try:
         (_run_check if args.command == "check" else _run_score)(args)
-    except (ValueError, FileNotFoundError) as error:
+    except SubmissionError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -32,9 +32,9 @@ from pipeline.data import (
     CropSampler,
     ImageCache,
     build_augmentation,
-    build_cache,
     make_eval_dataset,
     make_train_dataset,
+    training_cache,
 )
 from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
 from pipeline.experiment import (
@@ -59,7 +59,7 @@ from pipeline.probstore import ProbWriter, dequantise_prob, quantise_prob
 from pipeline.run_lock import hold_lock
 from pipeline.sample_order import first_sample
 from pipeline.schedule import training_phases
-from pipeline.trainer import FitSettings, fit_resumable
+from pipeline.trainer import FitSettings, fit_resumable, load_state
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,8 @@ def _train_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[st
             f"fold {fold} has an interrupted run in {fold_dir}; pass --resume to continue "
             f"it or --force to start over"
         )
+    if resume:
+        load_state(fold_dir)  # a damaged checkpoint state is reported before anything is written
     t = config.train
     check_input_size(t.crop_size, "train.crop_size")
     if t.val_crop is not None:
@@ -142,9 +144,9 @@ def _train_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[st
     exp = open_experiment(config)
     if force:
         (fold_dir / METRICS).unlink(missing_ok=True)
-    record_trained_config(config, fold_dir)
     train_ids, val_ids = exp.members(fold)
     cache = training_cache(config, exp, config.data.image_size)
+    record_trained_config(config, fold_dir)
     started = time.monotonic()
     mixed = set_mixed_precision(t.mixed_precision)
     strategy = make_strategy(t.strategy)
@@ -287,19 +289,6 @@ def _device_name() -> str:
     return "CPU"
 
 
-def training_cache(config: Config, exp: Experiment, size: Sequence[int]) -> ImageCache:
-    """The training images and masks at ``size``, decoded once per experiment."""
-    return build_cache(
-        exp.cache_dir,
-        "train",
-        Path(config.data.train_images),
-        exp.image_ids,
-        size,
-        exp.rles(),
-        masks_key=exp.data_key,
-    )
-
-
 def run_parallel(
     config: Config, jobs: Sequence[FoldJob], resume: bool = False, force: bool = False
 ) -> None:
@@ -344,7 +333,9 @@ def train_folds(
 
 def read_metrics(fold_dir: Path) -> dict[str, Any]:
     """A finished fold's metrics.json."""
-    return read_json(fold_dir / METRICS, "train the fold first: python -m pipeline.train")
+    return read_json(
+        fold_dir / METRICS, "train the fold (again, with --force): python -m pipeline.train"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

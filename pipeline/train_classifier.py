@@ -42,7 +42,7 @@ from pipeline.cli import (
     sigterm_as_interrupt,
 )
 from pipeline.config import Config
-from pipeline.data import ImageCache, build_augmentation
+from pipeline.data import ImageCache, build_augmentation, training_cache
 from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
 from pipeline.experiment import (
     check_fold_number,
@@ -66,7 +66,6 @@ from pipeline.train import (
     is_finished,
     run_parallel,
     seed_everything,
-    training_cache,
 )
 from pipeline.trainer import BEST_WEIGHTS, FitSettings, fit_resumable, load_best_weights
 
@@ -182,10 +181,10 @@ def _train_classifier_fold(config: Config, fold: int, resume: bool, force: bool)
     exp = open_experiment(config)
     if force:
         (fold_dir / METRICS).unlink(missing_ok=True)
-    record_trained_config(config, fold_dir)
     c, t = config.classifier, config.train
     train_ids, val_ids = exp.members(fold)
     cache = training_cache(config, exp, c.image_size)
+    record_trained_config(config, fold_dir)
     labels = presence_labels(exp.table, exp.classes, cache.image_ids)
     started = time.monotonic()
     mixed = set_mixed_precision(t.mixed_precision)

@@ -196,9 +196,20 @@ def _save_weights_atomic(model: keras.Model, path: Path) -> None:
 
 
 def load_best_weights(model: keras.Model, path: Path) -> None:
-    """Load a file written by the trainer, whatever the model's frozen layers."""
-    with _all_trainable(model):
-        model.load_weights(str(path))
+    """Load a file written by the trainer, whatever the model's frozen layers.
+
+    A missing, truncated or foreign file is a ValueError naming it and what to do.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file {path} does not exist; train that fold first")
+    try:
+        with _all_trainable(model):
+            model.load_weights(str(path))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(
+            f"weights file {path} is damaged or from another model ({exc}); retrain its "
+            f"fold with --force"
+        ) from None
 
 
 def _checkpoint(model: keras.Model) -> tf.train.Checkpoint:
@@ -245,7 +256,13 @@ def load_state(out_dir: Path) -> dict[str, Any] | None:
     for name in (CHECKPOINT, CHECKPOINT + ".old"):
         path = out_dir / name / STATE
         if path.is_file():
-            state = json.loads(path.read_text())
+            try:
+                state = json.loads(path.read_text())
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(
+                    f"{path} is damaged ({exc}): resume cannot continue from it; "
+                    f"retrain the fold with --force"
+                ) from None
             state["_checkpoint"] = str(out_dir / name / "ckpt")
             return state
     return None
@@ -363,10 +380,17 @@ def fit_resumable(
 
 def _restore(model: keras.Model, state: dict[str, Any], same_phase: bool) -> None:
     """Load the saved model (and, within the same phase, optimizer) variables."""
-    if same_phase:
-        # Create the optimizer's slots now so the checkpoint fills them immediately.
-        model.optimizer.build(model.trainable_variables)
-        _checkpoint(model).read(state["_checkpoint"]).expect_partial()
-    else:
-        tf.train.Checkpoint(model=model).read(state["_checkpoint"]).expect_partial()
+    try:
+        if same_phase:
+            # Create the optimizer's slots now so the checkpoint fills them immediately.
+            model.optimizer.build(model.trainable_variables)
+            _checkpoint(model).read(state["_checkpoint"]).expect_partial()
+        else:
+            tf.train.Checkpoint(model=model).read(state["_checkpoint"]).expect_partial()
+    except (tf.errors.OpError, OSError, ValueError, IndexError, KeyError) as exc:
+        directory = Path(state["_checkpoint"]).parent
+        raise ValueError(
+            f"checkpoint {directory} is damaged ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); retrain the fold with --force"
+        ) from None
     log.info("resumed from epoch %d (%s)", state["epoch"], state["_checkpoint"])

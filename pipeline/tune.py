@@ -37,9 +37,20 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import add_config_arguments, add_force_argument, config_from_args, setup_logging
+from pipeline.cli import (
+    add_config_arguments,
+    add_force_argument,
+    config_from_args,
+    report_interrupted,
+    setup_logging,
+)
 from pipeline.config import Config
-from pipeline.experiment import Experiment, check_trained_config, open_experiment
+from pipeline.experiment import (
+    Experiment,
+    check_folds_finished,
+    check_trained_config,
+    open_experiment,
+)
 from pipeline.folds import classifier_skip_reason
 from pipeline.images import cache_path, read_original_sizes
 from pipeline.postprocess import save_postprocess
@@ -450,6 +461,7 @@ def tune(config: Config, force: bool = False) -> TuneOutput:
     into the run directory, each atomically. ``force``: go on although this config
     differs from the folds' training config in a key that matters.
     """
+    check_folds_finished(config)
     check_trained_config(config, force)
     with hold_lock(config.run_dir, f"run {config.run_dir} (tune)"):
         return _tune(config)
@@ -569,6 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
+    except KeyboardInterrupt:
+        return report_interrupted("python -m pipeline.tune")
     print(format_summary(output))
     return 0
 

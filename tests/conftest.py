@@ -21,18 +21,18 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def write_tiny_config(tmp_path: Path, data: Path, **sections: dict) -> Path:
+def write_tiny_config(tmp_path: Path, data_dir: Path, /, **sections: dict) -> Path:
     """A config over configs/demo.yaml that trains in seconds on the tiny data set."""
     config = {
         "base": str(CONFIG_DIR / "demo.yaml"),
         "experiment": "tiny",
         "runs_dir": str(tmp_path / "runs"),
         "data": {
-            "train_csv": str(data / "train.csv"),
-            "train_images": str(data / "train_images"),
-            "test_images": str(data / "test_images"),
-            "sample_submission": str(data / "sample_submission.csv"),
-            "test_truth": str(data / "test_truth.csv"),
+            "train_csv": str(data_dir / "train.csv"),
+            "train_images": str(data_dir / "train_images"),
+            "test_images": str(data_dir / "test_images"),
+            "sample_submission": str(data_dir / "sample_submission.csv"),
+            "test_truth": str(data_dir / "test_truth.csv"),
             "image_size": [32, 64],
             "submission_size": [40, 60],
         },
