@@ -18,6 +18,9 @@ PURE = [
     "masks",
     "curves",
     "make_demo_data",
+    "sample_order",
+    "run_lock",
+    "experiment",
 ]
 
 
