@@ -77,7 +77,10 @@ def build_instances(source: Path, rows: pd.DataFrame, train: list[str], hold: li
     link_images(source / "images", train, out / "train_images")
     link_images(source / "images", hold, out / "test_images")
     rows[rows["ImageId"].isin(train)].to_csv(out / "train.csv", index=False)
-    rows[rows["ImageId"].isin(hold)].to_csv(out / "test_truth.csv", index=False)
+    # Some DSB nuclei overlap; a valid instances file may not, and the score is on the
+    # union anyway: the truth has one union row per image.
+    objects = rows[rows["ImageId"].isin(hold)].groupby("ImageId")["EncodedPixels"].agg(list)
+    objects.map(rle.union_rles).reset_index().to_csv(out / "test_truth.csv", index=False)
 
 
 def build_severstal(source: Path, rows: pd.DataFrame, train: list[str], hold: list[str],
@@ -231,9 +234,10 @@ def main() -> int:
     results: dict[str, Any] = {}
     for layout in layouts:
         out = args.workdir / layout
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in out.iterdir():  # the data is rebuilt; finished folds in runs/ are kept
+            if stale.name != "runs":
+                shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         extra = {}
         if layout == "instances":
             build_instances(args.data, rows, train, hold, out)
