@@ -22,7 +22,7 @@ demo: setup
 	$(BIN)/python -m pipeline.demo --config $(DEMO)
 
 test: setup
-	$(BIN)/python -m pytest -m "slow or not slow" --timeout=900 -q
+	$(BIN)/python -m pytest -m "slow or not slow" -n 2 --dist loadfile --timeout=900 -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q

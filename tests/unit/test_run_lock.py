@@ -68,14 +68,16 @@ PARENT = textwrap.dedent(
     """
     import os, subprocess, sys, time
     child = '''
-    import os, time
+    import sys, time
     from pipeline.cli import guard_job_process
     guard_job_process()
-    print("child ready", flush=True)
+    print("armed", flush=True)
     time.sleep(120)
     '''
     env = {**os.environ, "FOLDSEG_JOB": str(os.getpid())}
-    proc = subprocess.Popen([sys.executable, "-c", child], env=env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-c", child], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "armed"  # the guard is set: now we may die
     print(proc.pid, flush=True)
     time.sleep(120)
     """
@@ -87,8 +89,7 @@ def test_a_fold_job_dies_with_its_parent_even_on_sigkill():
         [sys.executable, "-c", PARENT], cwd=REPO, stdout=subprocess.PIPE, text=True
     )
     assert parent.stdout is not None
-    child = int(parent.stdout.readline())
-    time.sleep(3)  # let the child import and arm its guard
+    child = int(parent.stdout.readline())  # printed once the child's guard is armed
     parent.send_signal(signal.SIGKILL)
     parent.wait()
     deadline = time.time() + 20
