@@ -292,6 +292,10 @@ def check_fold_number(config: Config, fold: int) -> None:
         raise ValueError(f"fold must be in [0, {n_folds - 1}]; got {fold}")
 
 
+# A finished fold's figures; written last, so its presence marks the fold finished.
+FOLD_METRICS = "metrics.json"
+
+
 def check_folds_finished(config: Config) -> None:
     """Every segmentation fold has finished (its ``metrics.json`` exists); checked by
     the stages that read the folds before they open or write anything.
@@ -300,7 +304,7 @@ def check_folds_finished(config: Config) -> None:
         FileNotFoundError: naming the first unfinished fold and the command that makes it.
     """
     for fold in range(int(config.folds.n_splits)):
-        metrics = config.fold_dir(fold) / "metrics.json"
+        metrics = config.fold_dir(fold) / FOLD_METRICS
         if not metrics.is_file():
             raise FileNotFoundError(
                 f"segmentation fold {fold} is not finished: {metrics} does not exist; make "

@@ -440,20 +440,23 @@ def predict(
     ``force``: go on although this config differs from the folds' training config in a
     key that matters.
     """
-    fold_weights(config)
+    weights = fold_weights(config)
     check_trained_config(config, force)
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
-        return _predict(config, out, submissions_dir, use_postprocess)
+        return _predict(config, weights, out, submissions_dir, use_postprocess)
 
 
 def _predict(
-    config: Config, out: Path | None, submissions_dir: Path, use_postprocess: bool
+    config: Config,
+    weights: list[Path],
+    out: Path | None,
+    submissions_dir: Path,
+    use_postprocess: bool,
 ) -> dict[str, Any]:
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
     exp = open_experiment(config)
     inputs = inputs_key(config, use_postprocess)
-    weights = fold_weights(config)
     params, oof_score, oof_nested = read_postprocess(config, exp.classes, use_postprocess)
     gated = [name for name, p in params.items() if p.gate == "classifier"]
     image_ids = list_test_images(config, exp)

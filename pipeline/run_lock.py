@@ -80,8 +80,13 @@ def acquire(directory: Path, what: str) -> dict[str, Any]:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_FILE
     now = time.time()
-    mine = {"host": socket.gethostname(), "pid": os.getpid(), "started": now, "refreshed": now}
-    mine["what"] = what
+    mine = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": now,
+        "refreshed": now,
+        "what": what,
+    }
     for _ in range(3):
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

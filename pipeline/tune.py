@@ -46,6 +46,7 @@ from pipeline.cli import (
 )
 from pipeline.config import Config
 from pipeline.experiment import (
+    FOLD_METRICS,
     Experiment,
     check_folds_finished,
     check_trained_config,
@@ -67,7 +68,7 @@ _Scored = tuple[str, int, np.ndarray, int]
 
 # The names pipeline.train and pipeline.train_classifier write under; repeated here
 # (and used by pipeline.fold_jobs) because importing those modules would import TensorFlow.
-SEGMENTATION_METRICS = "metrics.json"
+SEGMENTATION_METRICS = FOLD_METRICS
 SEGMENTATION_OOF = "oof"
 CLASSIFIER_STAGE = "classifier"
 CLASSIFIER_OOF = "oof_cls.csv"
@@ -101,17 +102,7 @@ def open_oof_stores(config: Config, exp: Experiment) -> list[ProbReader]:
     Every fold must be finished (its ``metrics.json`` exists) and its store must hold
     exactly the fold's validation images with the experiment's classes.
     """
-    unfinished = [
-        k for k in range(exp.n_folds) if not (config.fold_dir(k) / SEGMENTATION_METRICS).is_file()
-    ]
-    if unfinished:
-        k = unfinished[0]
-        raise FileNotFoundError(
-            f"segmentation fold {k} is not finished: {config.fold_dir(k)} has no "
-            f"{SEGMENTATION_METRICS} (unfinished folds: {unfinished}); make it with "
-            f"`python -m pipeline.train --config {config.source} --fold {k}` "
-            "(or --all), with the same --set overrides"
-        )
+    check_folds_finished(config)
     readers = []
     for k in range(exp.n_folds):
         reader = ProbReader(config.fold_dir(k) / SEGMENTATION_OOF)
