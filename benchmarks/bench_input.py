@@ -26,19 +26,19 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, record
-from pipeline.config import load_config
-from pipeline.data import (
+from pipeline.core.config import load_config
+from pipeline.make_demo_data import make_demo_data
+from pipeline.nn.data import (
     CropSampler,
     build_augmentation,
     build_cache,
     make_train_dataset,
 )
-from pipeline.experiment import open_experiment
-from pipeline.keras_backend import keras, tf
-from pipeline.losses import get_loss, get_metrics
-from pipeline.make_demo_data import make_demo_data
-from pipeline.optim import make_optimizer
-from pipeline.train import build_model
+from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.losses import get_loss, get_metrics
+from pipeline.nn.model import build_model
+from pipeline.nn.optim import make_optimizer
+from pipeline.run.experiment import open_experiment
 
 
 def time_fit(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> float:

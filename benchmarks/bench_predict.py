@@ -41,12 +41,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_rle import describe_machine
 
-from pipeline.cli import setup_logging
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.make_demo_data import make_demo_data
-from pipeline.postprocess import PostprocessParams, save_postprocess
+from pipeline.nn.model import build_model
 from pipeline.predict import describe_device, predict
-from pipeline.train import build_model
+from pipeline.run.cli import setup_logging
 
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 FOLDS = 3

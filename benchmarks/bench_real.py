@@ -45,9 +45,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import describe_machine, record  # noqa: E402
-from pipeline import rle  # noqa: E402
-from pipeline.config import CONFIG_DIR, load_config  # noqa: E402
-from pipeline.images import read_image, resolve_image_path  # noqa: E402
+from pipeline.core import rle  # noqa: E402
+from pipeline.core.config import CONFIG_DIR, load_config  # noqa: E402
+from pipeline.core.images import read_image, resolve_image_path  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dsb2018"
 LAYOUTS = ("instances", "image_class")
@@ -158,8 +158,8 @@ def write_config(out: Path, layout: str, args: argparse.Namespace) -> Path:
 
 def run_layout(config_path: Path, out: Path) -> dict[str, Any]:
     """Every stage; the figures of one layout."""
-    from pipeline.experiment import open_experiment
     from pipeline.predict import predict
+    from pipeline.run.experiment import open_experiment
     from pipeline.train import train_folds
     from pipeline.train_classifier import train_classifier_folds
     from pipeline.tune import tune

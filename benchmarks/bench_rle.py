@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import describe_machine, record
-from pipeline import rle
+from pipeline.core import rle
 
 HEIGHT, WIDTH = 350, 525
 CLOUDS_MASKS = 14_792  # 3,698 test images x 4 classes

@@ -41,17 +41,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_rle import describe_machine  # noqa: E402
-from pipeline.config import DEFAULT_CONFIG, load_config  # noqa: E402
-from pipeline.experiment import open_experiment, write_json  # noqa: E402
-from pipeline.images import cache_path  # noqa: E402
-from pipeline.probstore import DATA_FILE, ProbWriter  # noqa: E402
-from pipeline.tune import (  # noqa: E402
-    CLASSIFIER_OOF,
-    CLASSIFIER_STAGE,
-    SEGMENTATION_METRICS,
-    SEGMENTATION_OOF,
-    decode_truth,
-)
+from pipeline.core.config import DEFAULT_CONFIG, load_config  # noqa: E402
+from pipeline.core.images import cache_path  # noqa: E402
+from pipeline.core.layout import CLASSIFIER_STAGE  # noqa: E402
+from pipeline.core.layout import FOLD_METRICS as SEGMENTATION_METRICS  # noqa: E402
+from pipeline.core.layout import OOF as SEGMENTATION_OOF  # noqa: E402
+from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF  # noqa: E402
+from pipeline.core.probstore import DATA_FILE, ProbWriter  # noqa: E402
+from pipeline.core.truth import decode_truth  # noqa: E402
+from pipeline.run.experiment import open_experiment, write_json  # noqa: E402
 
 CLASSES = ["Fish", "Flower", "Gravel", "Sugar"]
 N_IMAGES = 5_546
@@ -67,7 +65,7 @@ READ_CHUNK = 64 * 2**20
 CHILD = """
 import json, resource, sys, time
 from pathlib import Path
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.tune import tune
 config = load_config(sys.argv[1])
 def cpu():
@@ -89,7 +87,7 @@ print(json.dumps({
 """
 BASELINE_CHILD = """
 from pathlib import Path
-import pipeline.config, pipeline.tune
+import pipeline.core.config, pipeline.tune
 status = Path("/proc/self/status").read_text()
 print('{"peak_rss_gb": %f}' % (int(status.split("VmHWM:")[1].split()[0]) / 2**20))
 """

@@ -17,18 +17,20 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import make_demo_data
-from pipeline.cli import (
+from pipeline.core.config import Config
+from pipeline.core.layout import REPORT_HTML, report_dir
+from pipeline.evaluate import evaluate
+from pipeline.nn.fold_trainer import run_parallel
+from pipeline.predict import predict, previous_prediction
+from pipeline.run.cli import (
     add_config_arguments,
     config_from_args,
     report_interrupt,
     setup_logging,
     sigterm_as_interrupt,
 )
-from pipeline.config import Config
-from pipeline.evaluate import evaluate
-from pipeline.fold_jobs import FoldJob, FoldJobFailed
-from pipeline.predict import predict, previous_prediction
-from pipeline.train import run_parallel, train_folds
+from pipeline.run.fold_jobs import FoldJobFailed
+from pipeline.train import segmentation_jobs, train_folds
 from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
 from pipeline.tune import format_summary, tune
 
@@ -57,8 +59,9 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
     folds = list(range(config.folds.n_splits))
     if config.train.parallel_folds > 1:
         # Both stages' folds in one pool, so no worker idles between the stages.
-        jobs = [FoldJob("segmentation", k) for k in folds] + classifier_jobs(config, folds)
-        timed("folds", lambda: run_parallel(config, jobs, resume=True))
+        jobs = segmentation_jobs(config, folds) + classifier_jobs(config, folds)
+        sizes = [config.data.image_size, config.classifier.image_size]
+        timed("folds", lambda: run_parallel(config, jobs, sizes, resume=True, force=False))
     seg = timed("segmentation", lambda: train_folds(config, folds, resume=True))
     cls = timed("classifier", lambda: train_classifier_folds(config, folds, resume=True))
     pooled = score_all_folds(config, folds)
@@ -84,7 +87,7 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
         },
         "test_score": submission.get("test_score"),
         "submission": str(submission.get("submission")),
-        "report": str(config.run_dir / "report" / "report.html"),
+        "report": str(report_dir(config.run_dir) / REPORT_HTML),
         "timings_s": timings,
     }
     return figures

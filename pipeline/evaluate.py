@@ -33,16 +33,45 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline import report
-from pipeline.cli import (
+from pipeline.core import report
+from pipeline.core.config import Config
+from pipeline.core.folds import presence_matrix
+from pipeline.core.images import (
+    cache_path,
+    read_image,
+    read_image_size,
+    read_original_sizes,
+    resolve_image_path,
+)
+from pipeline.core.layout import (
+    CLASSIFIER_STAGE,
+    FIGURE_CONFUSION,
+    FIGURE_ROC,
+    FIGURE_SCORES,
+    FIGURE_WORST,
+    FOLD_METRICS,
+    HISTORY,
+    REPORT_HTML,
+    REPORT_MD,
+    REPORT_METRICS,
+    SCORES_BY_FOLD,
+    SCORES_SUMMARY,
+)
+from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
+from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
+from pipeline.core.layout import PREDICT as PREDICT_FILE
+from pipeline.core.layout import REPORT as REPORT_DIR
+from pipeline.core.masks import truth_masks
+from pipeline.core.postprocess import PostprocessParams, load_postprocess
+from pipeline.core.probstore import ProbReader
+from pipeline.run.cli import (
     add_config_arguments,
     add_force_argument,
     config_from_args,
     report_interrupted,
     setup_logging,
 )
-from pipeline.config import Config
-from pipeline.experiment import (
+from pipeline.run.experiment import (
     Experiment,
     check_folds_finished,
     check_trained_config,
@@ -50,30 +79,12 @@ from pipeline.experiment import (
     read_json,
     write_json,
 )
-from pipeline.folds import presence_matrix
-from pipeline.images import (
-    cache_path,
-    read_image,
-    read_image_size,
-    read_original_sizes,
-    resolve_image_path,
-)
-from pipeline.masks import truth_masks
-from pipeline.postprocess import PostprocessParams, load_postprocess
-from pipeline.probstore import ProbReader
+from pipeline.run.oof import open_segmentation_oof, read_classifier_oof
 
 log = logging.getLogger(__name__)
 
 # The names the other stages write under; repeated because importing them would
 # import TensorFlow.
-FOLD_METRICS = "metrics.json"
-FOLD_OOF = "oof"
-HISTORY = "history.csv"
-CLASSIFIER_STAGE = "classifier"
-CLASSIFIER_OOF = "oof_cls.csv"
-POSTPROCESS_FILE = "postprocess.json"
-PREDICT_FILE = "predict.json"
-REPORT_DIR = "report"
 DEFAULT_WORST = 8
 
 PLAIN = PostprocessParams(threshold=0.5, min_area=0)
@@ -157,58 +168,6 @@ class OofExample:
             score = float(self.kaggle_dice[stage].mean())
             panels.append((f"{stage}: Kaggle Dice {score:.3f}", report.overlay(self.image, masks)))
         return panels
-
-
-def open_segmentation_oof(config: Config, exp: Experiment) -> list[ProbReader]:
-    """Every fold's OOF prob store; FileNotFoundError names an unfinished fold and the command."""
-    readers = []
-    for k in range(exp.n_folds):
-        fold_dir = config.fold_dir(k)
-        if not (fold_dir / FOLD_METRICS).is_file():
-            raise FileNotFoundError(
-                f"segmentation fold {k} is not finished: {fold_dir / FOLD_METRICS} not found; "
-                f"run `python -m pipeline.train --config {config.source} --fold {k}` "
-                "(or --all) with the same --set overrides"
-            )
-        reader = ProbReader(fold_dir / FOLD_OOF)
-        if reader.classes != exp.classes:
-            raise ValueError(
-                f"prob store {reader.directory} must have classes {exp.classes}; "
-                f"got {reader.classes}"
-            )
-        _check_fold_ids(reader.image_ids, exp, k, str(reader.directory))
-        readers.append(reader)
-    return readers
-
-
-def _check_fold_ids(ids: Sequence[str], exp: Experiment, fold: int, source: str) -> None:
-    expected, found = set(exp.members(fold)[1]), set(ids)
-    if found != expected:
-        raise ValueError(
-            f"{source} must hold exactly the {len(expected)} validation images of fold {fold} "
-            f"in {exp.run_dir / 'folds.csv'}; got {len(found - expected)} others and "
-            f"{len(expected - found)} missing: was it made with another split?"
-        )
-
-
-def read_classifier_oof(config: Config, exp: Experiment) -> tuple[pd.DataFrame | None, list[int]]:
-    """Classifier OOF probs: (``image_id, fold, <classes>`` of the folds that have them, or
-    None if none has; the folds without)."""
-    frames, missing = [], []
-    expected = ["image_id", *exp.classes]
-    for k in range(exp.n_folds):
-        path = config.fold_dir(k, CLASSIFIER_STAGE) / CLASSIFIER_OOF
-        if not path.is_file():
-            missing.append(k)
-            continue
-        frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
-        if list(frame.columns) != expected:
-            raise ValueError(f"{path} must have columns {expected}; got {list(frame.columns)}")
-        _check_fold_ids(frame["image_id"].tolist(), exp, k, str(path))
-        frames.append(frame.assign(fold=k))
-    if not frames:
-        return None, missing
-    return pd.concat(frames, ignore_index=True)[["image_id", "fold", *exp.classes]], missing
 
 
 def plan_stages(config: Config, classes: Sequence[str]) -> tuple[list[Stage], dict | None]:
@@ -406,7 +365,7 @@ def _score_sections(run: RunData, scores: Scores, out: Path) -> list[report.Sect
     main.images.append(
         (
             "scores per class, error bars = std over folds",
-            report.save_figure(bars, out / "scores.png"),
+            report.save_figure(bars, out / FIGURE_SCORES),
         )
     )
     spread = report.Section("Mean and standard deviation across folds")
@@ -425,7 +384,7 @@ def _score_sections(run: RunData, scores: Scores, out: Path) -> list[report.Sect
     presence.images.append(
         (
             "confusion matrices: rows truth, columns prediction",
-            report.save_figure(figure, out / "confusion.png"),
+            report.save_figure(figure, out / FIGURE_CONFUSION),
         )
     )
     return [main, spread, per_fold, presence]
@@ -536,7 +495,9 @@ def _classifier_section(run: RunData, auc: pd.DataFrame | None, out: Path) -> re
     presence = presence_matrix(run.exp.table, classes).set_index("image_id")
     truth = presence.loc[run.classifier["image_id"], classes].to_numpy(np.float64)
     figure = report.figure_roc(truth, run.classifier[classes].to_numpy(np.float64), classes)
-    section.images.append(("ROC curves, folds pooled", report.save_figure(figure, out / "roc.png")))
+    section.images.append(
+        ("ROC curves, folds pooled", report.save_figure(figure, out / FIGURE_ROC))
+    )
     if run.classifier_missing:
         section.paragraphs.append(f"folds {run.classifier_missing} have no classifier OOF yet")
     return section
@@ -553,7 +514,7 @@ def _worst_section(
     if worst:
         examples = [load_oof_example(run, image_id) for _, image_id, _ in worst]
         figure = report.figure_overlays([e.panels() for e in examples], run.exp.classes)
-        section.images.append(("worst OOF images", report.save_figure(figure, out / "worst.png")))
+        section.images.append(("worst OOF images", report.save_figure(figure, out / FIGURE_WORST)))
     return section
 
 
@@ -610,8 +571,8 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     by_fold = report.score_table(counts)
     pooled = report.score_table(counts, pooled=True)
     scores = Scores(by_fold, pooled, report.summarise_folds(by_fold), worst)
-    by_fold.to_csv(out / "scores_by_fold.csv", index=False)
-    scores.summary.to_csv(out / "scores_summary.csv", index=False)
+    by_fold.to_csv(out / SCORES_BY_FOLD, index=False)
+    scores.summary.to_csv(out / SCORES_SUMMARY, index=False)
     notes = list(run.notes)
     check = tune_check(run, pooled)
     cv = cv_scores(run.tune_extra)
@@ -631,8 +592,8 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     if notes:
         sections.append(report.Section("Notes", paragraphs=notes))
     title = f"CV report: {config.experiment}"
-    _write_text(out / "report.md", report.render_markdown(title, sections))
-    _write_text(out / "report.html", report.render_html(title, sections))
+    _write_text(out / REPORT_MD, report.render_markdown(title, sections))
+    _write_text(out / REPORT_HTML, report.render_html(title, sections))
     metrics = report.json_ready(
         {
             "experiment": config.experiment,
@@ -655,17 +616,17 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
             "energy": {"assumptions": config.energy.to_dict()}
             | {"runs": energy.to_dict(orient="records"), "notes": energy_notes},
             "notes": notes,
-            "report": str(out / "report.html"),
+            "report": str(out / REPORT_HTML),
         }
     )
-    write_json(out / "metrics.json", metrics)
+    write_json(out / REPORT_METRICS, metrics)
     log.info("wrote the report to %s", out)
     return metrics
 
 
 def load_report(config: Config, refresh: bool = False) -> dict[str, Any]:
     """The saved ``report/metrics.json``, made first by ``evaluate`` if absent or ``refresh``."""
-    path = config.run_dir / REPORT_DIR / "metrics.json"
+    path = config.run_dir / REPORT_DIR / REPORT_METRICS
     if refresh or not path.is_file():
         return evaluate(config)
     return read_json(path, "make it with python -m pipeline.evaluate")

@@ -30,10 +30,12 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.cli import add_config_arguments, report_interrupted, setup_logging
-from pipeline.config import Config, load_config
-from pipeline.experiment import write_json
-from pipeline.lr_schedule import (
+from pipeline.core.config import Config, load_config
+from pipeline.core.layout import CACHE, GRID
+from pipeline.core.layout import FOLD_METRICS as METRICS
+from pipeline.core.layout import GRID_RESULTS as RESULTS
+from pipeline.core.layout import GRID_SUMMARY as SUMMARY
+from pipeline.core.lr_schedule import (
     GridRun,
     PairedVerdict,
     compare_top_two,
@@ -45,13 +47,12 @@ from pipeline.lr_schedule import (
     parse_grid_spec,
     summarise_grid,
 )
+from pipeline.run.cli import add_config_arguments, report_interrupted, setup_logging
+from pipeline.run.experiment import write_json
 
 log = logging.getLogger(__name__)
 
 GRID_SUFFIX = "__grid"
-RESULTS = "results.csv"
-SUMMARY = "summary.csv"
-METRICS = "metrics.json"  # what pipeline.train writes last: the fold is finished
 SCORE = "oof_kaggle_dice_050"
 
 SPLIT_NOTE = (
@@ -106,7 +107,7 @@ def _shared_overrides(config: Config, keys: Sequence[str], directory: Path) -> l
     if config.data.cache_dir is not None or any(k.startswith("data.") for k in keys):
         return []
     # The cache depends on the data and image size only, not on the seed or setting.
-    return [override("data.cache_dir", str(directory / "cache"))]
+    return [override("data.cache_dir", str(directory / CACHE))]
 
 
 def _train_run(run: GridRun, commands: list[list[str]], log_path: Path, position: str) -> str:
@@ -154,7 +155,7 @@ def run_grid(
     )
     if not dry_run:
         write_json(
-            directory / "grid.json",
+            directory / GRID,
             {
                 "config": config_path,
                 "set": list(base_overrides),

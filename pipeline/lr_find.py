@@ -28,14 +28,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from pipeline.cli import add_config_arguments, config_from_args, report_interrupted, setup_logging
-from pipeline.config import Config
-from pipeline.data import CropSampler, build_augmentation, make_train_dataset, training_cache
-from pipeline.devices import make_strategy, set_mixed_precision
-from pipeline.experiment import Experiment, check_fold_number, open_experiment, write_json
-from pipeline.keras_backend import keras, tf
-from pipeline.losses import get_loss
-from pipeline.lr_schedule import (
+from pipeline.core.config import Config
+from pipeline.core.layout import LR_FIND_CSV, LR_FIND_PNG
+from pipeline.core.lr_schedule import (
     LR_FIND_DIR,
     LR_FIND_JSON,
     LrSuggestion,
@@ -47,16 +42,25 @@ from pipeline.lr_schedule import (
     smooth_losses,
     suggest_lr,
 )
-from pipeline.model import check_input_size
-from pipeline.optim import make_optimizer
-from pipeline.train import build_model, seed_everything
+from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset, training_cache
+from pipeline.nn.devices import make_strategy, set_mixed_precision
+from pipeline.nn.fold_trainer import seed_everything
+from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.losses import get_loss
+from pipeline.nn.model import build_model, check_input_size
+from pipeline.nn.optim import make_optimizer
+from pipeline.run.cli import (
+    add_config_arguments,
+    config_from_args,
+    report_interrupted,
+    setup_logging,
+)
+from pipeline.run.experiment import Experiment, check_fold_number, open_experiment, write_json
 
 __all__ = ["RangeTestCallback", "main", "plot_range_test", "resolve_lr", "run_lr_find"]
 
 log = logging.getLogger(__name__)
 
-LR_FIND_CSV = "lr_find.csv"
-LR_FIND_PNG = "lr_find.png"
 # Above this lag the smoothed curve's features sit visibly to the right of the raw ones.
 MAX_LAG_DECADES = 0.5
 NO_MINIMUM_WARNING = (

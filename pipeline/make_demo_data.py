@@ -35,8 +35,8 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.cli import setup_logging
-from pipeline.rle import encode_batch
+from pipeline.core.rle import encode_batch
+from pipeline.run.cli import setup_logging
 
 logger = logging.getLogger(__name__)
 

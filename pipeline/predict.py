@@ -34,51 +34,53 @@ import h5py
 import numpy as np
 import pandas as pd
 
-from pipeline import rle, submission
-from pipeline.classifier import STAGE as CLASSIFIER_STAGE
-from pipeline.classifier import build_classifier_from_config, predict_presence_tta
-from pipeline.cli import (
-    add_config_arguments,
-    add_force_argument,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
-from pipeline.config import Config
-from pipeline.data import ImageCache, build_cache
-from pipeline.devices import set_mixed_precision
-from pipeline.experiment import (
-    Experiment,
-    check_trained_config,
-    open_experiment,
-    read_json,
-    write_json,
-)
-from pipeline.formats import read_masks
-from pipeline.images import (
+from pipeline.core import rle, submission, submission_check
+from pipeline.core.config import Config
+from pipeline.core.formats import read_masks
+from pipeline.core.images import (
     IMAGE_EXTENSIONS,
     files_fingerprint,
     folder_image_ids,
     list_image_files,
     resolve_image_path,
 )
-from pipeline.inference import iter_batches, predict_tta
-from pipeline.keras_backend import keras, tf
-from pipeline.masks import resize_probs
-from pipeline.model import check_input_size
-from pipeline.postprocess import PostprocessParams, load_postprocess
-from pipeline.probstore import QUANTISATION, quantise_prob
-from pipeline.run_lock import hold_lock
-from pipeline.train import METRICS, build_model, read_metrics
-from pipeline.trainer import BEST_WEIGHTS as WEIGHTS
-from pipeline.trainer import load_best_weights
-from pipeline.tta import GMEAN_EPS, MERGES
+from pipeline.core.layout import FOLD_MERGE, POSTPROCESS, SUBMISSION_LOG
+from pipeline.core.layout import FOLD_METRICS as METRICS
+from pipeline.core.layout import PREDICT as PREDICT_JSON
+from pipeline.core.layout import PREDICT_WORK as WORK_DIR
+from pipeline.core.masks import resize_probs
+from pipeline.core.postprocess import PostprocessParams, load_postprocess
+from pipeline.core.probstore import QUANTISATION, quantise_prob
+from pipeline.core.tta import GMEAN_EPS, MERGES
+from pipeline.nn.classifier import STAGE as CLASSIFIER_STAGE
+from pipeline.nn.classifier import build_classifier_from_config, predict_presence_tta
+from pipeline.nn.data import ImageCache, build_cache
+from pipeline.nn.devices import set_mixed_precision
+from pipeline.nn.fold_trainer import device_name as describe_device
+from pipeline.nn.fold_trainer import read_fold_metrics as read_metrics
+from pipeline.nn.inference import iter_batches, predict_tta
+from pipeline.nn.keras_backend import keras
+from pipeline.nn.model import build_model, check_input_size
+from pipeline.nn.trainer import BEST_WEIGHTS as WEIGHTS
+from pipeline.nn.trainer import load_best_weights
+from pipeline.run.cli import (
+    add_config_arguments,
+    add_force_argument,
+    config_from_args,
+    report_interrupted,
+    setup_logging,
+)
+from pipeline.run.experiment import (
+    Experiment,
+    check_trained_config,
+    open_experiment,
+    read_json,
+    write_json,
+)
+from pipeline.run.run_lock import hold_lock
 
 log = logging.getLogger(__name__)
 
-POSTPROCESS = "postprocess.json"
-PREDICT_JSON = "predict.json"
-WORK_DIR = "predict_tmp"
 # The fold merge may be off the float merge by at most a quarter of a uint8 level, so
 # quantising it gives the float result's level or a neighbour (only at a level's edge).
 MERGE_TOLERANCE = 0.25 / QUANTISATION
@@ -485,7 +487,7 @@ def _predict(
         )
     shape = (len(image_ids), *data.image_size, len(exp.classes))
     work = config.run_dir / WORK_DIR
-    accumulator = FoldAccumulator(work / "fold_merge.npy", shape, len(weights), config.tta.merge)
+    accumulator = FoldAccumulator(work / FOLD_MERGE, shape, len(weights), config.tta.merge)
     try:
         predict_folds(
             model,
@@ -585,7 +587,7 @@ def write_outputs(
     """Lay out, score (when ``data.test_truth`` is set), write and record the submission."""
     data = config.data
     sample = (
-        submission.read_submission(data.sample_submission)
+        submission_check.read_submission(data.sample_submission)
         if data.sample_submission is not None
         else None
     )
@@ -603,7 +605,7 @@ def write_outputs(
         frame = submission.split_instances(frame, shapes)
     test_score = None
     if data.test_truth is not None:
-        truth = submission.read_submission(data.test_truth)
+        truth = submission_check.read_submission(data.test_truth)
         scored = submission.score_submission(
             frame, truth, exp.layout, exp.classes, shapes, "predictions", f"truth {data.test_truth}"
         )
@@ -614,7 +616,7 @@ def write_outputs(
     submission.write_submission_file(frame, path, exp.layout, exp.classes, image_ids, shapes)
     inside = path.resolve().parent == submissions_dir.resolve()
     submission.record_submission(
-        submissions_dir / submission.SUBMISSION_LOG,
+        submissions_dir / SUBMISSION_LOG,
         path.name if inside else str(path),
         config.experiment,
         oof_nested,
@@ -627,15 +629,6 @@ def write_outputs(
         "oof_score_nested": oof_nested,
         "test_score": test_score,
     }
-
-
-def describe_device() -> str:
-    """``"<n> x <GPU name>"``, or ``"CPU"`` without a GPU."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
-    return "CPU"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

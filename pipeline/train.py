@@ -9,15 +9,37 @@ from __future__ import annotations
 
 import argparse
 import logging
-import random
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.cli import (
+from pipeline.core.config import Config
+from pipeline.core.layout import OOF
+from pipeline.core.lr_schedule import resolve_lr
+from pipeline.core.masks import resize_probs, truth_masks
+from pipeline.core.metrics import kaggle_dice
+from pipeline.core.probstore import ProbWriter, dequantise_prob, quantise_prob
+from pipeline.core.sample_order import first_sample
+from pipeline.core.schedule import training_phases
+from pipeline.nn import fold_trainer
+from pipeline.nn.data import (
+    CropSampler,
+    ImageCache,
+    build_augmentation,
+    make_eval_dataset,
+    make_train_dataset,
+    training_cache,
+)
+from pipeline.nn.devices import split_cpu
+from pipeline.nn.fold_trainer import FoldContext, FoldParts, FoldStage, fit_settings
+from pipeline.nn.inference import iter_batches, predict_tta
+from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.losses import get_loss, get_metrics
+from pipeline.nn.model import build_model, check_input_size, set_encoder_fraction
+from pipeline.nn.optim import make_optimizer
+from pipeline.run.cli import (
     add_config_arguments,
     config_from_args,
     exit_process,
@@ -27,146 +49,45 @@ from pipeline.cli import (
     setup_logging,
     sigterm_as_interrupt,
 )
-from pipeline.config import Config
-from pipeline.data import (
-    CropSampler,
-    ImageCache,
-    build_augmentation,
-    make_eval_dataset,
-    make_train_dataset,
-    training_cache,
-)
-from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
-from pipeline.experiment import (
+from pipeline.run.experiment import (
     Experiment,
-    check_fold_number,
-    check_trained_config,
-    open_experiment,
-    read_json,
-    record_trained_config,
-    write_json,
 )
-from pipeline.fold_jobs import FoldJob, FoldJobFailed, run_fold_jobs
-from pipeline.inference import iter_batches, predict_tta
-from pipeline.keras_backend import keras, tf
-from pipeline.losses import get_loss, get_metrics
-from pipeline.lr_schedule import resolve_lr
-from pipeline.masks import resize_probs, truth_masks
-from pipeline.metrics import kaggle_dice
-from pipeline.model import build_segmentation_model, check_input_size, set_encoder_fraction
-from pipeline.optim import make_optimizer
-from pipeline.probstore import ProbWriter, dequantise_prob, quantise_prob
-from pipeline.run_lock import hold_lock
-from pipeline.sample_order import first_sample
-from pipeline.schedule import training_phases
-from pipeline.trainer import FitSettings, fit_resumable, load_state
+from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
-OOF = "oof"
 
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and TensorFlow (ops stay nondeterministic unless TF is told)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    tf.random.set_seed(seed)
-
-
-def fit_settings(section: Any, epochs: int | None = None) -> FitSettings:
-    """FitSettings from a ``train``-like config section."""
-    return FitSettings(
-        epochs=int(epochs if epochs is not None else section.epochs),
-        monitor=section.monitor,
-        monitor_mode=section.monitor_mode,
-        reduce_lr_factor=section.reduce_lr_factor,
-        reduce_lr_patience=section.reduce_lr_patience,
-        min_lr=section.min_lr,
-        early_stopping_patience=section.early_stopping_patience,
-        tensorboard=section.tensorboard,
-        verbose=section.verbose,
-    )
-
-
-def build_model(config: Config, n_classes: int, input_size: Sequence[int] | None = None) -> Any:
-    """The configured segmentation model (call inside the strategy scope)."""
-    m = config.model
-    return build_segmentation_model(
-        m.architecture,
-        m.backbone,
-        n_classes,
-        encoder_weights=m.encoder_weights,
-        input_size=input_size,
-        decoder_block_type=m.decoder_block_type,
-        bn_momentum=m.bn_momentum,
-        decoder_filters=m.decoder_filters,
-    )
-
-
-def is_finished(fold_dir: Path) -> bool:
-    """A fold is finished once its ``metrics.json`` exists (it is written last)."""
-    return (fold_dir / METRICS).is_file()
-
-
-def train_fold(
-    config: Config, fold: int, resume: bool = False, force: bool = False
-) -> dict[str, Any]:
-    """Train one fold, predict its validation images, return and save its metrics.
-
-    The fold's lock (``run_lock``) is held throughout: a second trainer of the same
-    fold, here or on another machine sharing the runs directory, is refused.
-    """
-    check_fold_number(config, fold)
-    with hold_lock(config.fold_dir(fold), f"segmentation fold {fold}"):
-        return _train_fold(config, fold, resume, force)
-
-
-def _train_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[str, Any]:
-    seed_everything(config.seed)
-    fold_dir = config.fold_dir(fold)
-    if is_finished(fold_dir) and not force:
-        raise FileExistsError(f"fold {fold} already finished ({fold_dir / METRICS}); pass --force")
-    if (fold_dir / "checkpoint").exists() and not (resume or force):
-        raise FileExistsError(
-            f"fold {fold} has an interrupted run in {fold_dir}; pass --resume to continue "
-            f"it or --force to start over"
-        )
-    if resume:
-        load_state(fold_dir)  # a damaged checkpoint state is reported before anything is written
+def check_sizes(config: Config) -> None:
+    """The training crop and the validation input must suit the network's stride."""
     t = config.train
     check_input_size(t.crop_size, "train.crop_size")
     if t.val_crop is not None:
         check_input_size(t.val_crop, "train.val_crop")
     else:
         check_input_size(config.data.image_size, "data.image_size (validation input)")
-    check_trained_config(config, force)
-    exp = open_experiment(config)
-    if force:
-        (fold_dir / METRICS).unlink(missing_ok=True)
-    train_ids, val_ids = exp.members(fold)
+
+
+def prepare(ctx: FoldContext) -> FoldParts:
+    """One segmentation fold's data, model, compile step and OOF writer."""
+    config, exp, fold = ctx.config, ctx.exp, ctx.fold
+    t = config.train
     cache = training_cache(config, exp, config.data.image_size)
-    record_trained_config(config, fold_dir)
-    started = time.monotonic()
-    mixed = set_mixed_precision(t.mixed_precision)
-    strategy = make_strategy(t.strategy)
-    replicas = strategy.num_replicas_in_sync
-    global_batch = t.batch_size * replicas
-    steps = t.steps_per_epoch or max(1, len(train_ids) // global_batch)
+    global_batch = t.batch_size * ctx.replicas
+    steps = t.steps_per_epoch or max(1, len(ctx.train_ids) // global_batch)
     log.info(
         "fold %d: %d train / %d val images; %d replica(s) x batch %d, %d accumulated -> "
         "%d images per Adam step; %d steps per epoch",
         fold,
-        len(train_ids),
-        len(val_ids),
-        replicas,
+        len(ctx.train_ids),
+        len(ctx.val_ids),
+        ctx.replicas,
         t.batch_size,
         t.accumulation_steps,
         global_batch * t.accumulation_steps,
         steps,
     )
     sampler = CropSampler(cache, t.crop_size, build_augmentation(config.augment), config.seed)
-    train_rows = cache.index_of(train_ids)
+    train_rows = cache.index_of(ctx.train_ids)
 
     def train_data(epoch: int) -> tf.data.Dataset:
         return make_train_dataset(
@@ -179,11 +100,12 @@ def _train_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[st
             start=first_sample(epoch, steps, global_batch),
         )
 
-    val_ds = make_eval_dataset(cache, cache.index_of(val_ids), global_batch, t.val_crop, replicas)
+    val_ds = make_eval_dataset(
+        cache, cache.index_of(ctx.val_ids), global_batch, t.val_crop, ctx.replicas
+    )
     fixed = t.crop_size if config.model.architecture == "PSPNet" else None
-    with strategy.scope():
+    with ctx.strategy.scope():
         model = build_model(config, len(exp.classes), fixed)
-
     phases = training_phases(
         t.epochs, config.model.encoder_freeze_epochs, config.model.unfreeze_schedule
     )
@@ -199,45 +121,31 @@ def _train_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[st
                 100 * phases[phase].fraction,
                 lr,
             )
-        with strategy.scope():
+        with ctx.strategy.scope():
             net.compile(
                 optimizer=make_optimizer(lr, t.accumulation_steps),
                 loss=get_loss(t.loss),
                 metrics=get_metrics(t.metric_threshold, t.metric_min_area),
             )
 
-    state = fit_resumable(
-        model,
-        compile_phase,
-        phases,
-        train_data,
-        val_ds,
-        steps,
-        fold_dir,
-        fit_settings(t),
-        resolve_lr(config),
-        resume,
+    def finish(net: keras.Model) -> dict[str, Any]:
+        oof = predict_oof(config, exp, net, cache, ctx.val_ids, ctx.fold_dir / OOF)
+        return {
+            "oof_kaggle_dice_050": oof["kaggle_dice"],
+            "oof_kaggle_dice_050_per_class": oof["per_class"],
+        }
+
+    return FoldParts(
+        model=model,
+        compile_phase=compile_phase,
+        train_data=train_data,
+        val_ds=val_ds,
+        steps=steps,
+        settings=fit_settings(t),
+        lr=resolve_lr(config),
+        finish=finish,
+        phases=phases,
     )
-    train_time = time.monotonic() - started
-    oof = predict_oof(config, exp, model, cache, val_ids, fold_dir / OOF)
-    metrics = {
-        "fold": fold,
-        "n_train": len(train_ids),
-        "n_val": len(val_ids),
-        "best_epoch": state["best_epoch"],
-        f"best_{t.monitor}": state["best_value"],
-        "epochs_run": state["epoch"],
-        "oof_kaggle_dice_050": oof["kaggle_dice"],
-        "oof_kaggle_dice_050_per_class": oof["per_class"],
-        "train_seconds": round(train_time, 1),
-        "oof_seconds": oof["seconds"],
-        "device": _device_name(),
-        "replicas": replicas,
-        "mixed_precision": mixed,
-    }
-    write_json(fold_dir / METRICS, metrics)
-    log.info("fold %d finished: OOF Kaggle Dice at 0.5 = %.4f", fold, oof["kaggle_dice"])
-    return metrics
 
 
 def predict_oof(
@@ -252,7 +160,6 @@ def predict_oof(
 
     Returns the Kaggle Dice at threshold 0.5 against the truth at the same size.
     """
-    started = time.monotonic()
     rows = cache.index_of(val_ids)
     rles = exp.rles()
     size = config.data.submission_size
@@ -277,65 +184,39 @@ def predict_oof(
     return {
         "kaggle_dice": float(per_image.mean()),
         "per_class": dict(zip(exp.classes, per_image.mean(axis=0).round(6).tolist(), strict=True)),
-        "seconds": round(time.monotonic() - started, 1),
     }
 
 
-def _device_name() -> str:
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
-    return "CPU"
+def segmentation_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
+    """One fold job per segmentation fold."""
+    return [FoldJob("segmentation", k) for k in folds]
 
 
-def run_parallel(
-    config: Config, jobs: Sequence[FoldJob], resume: bool = False, force: bool = False
-) -> None:
-    """Run fold jobs as ``train.parallel_folds`` child processes at once.
+SEGMENTATION = FoldStage(
+    name="segmentation",
+    label="segmentation fold",
+    command="python -m pipeline.train",
+    fold_dir=lambda config, k: config.fold_dir(k),
+    prepare=prepare,
+    image_size=lambda config: config.data.image_size,
+    jobs=segmentation_jobs,
+    summary=lambda m: f"OOF Kaggle Dice at 0.5 = {m['oof_kaggle_dice_050']:.4f}",
+    check=check_sizes,
+)
 
-    The split and the image caches the jobs read are made here first, so that no two
-    children make them at the same time.
-    """
-    exp = open_experiment(config)
-    for job in jobs:
-        exp.check_fold(job.fold)
-    sizes = {tuple(config.data.image_size)}
-    if any(job.stage == "classifier" for job in jobs):
-        sizes.add(tuple(config.classifier.image_size))
-    for size in sorted(sizes):
-        training_cache(config, exp, size)
-    run_fold_jobs(config, jobs, config.train.parallel_folds, resume=resume, force=force)
+
+def train_fold(
+    config: Config, fold: int, resume: bool = False, force: bool = False
+) -> dict[str, Any]:
+    """Train one segmentation fold (``fold_trainer.train_fold``)."""
+    return fold_trainer.train_fold(SEGMENTATION, config, fold, resume, force)
 
 
 def train_folds(
     config: Config, folds: Sequence[int], resume: bool = False, force: bool = False
 ) -> list[dict[str, Any]]:
-    """Train several folds; finished folds are skipped unless ``force``.
-
-    One after the other in this process, or with ``train.parallel_folds`` > 1 as that
-    many child processes at once.
-    """
-    pending = [k for k in folds if force or not is_finished(config.fold_dir(k))]
-    if config.train.parallel_folds > 1 and len(pending) > 1:
-        run_parallel(config, [FoldJob("segmentation", k) for k in pending], resume, force)
-        return [read_metrics(config.fold_dir(k)) for k in folds]
-    results = []
-    for fold in folds:
-        fold_dir = config.fold_dir(fold)
-        if is_finished(fold_dir) and not force:
-            log.info("fold %d already finished (%s); skipping", fold, fold_dir / METRICS)
-            results.append(read_metrics(fold_dir))
-            continue
-        results.append(train_fold(config, fold, resume=resume, force=force))
-    return results
-
-
-def read_metrics(fold_dir: Path) -> dict[str, Any]:
-    """A finished fold's metrics.json."""
-    return read_json(
-        fold_dir / METRICS, "train the fold (again, with --force): python -m pipeline.train"
-    )
+    """Train several segmentation folds (``fold_trainer.train_folds``)."""
+    return fold_trainer.train_folds(SEGMENTATION, config, folds, resume, force)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,14 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pipeline.classifier import (
+from pipeline.core.config import Config
+from pipeline.core.folds import classifier_skip_reason
+from pipeline.core.layout import BEST_WEIGHTS, CLASSIFIER_STAGE
+from pipeline.core.layout import OOF_CLS as OOF
+from pipeline.core.metrics import presence_confusion
+from pipeline.core.sample_order import first_sample
+from pipeline.nn import fold_trainer
+from pipeline.nn.classifier import (
     ImageSampler,
     build_classifier_from_config,
     classifier_fold_dir,
@@ -31,7 +37,15 @@ from pipeline.classifier import (
     predict_presence_tta,
     presence_labels,
 )
-from pipeline.cli import (
+from pipeline.nn.data import ImageCache, build_augmentation, training_cache
+from pipeline.nn.devices import split_cpu
+from pipeline.nn.fold_trainer import FoldContext, FoldParts, FoldStage, fit_settings
+from pipeline.nn.inference import iter_batches
+from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.model import build_model
+from pipeline.nn.optim import make_optimizer
+from pipeline.nn.trainer import load_best_weights
+from pipeline.run.cli import (
     add_config_arguments,
     config_from_args,
     exit_process,
@@ -41,55 +55,15 @@ from pipeline.cli import (
     setup_logging,
     sigterm_as_interrupt,
 )
-from pipeline.config import Config
-from pipeline.data import ImageCache, build_augmentation, training_cache
-from pipeline.devices import make_strategy, set_mixed_precision, split_cpu
-from pipeline.experiment import (
+from pipeline.run.experiment import (
     check_fold_number,
-    check_trained_config,
     open_experiment,
-    read_json,
-    record_trained_config,
-    write_json,
 )
-from pipeline.fold_jobs import FoldJob, FoldJobFailed
-from pipeline.folds import classifier_skip_reason
-from pipeline.inference import iter_batches
-from pipeline.keras_backend import keras, tf
-from pipeline.metrics import presence_confusion
-from pipeline.optim import make_optimizer
-from pipeline.run_lock import hold_lock
-from pipeline.sample_order import first_sample
-from pipeline.train import (
-    _device_name,
-    build_model,
-    is_finished,
-    run_parallel,
-    seed_everything,
-)
-from pipeline.trainer import BEST_WEIGHTS, FitSettings, fit_resumable, load_best_weights
+from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
 
 log = logging.getLogger(__name__)
 
-METRICS = "metrics.json"
-OOF = "oof_cls.csv"
 PRESENCE_THRESHOLD = 0.5  # the operating point reported in metrics.json; the gate is tuned later
-
-
-def classifier_fit_settings(config: Config) -> FitSettings:
-    """FitSettings from ``classifier.*``, with ``train.tensorboard`` and ``train.verbose``."""
-    c = config.classifier
-    return FitSettings(
-        epochs=int(c.epochs),
-        monitor=c.monitor,
-        monitor_mode=c.monitor_mode,
-        reduce_lr_factor=c.reduce_lr_factor,
-        reduce_lr_patience=c.reduce_lr_patience,
-        min_lr=c.min_lr,
-        early_stopping_patience=c.early_stopping_patience,
-        tensorboard=config.train.tensorboard,
-        verbose=config.train.verbose,
-    )
 
 
 def score_presence(truth: np.ndarray, prob: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
@@ -149,70 +123,29 @@ def init_from_segmentation(config: Config, model: keras.Model, fold: int, n_clas
     log.info("classifier backbone: %d encoder layers copied from %s", copied, weights)
 
 
-def _check_fold_start(fold: int, fold_dir: Path, resume: bool, force: bool) -> None:
-    if is_finished(fold_dir) and not force:
-        raise FileExistsError(
-            f"classifier fold {fold} already finished ({fold_dir / METRICS}); pass --force"
-        )
-    if (fold_dir / "checkpoint").exists() and not (resume or force):
-        raise FileExistsError(
-            f"classifier fold {fold} has an interrupted run in {fold_dir}; pass --resume to "
-            f"continue it or --force to start over"
-        )
-
-
-def train_classifier_fold(
-    config: Config, fold: int, resume: bool = False, force: bool = False
-) -> dict[str, Any]:
-    """Train one classifier fold, predict its validation images, return and save metrics.
-
-    Holds the fold's lock throughout (see ``train.train_fold``).
-    """
-    check_fold_number(config, fold)
-    with hold_lock(classifier_fold_dir(config, fold), f"classifier fold {fold}"):
-        return _train_classifier_fold(config, fold, resume, force)
-
-
-def _train_classifier_fold(config: Config, fold: int, resume: bool, force: bool) -> dict[str, Any]:
-    seed_everything(config.seed)
-    fold_dir = classifier_fold_dir(config, fold)
-    _check_fold_start(fold, fold_dir, resume, force)
-    check_trained_config(config, force)
-    exp = open_experiment(config)
-    if force:
-        (fold_dir / METRICS).unlink(missing_ok=True)
+def prepare(ctx: FoldContext) -> FoldParts:
+    """One classifier fold's data, model, compile step and OOF writer."""
+    config, exp, fold = ctx.config, ctx.exp, ctx.fold
     c, t = config.classifier, config.train
-    train_ids, val_ids = exp.members(fold)
     cache = training_cache(config, exp, c.image_size)
-    record_trained_config(config, fold_dir)
     labels = presence_labels(exp.table, exp.classes, cache.image_ids)
-    started = time.monotonic()
-    mixed = set_mixed_precision(t.mixed_precision)
-    strategy = make_strategy(t.strategy)
-    replicas = strategy.num_replicas_in_sync
-    global_batch = c.batch_size * replicas
-    steps = max(1, len(train_ids) // global_batch)
+    global_batch = c.batch_size * ctx.replicas
+    steps = max(1, len(ctx.train_ids) // global_batch)
+    train_rows = cache.index_of(ctx.train_ids)
     log.info(
         "classifier fold %d: %d train / %d val images at %s; %d replica(s) x batch %d, "
         "%d accumulated; %d steps per epoch; training positives per class %s",
         fold,
-        len(train_ids),
-        len(val_ids),
+        len(ctx.train_ids),
+        len(ctx.val_ids),
         list(c.image_size),
-        replicas,
+        ctx.replicas,
         c.batch_size,
         c.accumulation_steps,
         steps,
-        dict(
-            zip(
-                exp.classes,
-                labels[cache.index_of(train_ids)].sum(axis=0).astype(int).tolist(),
-                strict=True,
-            )
-        ),
+        dict(zip(exp.classes, labels[train_rows].sum(axis=0).astype(int).tolist(), strict=True)),
     )
     sampler = ImageSampler(cache, build_augmentation(config.augment), config.seed)
-    train_rows = cache.index_of(train_ids)
 
     def train_data(epoch: int) -> tf.data.Dataset:
         return make_presence_train_dataset(
@@ -226,59 +159,38 @@ def _train_classifier_fold(config: Config, fold: int, resume: bool, force: bool)
             start=first_sample(epoch, steps, global_batch),
         )
 
-    val_ds = make_presence_eval_dataset(
-        cache, cache.index_of(val_ids), labels, global_batch, replicas
-    )
-    with strategy.scope():
+    val_rows = cache.index_of(ctx.val_ids)
+    val_ds = make_presence_eval_dataset(cache, val_rows, labels, global_batch, ctx.replicas)
+    with ctx.strategy.scope():
         model = build_classifier_from_config(config, len(exp.classes))
     if c.init_from_segmentation:
         init_from_segmentation(config, model, fold, len(exp.classes))
 
     def compile_phase(net: keras.Model, phase: int, lr: float) -> None:
-        with strategy.scope():
+        with ctx.strategy.scope():
             net.compile(
                 optimizer=make_optimizer(lr, c.accumulation_steps),
                 loss=keras.losses.BinaryCrossentropy(label_smoothing=c.label_smoothing),
                 metrics=make_presence_metrics(len(exp.classes)),
             )
 
-    state = fit_resumable(
-        model,
-        compile_phase,
-        [],
-        train_data,
-        val_ds,
-        steps,
-        fold_dir,
-        classifier_fit_settings(config),
-        c.lr,
-        resume,
+    def finish(net: keras.Model) -> dict[str, Any]:
+        oof = predict_oof_presence(config, net, cache, ctx.val_ids, exp.classes)
+        write_oof(oof, ctx.fold_dir / OOF)
+        return score_presence(labels[val_rows], oof[exp.classes].to_numpy(), exp.classes)
+
+    settings = fit_settings(c, tensorboard=t.tensorboard, verbose=t.verbose)
+    return FoldParts(
+        model=model,
+        compile_phase=compile_phase,
+        train_data=train_data,
+        val_ds=val_ds,
+        steps=steps,
+        settings=settings,
+        lr=c.lr,
+        finish=finish,
+        info={"backbone": c.backbone, "image_size": list(c.image_size)},
     )
-    train_time = time.monotonic() - started
-    started = time.monotonic()
-    oof = predict_oof_presence(config, model, cache, val_ids, exp.classes)
-    write_oof(oof, fold_dir / OOF)
-    rows = cache.index_of(val_ids)
-    scores = score_presence(labels[rows], oof[exp.classes].to_numpy(), exp.classes)
-    metrics = {
-        "fold": fold,
-        "n_train": len(train_ids),
-        "n_val": len(val_ids),
-        "backbone": c.backbone,
-        "image_size": list(c.image_size),
-        "best_epoch": state["best_epoch"],
-        f"best_{c.monitor}": state["best_value"],
-        "epochs_run": state["epoch"],
-        **scores,
-        "train_seconds": round(train_time, 1),
-        "oof_seconds": round(time.monotonic() - started, 1),
-        "device": _device_name(),
-        "replicas": replicas,
-        "mixed_precision": mixed,
-    }
-    write_json(fold_dir / METRICS, metrics)
-    log.info("classifier fold %d finished: OOF AUC = %.4f", fold, scores["oof_auc"])
-    return metrics
 
 
 def predict_oof_presence(
@@ -325,14 +237,40 @@ def read_oof_presence(config: Config, folds: Sequence[int]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
+def classifier_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
+    """Classifier fold jobs; each waits for its segmentation fold when it starts from
+    that fold's encoder (``classifier.init_from_segmentation``)."""
+    jobs = []
+    for k in folds:
+        after = (FoldJob("segmentation", k),) if config.classifier.init_from_segmentation else ()
+        jobs.append(FoldJob(CLASSIFIER_STAGE, k, after))
+    return jobs
+
+
+CLASSIFIER = FoldStage(
+    name=CLASSIFIER_STAGE,
+    label="classifier fold",
+    command="python -m pipeline.train_classifier",
+    fold_dir=classifier_fold_dir,
+    prepare=prepare,
+    image_size=lambda config: config.classifier.image_size,
+    jobs=classifier_jobs,
+    summary=lambda m: f"OOF AUC = {m['oof_auc']:.4f}",
+)
+
+
+def train_classifier_fold(
+    config: Config, fold: int, resume: bool = False, force: bool = False
+) -> dict[str, Any]:
+    """Train one classifier fold (``fold_trainer.train_fold``)."""
+    return fold_trainer.train_fold(CLASSIFIER, config, fold, resume, force)
+
+
 def train_classifier_folds(
     config: Config, folds: Sequence[int], resume: bool = False, force: bool = False
 ) -> list[dict[str, Any]]:
-    """Train several classifier folds; finished folds are skipped unless ``force``.
-
-    One after the other in this process, or with ``train.parallel_folds`` > 1 as that
-    many child processes at once.
-    """
+    """Train several classifier folds; none when the classifier has nothing to learn
+    (``folds.classifier_skip_reason``). Finished folds are skipped unless ``force``."""
     for fold in folds:
         check_fold_number(config, fold)
     exp = open_experiment(config)
@@ -340,34 +278,7 @@ def train_classifier_folds(
     if reason is not None:
         log.info("presence classifier skipped: %s", reason)
         return []
-    pending = [k for k in folds if force or not is_finished(classifier_fold_dir(config, k))]
-    if config.train.parallel_folds > 1 and len(pending) > 1:
-        run_parallel(config, classifier_jobs(config, pending), resume, force)
-        return [
-            read_json(classifier_fold_dir(config, k) / METRICS, "train the classifier fold")
-            for k in folds
-        ]
-    results = []
-    for fold in folds:
-        fold_dir = classifier_fold_dir(config, fold)
-        if is_finished(fold_dir) and not force:
-            log.info("classifier fold %d already finished (%s); skipping", fold, fold_dir / METRICS)
-            results.append(
-                read_json(fold_dir / METRICS, "train it: python -m pipeline.train_classifier")
-            )
-            continue
-        results.append(train_classifier_fold(config, fold, resume=resume, force=force))
-    return results
-
-
-def classifier_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
-    """Classifier fold jobs; each waits for its segmentation fold when it starts from
-    that fold's encoder (``classifier.init_from_segmentation``)."""
-    jobs = []
-    for k in folds:
-        after = (FoldJob("segmentation", k),) if config.classifier.init_from_segmentation else ()
-        jobs.append(FoldJob("classifier", k, after))
-    return jobs
+    return fold_trainer.train_folds(CLASSIFIER, config, folds, resume, force)
 
 
 def score_all_folds(config: Config, folds: Sequence[int]) -> dict[str, Any]:

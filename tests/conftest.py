@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import CONFIG_DIR
+from pipeline.core.config import CONFIG_DIR
 from pipeline.make_demo_data import make_demo_data
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,8 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.cli import setup_logging
-from pipeline.experiment import record_trained_config, write_json
+from pipeline.run.cli import setup_logging
+from pipeline.run.experiment import record_trained_config, write_json
 from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow
@@ -64,8 +64,8 @@ def fake_trained_run(tmp: Path, data: Path, folds: tuple[int, ...] = (0, 1)) -> 
     """A run whose folds look finished (metrics.json, recorded config, a weights file)
     without training: enough for the checks that come before any model is used."""
     config_path = write_tiny_config(tmp, data)
-    from pipeline.config import load_config
-    from pipeline.experiment import open_experiment
+    from pipeline.core.config import load_config
+    from pipeline.run.experiment import open_experiment
 
     config = load_config(config_path)
     open_experiment(config)  # the split and the mask table, as training leaves them
@@ -478,7 +478,7 @@ def test_real_processes_exit_2_without_traceback(argv):
 def test_a_yaml_section_must_be_a_mapping(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"train": 3}))
-    from pipeline.config import ConfigError, load_config
+    from pipeline.core.config import ConfigError, load_config
 
     with pytest.raises(ConfigError, match="'train' must be a mapping"):
         load_config(path)

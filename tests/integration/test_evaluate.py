@@ -12,13 +12,13 @@ import pandas as pd
 import pytest
 
 from pipeline import tune
-from pipeline.config import load_config
+from pipeline.core.config import load_config
+from pipeline.core.images import cache_path, read_image_size, resolve_image_path
+from pipeline.core.masks import truth_masks
+from pipeline.core.postprocess import PostprocessParams, save_postprocess
+from pipeline.core.probstore import ProbWriter
 from pipeline.evaluate import evaluate, load_oof_example, main, open_run
-from pipeline.experiment import open_experiment, write_json
-from pipeline.images import cache_path, read_image_size, resolve_image_path
-from pipeline.masks import truth_masks
-from pipeline.postprocess import PostprocessParams, save_postprocess
-from pipeline.probstore import ProbWriter
+from pipeline.run.experiment import open_experiment, write_json
 from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow

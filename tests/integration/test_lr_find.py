@@ -10,7 +10,7 @@ import sys
 import pandas as pd
 import pytest
 
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from pipeline.lr_find import resolve_lr
 from tests.conftest import REPO, write_tiny_config
 

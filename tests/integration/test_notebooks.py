@@ -11,7 +11,7 @@ import pytest
 from nbclient import NotebookClient
 
 from pipeline import tune
-from pipeline.config import load_config
+from pipeline.core.config import load_config
 from tests.conftest import REPO
 from tests.integration.test_evaluate import make_fake_run
 

@@ -43,7 +43,7 @@ def test_installed_package_loads_its_bundled_configs(tmp_path):
         p.name for p in (REPO / "configs").glob("*.yaml")
     )
     code = (
-        "from pipeline.config import CONFIG_DIR, DEFAULT_CONFIG, load_config\n"
+        "from pipeline.core.config import CONFIG_DIR, DEFAULT_CONFIG, load_config\n"
         "import pipeline\n"
         "assert CONFIG_DIR.parent == __import__('pathlib').Path(pipeline.__file__).parent\n"
         "print(load_config(DEFAULT_CONFIG).model.backbone, "

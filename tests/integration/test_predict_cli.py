@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import load_config
-from pipeline.postprocess import PostprocessParams, save_postprocess
-from pipeline.submission import read_submission
+from pipeline.core.config import load_config
+from pipeline.core.postprocess import PostprocessParams, save_postprocess
+from pipeline.core.submission_check import read_submission
 from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow
@@ -118,7 +118,7 @@ def test_predict_writes_a_valid_scored_recorded_submission(tmp_path, trained_run
 
 
 def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_data):
-    from pipeline.classifier import build_classifier_from_config, classifier_fold_dir
+    from pipeline.nn.classifier import build_classifier_from_config, classifier_fold_dir
     from pipeline.predict import predict
 
     config_path = copy_run(trained_run, tmp_path, tiny_data, classifier={"image_size": [32, 64]})

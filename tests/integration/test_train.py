@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.probstore import ProbReader
+from pipeline.core.probstore import ProbReader
 from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow

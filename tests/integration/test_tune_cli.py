@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipeline.postprocess import load_postprocess
+from pipeline.core.postprocess import load_postprocess
 from tests.unit.test_tune import CLASSES, false_positive_case, make_experiment
 
 pytestmark = pytest.mark.slow

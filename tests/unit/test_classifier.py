@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.classifier import (
+from pipeline.core.config import load_config
+from pipeline.nn.classifier import (
     ImageSampler,
     build_classifier,
     classifier_fold_dir,
@@ -19,9 +20,8 @@ from pipeline.classifier import (
     stage_outputs,
     stage_strides,
 )
-from pipeline.config import load_config
-from pipeline.data import ImageCache, build_augmentation
-from pipeline.keras_backend import keras, sm
+from pipeline.nn.data import ImageCache, build_augmentation
+from pipeline.nn.keras_backend import keras, sm
 from pipeline.train_classifier import score_presence
 
 
@@ -131,7 +131,7 @@ def test_stage_outputs_refuses_a_backbone_whose_output_is_not_its_deepest_stage(
 
 
 def test_multiscale_classifier_takes_the_segmentation_encoder_and_local_weights(tmp_path):
-    from pipeline.model import build_segmentation_model, encoder_layers
+    from pipeline.nn.model import build_segmentation_model, encoder_layers
 
     segmentation = build_segmentation_model("Unet", "resnet18", 2)
     classifier = build_classifier("resnet18", 2, (64, 64), multiscale=True)
@@ -150,7 +150,7 @@ def test_multiscale_classifier_takes_the_segmentation_encoder_and_local_weights(
 
 
 def test_segmentation_encoder_is_copied_into_the_classifier_backbone():
-    from pipeline.model import build_segmentation_model, encoder_layers
+    from pipeline.nn.model import build_segmentation_model, encoder_layers
 
     segmentation = build_segmentation_model("Unet", "resnet18", 2)
     classifier = build_classifier("resnet18", 2, (64, 64))

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import CONFIG_DIR, ConfigError, load_config, save_config
+from pipeline.core.config import CONFIG_DIR, ConfigError, load_config, save_config
 
 
 def write(path: Path, data: dict) -> Path:

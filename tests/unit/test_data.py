@@ -6,7 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.data import (
+from pipeline.core.rle import encode
+from pipeline.nn.data import (
     CropSampler,
     batch_for_replicas,
     build_augmentation,
@@ -14,7 +15,6 @@ from pipeline.data import (
     make_eval_dataset,
     make_train_dataset,
 )
-from pipeline.rle import encode
 
 
 @pytest.fixture
@@ -107,7 +107,7 @@ def test_eval_dataset_covers_each_image_once_in_order(tmp_path, image_set):
     ],
 )
 def test_no_eval_batch_leaves_a_replica_empty(n, batch, replicas, sizes):
-    from pipeline.keras_backend import tf
+    from pipeline.nn.keras_backend import tf
 
     ds = batch_for_replicas(tf.data.Dataset.range(n), n, batch, replicas)
     batches = [b.numpy().tolist() for b in ds]
@@ -116,7 +116,7 @@ def test_no_eval_batch_leaves_a_replica_empty(n, batch, replicas, sizes):
 
 
 def test_fewer_eval_images_than_replicas_is_an_error():
-    from pipeline.keras_backend import tf
+    from pipeline.nn.keras_backend import tf
 
     with pytest.raises(ValueError, match="1 evaluation image.*2 replicas"):
         batch_for_replicas(tf.data.Dataset.range(1), 1, 8, 2)
@@ -125,7 +125,7 @@ def test_fewer_eval_images_than_replicas_is_an_error():
 def test_a_stream_started_at_epoch_two_continues_the_uninterrupted_one(tmp_path, image_set):
     """What --resume and a new unfreezing phase rely on: the samples of epoch 3 do not
     depend on whether epochs 1-2 ran in this process."""
-    from pipeline.sample_order import first_sample
+    from pipeline.core.sample_order import first_sample
 
     folder, ids, rles = image_set
     cache = build_cache(tmp_path / "cache", "train", folder, ids, [32, 64], rles)

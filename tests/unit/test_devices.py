@@ -2,8 +2,8 @@
 
 import pytest
 
-from pipeline.devices import make_strategy
-from pipeline.keras_backend import tf
+from pipeline.nn.devices import make_strategy
+from pipeline.nn.keras_backend import tf
 
 
 def test_auto_without_gpus_is_the_default_strategy_not_a_wrapper():

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import rle
-from pipeline.config import DEFAULT_CONFIG, load_config
-from pipeline.experiment import data_key, open_experiment
+from pipeline.core import rle
+from pipeline.core.config import DEFAULT_CONFIG, load_config
+from pipeline.run.experiment import data_key, open_experiment
 
 SIZE = (16, 24)
 IDS = [f"{i:03d}.jpg" for i in range(6)]
@@ -59,7 +59,7 @@ DEFECTS = [("000.jpg", 1, rle.encode(box(2))), ("001.jpg", 3, rle.encode(box(3))
 
 
 def test_images_without_rows_are_in_the_data_set_with_empty_masks(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.experiment")
+    caplog.set_level(logging.INFO, logger="pipeline.run.experiment")
     exp = open_experiment(load_config(severstal_set(tmp_path, DEFECTS)))
     assert exp.image_ids == IDS  # all six, not the two with rows
     assert len(exp.table) == 6 * 4
@@ -94,7 +94,7 @@ def test_an_empty_image_folder_is_an_error(tmp_path):
 
 
 def test_an_edited_rle_changes_the_decoded_masks(tmp_path):
-    from pipeline.data import build_cache
+    from pipeline.nn.data import build_cache
 
     config = load_config(severstal_set(tmp_path, DEFECTS))
 
@@ -156,7 +156,7 @@ def test_symlinked_images_and_folders_are_read(tmp_path):
 
 
 def test_a_config_that_differs_from_the_trained_one_is_refused(tmp_path, caplog):
-    from pipeline.experiment import (
+    from pipeline.run.experiment import (
         check_trained_config,
         record_trained_config,
         trained_config_differences,

@@ -1,4 +1,4 @@
-"""pipeline.fold_jobs with stand-in stage modules (no TensorFlow): scheduling, skips,
+"""pipeline.run.fold_jobs with stand-in stage modules (no TensorFlow): scheduling, skips,
 dependencies, thread budget and failures."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import fold_jobs
-from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
-from pipeline.fold_jobs import FoldJob, job_command, run_fold_jobs, threads_per_job
+from pipeline.core.config import DEFAULT_CONFIG, ConfigError, load_config
+from pipeline.run import fold_jobs
+from pipeline.run.fold_jobs import FoldJob, job_command, run_fold_jobs, threads_per_job
 
 # A stand-in for python -m pipeline.train / train_classifier: records how many jobs ran
 # at once and with which thread budget, writes metrics.json. No test depends on speed:
@@ -42,7 +42,7 @@ STAGE = textwrap.dedent(
     (run / "running" / name).touch()
     start = time.time()
     print(f"{{stage}} fold {{args.fold}} starting", flush=True)
-    print(f"12:00:00 INFO pipeline.trainer: epoch 1/1 loss={{args.fold}}.5", flush=True)
+    print(f"12:00:00 INFO pipeline.nn.trainer: epoch 1/1 loss={{args.fold}}.5", flush=True)
     fail = os.environ.get("FAIL_FOLD")
     if fail is not None:
         if str(args.fold) == fail and stage == "segmentation":
@@ -96,7 +96,7 @@ def test_jobs_run_two_at_a_time_in_order_after_their_dependencies(
     setup, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = setup
-    caplog.set_level("INFO", logger="pipeline.fold_jobs")
+    caplog.set_level("INFO", logger="pipeline.run.fold_jobs")
     monkeypatch.setattr(fold_jobs.os, "cpu_count", lambda: 4)
     seg = [FoldJob("segmentation", k) for k in range(3)]
     cls = [FoldJob("classifier", k, after=(seg[k],)) for k in range(3)]

@@ -1,4 +1,4 @@
-"""Tests of the cross-validation split (pipeline.folds)."""
+"""Tests of the cross-validation split (pipeline.core.folds)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from sklearn.model_selection import KFold
 
-from pipeline.folds import (
+from pipeline.core.folds import (
     ensure_folds,
     fold_members,
     load_folds,
@@ -279,7 +279,7 @@ def test_fold_members_rejects_fold_out_of_range(fold: int) -> None:
 
 
 def test_classifier_is_skipped_only_when_no_class_varies() -> None:
-    from pipeline.folds import classifier_skip_reason
+    from pipeline.core.folds import classifier_skip_reason
 
     every = pd.DataFrame(
         {"image_id": ["a", "b"], "class_name": ["nucleus"] * 2, "rle": ["1 2", "3 1"]}

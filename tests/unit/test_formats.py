@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import formats, images, rle
+from pipeline.core import formats, images, rle
 
 DSB2018 = Path(__file__).resolve().parents[2].parent / "shared/data/dsb2018"
 

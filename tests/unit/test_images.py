@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline import images
+from pipeline.core import images
 
 
 def write(path: Path, image: np.ndarray) -> Path:

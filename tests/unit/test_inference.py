@@ -14,9 +14,9 @@ from tests.conftest import REPO
 SCRIPT = textwrap.dedent(
     """
     import numpy as np
-    from pipeline.devices import split_cpu
-    from pipeline.keras_backend import keras, tf
-    from pipeline.inference import predict_on_replicas
+    from pipeline.nn.devices import split_cpu
+    from pipeline.nn.keras_backend import keras, tf
+    from pipeline.nn.inference import predict_on_replicas
 
     split_cpu(2)
     def build():

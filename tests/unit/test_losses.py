@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import losses, metrics
-from pipeline.keras_backend import keras, sm, tf
+from pipeline.core import metrics
+from pipeline.nn import losses
+from pipeline.nn.keras_backend import keras, sm, tf
 
 REPO = Path(__file__).resolve().parents[2]
 LOSS_NAMES = ["jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice"]
@@ -209,10 +210,11 @@ MIRRORED_SCRIPT = textwrap.dedent(
     """
     import json
     import numpy as np
-    from pipeline.keras_backend import keras, tf
+    from pipeline.nn.keras_backend import keras, tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from pipeline import losses, metrics
+    from pipeline.nn import losses
+    from pipeline.core import metrics
     from tests.unit.test_losses import concat, random_batches
 
     truth, prob = concat(random_batches(seed=8, sizes=[9]))

@@ -9,8 +9,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.config import ConfigError, load_config
-from pipeline.lr_schedule import (
+from pipeline.core.config import ConfigError, load_config
+from pipeline.core.lr_schedule import (
     RULE_MIN_OVER_10,
     GridRun,
     compare_top_two,

@@ -12,7 +12,8 @@ import pandas as pd
 import pytest
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from pipeline.formats import read_masks
+from pipeline.core.formats import read_masks
+from pipeline.core.rle import decode
 from pipeline.make_demo_data import (
     CLASSES,
     draw_image_ids,
@@ -21,7 +22,6 @@ from pipeline.make_demo_data import (
     make_demo_data,
     make_image_rng,
 )
-from pipeline.rle import decode
 
 TINY = {
     "n_train": 12,

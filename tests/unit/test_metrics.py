@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline import metrics
+from pipeline.core import metrics
 
 TRUTH = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=np.uint8)  # 3 pixels
 PRED = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=np.uint8)  # 4 pixels, 2 shared

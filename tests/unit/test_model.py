@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.keras_backend import keras, sm
-from pipeline.model import (
+from pipeline.nn.keras_backend import keras, sm
+from pipeline.nn.model import (
     ChannelAffine,
     build_segmentation_model,
     check_input_size,

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import optim
-from pipeline.keras_backend import keras, tf
+from pipeline.nn import optim
+from pipeline.nn.keras_backend import keras, tf
 
 REPO = Path(__file__).resolve().parents[2]
 LR = 0.01
@@ -192,10 +192,10 @@ def test_make_optimizer_rejects_bad_lr_and_per_micro_batch_options() -> None:
 MIRRORED_SCRIPT = textwrap.dedent(
     """
     import json
-    from pipeline.keras_backend import keras, tf
+    from pipeline.nn.keras_backend import keras, tf
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
-    from pipeline import optim
+    from pipeline.nn import optim
     from tests.unit import test_optim as t
 
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.postprocess import (
+from pipeline.core.postprocess import (
     PostprocessParams,
     apply_gate,
     binarize,

@@ -7,9 +7,9 @@ import datetime
 import numpy as np
 import pytest
 
+from pipeline.core.probstore import quantise_prob
+from pipeline.core.tta import merge_arrays
 from pipeline.predict import MERGE_TOLERANCE, FoldAccumulator, StageClock, submission_path
-from pipeline.probstore import quantise_prob
-from pipeline.tta import merge_arrays
 
 
 def accumulate(tmp_path, folds, how, batch=3):

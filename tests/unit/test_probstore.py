@@ -5,7 +5,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.probstore import (
+from pipeline.core.probstore import (
     MultiReader,
     ProbReader,
     ProbWriter,

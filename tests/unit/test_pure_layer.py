@@ -1,38 +1,101 @@
-"""The pure layer must never import TensorFlow (checked in a fresh interpreter)."""
+"""The layering rules, checked on the package tree itself (no hand-kept lists).
 
+- ``pipeline.core`` and ``pipeline.run`` never import TensorFlow (in a fresh interpreter);
+- a layer imports only layers below it: core < run < nn < stages;
+- no stage imports another stage's module (``demo``, the one composition of every
+  stage, is the exception).
+"""
+
+import ast
+import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
-PURE = [
-    "config",
-    "rle",
-    "formats",
-    "images",
-    "folds",
-    "metrics",
-    "tta",
-    "postprocess",
-    "submission",
-    "probstore",
-    "threshold_search",
-    "masks",
-    "curves",
-    "make_demo_data",
-    "sample_order",
-    "run_lock",
-    "experiment",
-]
+import pipeline
+
+PACKAGE = Path(pipeline.__file__).parent
+LAYERS = ("core", "run", "nn")
+RANK = {"core": 0, "run": 1, "nn": 2, "stage": 3}
+COMPOSITION = {"demo"}
 
 
-def test_pure_modules_do_not_import_tensorflow():
+def modules_of(layer: str) -> list[str]:
+    return sorted(
+        f"pipeline.{layer}.{m.name}" for m in pkgutil.iter_modules([str(PACKAGE / layer)])
+    )
+
+
+def stages() -> list[str]:
+    return sorted(
+        m.name for m in pkgutil.iter_modules([str(PACKAGE)]) if m.name not in (*LAYERS, "configs")
+    )
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in LAYERS else "stage"
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every ``pipeline`` module a file imports (at any depth, TYPE_CHECKING included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("pipeline"):
+            if node.module in ("pipeline", *(f"pipeline.{layer}" for layer in LAYERS)):
+                found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            else:
+                found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("pipeline."))
+    return found
+
+
+def all_modules() -> dict[str, Path]:
+    out = {f"pipeline.{name}": PACKAGE / f"{name}.py" for name in stages()}
+    for layer in LAYERS:
+        for module in modules_of(layer):
+            out[module] = PACKAGE / layer / f"{module.rsplit('.', 1)[1]}.py"
+    return out
+
+
+def test_the_tree_has_the_layers_and_the_stages():
+    assert all((PACKAGE / layer / "__init__.py").is_file() for layer in LAYERS)
+    assert {"train", "train_classifier", "predict", "tune", "evaluate"} <= set(stages())
+    assert len(modules_of("core")) >= 10
+
+
+def test_pure_layers_do_not_import_tensorflow():
+    pure = modules_of("core") + modules_of("run")
     code = (
-        "import importlib, importlib.util, sys\n"
-        f"for name in {PURE!r}:\n"
-        "    if importlib.util.find_spec('pipeline.' + name) is not None:\n"
-        "        importlib.import_module('pipeline.' + name)\n"
+        "import importlib, sys\n"
+        f"for name in {pure!r}:\n"
+        "    importlib.import_module(name)\n"
         "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
         "('tensorflow', 'tf_keras', 'keras', 'segmentation_models'))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"pure layer imported: {out.stdout.strip()}"
+
+
+def test_layers_depend_downward_only():
+    upward = []
+    for module, path in all_modules().items():
+        for target in imports_of(path):
+            if RANK[layer_of(target)] > RANK[layer_of(module)]:
+                upward.append(f"{module} imports {target}")
+    assert upward == []
+
+
+def test_no_stage_imports_another_stage():
+    crossing = []
+    for module, path in all_modules().items():
+        if layer_of(module) != "stage" or module.split(".")[1] in COMPOSITION:
+            continue
+        crossing += [
+            f"{module} imports {t}"
+            for t in imports_of(path)
+            if layer_of(t) == "stage" and t != module
+        ]
+    assert crossing == []

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, report
-from pipeline.postprocess import PostprocessParams
+from pipeline.core import metrics, report
+from pipeline.core.postprocess import PostprocessParams
 
 ENERGY = {"cpu_watts": 65.0, "gpu_watts": 300.0, "pue": 1.2, "grid_g_co2_per_kwh": 400.0}
 

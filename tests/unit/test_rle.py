@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline import rle
+from pipeline.core import rle
 
 
 def encode_by_pixel_walk(mask: np.ndarray) -> str:

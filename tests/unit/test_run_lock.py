@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from pipeline import run_lock
-from pipeline.run_lock import LOCK_FILE, LockHeld, acquire, hold_lock, is_stale, release
+from pipeline.run import run_lock
+from pipeline.run.run_lock import LOCK_FILE, LockHeld, acquire, hold_lock, is_stale, release
 from tests.conftest import REPO
 
 
@@ -69,7 +69,7 @@ PARENT = textwrap.dedent(
     import os, subprocess, sys, time
     child = '''
     import sys, time
-    from pipeline.cli import guard_job_process
+    from pipeline.run.cli import guard_job_process
     guard_job_process()
     print("armed", flush=True)
     time.sleep(120)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.sample_order import SampleOrder, first_sample
+from pipeline.core.sample_order import SampleOrder, first_sample
 
 
 def test_each_pass_visits_every_image_once_in_a_seeded_order():

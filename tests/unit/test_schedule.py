@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.schedule import Phase, training_phases
+from pipeline.core.schedule import Phase, training_phases
 
 
 def test_no_freezing_is_one_phase():

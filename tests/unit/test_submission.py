@@ -6,17 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import metrics, rle
-from pipeline.submission import (
+from pipeline.core import metrics, rle
+from pipeline.core.submission import (
     README_HEADER,
-    SubmissionError,
     make_submission_frame,
-    positive_rates,
-    read_submission,
     record_submission,
     score_submission,
-    validate_submission,
     write_submission_file,
+)
+from pipeline.core.submission_check import (
+    SubmissionError,
+    positive_rates,
+    read_submission,
+    validate_submission,
 )
 
 SHAPE = (4, 5)  # 20 pixels per mask
@@ -304,8 +306,8 @@ def test_instances_follow_the_sample_image_order() -> None:
 
 
 def test_instances_are_split_into_one_row_per_object() -> None:
-    from pipeline.rle import decode, encode
-    from pipeline.submission import split_instances
+    from pipeline.core.rle import decode, encode
+    from pipeline.core.submission import split_instances
 
     mask = np.zeros((6, 8), dtype=np.uint8)
     mask[0:2, 0:2] = 1  # object 1

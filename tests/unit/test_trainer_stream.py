@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.keras_backend import keras, tf
-from pipeline.schedule import Phase
-from pipeline.trainer import FitSettings, fit_resumable
+from pipeline.core.schedule import Phase
+from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.trainer import FitSettings, fit_resumable
 
 SETTINGS = dict(
     monitor="val_loss",

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from pipeline.model import build_segmentation_model, set_encoder_trainable
-from pipeline.trainer import _save_weights_atomic, load_best_weights
+from pipeline.nn.model import build_segmentation_model, set_encoder_trainable
+from pipeline.nn.trainer import _save_weights_atomic, load_best_weights
 
 
 def test_weights_saved_with_a_frozen_encoder_load_into_a_trainable_model(tmp_path):

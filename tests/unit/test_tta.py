@@ -3,7 +3,7 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.tta import (
+from pipeline.core.tta import (
     VIEWS,
     apply_view,
     invert_view,
@@ -77,7 +77,7 @@ def test_batch_must_be_4d() -> None:
 
 def test_valid_views_drops_square_only_on_rectangles(caplog: pytest.LogCaptureFixture) -> None:
     names = ["identity", "rot90", "hflip", "transpose", "rot180", "rot270", "shift:0,8"]
-    with caplog.at_level(logging.INFO, logger="pipeline.tta"):
+    with caplog.at_level(logging.INFO, logger="pipeline.core.tta"):
         assert valid_views(names, 4, 6) == ["identity", "hflip", "rot180", "shift:0,8"]
     assert "rot90 dropped" in caplog.text
     assert valid_views(names, 5, 5) == names

@@ -14,23 +14,19 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline import rle
-from pipeline.config import DEFAULT_CONFIG, load_config
-from pipeline.experiment import open_experiment, write_json
-from pipeline.images import cache_path
-from pipeline.masks import truth_masks
-from pipeline.postprocess import PostprocessParams, load_postprocess
-from pipeline.probstore import ProbReader, ProbWriter
-from pipeline.tune import (
-    CLASSIFIER_OOF,
-    GRID_FILE,
-    TABLE_FILE,
-    decode_truth,
-    main,
-    map_ahead,
-    read_ahead,
-    tune,
-)
+from pipeline.core import rle
+from pipeline.core.config import DEFAULT_CONFIG, load_config
+from pipeline.core.images import cache_path
+from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
+from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
+from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
+from pipeline.core.masks import truth_masks
+from pipeline.core.postprocess import PostprocessParams, load_postprocess
+from pipeline.core.probstore import ProbReader, ProbWriter
+from pipeline.core.streams import map_ahead, read_ahead
+from pipeline.core.truth import decode_truth
+from pipeline.run.experiment import open_experiment, write_json
+from pipeline.tune import main, tune
 
 CLASSES = ["Fish", "Sugar"]
 ORIGINAL = (8, 12)
@@ -445,7 +441,7 @@ def test_map_ahead_keeps_order_bounds_work_in_flight_and_raises_in_place() -> No
 def test_mask_table_cache_is_reused_and_follows_the_csv(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import experiment
+    from pipeline.run import experiment
 
     truth, probs, classifier = false_positive_case()
     config = load_config(make_experiment(tmp_path, truth, probs, classifier))

@@ -15,9 +15,9 @@ import segmentation_models as sm
 import tensorflow as tf
 import tf_keras as keras
 
-from pipeline.cli import THREADS_ENV
+from pipeline.run.cli import THREADS_ENV
 
-# Set by pipeline.fold_jobs for fold processes that share the CPU: TensorFlow's
+# Set by pipeline.run.fold_jobs for fold processes that share the CPU: TensorFlow's
 # thread pools must be sized before its runtime starts, i.e. here.
 if os.environ.get(THREADS_ENV):
     _threads = int(os.environ[THREADS_ENV])

@@ -27,7 +27,7 @@ end of an epoch carries over into the next one.
 
 from typing import Any
 
-from pipeline.keras_backend import keras, tf
+from pipeline.nn.keras_backend import keras, tf
 
 _PER_MICRO_BATCH_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay")
 

@@ -22,9 +22,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.layout import LOCK as LOCK_FILE
+
 log = logging.getLogger(__name__)
 
-LOCK_FILE = ".lock"
 REFRESH_S = 30.0
 STALE_S = 180.0
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline import rle as rle_codec
+from pipeline.core import rle as rle_codec
 
 logger = logging.getLogger(__name__)
 

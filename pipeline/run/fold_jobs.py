@@ -25,19 +25,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.cli import JOB_ENV, THREADS_ENV, sigterm_as_interrupt
-from pipeline.config import Config, save_config
-from pipeline.tune import CLASSIFIER_STAGE
-from pipeline.tune import SEGMENTATION_METRICS as METRICS
+from pipeline.core.config import Config, save_config
+from pipeline.core.layout import CLASSIFIER_STAGE, JOBS_CONFIG
+from pipeline.core.layout import FOLD_METRICS as METRICS
+from pipeline.run.cli import JOB_ENV, THREADS_ENV, sigterm_as_interrupt
 
 log = logging.getLogger(__name__)
 
 STAGES = {"segmentation": "pipeline.train", "classifier": "pipeline.train_classifier"}
 LOG_FILE = "train.log"
-JOBS_CONFIG = "config.jobs.yaml"
 TAIL_LINES = 25
 POLL_S = 0.5
-PROGRESS_MARK = " pipeline.trainer: "
+PROGRESS_MARK = " pipeline.nn.trainer: "
 
 
 class FoldJobFailed(RuntimeError):
@@ -95,7 +94,7 @@ class _Running:
     read_to: int = 0  # how far the log has been scanned for progress lines
 
     def forward_progress(self) -> None:
-        """Log the job's new per-epoch summary lines (``pipeline.trainer: epoch ...``)."""
+        """Log the job's new per-epoch summary lines (``pipeline.nn.trainer: epoch ...``)."""
         try:
             with self.log_path.open("rb") as handle:
                 handle.seek(self.read_to)

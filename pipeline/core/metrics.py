@@ -1,6 +1,6 @@
 """Segmentation and presence metrics: the formulas, once, in numpy.
 
-The Keras metrics in ``pipeline.losses`` are thin wrappers over these definitions and
+The Keras metrics in ``pipeline.nn.losses`` are thin wrappers over these definitions and
 are tested against them. Conventions shared by every function here:
 
 - Batches are channels-last, ``(N, H, W, C)``, as Keras lays them out.

@@ -15,13 +15,16 @@ from typing import Any
 
 import yaml
 
+from pipeline.core import layout
+
 # The repository's configs/ (a source checkout or an editable install); a regular
 # install carries the same files as pipeline/configs/ (setup.cfg's package_dir).
-_INSTALLED_CONFIGS = Path(__file__).resolve().parent / "configs"
+_PACKAGE = Path(__file__).resolve().parents[1]
+_INSTALLED_CONFIGS = _PACKAGE / "configs"
 CONFIG_DIR = (
     _INSTALLED_CONFIGS
     if (_INSTALLED_CONFIGS / "default.yaml").is_file()
-    else Path(__file__).resolve().parent.parent / "configs"
+    else _PACKAGE.parent / "configs"
 )
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
@@ -155,8 +158,7 @@ class Config(Section):
 
     def fold_dir(self, fold: int, stage: str = "") -> Path:
         """``run_dir/[stage/]fold_<k>``: one fold's outputs (stage e.g. ``classifier``)."""
-        base = self.run_dir / stage if stage else self.run_dir
-        return base / f"fold_{fold}"
+        return layout.fold_dir(self.run_dir, fold, stage)
 
     def with_overrides(self, overrides: Sequence[str]) -> Config:
         """A new config with ``key.path=value`` overrides applied and validated."""

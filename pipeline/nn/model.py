@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.keras_backend import keras, sm, tf
+from pipeline.core.config import Config
+from pipeline.nn.keras_backend import keras, sm, tf
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,21 @@ def build_segmentation_model(
     # The sigmoid runs in float32 even under mixed precision, for stable probabilities.
     outputs = keras.layers.Activation("sigmoid", dtype="float32", name="prob")(x)
     return keras.Model(inputs, outputs, name=f"{architecture}_{backbone}")
+
+
+def build_model(config: Config, n_classes: int, input_size: Sequence[int] | None = None) -> Any:
+    """The segmentation model of ``config.model`` (call inside the strategy scope)."""
+    m = config.model
+    return build_segmentation_model(
+        m.architecture,
+        m.backbone,
+        n_classes,
+        encoder_weights=m.encoder_weights,
+        input_size=input_size,
+        decoder_block_type=m.decoder_block_type,
+        bn_momentum=m.bn_momentum,
+        decoder_filters=m.decoder_filters,
+    )
 
 
 def set_bn_momentum(model: keras.Model, momentum: float) -> None:

@@ -2,7 +2,7 @@
 
 Every tensor here is channels-last (N, H, W, C) with ``y_pred`` sigmoid probabilities;
 float16 predictions (mixed precision) are cast to float32 first. The metric formulas
-are defined once in ``pipeline.metrics`` (numpy); the Keras metrics below compute the
+are defined once in ``pipeline.core.metrics`` (numpy); the Keras metrics below compute the
 same quantities with tf ops and are tested against them.
 
 The overlap losses follow segmentation_models' defaults (``per_image=False``,
@@ -17,7 +17,7 @@ import abc
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.keras_backend import keras, tf
+from pipeline.nn.keras_backend import keras, tf
 
 OVERLAP_SMOOTH = 1e-5
 DICE_METRIC_SMOOTH = 1.0

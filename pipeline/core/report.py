@@ -36,11 +36,11 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from pipeline.curves import smooth
-from pipeline.folds import presence_matrix
-from pipeline.images import read_image, resolve_image_path
-from pipeline.masks import decode_masks, rles_by_image
-from pipeline.postprocess import PostprocessParams
+from pipeline.core.curves import smooth
+from pipeline.core.folds import presence_matrix
+from pipeline.core.images import read_image, resolve_image_path
+from pipeline.core.masks import decode_masks, rles_by_image
+from pipeline.core.postprocess import PostprocessParams
 
 logger = logging.getLogger(__name__)
 

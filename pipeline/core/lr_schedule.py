@@ -29,10 +29,10 @@ import pandas as pd
 import yaml
 from numpy.typing import ArrayLike
 
-from pipeline.config import Config
+from pipeline.core.config import Config
+from pipeline.core.layout import LR_FIND_JSON
 
 LR_FIND_DIR = "lr_find"
-LR_FIND_JSON = "lr_find.json"
 
 # A verdict calls a difference real when it exceeds this many standard errors.
 VERDICT_STANDARD_ERRORS = 2.0

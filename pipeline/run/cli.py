@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from pipeline.config import DEFAULT_CONFIG, Config, load_config
+from pipeline.core.config import DEFAULT_CONFIG, Config, load_config
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -68,9 +68,9 @@ def parse_fold_arguments(
     return parser.parse_args(argv)
 
 
-# Set by pipeline.fold_jobs in the environment of the fold processes it starts: a fold
+# Set by pipeline.run.fold_jobs in the environment of the fold processes it starts: a fold
 # job (its value: the parent's pid), and its TensorFlow thread budget (applied by
-# pipeline.keras_backend).
+# pipeline.nn.keras_backend).
 JOB_ENV = "FOLDSEG_JOB"
 THREADS_ENV = "FOLDSEG_THREADS"
 _PR_SET_PDEATHSIG = 1

@@ -24,14 +24,14 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.images import cache_path, files_fingerprint, read_image, resolve_image_path
-from pipeline.keras_backend import tf
-from pipeline.masks import decode_masks, resize_masks
-from pipeline.sample_order import SampleOrder
+from pipeline.core.images import cache_path, files_fingerprint, read_image, resolve_image_path
+from pipeline.core.masks import decode_masks, resize_masks
+from pipeline.core.sample_order import SampleOrder
+from pipeline.nn.keras_backend import tf
 
 if TYPE_CHECKING:  # the run layer above; only its types are needed here
-    from pipeline.config import Config
-    from pipeline.experiment import Experiment
+    from pipeline.core.config import Config
+    from pipeline.run.experiment import Experiment
 
 log = logging.getLogger(__name__)
 

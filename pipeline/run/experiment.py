@@ -17,11 +17,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from pipeline.config import Config, save_config
-from pipeline.folds import ensure_folds, fold_members
-from pipeline.formats import CANONICAL_COLUMNS, MaskTable, read_masks
-from pipeline.images import IMAGE_EXTENSIONS, files_fingerprint, folder_image_ids
-from pipeline.masks import rles_by_image
+from pipeline.core.config import Config, save_config
+from pipeline.core.folds import ensure_folds, fold_members
+from pipeline.core.formats import CANONICAL_COLUMNS, MaskTable, read_masks
+from pipeline.core.images import IMAGE_EXTENSIONS, files_fingerprint, folder_image_ids
+from pipeline.core.layout import CACHE, CLASSIFIER_STAGE, FOLD_METRICS, FOLDS, TRAINED_CONFIG
+from pipeline.core.masks import rles_by_image
 
 log = logging.getLogger(__name__)
 # Bump when MaskTable or read_masks changes what a cached table holds.
@@ -67,7 +68,7 @@ class Experiment:
 def experiment_cache_dir(config: Config) -> Path:
     """``data.cache_dir``, or ``runs/<experiment>/cache``: decoded images, parsed tables."""
     configured = config.data.cache_dir
-    return Path(configured) if configured else config.run_dir / "cache"
+    return Path(configured) if configured else config.run_dir / CACHE
 
 
 def file_sha256(path: Path, memo_dir: Path | None = None, remember: bool = False) -> str:
@@ -209,7 +210,7 @@ def open_experiment(config: Config) -> Experiment:
     run_dir = config.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     folds = ensure_folds(
-        run_dir / "folds.csv",
+        run_dir / FOLDS,
         table,
         mask_table.classes,
         n_splits=config.folds.n_splits,
@@ -260,7 +261,6 @@ def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], layout
 
 # The config a fold was trained with, in its fold directory (and the latest training
 # command's at the run's top): later stages compare theirs with it.
-TRAINED_CONFIG = "config.yaml"
 # The keys whose change makes a trained fold another experiment: what the data is, how
 # it is split and sized, and the network. Other keys (TTA, post-processing grids,
 # energy, ...) may change between stages.
@@ -293,7 +293,6 @@ def check_fold_number(config: Config, fold: int) -> None:
 
 
 # A finished fold's figures; written last, so its presence marks the fold finished.
-FOLD_METRICS = "metrics.json"
 
 
 def check_folds_finished(config: Config) -> None:
@@ -346,7 +345,7 @@ def trained_config_differences(config: Config) -> list[str]:
     naming the key, the fold's file, its value then and now."""
     now = config.to_dict()
     lines = []
-    for stage, keys in (("", TRAINED_KEYS), ("classifier", TRAINED_KEYS + CLASSIFIER_KEYS)):
+    for stage, keys in (("", TRAINED_KEYS), (CLASSIFIER_STAGE, TRAINED_KEYS + CLASSIFIER_KEYS)):
         for fold in range(int(config.folds.n_splits)):
             path = config.fold_dir(fold, stage) / TRAINED_CONFIG
             if not path.is_file():

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.rle import decode
+from pipeline.core.rle import decode
 
 
 def rles_by_image(table: pd.DataFrame, classes: Sequence[str]) -> dict[str, list[str]]:

@@ -29,8 +29,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from pipeline.postprocess import GATES, PostprocessParams, quantise_threshold, topk_count
-from pipeline.probstore import QUANTISATION
+from pipeline.core.postprocess import GATES, PostprocessParams, quantise_threshold, topk_count
+from pipeline.core.probstore import QUANTISATION
 
 logger = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from pipeline.probstore import QUANTISATION, quantise_prob
+from pipeline.core.probstore import QUANTISATION, quantise_prob
 
 GATES: tuple[str, ...] = ("none", "classifier", "segmentation")
 # Slack (in quantisation levels) for float error when a threshold lands on a level.

@@ -6,8 +6,8 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.keras_backend import keras
-from pipeline.tta import merge_views, stack_views, valid_views
+from pipeline.core.tta import merge_views, stack_views, valid_views
+from pipeline.nn.keras_backend import keras
 
 
 def predict_tta(

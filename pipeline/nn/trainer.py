@@ -23,19 +23,15 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.curves import plot_history
-from pipeline.keras_backend import keras, tf
-from pipeline.schedule import Phase
+from pipeline.core.curves import plot_history
+from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, CURVES, HISTORY, STATE, TENSORBOARD
+from pipeline.core.schedule import Phase
+from pipeline.nn.keras_backend import keras, tf
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint"
-STATE = "state.json"
 # Keras-2 HDF5 layout (not the ``.weights.h5`` one): the v3 loader hands h5py datasets
 # to ``assign``, which breaks on the BatchNorm statistics of a MirroredStrategy model.
-BEST_WEIGHTS = "best_weights.h5"
-HISTORY = "history.csv"
-CURVES = "curves.png"
 # curves.png is redrawn at most this often during training (and always at its end).
 CURVES_EVERY_S = 60.0
 
@@ -343,7 +339,7 @@ def fit_resumable(
             _EpochState(out_dir, settings, plateau, early, state, phase),
         ]
         if settings.tensorboard:
-            callbacks.append(keras.callbacks.TensorBoard(str(out_dir / "tensorboard")))
+            callbacks.append(keras.callbacks.TensorBoard(str(out_dir / TENSORBOARD)))
         first_epoch = max(start, state["epoch"])
         model.fit(
             train_data(first_epoch),

@@ -21,24 +21,24 @@ import albumentations as A
 import numpy as np
 import pandas as pd
 
-from pipeline.config import Config
-from pipeline.data import ImageCache, batch_for_replicas, sample_numbers
-from pipeline.folds import presence_matrix
-from pipeline.inference import predict_on_replicas
-from pipeline.keras_backend import keras, sm, tf
-from pipeline.model import (
+from pipeline.core.config import Config
+from pipeline.core.folds import presence_matrix
+from pipeline.core.layout import CLASSIFIER_STAGE as STAGE
+from pipeline.core.sample_order import SampleOrder
+from pipeline.core.tta import stack_views, valid_views
+from pipeline.nn.data import ImageCache, batch_for_replicas, sample_numbers
+from pipeline.nn.inference import predict_on_replicas
+from pipeline.nn.keras_backend import keras, sm, tf
+from pipeline.nn.model import (
     ChannelAffine,
     encoder_layers,
     preprocessing_affine,
     resolve_encoder_weights,
     set_bn_momentum,
 )
-from pipeline.sample_order import SampleOrder
-from pipeline.tta import stack_views, valid_views
 
 log = logging.getLogger(__name__)
 
-STAGE = "classifier"
 XCEPTION = "xception"
 # Keras' Xception expects inputs scaled to [-1, 1] (the "tf" mode of preprocess_input).
 XCEPTION_AFFINE = (np.eye(3) / 127.5, np.full(3, -1.0))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from pipeline.keras_backend import keras, tf
+from pipeline.nn.keras_backend import keras, tf
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,329 @@
+"""Quality benchmark: the pipeline's raw network against a minimal Keras script, equal budget.
+
+Usage: ``python benchmarks/bench_quality.py [--sets dsb,dsb_sparse,demo] [--config C]
+[--seeds 3] [--epochs E] [--size S] [--images N] [--set KEY=VALUE ...]
+[--script-interpolation linear|area] [--workdir DIR] [--quick] [--no-record]``
+
+For every data set and seed, the same 3 folds are trained twice at the same settings
+(loss, optimizer learning rate, batch, epochs, image size, flips only, BatchNorm
+momentum, callbacks):
+
+- by the pipeline (``python -m pipeline.train --all`` on a generated config), and
+- by ``benchmarks/minimal_keras.py``, a kernel-style ``model.fit`` script (plain Adam,
+  ``sm.losses.JaccardLoss``, a cv2 ``Sequence``), on the split the pipeline wrote.
+
+Both are scored the same way: OOF Kaggle Dice at threshold 0.5, no post-processing, at
+the submission size, with the same flip TTA views. It prints per set the mean and
+spread over the seeds, per class, and the pipeline-minus-script difference; the last
+line is one JSON object, also appended to ``benchmarks/results.jsonl``.
+
+Sets: ``dsb`` (../shared/data/dsb2018, one class, every image holds nuclei), ``dsb_sparse``
+(the same images as two size classes with a fifth of them made clean, Severstal's
+layout: the absent-class calibration case), ``demo`` (the embedded demo, 4 classes),
+and ``--config C`` (any experiment a user points it at; its settings are used as they
+are, with the loss, augmentation and crop made equal to the script's).
+``--set KEY=VALUE`` overrides the pipeline's config only: one factor at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.bench_real import DEFAULT_DATA, build_instances, build_severstal, split_ids  # noqa: E402
+from benchmarks.common import describe_machine, record  # noqa: E402
+from pipeline.core.config import CONFIG_DIR, Config, load_config  # noqa: E402
+
+SETS = ("dsb", "dsb_sparse", "demo")
+FLIPS_ONLY = [
+    {"name": "HorizontalFlip", "params": {"p": 0.5}},
+    {"name": "VerticalFlip", "params": {"p": 0.5}},
+]
+
+
+def comparable(config: dict[str, Any], size: list[int] | None, epochs: int) -> dict[str, Any]:
+    """The overrides that make a pipeline config train like the minimal script."""
+    train: dict[str, Any] = {
+        "epochs": epochs,
+        "loss": "jaccard",
+        "accumulation_steps": 1,
+        "verbose": 0,
+        "parallel_folds": 1,
+    }
+    data: dict[str, Any] = {}
+    if size is not None:
+        data["image_size"] = size
+    train["crop_size"] = size or config["data"]["image_size"]
+    return {"data": data, "train": train, "augment": FLIPS_ONLY}
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = (
+            _merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
+    return out
+
+
+def build_set(name: str, args: argparse.Namespace) -> Path:
+    """A config file (before the per-seed settings) for one data set."""
+    out = args.workdir / name
+    size = [args.size, args.size]
+    data: dict[str, Any]
+    if name == "demo":
+        demo = out / "data"
+        if not (demo / "train.csv").is_file():
+            from pipeline.make_demo_data import main as make_demo
+
+            make_demo(["--out", str(demo)])
+        base = load_config(CONFIG_DIR / "demo.yaml").to_dict()
+        data = {
+            "train_csv": str(demo / "train.csv"),
+            "train_images": str(demo / "train_images"),
+            "test_images": str(demo / "test_images"),
+            "sample_submission": str(demo / "sample_submission.csv"),
+            "test_truth": str(demo / "test_truth.csv"),
+        }
+        config = _merge(base, {"data": data})
+        config = _merge(config, comparable(config, None, args.epochs))
+    else:
+        if not (args.data / "train.csv").is_file():
+            raise SystemExit(f"bench_quality: no DSB 2018 data at {args.data}")
+        if not (out / "train.csv").is_file():
+            if out.exists():
+                shutil.rmtree(out)
+            out.mkdir(parents=True)
+            rows = pd.read_csv(args.data / "train.csv", dtype=str, keep_default_na=False)
+            ids = sorted(rows["ImageId"].unique())[: args.images or None]
+            rows = rows[rows["ImageId"].isin(ids)]
+            train, hold = split_ids(ids, 0.2, 12345)
+            if name == "dsb":
+                build_instances(args.data, rows, train, hold, out)
+            else:
+                build_severstal(args.data, rows, train, hold, out, 12345)
+        data = {
+            "train_csv": str(out / "train.csv"),
+            "train_images": str(out / "train_images"),
+            "test_images": str(out / "test_images"),
+            "sample_submission": None,
+            "test_truth": None,
+            "layout": "instances" if name == "dsb" else "image_class",
+            "submission_size": None,
+        }
+        if name == "dsb":
+            data["instance_class"] = "nucleus"
+        else:
+            data["classes"] = ["1", "2"]
+        config = _merge(load_config(CONFIG_DIR / "demo.yaml").to_dict(), {"data": data})
+        config = _merge(config, comparable(config, size, args.epochs))
+    config["train"]["lr"] = args.lr
+    config["train"]["batch_size"] = args.batch_size
+    config = _merge(config, {"runs_dir": str(out / "runs")})
+    path = out / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def user_set(path: Path, args: argparse.Namespace) -> Path:
+    config = load_config(path).to_dict()
+    config = _merge(config, comparable(config, None, args.epochs))
+    config["runs_dir"] = str(args.workdir / "user" / "runs")
+    out = args.workdir / "user" / "config.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(config))
+    return out
+
+
+def run_pipeline(config: Config) -> np.ndarray:
+    """The pipeline's folds (resumable); OOF (N, C) per image and class from its stores."""
+    from pipeline.core.masks import truth_masks
+    from pipeline.core.metrics import kaggle_dice
+    from pipeline.core.probstore import ProbReader, dequantise_prob
+    from pipeline.run.experiment import open_experiment
+    from pipeline.train import train_folds
+
+    folds = list(range(config.folds.n_splits))
+    train_folds(config, folds, resume=True)
+    exp = open_experiment(config)
+    rles = exp.rles()
+    sizes = _original_sizes(config, exp.image_ids)
+    scores = []
+    for fold in folds:
+        reader = ProbReader(config.fold_dir(fold) / "oof")
+        for image_id, q in reader.iter():
+            prob = np.moveaxis(dequantise_prob(q), 0, -1)
+            truth = truth_masks(rles[image_id], sizes[image_id], prob.shape[:2])
+            scores.append(kaggle_dice(truth[None], prob[None], 0.5)[0])
+    return np.stack(scores)
+
+
+def _original_sizes(config: Config, image_ids: list[str]) -> dict[str, tuple[int, int]]:
+    from pipeline.nn.data import training_cache
+    from pipeline.run.experiment import open_experiment
+
+    exp = open_experiment(config)
+    cache = training_cache(config, exp, config.data.image_size)
+    return {
+        i: (int(h), int(w)) for i, (h, w) in zip(cache.image_ids, cache.original_sizes, strict=True)
+    }
+
+
+def run_script(config: Config, interpolation: str) -> np.ndarray:
+    """The minimal script on the pipeline's split; OOF (N, C) per image and class."""
+    from benchmarks import minimal_keras
+    from pipeline.core.images import resolve_image_path
+    from pipeline.run.experiment import open_experiment
+
+    exp = open_experiment(config)
+    rles = exp.rles()
+    paths = {i: resolve_image_path(Path(config.data.train_images), i) for i in exp.image_ids}
+    t = config.train
+    settings = {
+        "size": list(config.data.image_size),
+        "submission_size": config.data.submission_size,
+        "backbone": config.model.backbone,
+        "bn_momentum": config.model.bn_momentum,
+        "n_classes": len(exp.classes),
+        "batch_size": t.batch_size,
+        "lr": float(t.lr),
+        "epochs": t.epochs,
+        "reduce_lr_factor": t.reduce_lr_factor,
+        "reduce_lr_patience": t.reduce_lr_patience,
+        "min_lr": t.min_lr,
+        "early_stopping_patience": t.early_stopping_patience,
+        "views": list(config.tta.views),
+        "seed": config.seed,
+        "interpolation": interpolation,
+    }
+    scores = []
+    for fold in range(config.folds.n_splits):
+        train_ids, val_ids = exp.members(fold)
+        out = minimal_keras.train_fold(paths, rles, train_ids, val_ids, settings)
+        scores.append(out["per_image"])
+    return np.concatenate(scores)
+
+
+def summarise(runs: list[np.ndarray], classes: list[str]) -> dict[str, Any]:
+    means = [float(r.mean()) for r in runs]
+    per_class = np.stack([r.mean(axis=0) for r in runs])  # (seeds, C)
+    return {
+        "mean": round(float(np.mean(means)), 4),
+        "std": round(float(np.std(means)), 4),
+        "seeds": [round(m, 4) for m in means],
+        "per_class": {
+            c: round(float(v), 4) for c, v in zip(classes, per_class.mean(0), strict=True)
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", default=",".join(SETS))
+    parser.add_argument("--config", type=Path, help="also compare on this experiment")
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="DSB 2018 folder")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/foldseg_bench_quality"))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--size", type=int, default=64, help="DSB image side (multiple of 32)")
+    parser.add_argument("--images", type=int, default=0, help="DSB: the first N images (0: all)")
+    parser.add_argument("--lr", type=float, default=0.001)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the pipeline's config (one factor at a time)")  # fmt: skip
+    parser.add_argument("--script-interpolation", default="linear", choices=("linear", "area"))
+    parser.add_argument("--only", choices=("pipeline", "script"), help="run one side only")
+    parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 60 DSB images")
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.seeds, args.epochs, args.images = 1, 2, 60
+    names = [n for n in args.sets.split(",") if n]
+    unknown = [n for n in names if n not in SETS]
+    if unknown:
+        print(f"bench_quality: --sets must name {list(SETS)}; got {unknown}", file=sys.stderr)
+        return 2
+    paths = {n: build_set(n, args) for n in names}
+    if args.config is not None:
+        paths["user"] = user_set(args.config, args)
+    tag = "-".join(s.replace("=", "_").replace(".", "_") for s in args.set)
+    started = time.perf_counter()
+    results: dict[str, Any] = {}
+    for name, path in paths.items():
+        base = load_config(path)
+        sides: dict[str, list[np.ndarray]] = {"pipeline": [], "script": []}
+        seconds = {"pipeline": 0.0, "script": 0.0}
+        for k in range(args.seeds):
+            seed = 12345 + k
+            config = base.with_overrides(
+                [
+                    f"seed={seed}",
+                    f"experiment=q_{name}_s{seed}{'_' + tag if tag else ''}",
+                    *args.set,
+                ]
+            )
+            for side in ("pipeline", "script"):
+                if args.only and side != args.only:
+                    continue
+                clock = time.perf_counter()
+                if side == "pipeline":
+                    runs = run_pipeline(config)
+                else:
+                    # The split is the pipeline's: written by open_experiment if not yet.
+                    runs = run_script(config, args.script_interpolation)
+                seconds[side] += time.perf_counter() - clock
+                sides[side].append(runs)
+                print(f"{name} seed {seed} {side}: OOF Kaggle Dice at 0.5 = {runs.mean():.4f} "
+                      f"per class {np.round(runs.mean(0), 4).tolist()}", flush=True)  # fmt: skip
+        from pipeline.run.experiment import open_experiment
+
+        classes = open_experiment(base).classes
+        results[name] = {
+            side: {**summarise(runs, classes), "seconds": round(seconds[side], 1)}
+            for side, runs in sides.items()
+            if runs
+        }
+        if sides["pipeline"] and sides["script"]:
+            diff = results[name]["pipeline"]["mean"] - results[name]["script"]["mean"]
+            results[name]["pipeline_minus_script"] = round(diff, 4)
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    result = {
+        "benchmark": "quality",
+        "machine": describe_machine(),
+        "settings": {
+            "epochs": args.epochs,
+            "size": args.size,
+            "images": args.images or "all",
+            "seeds": args.seeds,
+            "lr": args.lr,
+            "batch_size": args.batch_size,
+            "pipeline_overrides": args.set,
+            "script_interpolation": args.script_interpolation,
+        },
+        "sets": results,
+        "total_s": round(time.perf_counter() - started, 1),
+    }
+    if args.no_record:
+        print(json.dumps(result))
+    else:
+        record(result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

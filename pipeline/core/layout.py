@@ -1,0 +1,91 @@
+"""Every path of a run directory, defined once: every stage asks here (pure layer).
+
+::
+
+    <runs_dir>/<experiment>/              run_dir(config)
+        config.yaml                       the run's resolved config (RUN_CONFIG)
+        folds.csv                         the split (FOLDS)
+        cache/                            resized images and masks (CACHE)
+        fold_<K>/                         one segmentation fold (fold_dir)
+            best_weights.h5  history.csv  curves.png  checkpoint/  tensorboard/
+            config.yaml                   the settings the fold was trained with
+            oof/                          its validation probabilities (a prob store)
+            metrics.json                  written last: the fold is finished
+            .lock                         held while a process trains the fold
+        classifier/fold_<K>/              one classifier fold (same files; oof_cls.csv)
+        postprocess.json  postprocess_grid.csv  postprocess_table.csv     tune
+        predict.json  predict_tmp/                                         predict
+        report/  report.md  report.html  metrics.json  figures ...          evaluate
+        lr_find.csv  lr_find.png  lr_find.json                             lr_find
+        config.jobs.yaml                                                   fold jobs
+
+A test (tests/unit/test_layout.py) checks that none of these names is written as a
+string literal anywhere else in the package.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# The run directory
+RUN_CONFIG = "config.yaml"
+FOLDS = "folds.csv"
+CACHE = "cache"
+FOLD_PREFIX = "fold_"
+CLASSIFIER_STAGE = "classifier"
+JOBS_CONFIG = "config.jobs.yaml"
+
+# One fold (segmentation or classifier)
+BEST_WEIGHTS = "best_weights.h5"
+CHECKPOINT = "checkpoint"
+STATE = "state.json"
+HISTORY = "history.csv"
+CURVES = "curves.png"
+TENSORBOARD = "tensorboard"
+TRAINED_CONFIG = RUN_CONFIG
+FOLD_METRICS = "metrics.json"
+OOF = "oof"
+OOF_CLS = "oof_cls.csv"
+LOCK = ".lock"
+
+# Tuning, prediction, the LR finder
+POSTPROCESS = "postprocess.json"
+POSTPROCESS_GRID = "postprocess_grid.csv"
+POSTPROCESS_TABLE = "postprocess_table.csv"
+PREDICT = "predict.json"
+PREDICT_WORK = "predict_tmp"
+FOLD_MERGE = "fold_merge.npy"
+LR_FIND_CSV = "lr_find.csv"
+LR_FIND_PNG = "lr_find.png"
+LR_FIND_JSON = "lr_find.json"
+
+# The report (evaluate)
+REPORT = "report"
+REPORT_MD = "report.md"
+REPORT_HTML = "report.html"
+REPORT_METRICS = FOLD_METRICS
+SCORES_BY_FOLD = "scores_by_fold.csv"
+SCORES_SUMMARY = "scores_summary.csv"
+FIGURE_SCORES = "scores.png"
+FIGURE_CONFUSION = "confusion.png"
+FIGURE_ROC = "roc.png"
+FIGURE_WORST = "worst.png"
+
+# A grid search (its own directory of runs)
+GRID = "grid.json"
+GRID_RESULTS = "results.csv"
+GRID_SUMMARY = "summary.csv"
+
+# Submissions
+SUBMISSION_LOG = "history.md"
+
+
+def fold_dir(run_dir: Path, fold: int, stage: str = "") -> Path:
+    """``run_dir/[stage/]fold_<fold>``: one fold's outputs (stage e.g. ``classifier``)."""
+    base = run_dir / stage if stage else run_dir
+    return base / f"{FOLD_PREFIX}{fold}"
+
+
+def report_dir(run_dir: Path) -> Path:
+    """Where ``evaluate`` writes the report."""
+    return run_dir / REPORT

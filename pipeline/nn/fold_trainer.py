@@ -1,0 +1,273 @@
+"""The one fold trainer and the one ``--all`` runner, for every model trained per fold.
+
+The segmentation model (``pipeline.train``) and the presence classifier
+(``pipeline.train_classifier``) train the same way: hold the fold's lock, refuse to
+overwrite a finished fold or an interrupted one, check the trained settings, build the
+data and the model, ``trainer.fit_resumable``, write the fold's OOF predictions, then
+``metrics.json`` last. What differs is passed in as a ``FoldStage``: where the fold
+lives, how its data, model and OOF writer are made (``FoldStage.prepare``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.config import Config
+from pipeline.core.layout import CHECKPOINT, FOLD_METRICS
+from pipeline.core.schedule import Phase
+from pipeline.nn.data import training_cache
+from pipeline.nn.devices import make_strategy, set_mixed_precision
+from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.trainer import FitSettings, fit_resumable, load_state
+from pipeline.run.experiment import (
+    Experiment,
+    check_fold_number,
+    check_trained_config,
+    open_experiment,
+    read_json,
+    record_trained_config,
+    write_json,
+)
+from pipeline.run.fold_jobs import FoldJob, run_fold_jobs
+from pipeline.run.run_lock import hold_lock
+
+log = logging.getLogger(__name__)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and TensorFlow (ops stay nondeterministic unless TF is told)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+
+
+def device_name() -> str:
+    """``"<n> x <GPU name>"``, or ``"CPU"`` without a GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
+    return "CPU"
+
+
+def fit_settings(section: Any, epochs: int | None = None, **overrides: Any) -> FitSettings:
+    """FitSettings from a ``train``-like config section (``overrides`` replace fields)."""
+    values = {
+        "epochs": int(epochs if epochs is not None else section.epochs),
+        "monitor": section.monitor,
+        "monitor_mode": section.monitor_mode,
+        "reduce_lr_factor": section.reduce_lr_factor,
+        "reduce_lr_patience": section.reduce_lr_patience,
+        "min_lr": section.min_lr,
+        "early_stopping_patience": section.early_stopping_patience,
+        "tensorboard": section.get("tensorboard", False),
+        "verbose": section.get("verbose", 1),
+    }
+    values.update(overrides)
+    return FitSettings(**values)
+
+
+def is_finished(fold_dir: Path) -> bool:
+    """A fold is finished once its ``metrics.json`` exists (it is written last)."""
+    return (fold_dir / FOLD_METRICS).is_file()
+
+
+def read_fold_metrics(fold_dir: Path, command: str = "python -m pipeline.train") -> dict[str, Any]:
+    """A finished fold's ``metrics.json``; ``command`` trains it (for the message)."""
+    return read_json(fold_dir / FOLD_METRICS, f"train the fold (again, with --force): {command}")
+
+
+@dataclass
+class FoldParts:
+    """What ``FoldStage.prepare`` builds for one fold: data, model and how to finish.
+
+    ``finish(model)`` predicts and writes the fold's OOF output and returns its entries
+    of ``metrics.json``; ``info`` holds entries written before the training figures.
+    """
+
+    model: keras.Model
+    compile_phase: Callable[[keras.Model, int, float], None]
+    train_data: Callable[[int], tf.data.Dataset]
+    val_ds: tf.data.Dataset
+    steps: int
+    settings: FitSettings
+    lr: float
+    finish: Callable[[keras.Model], dict[str, Any]]
+    phases: Sequence[int | Phase] = ()
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FoldContext:
+    """One fold's inputs to ``FoldStage.prepare``."""
+
+    config: Config
+    exp: Experiment
+    fold: int
+    fold_dir: Path
+    train_ids: list[str]
+    val_ids: list[str]
+    strategy: tf.distribute.Strategy
+
+    @property
+    def replicas(self) -> int:
+        return int(self.strategy.num_replicas_in_sync)
+
+
+@dataclass(frozen=True)
+class FoldStage:
+    """A model trained per fold: ``name`` is its ``FoldJob`` stage.
+
+    ``fold_dir(config, k)``: where fold k lives. ``check(config)``: input checks made
+    before anything is written. ``prepare(context)``: the fold's ``FoldParts``.
+    ``image_size(config)``: the cache size its data uses (made before parallel jobs).
+    ``jobs(config, folds)``: its fold jobs for ``train.parallel_folds``.
+    ``summary(metrics)``: the log line of a finished fold.
+    """
+
+    name: str
+    label: str
+    command: str
+    fold_dir: Callable[[Config, int], Path]
+    prepare: Callable[[FoldContext], FoldParts]
+    image_size: Callable[[Config], Sequence[int]]
+    jobs: Callable[[Config, Sequence[int]], list[FoldJob]]
+    summary: Callable[[dict[str, Any]], str]
+    check: Callable[[Config], None] = lambda config: None
+
+
+def train_fold(
+    stage: FoldStage, config: Config, fold: int, resume: bool = False, force: bool = False
+) -> dict[str, Any]:
+    """Train one fold of ``stage``, write its OOF output; return and save its metrics.
+
+    The fold's lock (``run_lock``) is held throughout: a second trainer of the same
+    fold, here or on another machine sharing the runs directory, is refused.
+    """
+    check_fold_number(config, fold)
+    fold_dir = stage.fold_dir(config, fold)
+    with hold_lock(fold_dir, f"{stage.label} {fold}"):
+        return _train_fold(stage, config, fold, fold_dir, resume, force)
+
+
+def _train_fold(
+    stage: FoldStage, config: Config, fold: int, fold_dir: Path, resume: bool, force: bool
+) -> dict[str, Any]:
+    seed_everything(config.seed)
+    if is_finished(fold_dir) and not force:
+        raise FileExistsError(
+            f"{stage.label} {fold} already finished ({fold_dir / FOLD_METRICS}); pass --force"
+        )
+    if (fold_dir / CHECKPOINT).exists() and not (resume or force):
+        raise FileExistsError(
+            f"{stage.label} {fold} has an interrupted run in {fold_dir}; pass --resume to "
+            f"continue it or --force to start over"
+        )
+    if resume:
+        load_state(fold_dir)  # a damaged checkpoint state is reported before anything is written
+    stage.check(config)
+    check_trained_config(config, force)
+    exp = open_experiment(config)
+    if force:
+        (fold_dir / FOLD_METRICS).unlink(missing_ok=True)
+    train_ids, val_ids = exp.members(fold)
+    started = time.monotonic()
+    mixed = set_mixed_precision(config.train.mixed_precision)
+    strategy = make_strategy(config.train.strategy)
+    context = FoldContext(config, exp, fold, fold_dir, train_ids, val_ids, strategy)
+    parts = stage.prepare(context)
+    record_trained_config(config, fold_dir)
+    state = fit_resumable(
+        parts.model,
+        parts.compile_phase,
+        parts.phases,
+        parts.train_data,
+        parts.val_ds,
+        parts.steps,
+        fold_dir,
+        parts.settings,
+        parts.lr,
+        resume,
+    )
+    train_time = time.monotonic() - started
+    started = time.monotonic()
+    outputs = parts.finish(parts.model)
+    metrics = {
+        "fold": fold,
+        "n_train": len(train_ids),
+        "n_val": len(val_ids),
+        **parts.info,
+        "best_epoch": state["best_epoch"],
+        f"best_{parts.settings.monitor}": state["best_value"],
+        "epochs_run": state["epoch"],
+        **outputs,
+        "train_seconds": round(train_time, 1),
+        "oof_seconds": round(time.monotonic() - started, 1),
+        "device": device_name(),
+        "replicas": context.replicas,
+        "mixed_precision": mixed,
+    }
+    write_json(fold_dir / FOLD_METRICS, metrics)
+    log.info("%s %d finished: %s", stage.label, fold, stage.summary(metrics))
+    return metrics
+
+
+def run_parallel(
+    config: Config,
+    jobs: Sequence[FoldJob],
+    sizes: Sequence[Sequence[int]],
+    resume: bool,
+    force: bool,
+) -> None:
+    """Run fold jobs as ``train.parallel_folds`` child processes at once.
+
+    The split and the image caches (at ``sizes``) the jobs read are made here first, so
+    that no two children make them at the same time.
+    """
+    exp = open_experiment(config)
+    for job in jobs:
+        exp.check_fold(job.fold)
+    for size in sorted({tuple(int(v) for v in s) for s in sizes}):
+        training_cache(config, exp, size)
+    run_fold_jobs(config, jobs, config.train.parallel_folds, resume=resume, force=force)
+
+
+def train_folds(
+    stage: FoldStage,
+    config: Config,
+    folds: Sequence[int],
+    resume: bool = False,
+    force: bool = False,
+    sizes: Sequence[Sequence[int]] = (),
+) -> list[dict[str, Any]]:
+    """Train several folds of ``stage``; finished folds are skipped unless ``force``.
+
+    One after the other in this process, or with ``train.parallel_folds`` > 1 as that
+    many child processes at once (``sizes``: further cache sizes the jobs read, e.g. the
+    segmentation folds a classifier job waits for).
+    """
+    for fold in folds:
+        check_fold_number(config, fold)
+    pending = [k for k in folds if force or not is_finished(stage.fold_dir(config, k))]
+    if config.train.parallel_folds > 1 and len(pending) > 1:
+        run_parallel(
+            config, stage.jobs(config, pending), [stage.image_size(config), *sizes], resume, force
+        )
+        return [read_fold_metrics(stage.fold_dir(config, k), stage.command) for k in folds]
+    results = []
+    for fold in folds:
+        fold_dir = stage.fold_dir(config, fold)
+        if is_finished(fold_dir) and not force:
+            log.info("%s %d already finished (%s); skipping", stage.label, fold, fold_dir)
+            results.append(read_fold_metrics(fold_dir, stage.command))
+            continue
+        results.append(train_fold(stage, config, fold, resume=resume, force=force))
+    return results

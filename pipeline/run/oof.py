@@ -1,0 +1,122 @@
+"""A run's out-of-fold predictions, read in one place (tune, evaluate, ensembles).
+
+- ``open_segmentation_oof``: every fold's prob store (``fold_K/oof/``), each checked to
+  hold exactly the fold's validation images with the experiment's classes;
+- ``read_classifier_oof``: every classifier fold's ``oof_cls.csv`` that exists, checked
+  the same way plus columns, [0, 1] values and unique ids;
+- ``iter_oof``: the stores streamed as ``(image_id, fold, q, original size)``, checked to
+  be at the submission size.
+
+An OOF file with other images than its fold's validation part means another split (or
+leakage): it is refused, naming the file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core.config import Config
+from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS
+from pipeline.core.probstore import ProbReader
+from pipeline.run.experiment import Experiment, check_folds_finished
+
+
+def check_fold_ids(ids: Sequence[str], exp: Experiment, fold: int, source: str) -> None:
+    """Out-of-fold files must hold exactly the fold's validation images: no leakage."""
+    expected = set(exp.members(fold)[1])
+    found = set(ids)
+    if found != expected:
+        extra, absent = sorted(found - expected), sorted(expected - found)
+        raise ValueError(
+            f"{source} must hold exactly the {len(expected)} validation images of fold {fold} "
+            f"in {exp.run_dir / FOLDS}; got {len(extra)} others (e.g. {extra[:3]}) and "
+            f"{len(absent)} missing (e.g. {absent[:3]}): was it made with another split?"
+        )
+
+
+def open_segmentation_oof(config: Config, exp: Experiment) -> list[ProbReader]:
+    """The out-of-fold prob store of every fold, in fold order.
+
+    Every fold must be finished (``experiment.check_folds_finished``) and its store
+    must hold exactly the fold's validation images with the experiment's classes.
+    """
+    check_folds_finished(config)
+    readers = []
+    for k in range(exp.n_folds):
+        reader = ProbReader(config.fold_dir(k) / OOF)
+        if reader.classes != exp.classes:
+            raise ValueError(
+                f"prob store {reader.directory} must have classes {exp.classes}; "
+                f"got {reader.classes}"
+            )
+        check_fold_ids(reader.image_ids, exp, k, str(reader.directory))
+        readers.append(reader)
+    return readers
+
+
+def read_classifier_oof(config: Config, exp: Experiment) -> tuple[pd.DataFrame | None, list[int]]:
+    """Classifier OOF probs: a frame ``image_id, fold, <classes>`` of the folds that have
+    an ``oof_cls.csv`` (None if none has), and the folds without one.
+
+    Each file must have columns ``image_id`` then the classes in order, probabilities
+    in [0, 1], each image once and exactly the fold's validation images.
+    """
+    frames, missing = [], []
+    expected = ["image_id", *exp.classes]
+    for k in range(exp.n_folds):
+        path = config.fold_dir(k, CLASSIFIER_STAGE) / OOF_CLS
+        if not path.is_file():
+            missing.append(k)
+            continue
+        frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
+        if list(frame.columns) != expected:
+            raise ValueError(f"{path} must have columns {expected}; got {list(frame.columns)}")
+        values = frame[exp.classes].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+        bad = np.flatnonzero(~((values >= 0) & (values <= 1)).all(axis=1))
+        if len(bad):
+            row = int(bad[0])
+            raise ValueError(
+                f"{path} row {row + 2} (image_id {frame['image_id'].iloc[row]!r}): "
+                f"probabilities must be numbers in [0, 1]; got {values[row].tolist()}"
+            )
+        if frame["image_id"].duplicated().any():
+            duplicated = frame["image_id"][frame["image_id"].duplicated()].iloc[0]
+            raise ValueError(f"{path}: image_id {duplicated!r} appears more than once")
+        check_fold_ids(frame["image_id"].tolist(), exp, k, str(path))
+        frame[exp.classes] = values
+        frames.append(frame.assign(fold=k))
+    if not frames:
+        return None, missing
+    return pd.concat(frames, ignore_index=True)[["image_id", "fold", *exp.classes]], missing
+
+
+def iter_oof(
+    config: Config,
+    readers: Sequence[ProbReader],
+    original_sizes: Mapping[str, tuple[int, int]],
+) -> Iterator[tuple[str, int, np.ndarray, tuple[int, int]]]:
+    """Stream ``(image_id, fold, q, original size)`` over every fold's store, sequentially.
+
+    ``q`` is uint8 (C, H, W) as stored, checked to be at the submission size (or the
+    image's own size when there is none).
+    """
+    size = config.data.submission_size
+    for fold, reader in enumerate(readers):
+        for image_id, q in reader.iter():
+            if image_id not in original_sizes:
+                raise ValueError(
+                    f"image_id {image_id!r} of {reader.directory} has no original size in the "
+                    "training image cache index; rebuild it with python -m pipeline.train"
+                )
+            original = original_sizes[image_id]
+            target = (int(size[0]), int(size[1])) if size is not None else original
+            if q.shape[1:] != target:
+                raise ValueError(
+                    f"{reader.directory}: image {image_id!r} is stored at "
+                    f"{q.shape[1]}x{q.shape[2]}; expected {target[0]}x{target[1]} "
+                    f"(data.submission_size {size}): was the fold predicted with another config?"
+                )
+            yield image_id, fold, q, original
