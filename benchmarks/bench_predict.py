@@ -44,8 +44,9 @@ from bench_rle import describe_machine
 from pipeline.core.config import load_config
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.make_demo_data import make_demo_data
+from pipeline.nn.fold_trainer import device_name as describe_device
 from pipeline.nn.model import build_model
-from pipeline.predict import describe_device, predict
+from pipeline.predict import predict
 from pipeline.run.cli import setup_logging
 
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"

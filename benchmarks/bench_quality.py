@@ -28,6 +28,7 @@ are, with the loss, augmentation and crop made equal to the script's).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -150,8 +151,9 @@ def user_set(path: Path, args: argparse.Namespace) -> Path:
     return out
 
 
-def run_pipeline(config: Config) -> np.ndarray:
-    """The pipeline's folds (resumable); OOF (N, C) per image and class from its stores."""
+def run_pipeline(config: Config) -> tuple[list[str], np.ndarray, list[int]]:
+    """The pipeline's folds (resumable): image ids, OOF (N, C) per image and class from
+    its stores, and each fold's best epoch."""
     from pipeline.core.masks import truth_masks
     from pipeline.core.metrics import kaggle_dice
     from pipeline.core.probstore import ProbReader, dequantise_prob
@@ -159,18 +161,19 @@ def run_pipeline(config: Config) -> np.ndarray:
     from pipeline.train import train_folds
 
     folds = list(range(config.folds.n_splits))
-    train_folds(config, folds, resume=True)
+    results = train_folds(config, folds, resume=True)
     exp = open_experiment(config)
     rles = exp.rles()
     sizes = _original_sizes(config, exp.image_ids)
-    scores = []
+    scores, ids = [], []
     for fold in folds:
         reader = ProbReader(config.fold_dir(fold) / "oof")
         for image_id, q in reader.iter():
+            ids.append(image_id)
             prob = np.moveaxis(dequantise_prob(q), 0, -1)
             truth = truth_masks(rles[image_id], sizes[image_id], prob.shape[:2])
             scores.append(kaggle_dice(truth[None], prob[None], 0.5)[0])
-    return np.stack(scores)
+    return ids, np.stack(scores), [int(r["best_epoch"]) for r in results]
 
 
 def _original_sizes(config: Config, image_ids: list[str]) -> dict[str, tuple[int, int]]:
@@ -184,8 +187,9 @@ def _original_sizes(config: Config, image_ids: list[str]) -> dict[str, tuple[int
     }
 
 
-def run_script(config: Config, interpolation: str) -> np.ndarray:
-    """The minimal script on the pipeline's split; OOF (N, C) per image and class."""
+def run_script(config: Config, interpolation: str) -> tuple[list[str], np.ndarray, list[int]]:
+    """The minimal script on the pipeline's split: image ids, OOF (N, C) per image and
+    class, and each fold's best epoch."""
     from benchmarks import minimal_keras
     from pipeline.core.images import resolve_image_path
     from pipeline.run.experiment import open_experiment
@@ -211,24 +215,54 @@ def run_script(config: Config, interpolation: str) -> np.ndarray:
         "seed": config.seed,
         "interpolation": interpolation,
     }
-    scores = []
+    # A finished fold is kept (keyed by its settings and split), so a rerun with more
+    # seeds trains only what is new, as the pipeline's finished folds are kept.
+    scores, ids, best = [], [], []
     for fold in range(config.folds.n_splits):
         train_ids, val_ids = exp.members(fold)
-        out = minimal_keras.train_fold(paths, rles, train_ids, val_ids, settings)
-        scores.append(out["per_image"])
-    return np.concatenate(scores)
+        ids.extend(val_ids)
+        key = hashlib.sha256(
+            json.dumps([settings, train_ids, val_ids], sort_keys=True, default=str).encode()
+        ).hexdigest()[:16]
+        done = config.run_dir / f"script_fold_{fold}_{key}.npz"
+        if not done.is_file():
+            out = minimal_keras.train_fold(paths, rles, train_ids, val_ids, settings)
+            np.savez(done, per_image=out["per_image"], best_epoch=out["best_epoch"])
+        saved = np.load(done)
+        scores.append(saved["per_image"])
+        best.append(int(saved["best_epoch"]))
+    return ids, np.concatenate(scores), best
 
 
-def summarise(runs: list[np.ndarray], classes: list[str]) -> dict[str, Any]:
-    means = [float(r.mean()) for r in runs]
-    per_class = np.stack([r.mean(axis=0) for r in runs])  # (seeds, C)
+Run = tuple[list[str], np.ndarray, list[int]]
+
+
+def summarise(runs: list[Run], classes: list[str], rles: dict[str, list[str]]) -> dict[str, Any]:
+    """Mean and spread over seeds; per class the Kaggle Dice, the share of absent-class
+    images given a mask anyway (false positives) and the Dice where the class is present."""
+    means = [float(scores.mean()) for _, scores, _ in runs]
+    per_class, false_positive, present_dice = [], [], []
+    for ids, scores, _ in runs:
+        present = np.array([[bool(r) for r in rles[i]] for i in ids])  # (N, C)
+        per_class.append(scores.mean(axis=0))
+        # On an absent class, the Kaggle Dice is 1 for an empty mask and 0 for any mask.
+        false_positive.append(
+            [float((scores[~present[:, c], c] < 1).mean()) for c in range(len(classes))]
+        )
+        present_dice.append([float(scores[present[:, c], c].mean()) for c in range(len(classes))])
+
+    def by_class(values: list[Any]) -> dict[str, float]:
+        mean = np.nanmean(np.asarray(values, dtype=np.float64), axis=0)
+        return {c: round(float(v), 4) for c, v in zip(classes, mean, strict=True)}
+
     return {
         "mean": round(float(np.mean(means)), 4),
         "std": round(float(np.std(means)), 4),
         "seeds": [round(m, 4) for m in means],
-        "per_class": {
-            c: round(float(v), 4) for c, v in zip(classes, per_class.mean(0), strict=True)
-        },
+        "per_class": by_class(per_class),
+        "absent_class_false_positive_rate": by_class(false_positive),
+        "present_class_dice": by_class(present_dice),
+        "best_epochs": [best for _, _, best in runs],
     }
 
 
@@ -266,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for name, path in paths.items():
         base = load_config(path)
-        sides: dict[str, list[np.ndarray]] = {"pipeline": [], "script": []}
+        sides: dict[str, list[Run]] = {"pipeline": [], "script": []}
         seconds = {"pipeline": 0.0, "script": 0.0}
         for k in range(args.seeds):
             seed = 12345 + k
@@ -288,13 +322,14 @@ def main(argv: list[str] | None = None) -> int:
                     runs = run_script(config, args.script_interpolation)
                 seconds[side] += time.perf_counter() - clock
                 sides[side].append(runs)
-                print(f"{name} seed {seed} {side}: OOF Kaggle Dice at 0.5 = {runs.mean():.4f} "
-                      f"per class {np.round(runs.mean(0), 4).tolist()}", flush=True)  # fmt: skip
+                scores = runs[1]
+                print(f"{name} seed {seed} {side}: OOF Kaggle Dice at 0.5 = {scores.mean():.4f} "
+                      f"per class {np.round(scores.mean(0), 4).tolist()}", flush=True)  # fmt: skip
         from pipeline.run.experiment import open_experiment
 
-        classes = open_experiment(base).classes
+        exp = open_experiment(base)
         results[name] = {
-            side: {**summarise(runs, classes), "seconds": round(seconds[side], 1)}
+            side: {**summarise(runs, exp.classes, exp.rles()), "seconds": round(seconds[side], 1)}
             for side, runs in sides.items()
             if runs
         }

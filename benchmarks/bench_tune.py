@@ -49,7 +49,8 @@ from pipeline.core.layout import OOF as SEGMENTATION_OOF  # noqa: E402
 from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF  # noqa: E402
 from pipeline.core.probstore import DATA_FILE, ProbWriter  # noqa: E402
 from pipeline.core.truth import decode_truth  # noqa: E402
-from pipeline.run.experiment import open_experiment, write_json  # noqa: E402
+from pipeline.run.experiment import open_experiment  # noqa: E402
+from pipeline.run.json_files import write_json  # noqa: E402
 
 CLASSES = ["Fish", "Flower", "Gravel", "Sugar"]
 N_IMAGES = 5_546

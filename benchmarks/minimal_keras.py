@@ -96,7 +96,8 @@ def train_fold(
     val_ids: Sequence[str],
     settings: dict[str, Any],
 ) -> dict[str, Any]:
-    """Train one fold; OOF Kaggle Dice at 0.5 of ``val_ids`` ((N, C) per image and class).
+    """Train one fold; OOF Kaggle Dice at 0.5 of ``val_ids``: ``per_image`` (N, C) per
+    image and class, in ``val_ids`` order, and the ``best_epoch`` the checkpoint kept.
 
     ``settings``: size, submission_size (None: each image's own), backbone,
     bn_momentum (None: the backbone's), n_classes, batch_size, lr, epochs,
@@ -133,7 +134,7 @@ def train_fold(
     monitor = f"val_{dice.name}"
     with tempfile.TemporaryDirectory() as tmp:
         best = str(Path(tmp) / "best.h5")
-        model.fit(
+        history = model.fit(
             sequence(train_ids, True),
             validation_data=sequence(val_ids, False),
             epochs=s["epochs"],
@@ -174,4 +175,5 @@ def train_fold(
             target = s["submission_size"] or original
             truth = truth_masks(rles[image_id], original, target)
             scores.append(kaggle_dice(truth[None], resize_probs(p, target)[None], 0.5)[0])
-    return {"per_image": np.stack(scores)}
+    monitored = history.history[monitor]
+    return {"per_image": np.stack(scores), "best_epoch": int(np.argmax(monitored)) + 1}

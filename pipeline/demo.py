@@ -21,7 +21,7 @@ from pipeline.core.config import Config
 from pipeline.core.layout import REPORT_HTML, report_dir
 from pipeline.evaluate import evaluate
 from pipeline.nn.fold_trainer import run_parallel
-from pipeline.predict import predict, previous_prediction
+from pipeline.predict import predict
 from pipeline.run.cli import (
     add_config_arguments,
     config_from_args,
@@ -30,6 +30,7 @@ from pipeline.run.cli import (
     sigterm_as_interrupt,
 )
 from pipeline.run.fold_jobs import FoldJobFailed
+from pipeline.run.prediction import previous_prediction
 from pipeline.train import segmentation_jobs, train_folds
 from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
 from pipeline.tune import format_summary, tune

@@ -31,11 +31,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.core.config import Config, load_config
-from pipeline.core.layout import CACHE, GRID
-from pipeline.core.layout import FOLD_METRICS as METRICS
-from pipeline.core.layout import GRID_RESULTS as RESULTS
-from pipeline.core.layout import GRID_SUMMARY as SUMMARY
-from pipeline.core.lr_schedule import (
+from pipeline.core.grid_tables import (
     GridRun,
     PairedVerdict,
     compare_top_two,
@@ -47,8 +43,12 @@ from pipeline.core.lr_schedule import (
     parse_grid_spec,
     summarise_grid,
 )
+from pipeline.core.layout import CACHE, GRID
+from pipeline.core.layout import FOLD_METRICS as METRICS
+from pipeline.core.layout import GRID_RESULTS as RESULTS
+from pipeline.core.layout import GRID_SUMMARY as SUMMARY
 from pipeline.run.cli import add_config_arguments, report_interrupted, setup_logging
-from pipeline.run.experiment import write_json
+from pipeline.run.json_files import write_json
 
 log = logging.getLogger(__name__)
 

@@ -21,18 +21,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from pipeline.core.config import Config
-from pipeline.core.layout import LR_FIND_CSV, LR_FIND_PNG
-from pipeline.core.lr_schedule import (
-    LR_FIND_DIR,
-    LR_FIND_JSON,
+from pipeline.core.layout import LR_FIND_CSV, LR_FIND_DIR, LR_FIND_JSON, LR_FIND_PNG
+from pipeline.core.lr_range import (
     LrSuggestion,
     ema_lag_decades,
     exponential_lrs,
@@ -55,7 +50,9 @@ from pipeline.run.cli import (
     report_interrupted,
     setup_logging,
 )
-from pipeline.run.experiment import Experiment, check_fold_number, open_experiment, write_json
+from pipeline.run.experiment import Experiment, open_experiment
+from pipeline.run.fold_records import check_fold_number
+from pipeline.run.json_files import write_json
 
 __all__ = ["RangeTestCallback", "main", "plot_range_test", "resolve_lr", "run_lr_find"]
 
@@ -242,7 +239,8 @@ def plot_range_test(
 
     ``frame`` has float columns ``lr``, ``loss``, ``smoothed`` (``range_test_frame``).
     """
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig = Figure(figsize=(7, 4.2))  # no pyplot: no global matplotlib state touched
+    ax = fig.subplots()
     ax.plot(frame["lr"], frame["loss"], color="tab:blue", alpha=0.25, linewidth=1, label="loss")
     ax.plot(frame["lr"], frame["smoothed"], color="tab:blue", linewidth=2, label="smoothed")
     ax.axvline(
@@ -289,7 +287,6 @@ def plot_range_test(
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, path)
     return path
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import numpy as np
 
 from pipeline.core.config import Config
 from pipeline.core.layout import OOF
-from pipeline.core.lr_schedule import resolve_lr
+from pipeline.core.lr_range import resolve_lr
 from pipeline.core.masks import resize_probs, truth_masks
 from pipeline.core.metrics import kaggle_dice
 from pipeline.core.probstore import ProbWriter, dequantise_prob, quantise_prob
@@ -135,6 +135,17 @@ def prepare(ctx: FoldContext) -> FoldParts:
             "oof_kaggle_dice_050_per_class": oof["per_class"],
         }
 
+    def calibration() -> Iterator[np.ndarray]:
+        # The training images in a fixed order, centre-cropped to the training input.
+        height, width = cache.images.shape[1:3]
+        ch, cw = (int(v) for v in t.crop_size)
+        top, left = (height - ch) // 2, (width - cw) // 2
+        rows = np.sort(train_rows)
+        full = max(1, len(rows) // t.batch_size) * t.batch_size
+        for start in range(0, min(full, len(rows)), t.batch_size):
+            batch = rows[start : start + t.batch_size]
+            yield np.asarray(cache.images[batch, top : top + ch, left : left + cw])
+
     return FoldParts(
         model=model,
         compile_phase=compile_phase,
@@ -145,6 +156,11 @@ def prepare(ctx: FoldContext) -> FoldParts:
         lr=resolve_lr(config),
         finish=finish,
         phases=phases,
+        calibration=calibration if t.bn_recalibration else None,
+        # The copy's weights are replaced, so no pretrained encoder is read.
+        build_plain=lambda: build_model(
+            config.with_overrides(["model.encoder_weights=null"]), len(exp.classes), fixed
+        ),
     )
 
 

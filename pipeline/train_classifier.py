@@ -55,11 +55,9 @@ from pipeline.run.cli import (
     setup_logging,
     sigterm_as_interrupt,
 )
-from pipeline.run.experiment import (
-    check_fold_number,
-    open_experiment,
-)
+from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
+from pipeline.run.fold_records import check_fold_number
 
 log = logging.getLogger(__name__)
 

@@ -39,11 +39,13 @@ from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
 from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
+from pipeline.core.level_counts import class_histograms
 from pipeline.core.postprocess import save_postprocess
 from pipeline.core.probstore import ProbReader
 from pipeline.core.streams import map_ahead, read_ahead
-from pipeline.core.threshold_search import GridAccumulator, TuneResult, class_histograms
+from pipeline.core.threshold_search import GridAccumulator
 from pipeline.core.truth import decode_truth
+from pipeline.core.tune_result import TuneResult
 from pipeline.run.cli import (
     add_config_arguments,
     add_force_argument,
@@ -51,12 +53,8 @@ from pipeline.run.cli import (
     report_interrupted,
     setup_logging,
 )
-from pipeline.run.experiment import (
-    Experiment,
-    check_folds_finished,
-    check_trained_config,
-    open_experiment,
-)
+from pipeline.run.experiment import Experiment, open_experiment
+from pipeline.run.fold_records import check_folds_finished, check_trained_config
 from pipeline.run.oof import iter_oof, open_segmentation_oof, read_classifier_oof
 from pipeline.run.run_lock import hold_lock
 

@@ -16,6 +16,8 @@ from typing import Any
 import yaml
 
 from pipeline.core import layout
+from pipeline.core.folds import FOLD_METHODS
+from pipeline.core.tta import MERGES
 
 # The repository's configs/ (a source checkout or an editable install); a regular
 # install carries the same files as pipeline/configs/ (setup.cfg's package_dir).
@@ -46,15 +48,17 @@ NULLABLE: frozenset[str] = frozenset(
     }
 )
 
+# Choices owned by a pure module are taken from it; those of the Keras layer (which this
+# pure module cannot import) are checked against it by tests/unit/test_choices.py.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("auto", "image_label", "image_class", "imageid_classid", "instances"),
-    "folds.method": ("kfold", "multilabel_stratified"),
+    "folds.method": tuple(sorted(FOLD_METHODS)),
     "model.architecture": ("Unet", "FPN", "Linknet", "PSPNet"),
     "model.decoder_block_type": ("upsampling", "transpose"),
     "train.loss": ("jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice"),
     "train.monitor_mode": ("min", "max"),
     "train.strategy": ("auto", "one_device", "mirrored", "multi_worker"),
-    "tta.merge": ("mean", "gmean", "max"),
+    "tta.merge": MERGES,
     "classifier.monitor_mode": ("min", "max"),
     "classifier.pooling": ("avg", "max", "avgmax"),
 }

@@ -6,12 +6,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 
 def smooth(values: Sequence[float] | np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -39,7 +36,8 @@ def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Pa
     panels = [*bases, "lr"] if "lr" in history.columns else bases
     cols = min(3, len(panels))
     rows = int(np.ceil(len(panels) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    fig = Figure(figsize=(4.5 * cols, 3.2 * rows))  # no pyplot: no global state touched
+    axes = fig.subplots(rows, cols, squeeze=False)
     epochs = history["epoch"].to_numpy()
     for ax, name in zip(axes.ravel(), panels, strict=False):
         series = ["lr"] if name == "lr" else [c for c in (name, f"val_{name}") if c in history]
@@ -63,6 +61,5 @@ def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Pa
     path = Path(path)
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=80)
-    plt.close(fig)
     os.replace(tmp, path)
     return path

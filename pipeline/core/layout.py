@@ -16,7 +16,7 @@
         postprocess.json  postprocess_grid.csv  postprocess_table.csv     tune
         predict.json  predict_tmp/                                         predict
         report/  report.md  report.html  metrics.json  figures ...          evaluate
-        lr_find.csv  lr_find.png  lr_find.json                             lr_find
+        lr_find/  lr_find.csv  lr_find.png  lr_find.json                    lr_find
         config.jobs.yaml                                                   fold jobs
 
 A test (tests/unit/test_layout.py) checks that none of these names is written as a
@@ -55,6 +55,7 @@ POSTPROCESS_TABLE = "postprocess_table.csv"
 PREDICT = "predict.json"
 PREDICT_WORK = "predict_tmp"
 FOLD_MERGE = "fold_merge.npy"
+LR_FIND_DIR = "lr_find"
 LR_FIND_CSV = "lr_find.csv"
 LR_FIND_PNG = "lr_find.png"
 LR_FIND_JSON = "lr_find.json"

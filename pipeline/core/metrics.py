@@ -4,8 +4,11 @@ The Keras metrics in ``pipeline.nn.losses`` are thin wrappers over these definit
 are tested against them. Conventions shared by every function here:
 
 - Batches are channels-last, ``(N, H, W, C)``, as Keras lays them out.
-- A probability counts as foreground when it is strictly greater than the threshold
-  (``prob > threshold``), as in the Clouds kernels and segmentation_models.
+- A probability counts as foreground when it is at or above the threshold
+  (``prob >= threshold``, ``above_threshold``): the one rule of the whole pipeline, for
+  the Keras metrics, the OOF scores, the post-processing and its search alike. (The
+  Clouds kernels use ``>``; the two differ only for a probability exactly on the
+  threshold, which the uint8 prob stores make possible, so one rule must hold.)
 - Truth masks are binarised as ``truth > 0.5`` so that uint8 {0, 1} and float masks
   are read the same way.
 - ``min_area`` applies to the whole predicted mask of one image and class: a mask with
@@ -35,11 +38,16 @@ def _as_mask(truth: np.ndarray) -> np.ndarray:
     return np.asarray(truth) > 0.5
 
 
+def above_threshold(prob: np.ndarray, threshold: float) -> np.ndarray:
+    """The pipeline's one thresholding rule: bool mask of ``prob >= threshold``."""
+    return np.asarray(prob) >= threshold
+
+
 def _predict_masks(prob: np.ndarray, threshold: float, min_area: int) -> np.ndarray:
     """Threshold a (N, H, W, C) batch and empty the masks smaller than min_area."""
     if min_area < 0:
         raise ValueError(f"min_area must be >= 0; got {min_area}")
-    pred = np.asarray(prob) > threshold
+    pred = above_threshold(prob, threshold)
     if min_area > 0:
         area = pred.sum(axis=(1, 2), keepdims=True)
         pred = pred & (area >= min_area)
@@ -94,7 +102,7 @@ def kaggle_dice(
     """Kaggle Dice of every image and class.
 
     ``truth`` (N, H, W, C) {0, 1}, ``prob`` (N, H, W, C) float in [0, 1]. The prediction
-    is ``prob > threshold`` with masks under ``min_area`` pixels emptied; each score is
+    is ``prob >= threshold`` with masks under ``min_area`` pixels emptied; each score is
     ``2 |A and B| / (|A| + |B|)``, 1.0 when both are empty. Returns (N, C) float64.
     """
     _check_batch(truth, prob)
@@ -121,7 +129,7 @@ def presence_accuracy(
 
     ``truth`` (N, H, W, C) {0, 1}, ``prob`` (N, H, W, C) float. A class is present in
     the truth when its mask is non-empty, and predicted present when its mask is
-    non-empty after ``prob > threshold`` and the ``min_area`` rule.
+    non-empty after ``prob >= threshold`` and the ``min_area`` rule.
     """
     _check_batch(truth, prob)
     truth_present = _as_mask(truth).any(axis=(1, 2))

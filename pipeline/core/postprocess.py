@@ -34,6 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.core.metrics import above_threshold
 from pipeline.core.probstore import QUANTISATION, quantise_prob
 
 GATES: tuple[str, ...] = ("none", "classifier", "segmentation")
@@ -58,7 +59,7 @@ def binarize(prob: np.ndarray, threshold: float) -> np.ndarray:
         return (prob >= quantise_threshold(threshold)).view(np.uint8)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [0, 1]; got {threshold}")
-    return (prob >= threshold).view(np.uint8)
+    return above_threshold(prob, threshold).view(np.uint8)
 
 
 def remove_small_mask(mask: np.ndarray, min_area: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline.core import rle as rle_codec
+from pipeline.core import rle_check
 from pipeline.core.formats import LAYOUT_COLUMNS, LAYOUTS
 
 _JOINED_LAYOUTS = ("image_label", "imageid_classid")
@@ -108,7 +108,7 @@ def validate_submission(
     rles = frame[_RLE_COLUMN].tolist()
     row_names = [f"{where} row {row}, column {_RLE_COLUMN}" for row in range(2, len(rles) + 2)]
     try:
-        rle_codec.check_rles(rles, row_names)
+        rle_check.check_rles(rles, row_names)
     except ValueError as error:
         raise SubmissionError(str(error)) from None
     _check_bounds(rles, image_code, images, n_pixels, shapes, where)

@@ -21,7 +21,7 @@ def decode_truth(
 ) -> np.ndarray:
     """Truth (C, H, W) uint8 {0, 1} at ``size``: ``masks.truth_masks`` transposed, faster.
 
-    ``rles`` are already validated (``formats.read_masks``). Rather than decoding every
+    ``rles`` are already validated (``mask_csv.read_masks``). Rather than decoding every
     mask at its original size (1400x2100 for Clouds) and resizing it, the runs are
     counted directly at the original pixels the nearest-neighbour resize samples.
     """

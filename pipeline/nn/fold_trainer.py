@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,22 +21,23 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import Config
-from pipeline.core.layout import CHECKPOINT, FOLD_METRICS
+from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS
 from pipeline.core.schedule import Phase
+from pipeline.nn.batchnorm import recalibrate_copy
 from pipeline.nn.data import training_cache
 from pipeline.nn.devices import make_strategy, set_mixed_precision
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.trainer import FitSettings, fit_resumable, load_state
-from pipeline.run.experiment import (
-    Experiment,
+from pipeline.nn.trainer import FitSettings, fit_resumable, load_state, save_weights_atomic
+from pipeline.run.experiment import Experiment, open_experiment
+from pipeline.run.fold_jobs import FoldJob, run_fold_jobs
+from pipeline.run.fold_records import (
     check_fold_number,
     check_trained_config,
-    open_experiment,
-    read_json,
+    is_finished,
+    read_fold_metrics,
     record_trained_config,
-    write_json,
 )
-from pipeline.run.fold_jobs import FoldJob, run_fold_jobs
+from pipeline.run.json_files import write_json
 from pipeline.run.run_lock import hold_lock
 
 log = logging.getLogger(__name__)
@@ -75,22 +76,15 @@ def fit_settings(section: Any, epochs: int | None = None, **overrides: Any) -> F
     return FitSettings(**values)
 
 
-def is_finished(fold_dir: Path) -> bool:
-    """A fold is finished once its ``metrics.json`` exists (it is written last)."""
-    return (fold_dir / FOLD_METRICS).is_file()
-
-
-def read_fold_metrics(fold_dir: Path, command: str = "python -m pipeline.train") -> dict[str, Any]:
-    """A finished fold's ``metrics.json``; ``command`` trains it (for the message)."""
-    return read_json(fold_dir / FOLD_METRICS, f"train the fold (again, with --force): {command}")
-
-
 @dataclass
 class FoldParts:
     """What ``FoldStage.prepare`` builds for one fold: data, model and how to finish.
 
     ``finish(model)`` predicts and writes the fold's OOF output and returns its entries
     of ``metrics.json``; ``info`` holds entries written before the training figures.
+    ``calibration()``, when set, yields the training batches that re-estimate the
+    BatchNorm statistics of the best weights before ``finish`` (``nn.batchnorm``), on a
+    plain copy made by ``build_plain()``.
     """
 
     model: keras.Model
@@ -103,6 +97,8 @@ class FoldParts:
     finish: Callable[[keras.Model], dict[str, Any]]
     phases: Sequence[int | Phase] = ()
     info: dict[str, Any] = field(default_factory=dict)
+    calibration: Callable[[], Iterable[np.ndarray]] | None = None
+    build_plain: Callable[[], keras.Model] | None = None
 
 
 @dataclass(frozen=True)
@@ -199,6 +195,12 @@ def _train_fold(
     )
     train_time = time.monotonic() - started
     started = time.monotonic()
+    recalibrated = {}
+    if parts.calibration is not None and parts.build_plain is not None:
+        used = recalibrate_copy(parts.model, parts.build_plain, parts.calibration())
+        save_weights_atomic(parts.model, fold_dir / BEST_WEIGHTS)
+        log.info("%s %d: BatchNorm statistics re-estimated on %d batches", stage.label, fold, used)
+        recalibrated = {"bn_recalibration_batches": used}
     outputs = parts.finish(parts.model)
     metrics = {
         "fold": fold,
@@ -209,6 +211,7 @@ def _train_fold(
         f"best_{parts.settings.monitor}": state["best_value"],
         "epochs_run": state["epoch"],
         **outputs,
+        **recalibrated,
         "train_seconds": round(train_time, 1),
         "oof_seconds": round(time.monotonic() - started, 1),
         "device": device_name(),

@@ -215,8 +215,9 @@ def get_loss(name: str, **kwargs: Any) -> keras.losses.Loss:
 
 
 def _predicted_masks(y_pred: tf.Tensor, threshold: float, min_area: int) -> tf.Tensor:
-    """float32 (N, H, W, C) {0, 1}: ``prob > threshold``, masks under min_area emptied."""
-    pred = tf.cast(tf.cast(y_pred, tf.float32) > threshold, tf.float32)
+    """float32 (N, H, W, C) {0, 1}: ``prob >= threshold`` (``metrics.above_threshold``),
+    masks under min_area emptied."""
+    pred = tf.cast(tf.cast(y_pred, tf.float32) >= threshold, tf.float32)
     area = tf.reduce_sum(pred, axis=[1, 2], keepdims=True)
     return pred * tf.cast(area >= float(min_area), tf.float32)
 

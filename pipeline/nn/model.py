@@ -21,6 +21,7 @@ from pipeline.nn.keras_backend import keras, sm, tf
 log = logging.getLogger(__name__)
 
 ARCHITECTURES = ("Unet", "FPN", "Linknet", "PSPNet")
+DECODER_BLOCK_TYPES = ("upsampling", "transpose")  # segmentation-models' Unet decoders
 STRIDE = 32
 PSP_STRIDE = 48  # PSPNet with downsample_factor 8 needs sides divisible by 6 * 8
 DECODER_PREFIXES = (
@@ -155,6 +156,11 @@ def build_segmentation_model(
         "encoder_freeze": encoder_freeze,
     }
     if architecture == "Unet":
+        if decoder_block_type not in DECODER_BLOCK_TYPES:
+            raise ValueError(
+                f"model.decoder_block_type must be one of {list(DECODER_BLOCK_TYPES)}; "
+                f"got {decoder_block_type!r}"
+            )
         kwargs["decoder_block_type"] = decoder_block_type
     if decoder_filters is not None:
         if architecture not in ("Unet", "Linknet"):

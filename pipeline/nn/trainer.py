@@ -125,7 +125,7 @@ class _EpochState(keras.callbacks.Callback):
             value > best if self.settings.monitor_mode == "max" else value < best
         )
         if better:
-            _save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
+            save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
             self.state["best_value"] = float(value)
             self.state["best_epoch"] = epoch + 1
         self.state.update(
@@ -164,7 +164,7 @@ def _summary(row: dict[str, float]) -> str:
 
 
 @contextmanager
-def _all_trainable(model: keras.Model) -> Iterator[None]:
+def all_trainable(model: keras.Model) -> Iterator[None]:
     """Every layer trainable for the duration, then each layer's own flag back.
 
     The Keras-2 HDF5 layout stores a layer's weights as trainable + non-trainable, so the
@@ -184,9 +184,9 @@ def _all_trainable(model: keras.Model) -> Iterator[None]:
             layer.trainable = flag
 
 
-def _save_weights_atomic(model: keras.Model, path: Path) -> None:
+def save_weights_atomic(model: keras.Model, path: Path) -> None:
     tmp = path.with_name("tmp." + path.name)
-    with _all_trainable(model):
+    with all_trainable(model):
         model.save_weights(str(tmp))
     os.replace(tmp, path)
 
@@ -199,7 +199,7 @@ def load_best_weights(model: keras.Model, path: Path) -> None:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; train that fold first")
     try:
-        with _all_trainable(model):
+        with all_trainable(model):
             model.load_weights(str(path))
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(

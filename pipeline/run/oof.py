@@ -21,7 +21,8 @@ import pandas as pd
 from pipeline.core.config import Config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS
 from pipeline.core.probstore import ProbReader
-from pipeline.run.experiment import Experiment, check_folds_finished
+from pipeline.run.experiment import Experiment
+from pipeline.run.fold_records import check_folds_finished
 
 
 def check_fold_ids(ids: Sequence[str], exp: Experiment, fold: int, source: str) -> None:
@@ -40,7 +41,7 @@ def check_fold_ids(ids: Sequence[str], exp: Experiment, fold: int, source: str) 
 def open_segmentation_oof(config: Config, exp: Experiment) -> list[ProbReader]:
     """The out-of-fold prob store of every fold, in fold order.
 
-    Every fold must be finished (``experiment.check_folds_finished``) and its store
+    Every fold must be finished (``fold_records.check_folds_finished``) and its store
     must hold exactly the fold's validation images with the experiment's classes.
     """
     check_folds_finished(config)

@@ -24,7 +24,8 @@ import pytest
 import yaml
 
 from pipeline.run.cli import setup_logging
-from pipeline.run.experiment import record_trained_config, write_json
+from pipeline.run.fold_records import record_trained_config
+from pipeline.run.json_files import write_json
 from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,10 @@ from pipeline.core.images import cache_path, read_image_size, resolve_image_path
 from pipeline.core.masks import truth_masks
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.core.probstore import ProbWriter
-from pipeline.evaluate import evaluate, load_oof_example, main, open_run
-from pipeline.run.experiment import open_experiment, write_json
+from pipeline.evaluate import evaluate, main
+from pipeline.run.experiment import open_experiment
+from pipeline.run.json_files import write_json
+from pipeline.run.report_data import load_oof_example, open_run
 from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow

@@ -60,7 +60,8 @@ def test_two_folds_train_and_write_oof(tmp_path, tiny_data):
 def test_all_folds_as_parallel_processes(tmp_path, tiny_data):
     """SIGTERM to --all stops every fold process and says how to resume; --all --resume
     then finishes each fold once."""
-    config = write_tiny_config(tmp_path, tiny_data, train={"parallel_folds": 2})
+    # 4 epochs: after the first, three are left to interrupt even on a loaded machine.
+    config = write_tiny_config(tmp_path, tiny_data, train={"parallel_folds": 2, "epochs": 4})
     run = tmp_path / "runs" / "tiny"
     parent = subprocess.Popen(
         [sys.executable, "-m", "pipeline.train", "--config", str(config), "--all"],
@@ -89,8 +90,8 @@ def test_all_folds_as_parallel_processes(tmp_path, tiny_data):
     assert "2 at a time with" in out.stderr
     for fold in (0, 1):
         fold_dir = run / f"fold_{fold}"
-        assert pd.read_csv(fold_dir / "history.csv")["epoch"].tolist() == [1, 2]
-        assert f"[segmentation fold {fold}] epoch 2/2" in out.stderr  # forwarded progress
+        assert pd.read_csv(fold_dir / "history.csv")["epoch"].tolist() == [1, 2, 3, 4]
+        assert f"[segmentation fold {fold}] epoch 4/4" in out.stderr  # forwarded progress
         assert "--fold" in (fold_dir / "train.log").read_text()
         assert len(ProbReader(fold_dir / "oof").image_ids) == 9
     assert "fold 1: OOF Kaggle Dice at 0.5 = " in out.stdout
@@ -122,7 +123,11 @@ def test_fold_outside_the_split_is_an_error(tmp_path, tiny_data):
 
 
 def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_data):
-    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 4})
+    # 8 epochs (no early stop): the lock check below starts a second TensorFlow, which
+    # takes a while on a loaded machine; training must still be running after it.
+    config = write_tiny_config(
+        tmp_path, tiny_data, train={"epochs": 8, "early_stopping_patience": 100}
+    )
     fold_dir = tmp_path / "runs" / "tiny" / "fold_0"
     state = fold_dir / "checkpoint" / "state.json"
     proc = subprocess.Popen(
@@ -147,7 +152,7 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_data):
     os.killpg(proc.pid, signal.SIGKILL)  # like a lost machine: no clean shutdown
     proc.wait()
     stopped_at = json.loads(state.read_text())["epoch"]
-    assert 2 <= stopped_at < 4
+    assert 2 <= stopped_at < 8
     assert not (fold_dir / "metrics.json").exists()
 
     refused = run_cli("pipeline.train", "--config", str(config), "--fold", "0")
@@ -157,8 +162,8 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_data):
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"resumed from epoch {stopped_at}" in out.stderr
     history = pd.read_csv(fold_dir / "history.csv")
-    assert history["epoch"].tolist() == [1, 2, 3, 4]  # continued, not restarted
-    assert json.loads((fold_dir / "metrics.json").read_text())["epochs_run"] == 4
+    assert history["epoch"].tolist() == list(range(1, 9))  # continued, not restarted
+    assert json.loads((fold_dir / "metrics.json").read_text())["epochs_run"] == 8
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):

@@ -156,7 +156,7 @@ def test_symlinked_images_and_folders_are_read(tmp_path):
 
 
 def test_a_config_that_differs_from_the_trained_one_is_refused(tmp_path, caplog):
-    from pipeline.run.experiment import (
+    from pipeline.run.fold_records import (
         check_trained_config,
         record_trained_config,
         trained_config_differences,

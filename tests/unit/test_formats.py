@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline.core import formats, images, rle
+from pipeline.core import formats, images, mask_csv, rle
 
 DSB2018 = Path(__file__).resolve().parents[2].parent / "shared/data/dsb2018"
 
@@ -18,11 +18,11 @@ def write_csv(path: Path, rows: list[list[object]], columns: list[str]) -> Path:
 
 def round_trip(path: Path, layout: str, **kwargs: object) -> formats.MaskTable:
     """Read, write back, read again; the two tables must be identical."""
-    first = formats.read_masks(path, **kwargs)  # type: ignore[arg-type]
+    first = mask_csv.read_masks(path, **kwargs)  # type: ignore[arg-type]
     assert first.layout == layout
     again = path.with_name("again.csv")
     formats.write_submission(first.table, layout, first.classes).to_csv(again, index=False)
-    second = formats.read_masks(again, **kwargs)  # type: ignore[arg-type]
+    second = mask_csv.read_masks(again, **kwargs)  # type: ignore[arg-type]
     pd.testing.assert_frame_equal(first.table, second.table)
     assert first.classes == second.classes
     assert second.layout == layout
@@ -79,7 +79,7 @@ def test_image_class_layout_fills_absent_rows(tmp_path: Path) -> None:
 
 def test_image_class_written_with_every_row(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", [["a", 2, "1 1"]], ["ImageId", "ClassId", "EncodedPixels"])
-    masks = formats.read_masks(path, classes=["1", "2"])
+    masks = mask_csv.read_masks(path, classes=["1", "2"])
     written = formats.write_submission(masks.table, "image_class", masks.classes)
     assert list(written.columns) == ["ImageId", "ClassId", "EncodedPixels"]
     assert written.values.tolist() == [["a", 1, ""], ["a", 2, "1 1"]]
@@ -122,12 +122,12 @@ def test_instances_layout_unions_objects(tmp_path: Path) -> None:
 
 def test_instances_class_from_classes_argument(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", [["a", "1 1"]], ["ImageId", "EncodedPixels"])
-    assert formats.read_masks(path, classes=["ship"]).classes == ["ship"]
-    assert formats.read_masks(path).classes == ["object"]
+    assert mask_csv.read_masks(path, classes=["ship"]).classes == ["ship"]
+    assert mask_csv.read_masks(path).classes == ["object"]
     with pytest.raises(ValueError, match="one name for the instances layout"):
-        formats.read_masks(path, classes=["a", "b"])
+        mask_csv.read_masks(path, classes=["a", "b"])
     with pytest.raises(ValueError, match="disagree"):
-        formats.read_masks(path, classes=["ship"], instance_class="nucleus")
+        mask_csv.read_masks(path, classes=["ship"], instance_class="nucleus")
 
 
 def test_given_classes_fix_order_and_reject_unknown(tmp_path: Path) -> None:
@@ -136,12 +136,12 @@ def test_given_classes_fix_order_and_reject_unknown(tmp_path: Path) -> None:
         [["a_Fish", "1 1"], ["a_Sugar", ""], ["b_Gravel", "2 2"]],
         ["Image_Label", "EncodedPixels"],
     )
-    masks = formats.read_masks(path, classes=["Sugar", "Fish", "Gravel", "Flower"])
+    masks = mask_csv.read_masks(path, classes=["Sugar", "Fish", "Gravel", "Flower"])
     assert masks.classes == ["Sugar", "Fish", "Gravel", "Flower"]
     assert masks.table["class_name"].tolist()[:4] == ["Sugar", "Fish", "Gravel", "Flower"]
     assert len(masks.table) == 8
     with pytest.raises(ValueError, match=r"row 4: class 'Gravel' is not one of classes"):
-        formats.read_masks(path, classes=["Fish", "Sugar"])
+        mask_csv.read_masks(path, classes=["Fish", "Sugar"])
 
 
 @pytest.mark.parametrize(
@@ -170,54 +170,54 @@ def test_explicit_layout_checks_columns(tmp_path: Path) -> None:
     with pytest.raises(
         ValueError, match=r"lacks column\(s\) \['ClassId'\] of layout 'image_class'"
     ):
-        formats.read_masks(path, layout="image_class")
+        mask_csv.read_masks(path, layout="image_class")
     with pytest.raises(ValueError, match="layout must be 'auto' or one of"):
-        formats.read_masks(path, layout="coco")
+        mask_csv.read_masks(path, layout="coco")
     bad = write_csv(tmp_path / "bad.csv", [["a", "1 1"]], ["Id", "EncodedPixels"])
     with pytest.raises(ValueError, match=r"bad\.csv.*match no known layout"):
-        formats.read_masks(bad)
+        mask_csv.read_masks(bad)
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"train\.csv' does not exist"):
-        formats.read_masks(tmp_path / "train.csv")
+        mask_csv.read_masks(tmp_path / "train.csv")
 
 
 def test_row_numbers_in_errors(tmp_path: Path) -> None:
     labels = ["Image_Label", "EncodedPixels"]
     path = write_csv(tmp_path / "a.csv", [["x_Fish", ""], ["nounderscore", "1 1"]], labels)
     with pytest.raises(ValueError, match=r"a\.csv' row 3: Image_Label .* got 'nounderscore'"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
     path = write_csv(
         tmp_path / "b.csv",
         [["x", 1, ""], ["x", "2", ""], ["y", "two", ""]],
         ["ImageId", "ClassId", "EncodedPixels"],
     )
     with pytest.raises(ValueError, match=r"b\.csv' row 4: ClassId must be .* got 'two'"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
     path = write_csv(
         tmp_path / "c.csv", [["x_1", ""], ["x_1.5", ""]], ["ImageId_ClassId", "EncodedPixels"]
     )
     with pytest.raises(ValueError, match=r"row 3: class part of ImageId_ClassId .* got '1.5'"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
     path = write_csv(tmp_path / "d.csv", [["x_Fish", "1 2"], ["y_Fish", "1 2 3"]], labels)
     with pytest.raises(ValueError, match=r"d\.csv' row 3: EncodedPixels must hold"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
     path = write_csv(
         tmp_path / "e.csv", [["a", "1 1"], ["b", "4 1 2 1"]], ["ImageId", "EncodedPixels"]
     )
     with pytest.raises(ValueError, match=r"e\.csv' row 3: EncodedPixels runs must be sorted"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
     path = write_csv(tmp_path / "f.csv", [["a", "1 1"], ["", "4 1"]], ["ImageId", "EncodedPixels"])
     with pytest.raises(ValueError, match=r"f\.csv' row 3: the image id is empty"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
 
 
 def test_blank_lines_are_skipped_without_shifting_row_numbers(tmp_path: Path) -> None:
     path = tmp_path / "t.csv"
     path.write_text("Image_Label,EncodedPixels\na_Fish,1 1\n\nbad,\n")
     with pytest.raises(ValueError, match="row 4: Image_Label"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
 
 
 def test_duplicate_rows_name_both_rows(tmp_path: Path) -> None:
@@ -227,7 +227,7 @@ def test_duplicate_rows_name_both_rows(tmp_path: Path) -> None:
         ["ImageId", "ClassId", "EncodedPixels"],
     )
     with pytest.raises(ValueError, match=r"rows 2 and 4 both give image 'a', class '1'"):
-        formats.read_masks(path)
+        mask_csv.read_masks(path)
 
 
 def test_write_submission_validates_table() -> None:
@@ -274,7 +274,7 @@ def test_dsb2018_through_the_instances_layout() -> None:
     csv = DSB2018 / "train.csv"
     if not csv.is_file():
         pytest.skip(f"dsb2018 data set not found at {DSB2018}; it lives outside the repository")
-    masks = formats.read_masks(csv, instance_class="nucleus")
+    masks = mask_csv.read_masks(csv, instance_class="nucleus")
     assert masks.layout == "instances"
     assert masks.classes == ["nucleus"]
     assert len(masks.table) == 664

@@ -10,27 +10,29 @@ import pandas as pd
 import pytest
 
 from pipeline.core.config import ConfigError, load_config
-from pipeline.core.lr_schedule import (
-    RULE_MIN_OVER_10,
+from pipeline.core.grid_tables import (
     GridRun,
     compare_top_two,
-    ema_lag_decades,
     expand_grid,
     experiment_name,
-    exponential_lrs,
-    find_divergence,
     format_value,
     grid_seeds,
-    lr_find_path,
     make_results_table,
     parse_folds,
     parse_grid_spec,
+    sanitise_name,
+    summarise_grid,
+)
+from pipeline.core.lr_range import (
+    RULE_MIN_OVER_10,
+    ema_lag_decades,
+    exponential_lrs,
+    find_divergence,
+    lr_find_path,
     range_test_frame,
     resolve_lr,
-    sanitise_name,
     smooth_losses,
     suggest_lr,
-    summarise_grid,
 )
 
 

@@ -12,16 +12,10 @@ import pandas as pd
 import pytest
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
-from pipeline.core.formats import read_masks
+from pipeline.core.demo_data import CLASSES, draw_image_ids, draw_sample, make_image_rng
+from pipeline.core.mask_csv import read_masks
 from pipeline.core.rle import decode
-from pipeline.make_demo_data import (
-    CLASSES,
-    draw_image_ids,
-    draw_sample,
-    main,
-    make_demo_data,
-    make_image_rng,
-)
+from pipeline.make_demo_data import main, make_demo_data
 
 TINY = {
     "n_train": 12,

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.core import metrics
+from pipeline.core import metrics, postprocess
 
 TRUTH = np.array([[1, 1, 0], [1, 0, 0], [0, 0, 0]], dtype=np.uint8)  # 3 pixels
 PRED = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1]], dtype=np.uint8)  # 4 pixels, 2 shared
@@ -57,10 +57,13 @@ def test_kaggle_dice_per_image_and_class() -> None:
     assert metrics.kaggle_dice_mean(truth, prob) == pytest.approx((4 / 7 + 1.0) / 4)
 
 
-def test_kaggle_dice_threshold_is_strictly_greater() -> None:
+def test_kaggle_dice_threshold_is_at_or_above() -> None:
+    # The one rule of the pipeline (metrics.above_threshold), as postprocess.binarize.
     prob = batch(TRUTH * 0.5)
-    assert metrics.kaggle_dice(batch(TRUTH), prob, threshold=0.5)[0, 0] == 0.0
-    assert metrics.kaggle_dice(batch(TRUTH), prob, threshold=0.49)[0, 0] == 1.0
+    assert metrics.kaggle_dice(batch(TRUTH), prob, threshold=0.5)[0, 0] == 1.0
+    assert metrics.kaggle_dice(batch(TRUTH), prob, threshold=0.51)[0, 0] == 0.0
+    on = postprocess.binarize(prob[0, :, :, 0], 0.5)
+    np.testing.assert_array_equal(on, metrics.above_threshold(prob[0, :, :, 0], 0.5))
 
 
 def test_kaggle_dice_min_area_empties_small_masks() -> None:

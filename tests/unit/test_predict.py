@@ -7,9 +7,11 @@ import datetime
 import numpy as np
 import pytest
 
+from pipeline.core.clock import StageClock
+from pipeline.core.fold_merge import MERGE_TOLERANCE, FoldAccumulator
 from pipeline.core.probstore import quantise_prob
 from pipeline.core.tta import merge_arrays
-from pipeline.predict import MERGE_TOLERANCE, FoldAccumulator, StageClock, submission_path
+from pipeline.run.prediction import submission_path
 
 
 def accumulate(tmp_path, folds, how, batch=3):

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from pipeline.core import rle
+from pipeline.core import rle, rle_check
 
 
 def encode_by_pixel_walk(mask: np.ndarray) -> str:
@@ -153,10 +153,10 @@ def test_decode_rejects_bad_shape(shape: object, message: str) -> None:
 
 
 def test_check_rle_names_the_place() -> None:
-    rle.check_rle("1 2 5 1")
-    rle.check_rle(float("nan"))
+    rle_check.check_rle("1 2 5 1")
+    rle_check.check_rle(float("nan"))
     with pytest.raises(ValueError, match=r"train\.csv row 7 run 1: start must be >= 1"):
-        rle.check_rle("3 1 0 1", "train.csv row 7")
+        rle_check.check_rle("3 1 0 1", "train.csv row 7")
 
 
 @settings(max_examples=300, deadline=None)
@@ -228,20 +228,20 @@ def test_union_rles_equals_mask_union(data: st.DataObject) -> None:
 
 
 def test_check_rles_names_the_first_bad_string() -> None:
-    rle.check_rles(["1 2", "", None, "+3 1 7 2"])
+    rle_check.check_rles(["1 2", "", None, "+3 1 7 2"])
     names = ["row 2", "row 3", "row 4"]
     with pytest.raises(ValueError, match="row 3 must hold 'start length' pairs"):
-        rle.check_rles(["1 2", "1 2 3", "4"], names)
+        rle_check.check_rles(["1 2", "1 2 3", "4"], names)
     with pytest.raises(
         ValueError, match=r"row 4 runs must be sorted.*run 1 \(start 2\) begins before run 0"
     ):
-        rle.check_rles(["1 2", "5 1 9 9", "1 3 2 1"], names)
+        rle_check.check_rles(["1 2", "5 1 9 9", "1 3 2 1"], names)
     with pytest.raises(ValueError, match=r"row 3 run 0 \(start 5\): length must be >= 1; got -1"):
-        rle.check_rles(["1 2", "5 -1", "1 3"], names)
+        rle_check.check_rles(["1 2", "5 -1", "1 3"], names)
     with pytest.raises(ValueError, match=r"rles\[1\] must contain only integers; token 0 is '1e3'"):
-        rle.check_rles(["1 2", "1e3 1"])
+        rle_check.check_rles(["1 2", "1e3 1"])
     with pytest.raises(ValueError, match="names must have one entry per rle"):
-        rle.check_rles(["1 2"], ["a", "b"])
+        rle_check.check_rles(["1 2"], ["a", "b"])
 
 
 def test_union_rles_grouped_hand_computed() -> None:

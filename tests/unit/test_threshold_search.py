@@ -3,8 +3,9 @@ import itertools
 import numpy as np
 import pytest
 
+from pipeline.core.level_counts import dice_from_counts
 from pipeline.core.postprocess import PostprocessParams, postprocess_mask, segmentation_score
-from pipeline.core.threshold_search import GridAccumulator, dice_from_counts
+from pipeline.core.threshold_search import GridAccumulator
 
 CLASSES = ["a", "b", "c"]
 THRESHOLDS = [0.1, 0.3, 0.4, 0.5, 0.6, 0.85]
@@ -232,7 +233,7 @@ def test_errors() -> None:
 
 
 def test_batched_histograms_equal_image_by_image() -> None:
-    from pipeline.core.threshold_search import class_histograms
+    from pipeline.core.level_counts import class_histograms
 
     items = _oof(seed=4, n=17)  # two image sizes, every fold, within each batch
     one_by_one = _accumulate(items).result()

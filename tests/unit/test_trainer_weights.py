@@ -3,7 +3,7 @@
 import numpy as np
 
 from pipeline.nn.model import build_segmentation_model, set_encoder_trainable
-from pipeline.nn.trainer import _save_weights_atomic, load_best_weights
+from pipeline.nn.trainer import load_best_weights, save_weights_atomic
 
 
 def test_weights_saved_with_a_frozen_encoder_load_into_a_trainable_model(tmp_path):
@@ -11,7 +11,7 @@ def test_weights_saved_with_a_frozen_encoder_load_into_a_trainable_model(tmp_pat
     set_encoder_trainable(frozen, False)
     n_trainable = len(frozen.trainable_weights)
     path = tmp_path / "best_weights.h5"
-    _save_weights_atomic(frozen, path)
+    save_weights_atomic(frozen, path)
     assert len(frozen.trainable_weights) == n_trainable  # flags restored
     fresh = build_segmentation_model("Unet", "resnet18", 2, decoder_filters=[16, 8, 8, 8, 8])
     load_best_weights(fresh, path)

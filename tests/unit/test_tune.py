@@ -25,7 +25,8 @@ from pipeline.core.postprocess import PostprocessParams, load_postprocess
 from pipeline.core.probstore import ProbReader, ProbWriter
 from pipeline.core.streams import map_ahead, read_ahead
 from pipeline.core.truth import decode_truth
-from pipeline.run.experiment import open_experiment, write_json
+from pipeline.run.experiment import open_experiment
+from pipeline.run.json_files import write_json
 from pipeline.tune import main, tune
 
 CLASSES = ["Fish", "Sugar"]

@@ -1,0 +1,95 @@
+"""The pipeline's raw network is at least as good as a minimal Keras script (#18).
+
+Both train the same folds of a small generated set at equal settings (loss, Adam at the
+same learning rate, batch, epochs, flips, BatchNorm momentum, callbacks) and are scored
+the same way: OOF Kaggle Dice at 0.5 at the submission size with the same flip views.
+``benchmarks/minimal_keras.py`` is the script; ``benchmarks/bench_quality.py`` runs the
+full comparison (3 seeds, DSB 2018 and the demo). A pipeline that falls behind by more
+than the margin has broken something between training and its OOF predictions
+(optimizer, preprocessing, BatchNorm in inference, TTA inversion, resizing, the
+threshold rule...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import minimal_keras
+from pipeline.core.config import load_config
+from pipeline.core.images import resolve_image_path
+from pipeline.make_demo_data import make_demo_data
+from pipeline.run.experiment import open_experiment
+from pipeline.train import train_folds
+from tests.conftest import write_tiny_config
+
+# Measured here (2 seeds x 2 folds, 48 images): the two sides differ by up to ~0.04
+# either way at this size; a broken OOF path costs far more (a misaligned TTA view or a
+# BGR/RGB or scaling slip loses 0.1-0.5).
+MARGIN = 0.06
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quality_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("quality") / "data"
+    make_demo_data(out, n_train=48, n_test=4, height=64, width=96, truth_size=(64, 96), seed=3)
+    return out
+
+
+def test_pipeline_oof_is_not_below_the_minimal_script(tmp_path: Path, quality_data: Path) -> None:
+    path = write_tiny_config(
+        tmp_path,
+        quality_data,
+        data={"image_size": [64, 96], "submission_size": [64, 96]},
+        model={"backbone": "resnet18", "bn_momentum": 0.9},
+        train={
+            "crop_size": [64, 96],
+            "batch_size": 8,
+            "accumulation_steps": 1,
+            "lr": 0.002,
+            "epochs": 6,
+            "loss": "jaccard",
+        },
+        augment=[
+            {"name": "HorizontalFlip", "params": {"p": 0.5}},
+            {"name": "VerticalFlip", "params": {"p": 0.5}},
+        ],
+        tta={"views": ["identity", "hflip", "vflip", "hvflip"], "batch_size": 8},
+    )
+    config = load_config(path)
+    results = train_folds(config, [0, 1])
+    n_val = sum(r["n_val"] for r in results)
+    pipeline_oof = sum(r["oof_kaggle_dice_050"] * r["n_val"] for r in results) / n_val
+
+    exp = open_experiment(config)
+    paths = {i: resolve_image_path(Path(config.data.train_images), i) for i in exp.image_ids}
+    t = config.train
+    settings = {
+        "size": [64, 96],
+        "submission_size": [64, 96],
+        "backbone": "resnet18",
+        "bn_momentum": 0.9,
+        "n_classes": len(exp.classes),
+        "batch_size": t.batch_size,
+        "lr": t.lr,
+        "epochs": t.epochs,
+        "reduce_lr_factor": t.reduce_lr_factor,
+        "reduce_lr_patience": t.reduce_lr_patience,
+        "min_lr": t.min_lr,
+        "early_stopping_patience": t.early_stopping_patience,
+        "views": list(config.tta.views),
+        "seed": config.seed,
+    }
+    script = np.concatenate(
+        [
+            minimal_keras.train_fold(paths, exp.rles(), *exp.members(k), settings)["per_image"]
+            for k in (0, 1)
+        ]
+    )
+    script_oof = float(script.mean())
+    print(f"pipeline OOF {pipeline_oof:.4f}, minimal script OOF {script_oof:.4f}")
+    assert pipeline_oof >= script_oof - MARGIN, (pipeline_oof, script_oof)
