@@ -49,7 +49,7 @@ NULLABLE: frozenset[str] = frozenset(
 )
 
 # Choices owned by a pure module are taken from it; those of the Keras layer (which this
-# pure module cannot import) are checked against it by tests/unit/test_choices.py.
+# pure module cannot import) are checked against it by tests/unit/nn/test_choices.py.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.layout": ("auto", "image_label", "image_class", "imageid_classid", "instances"),
     "folds.method": tuple(sorted(FOLD_METHODS)),

@@ -7,7 +7,7 @@ last of them; in between, the model weights, Adam's moments and ``iterations`` d
 change. ``iterations`` therefore counts applied Adam steps, which keeps Adam's bias
 correction, and any learning-rate schedule, identical to training on the concatenated
 batch: N accumulated steps of batch b equal one Adam step on batch N*b when the loss
-is a mean over the batch (tests/unit/test_optim.py proves it, also under
+is a mean over the batch (tests/unit/nn/test_optim.py proves it, also under
 ``MirroredStrategy``).
 
 How it plugs into tf_keras: ``Optimizer.apply_gradients`` all-reduces the gradients

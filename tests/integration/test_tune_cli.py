@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.postprocess import load_postprocess
-from tests.unit.test_tune import CLASSES, false_positive_case, make_experiment
+from tests.unit.stages.test_tune import CLASSES, false_positive_case, make_experiment
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]

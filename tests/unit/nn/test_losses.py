@@ -13,7 +13,7 @@ from pipeline.core import metrics
 from pipeline.nn import losses
 from pipeline.nn.keras_backend import keras, sm, tf
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LOSS_NAMES = ["jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice"]
 
 

@@ -18,7 +18,7 @@ import pytest
 from pipeline.nn import optim
 from pipeline.nn.keras_backend import keras, tf
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LR = 0.01
 STEPS = 4  # accumulation_steps in the proof
 MICRO_BATCH = 5

@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.core import formats, images, mask_csv, rle
 
-DSB2018 = Path(__file__).resolve().parents[2].parent / "shared/data/dsb2018"
+DSB2018 = Path(__file__).resolve().parents[3].parent / "shared/data/dsb2018"
 
 
 def write_csv(path: Path, rows: list[list[object]], columns: list[str]) -> Path:
