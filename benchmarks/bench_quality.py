@@ -197,24 +197,7 @@ def run_script(config: Config, interpolation: str) -> tuple[list[str], np.ndarra
     exp = open_experiment(config)
     rles = exp.rles()
     paths = {i: resolve_image_path(Path(config.data.train_images), i) for i in exp.image_ids}
-    t = config.train
-    settings = {
-        "size": list(config.data.image_size),
-        "submission_size": config.data.submission_size,
-        "backbone": config.model.backbone,
-        "bn_momentum": config.model.bn_momentum,
-        "n_classes": len(exp.classes),
-        "batch_size": t.batch_size,
-        "lr": float(t.lr),
-        "epochs": t.epochs,
-        "reduce_lr_factor": t.reduce_lr_factor,
-        "reduce_lr_patience": t.reduce_lr_patience,
-        "min_lr": t.min_lr,
-        "early_stopping_patience": t.early_stopping_patience,
-        "views": list(config.tta.views),
-        "seed": config.seed,
-        "interpolation": interpolation,
-    }
+    settings = minimal_keras.settings_from_config(config, len(exp.classes), interpolation)
     # A finished fold is kept (keyed by its settings and split), so a rerun with more
     # seeds trains only what is new, as the pipeline's finished folds are kept.
     scores, ids, best = [], [], []
@@ -280,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override the pipeline's config (one factor at a time)")  # fmt: skip
+    parser.add_argument("--tag", help="name of the --set variant (its experiments' suffix)")
     parser.add_argument("--script-interpolation", default="linear", choices=("linear", "area"))
     parser.add_argument("--only", choices=("pipeline", "script"), help="run one side only")
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 60 DSB images")
@@ -295,7 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     paths = {n: build_set(n, args) for n in names}
     if args.config is not None:
         paths["user"] = user_set(args.config, args)
-    tag = "-".join(s.replace("=", "_").replace(".", "_") for s in args.set)
+    tag = args.tag or "-".join(s.replace("=", "_").replace(".", "_") for s in args.set)
+    if not all(c.isalnum() or c in "_-" for c in tag):
+        print(f"bench_quality: name the --set variant with --tag (got {tag!r})", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for name, path in paths.items():
@@ -353,10 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         "sets": results,
         "total_s": round(time.perf_counter() - started, 1),
     }
-    if args.no_record:
-        print(json.dumps(result))
-    else:
-        record(result)
+    record(result, keep=not args.no_record)
     return 0
 
 

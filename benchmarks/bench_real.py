@@ -263,10 +263,7 @@ def main() -> int:
         "layouts": results,
         "total_s": round(time.perf_counter() - started, 1),
     }
-    if args.no_record:
-        print(json.dumps(result))
-    else:
-        record(result)
+    record(result, keep=not args.no_record)
     return 0
 
 

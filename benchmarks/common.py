@@ -35,8 +35,9 @@ def describe_machine() -> dict[str, object]:
     return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu}
 
 
-def record(result: dict[str, Any]) -> None:
-    """Append ``result`` to results.jsonl and print it as the last line."""
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(result) + "\n")
+def record(result: dict[str, Any], keep: bool = True) -> None:
+    """Print ``result`` as the last line; append it to results.jsonl if ``keep``."""
+    if keep:
+        with RESULTS.open("a") as handle:
+            handle.write(json.dumps(result) + "\n")
     print(json.dumps(result))

@@ -89,6 +89,43 @@ class FoldSequence(keras.utils.Sequence):
             self.rng.shuffle(self.order)
 
 
+def settings_from_config(
+    config: Any, n_classes: int, interpolation: str = "linear"
+) -> dict[str, Any]:
+    """The script's settings equal to a pipeline experiment's (``train_fold``'s keys)."""
+    t = config.train
+    return {
+        "size": list(config.data.image_size),
+        "submission_size": config.data.submission_size,
+        "backbone": config.model.backbone,
+        "bn_momentum": config.model.bn_momentum,
+        "n_classes": n_classes,
+        "batch_size": t.batch_size,
+        "lr": float(t.lr),
+        "epochs": t.epochs,
+        "reduce_lr_factor": t.reduce_lr_factor,
+        "reduce_lr_patience": t.reduce_lr_patience,
+        "min_lr": t.min_lr,
+        "early_stopping_patience": t.early_stopping_patience,
+        "views": list(config.tta.views),
+        "seed": config.seed,
+        "interpolation": interpolation,
+        # The recipe's loss is the default; another one is named (sm's own function).
+        **({"loss": t.loss} if t.loss != "jaccard" else {}),
+    }
+
+
+SM_LOSSES = {"jaccard": "JaccardLoss", "bce_jaccard": "bce_jaccard_loss", "dice": "DiceLoss"}
+
+
+def make_loss(name: str) -> Any:
+    """segmentation-models' own loss called ``name`` (as the pipeline's ``train.loss``)."""
+    if name not in SM_LOSSES:
+        raise ValueError(f"the minimal script supports losses {sorted(SM_LOSSES)}; got {name!r}")
+    loss = getattr(sm.losses, SM_LOSSES[name])
+    return loss() if isinstance(loss, type) else loss
+
+
 def train_fold(
     paths: dict[str, Path],
     rles: dict[str, list[str]],
@@ -102,7 +139,8 @@ def train_fold(
     ``settings``: size, submission_size (None: each image's own), backbone,
     bn_momentum (None: the backbone's), n_classes, batch_size, lr, epochs,
     reduce_lr_factor, reduce_lr_patience, min_lr, early_stopping_patience, views, seed,
-    interpolation ("linear", cv2's default, or "area": the pipeline's cache).
+    interpolation ("linear", cv2's default, or "area": the pipeline's cache), loss
+    (``SM_LOSSES``; default jaccard).
     """
     s = settings
     keras.backend.clear_session()
@@ -130,7 +168,8 @@ def train_fold(
             if isinstance(layer, keras.layers.BatchNormalization):
                 layer.momentum = s["bn_momentum"]
     dice = sm.metrics.FScore(threshold=0.5)
-    model.compile(keras.optimizers.Adam(s["lr"]), sm.losses.JaccardLoss(), metrics=[dice])
+    loss = make_loss(s.get("loss", "jaccard"))
+    model.compile(keras.optimizers.Adam(s["lr"]), loss, metrics=[dice])
     monitor = f"val_{dice.name}"
     with tempfile.TemporaryDirectory() as tmp:
         best = str(Path(tmp) / "best.h5")

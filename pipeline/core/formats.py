@@ -11,8 +11,9 @@ class order.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 
@@ -194,3 +195,20 @@ def _check_complete(frame: pd.DataFrame, classes: list[str]) -> None:
             f"table lacks image {image_id!r} class(es) {absent}; expected one row per "
             "image and class"
         )
+
+
+def read_kaggle_csv(path: Path, error: Callable[[str], Exception]) -> pd.DataFrame:
+    """A Kaggle CSV as written: every cell a str, empty cells "", blank lines kept (so
+    frame position ``i`` is file line ``i + 2``). A file pandas cannot parse raises
+    ``error(<pandas' message>)``."""
+    try:
+        return pd.read_csv(
+            path,
+            dtype=str,
+            keep_default_na=False,
+            na_values=[],
+            skip_blank_lines=False,
+            encoding="utf-8-sig",
+        )
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise error(str(exc)) from None

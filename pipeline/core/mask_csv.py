@@ -26,6 +26,7 @@ from pipeline.core.formats import (
     MaskTable,
     _check_names,
     detect_layout,
+    read_kaggle_csv,
 )
 
 logger = logging.getLogger(__name__)
@@ -102,17 +103,9 @@ def read_masks(
 
 def _read_csv(path: Path) -> pd.DataFrame:
     """All cells as str, empty cells as "", blank lines kept so row numbers hold."""
-    try:
-        frame = pd.read_csv(
-            path,
-            dtype=str,
-            keep_default_na=False,
-            na_values=[],
-            skip_blank_lines=False,
-            encoding="utf-8-sig",
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise ValueError(f"mask CSV {str(path)!r} could not be parsed: {error}") from error
+    frame = read_kaggle_csv(
+        path, lambda message: ValueError(f"mask CSV {str(path)!r} could not be parsed: {message}")
+    )
     # Row numbers as a spreadsheet shows them: the header is row 1.
     frame.index = frame.index + 2
     blank = (frame == "").all(axis=1)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle_check
-from pipeline.core.formats import LAYOUT_COLUMNS, LAYOUTS
+from pipeline.core.formats import LAYOUT_COLUMNS, LAYOUTS, read_kaggle_csv
 
 _JOINED_LAYOUTS = ("image_label", "imageid_classid")
 
@@ -45,17 +45,12 @@ def read_submission(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"submission file {str(path)!r} does not exist")
-    try:
-        return pd.read_csv(
-            path,
-            dtype=str,
-            keep_default_na=False,
-            na_values=[],
-            skip_blank_lines=False,
-            encoding="utf-8-sig",
-        )
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise SubmissionError(f"submission file {str(path)!r} is not valid CSV: {error}") from None
+    return read_kaggle_csv(
+        path,
+        lambda message: SubmissionError(
+            f"submission file {str(path)!r} is not valid CSV: {message}"
+        ),
+    )
 
 
 def validate_submission(

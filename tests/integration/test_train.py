@@ -169,8 +169,13 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_data):
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
     """9 validation images in global batches of 8: a final batch of one would leave a
     replica an empty slice, which oneDNN's convolution (default on AVX-512/AMX CPUs,
-    forced on here so that every machine tests it) turns into a BatchNorm error."""
-    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 1, "strategy": "mirrored"})
+    forced on here so that every machine tests it) turns into a BatchNorm error. The
+    BatchNorm recalibration of a strategy's model goes through a plain copy."""
+    config = write_tiny_config(
+        tmp_path,
+        tiny_data,
+        train={"epochs": 1, "strategy": "mirrored", "bn_recalibration": True},
+    )
     out = run_cli(
         "pipeline.train",
         "--config",
@@ -184,6 +189,9 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs/tiny/fold_0/metrics.json").read_text())
     assert metrics["replicas"] == 2
+    # 9 training images in per-replica batches of 4 on the plain copy: 2 batches.
+    assert metrics["bn_recalibration_batches"] == 2
+    assert "BatchNorm statistics re-estimated on 2 batches" in out.stderr
     # batch_size is per replica: 2 replicas x 4 images x 2 accumulated batches.
     assert "2 replica(s) x batch 4, 2 accumulated -> 16 images per Adam step" in out.stderr
     history = pd.read_csv(tmp_path / "runs/tiny/fold_0/history.csv")
