@@ -26,7 +26,7 @@ from pipeline.core.folds import presence_matrix
 from pipeline.core.layout import CLASSIFIER_STAGE as STAGE
 from pipeline.core.sample_order import SampleOrder
 from pipeline.core.tta import stack_views, valid_views
-from pipeline.nn.data import ImageCache, batch_for_replicas, sample_numbers
+from pipeline.nn.data import ImageCache, batch_for_replicas, reseed_augmentation, sample_numbers
 from pipeline.nn.inference import predict_on_replicas
 from pipeline.nn.keras_backend import keras, sm, tf
 from pipeline.nn.model import (
@@ -290,7 +290,7 @@ class ImageSampler:
         rng = np.random.default_rng([self.seed, int(counter)])
         # One pipeline object serves the parallel map; seeding and calling must not interleave.
         with self._lock:
-            self.augment.set_random_seed(int(rng.integers(2**31)))
+            reseed_augmentation(self.augment, rng)
             return self.augment(image=image)["image"]
 
 

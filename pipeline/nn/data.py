@@ -232,6 +232,22 @@ def build_augmentation(specs: Sequence[dict[str, Any]]) -> A.Compose:
     return A.Compose(transforms)
 
 
+def reseed_augmentation(
+    augment: A.BasicTransform | A.BaseCompose, rng: np.random.Generator
+) -> None:
+    """Give ``augment`` and every transform in it its own seed drawn from ``rng``.
+
+    albumentations' ``set_random_seed`` hands one seed to every transform of a Compose,
+    so each draws the same first number: with two flips at p=0.5 both fired or neither
+    did (only the identity and the 180-degree turn were ever seen, never a single
+    flip), and any third transform fired with them. Seeding each transform apart makes
+    their decisions independent, and still a pure function of ``rng``.
+    """
+    augment.set_random_seed(int(rng.integers(2**31)))
+    for child in getattr(augment, "transforms", ()):
+        reseed_augmentation(child, rng)
+
+
 class CropSampler:
     """Draws one training sample: a random crop of a cached image, then augmentation.
 
@@ -273,7 +289,7 @@ class CropSampler:
             # One pipeline object is shared by the parallel map; reseeding and calling
             # must not interleave, or samples stop being reproducible.
             with self._lock:
-                self.augment.set_random_seed(int(rng.integers(2**31)))
+                reseed_augmentation(self.augment, rng)
                 out = self.augment(image=image, mask=mask)
             image, mask = out["image"], out["mask"]
         return image, mask

@@ -9,6 +9,7 @@ import pytest
 from pipeline.core.rle import encode
 from pipeline.nn.data import (
     CropSampler,
+    ImageCache,
     batch_for_replicas,
     build_augmentation,
     build_cache,
@@ -143,3 +144,29 @@ def test_a_stream_started_at_epoch_two_continues_the_uninterrupted_one(tmp_path,
     for a, b in zip(uninterrupted[2 * steps :], resumed, strict=True):
         np.testing.assert_array_equal(a, b)
     assert not np.array_equal(uninterrupted[0], resumed[0])  # not restarted at sample 0
+
+
+def test_flips_are_drawn_independently_and_reproducibly():
+    """Two flips at p=0.5 give the four orientations about equally often (albumentations
+    seeds every transform of a Compose alike unless each is reseeded apart)."""
+    n = 40
+    images = np.zeros((n, 8, 8, 3), np.uint8)
+    images[:, 0, 0] = 255  # a marker in the top-left corner
+    masks = np.zeros((n, 8, 8, 1), np.uint8)
+    masks[:, 0, 0] = 1
+    cache = ImageCache(Path("."), [str(i) for i in range(n)], np.zeros((n, 2)), images, masks)
+    flips = [
+        {"name": "HorizontalFlip", "params": {"p": 0.5}},
+        {"name": "VerticalFlip", "params": {"p": 0.5}},
+    ]
+    sampler = CropSampler(cache, (8, 8), build_augmentation(flips), seed=3)
+    corners: dict[tuple[int, int], int] = {}
+    for k in range(400):
+        image, mask = sampler(np.int64(k % n), np.int64(k))
+        row, col = (int(v) for v in np.argwhere(image[:, :, 0] == 255)[0])
+        assert mask[row, col, 0] == 1  # the mask moved with the image
+        corners[row, col] = corners.get((row, col), 0) + 1
+    assert set(corners) == {(0, 0), (0, 7), (7, 0), (7, 7)}
+    assert min(corners.values()) > 60  # 100 expected each
+    again = CropSampler(cache, (8, 8), build_augmentation(flips), seed=3)
+    np.testing.assert_array_equal(sampler(np.int64(5), np.int64(5))[0], again(5, 5)[0])
