@@ -44,7 +44,7 @@ from bench_rle import describe_machine
 from pipeline.core.config import load_config
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.make_demo_data import make_demo_data
-from pipeline.nn.fold_trainer import device_name as describe_device
+from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.model import build_model
 from pipeline.predict import predict
 from pipeline.run.cli import setup_logging

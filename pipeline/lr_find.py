@@ -38,8 +38,7 @@ from pipeline.core.lr_range import (
     suggest_lr,
 )
 from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset, training_cache
-from pipeline.nn.devices import make_strategy, set_mixed_precision
-from pipeline.nn.fold_trainer import seed_everything
+from pipeline.nn.devices import make_strategy, seed_everything, set_mixed_precision
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.losses import get_loss
 from pipeline.nn.model import build_model, check_input_size

@@ -35,8 +35,8 @@ from pipeline.core.layout import FOLD_MERGE, POSTPROCESS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.nn.data import build_cache
+from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import set_mixed_precision
-from pipeline.nn.fold_trainer import device_name as describe_device
 from pipeline.nn.model import check_input_size
 from pipeline.nn.predictor import (
     CACHE_WORKERS,

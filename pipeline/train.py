@@ -209,7 +209,6 @@ def segmentation_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
 
 
 SEGMENTATION = FoldStage(
-    name="segmentation",
     label="segmentation fold",
     command="python -m pipeline.train",
     fold_dir=lambda config, k: config.fold_dir(k),

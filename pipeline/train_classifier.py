@@ -246,7 +246,6 @@ def classifier_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
 
 
 CLASSIFIER = FoldStage(
-    name=CLASSIFIER_STAGE,
     label="classifier fold",
     command="python -m pipeline.train_classifier",
     fold_dir=classifier_fold_dir,

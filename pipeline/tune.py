@@ -64,9 +64,6 @@ log = logging.getLogger(__name__)
 # (image_id, fold, (C, 2, 256) level counts, pixels per class map)
 _Scored = tuple[str, int, np.ndarray, int]
 
-# The names pipeline.train and pipeline.train_classifier write under; repeated here
-# (and used by pipeline.run.fold_jobs) because importing those modules would import TensorFlow.
-
 # Images read ahead of the scoring, and histograms in flight (a Clouds image: 0.7 MB);
 # the store's read chunks (probstore.DEFAULT_BATCH_BYTES) bound the rest.
 READ_AHEAD_IMAGES = 32

@@ -8,7 +8,10 @@ replaces each layer's moving mean and variance with the plain average of its bat
 statistics over the given batches, computed with the final weights, in the same
 training-mode forward that training used (so drop-connect acts as during training).
 The first batch overwrites the old statistics, so recalibrating twice from the same
-batches gives the same result (a resumed fold repeats it safely).
+batches gives the same result (a resumed fold repeats it safely). A frozen BatchNorm
+layer (``trainable`` False: a frozen encoder part) runs in inference mode in Keras even
+in a training-mode call, so it keeps its statistics, as it did in training, and the
+layers after it are recalibrated on the features they were trained on.
 """
 
 from __future__ import annotations
@@ -60,9 +63,14 @@ def recalibrate_copy(
     """``recalibrate`` on a plain copy (``build()``, outside any distribution strategy),
     then copy the weights back: works whatever strategy ``model`` was built under."""
     plain = build()
-    # Weight lists are in a canonical order only with every layer trainable.
-    with all_trainable(model):
+    # Frozen BatchNorm layers stay frozen on the copy (matched by position: the same
+    # architecture lists its layers in the same order).
+    for source, target in zip(batchnorm_layers(model), batchnorm_layers(plain), strict=True):
+        target.trainable = source.trainable
+    # Weight lists are copied with every layer trainable on both sides (one order).
+    with all_trainable(model), all_trainable(plain):
         plain.set_weights(model.get_weights())
-        used = recalibrate(plain, batches)
+    used = recalibrate(plain, batches)
+    with all_trainable(model), all_trainable(plain):
         model.set_weights(plain.get_weights())
     return used

@@ -1,8 +1,11 @@
-"""tf.distribute strategies and mixed precision from config (framework layer)."""
+"""tf.distribute strategies, mixed precision, seeding and the device name (Keras layer)."""
 
 from __future__ import annotations
 
 import logging
+import random
+
+import numpy as np
 
 from pipeline.nn.keras_backend import keras, tf
 
@@ -59,3 +62,19 @@ def set_mixed_precision(enabled: bool) -> bool:
         enabled = False
     keras.mixed_precision.set_global_policy("mixed_float16" if enabled else "float32")
     return enabled
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and TensorFlow (ops stay nondeterministic unless TF is told)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    tf.random.set_seed(seed)
+
+
+def device_name() -> str:
+    """``"<n> x <GPU name>"``, or ``"CPU"`` without a GPU."""
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        details = tf.config.experimental.get_device_details(gpus[0])
+        return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
+    return "CPU"

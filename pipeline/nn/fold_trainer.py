@@ -11,7 +11,6 @@ lives, how its data, model and OOF writer are made (``FoldStage.prepare``).
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS
 from pipeline.core.schedule import Phase
 from pipeline.nn.batchnorm import recalibrate_copy
 from pipeline.nn.data import training_cache
-from pipeline.nn.devices import make_strategy, set_mixed_precision
+from pipeline.nn.devices import device_name, make_strategy, seed_everything, set_mixed_precision
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.trainer import FitSettings, fit_resumable, load_state, save_weights_atomic
 from pipeline.run.experiment import Experiment, open_experiment
@@ -41,22 +40,6 @@ from pipeline.run.json_files import write_json
 from pipeline.run.run_lock import hold_lock
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and TensorFlow (ops stay nondeterministic unless TF is told)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    tf.random.set_seed(seed)
-
-
-def device_name() -> str:
-    """``"<n> x <GPU name>"``, or ``"CPU"`` without a GPU."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:
-        details = tf.config.experimental.get_device_details(gpus[0])
-        return f"{len(gpus)} x {details.get('device_name', 'GPU')}"
-    return "CPU"
 
 
 def fit_settings(section: Any, epochs: int | None = None, **overrides: Any) -> FitSettings:
@@ -120,7 +103,7 @@ class FoldContext:
 
 @dataclass(frozen=True)
 class FoldStage:
-    """A model trained per fold: ``name`` is its ``FoldJob`` stage.
+    """A model trained per fold (``label`` names it in messages).
 
     ``fold_dir(config, k)``: where fold k lives. ``check(config)``: input checks made
     before anything is written. ``prepare(context)``: the fold's ``FoldParts``.
@@ -129,7 +112,6 @@ class FoldStage:
     ``summary(metrics)``: the log line of a finished fold.
     """
 
-    name: str
     label: str
     command: str
     fold_dir: Callable[[Config, int], Path]
@@ -172,14 +154,16 @@ def _train_fold(
     stage.check(config)
     check_trained_config(config, force)
     exp = open_experiment(config)
-    if force:
-        (fold_dir / FOLD_METRICS).unlink(missing_ok=True)
     train_ids, val_ids = exp.members(fold)
+    training_cache(config, exp, stage.image_size(config))  # built before the clock starts
     started = time.monotonic()
     mixed = set_mixed_precision(config.train.mixed_precision)
     strategy = make_strategy(config.train.strategy)
     context = FoldContext(config, exp, fold, fold_dir, train_ids, val_ids, strategy)
     parts = stage.prepare(context)
+    # Past every input check: only now is a finished fold's record replaced.
+    if force:
+        (fold_dir / FOLD_METRICS).unlink(missing_ok=True)
     record_trained_config(config, fold_dir)
     state = fit_resumable(
         parts.model,
@@ -200,7 +184,11 @@ def _train_fold(
         used = recalibrate_copy(parts.model, parts.build_plain, parts.calibration())
         save_weights_atomic(parts.model, fold_dir / BEST_WEIGHTS)
         log.info("%s %d: BatchNorm statistics re-estimated on %d batches", stage.label, fold, used)
-        recalibrated = {"bn_recalibration_batches": used}
+        recalibrated = {
+            "bn_recalibration_batches": used,
+            "bn_recalibration_seconds": round(time.monotonic() - started, 1),
+        }
+        started = time.monotonic()
     outputs = parts.finish(parts.model)
     metrics = {
         "fold": fold,
@@ -249,21 +237,17 @@ def train_folds(
     folds: Sequence[int],
     resume: bool = False,
     force: bool = False,
-    sizes: Sequence[Sequence[int]] = (),
 ) -> list[dict[str, Any]]:
     """Train several folds of ``stage``; finished folds are skipped unless ``force``.
 
     One after the other in this process, or with ``train.parallel_folds`` > 1 as that
-    many child processes at once (``sizes``: further cache sizes the jobs read, e.g. the
-    segmentation folds a classifier job waits for).
+    many child processes at once.
     """
     for fold in folds:
         check_fold_number(config, fold)
     pending = [k for k in folds if force or not is_finished(stage.fold_dir(config, k))]
     if config.train.parallel_folds > 1 and len(pending) > 1:
-        run_parallel(
-            config, stage.jobs(config, pending), [stage.image_size(config), *sizes], resume, force
-        )
+        run_parallel(config, stage.jobs(config, pending), [stage.image_size(config)], resume, force)
         return [read_fold_metrics(stage.fold_dir(config, k), stage.command) for k in folds]
     results = []
     for fold in folds:

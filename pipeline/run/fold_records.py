@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from pipeline.core.config import Config, save_config
+from pipeline.core.config import DEFAULT_CONFIG, Config, load_yaml, save_config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLD_METRICS, TRAINED_CONFIG
 from pipeline.run.json_files import read_json
 
@@ -36,6 +36,7 @@ TRAINED_KEYS: tuple[str, ...] = (
     "data.max_images",
     "folds",
     "model",
+    "train.bn_recalibration",
 )
 
 CLASSIFIER_KEYS: tuple[str, ...] = (
@@ -89,6 +90,15 @@ def _lookup(data: dict[str, Any], dotted: str) -> Any:
     return value
 
 
+def _has(data: dict[str, Any], dotted: str) -> bool:
+    value: Any = data
+    for part in dotted.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return False
+        value = value[part]
+    return True
+
+
 def _leaf_differences(key: str, old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
     """Differing leaves under ``key`` (a section is compared key by key)."""
     if isinstance(old, dict) and isinstance(new, dict):
@@ -104,6 +114,7 @@ def trained_config_differences(config: Config) -> list[str]:
     folds) whose value differs from a trained fold's recorded config: one line each,
     naming the key, the fold's file, its value then and now."""
     now = config.to_dict()
+    defaults = load_yaml(DEFAULT_CONFIG)
     lines = []
     for stage, keys in (("", TRAINED_KEYS), (CLASSIFIER_STAGE, TRAINED_KEYS + CLASSIFIER_KEYS)):
         for fold in range(int(config.folds.n_splits)):
@@ -117,7 +128,9 @@ def trained_config_differences(config: Config) -> list[str]:
             if not isinstance(then, dict):
                 raise ValueError(f"{path} must hold a mapping; got {type(then).__name__}")
             for key in keys:
-                old, new = _lookup(then, key), _lookup(now, key)
+                # A key added after the fold was trained had its default value then.
+                recorded = _lookup(then, key) if _has(then, key) else _lookup(defaults, key)
+                old, new = recorded, _lookup(now, key)
                 for leaf, (was, is_now) in _leaf_differences(key, old, new).items():
                     lines.append(f"{leaf}: {was!r} in {path}, {is_now!r} now")
     return lines

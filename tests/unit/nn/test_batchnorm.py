@@ -43,14 +43,19 @@ def test_recalibrating_twice_gives_the_same_statistics_and_leaves_other_weights(
     np.testing.assert_array_equal(model.get_layer("conv").kernel.numpy(), kernel)
 
 
-def test_the_copy_path_matches_in_place_even_with_frozen_layers():
-    direct, frozen = tiny_model(), tiny_model()
-    frozen.set_weights(direct.get_weights())
-    frozen.get_layer("bn0").trainable = False  # weight lists reorder with trainable flags
+def test_the_copy_path_matches_in_place_and_keeps_frozen_layers():
+    direct, copied = tiny_model(), tiny_model()
+    copied.set_weights(direct.get_weights())
+    for model in (direct, copied):
+        model.get_layer("bn0").trainable = False  # a frozen encoder layer
+    frozen_mean = direct.get_layer("bn0").moving_mean.numpy().copy()
     recalibrate(direct, batches())
-    recalibrate_copy(frozen, tiny_model, batches())
-    frozen.get_layer("bn0").trainable = True
-    for a, b in zip(direct.get_weights(), frozen.get_weights(), strict=True):
+    recalibrate_copy(copied, tiny_model, batches())
+    np.testing.assert_array_equal(copied.get_layer("bn0").moving_mean.numpy(), frozen_mean)
+    assert not np.allclose(copied.get_layer("bn1").moving_mean.numpy(), 0.0)
+    for model in (direct, copied):
+        model.get_layer("bn0").trainable = True
+    for a, b in zip(direct.get_weights(), copied.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 

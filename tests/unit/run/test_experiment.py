@@ -187,3 +187,23 @@ def test_a_rejected_fold_number_writes_nothing(tmp_path):
     with pytest.raises(ValueError, match=r"fold must be in \[0, 1\]; got 9"):
         train_fold(config, 9)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_key_added_after_training_counts_as_its_default(tmp_path):
+    """A fold trained before train.bn_recalibration existed had it off: not a change."""
+    import yaml
+
+    from pipeline.core.config import load_config
+    from pipeline.run.fold_records import trained_config_differences
+
+    config = load_config(None, [f"runs_dir={tmp_path}", "folds.n_splits=2"])
+    fold_dir = config.fold_dir(0)
+    fold_dir.mkdir(parents=True)
+    recorded = config.to_dict()
+    del recorded["train"]["bn_recalibration"]
+    (fold_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    assert trained_config_differences(config) == []
+    changed = config.with_overrides(["train.bn_recalibration=true"])
+    assert trained_config_differences(changed) == [
+        f"train.bn_recalibration: False in {fold_dir / 'config.yaml'}, True now"
+    ]
