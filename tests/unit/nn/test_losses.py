@@ -215,7 +215,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from pipeline.nn import losses
     from pipeline.core import metrics
-    from tests.unit.test_losses import concat, random_batches
+    from tests.unit.nn.test_losses import concat, random_batches
 
     truth, prob = concat(random_batches(seed=8, sizes=[9]))
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
