@@ -32,7 +32,9 @@ SCRIPT = textwrap.dedent(
     for n in (1, 2, 3):
         got = predict_on_replicas(mirrored, images[:n])
         assert got.shape == (n, 16, 16, 2) and got.dtype == np.float32, got.shape
-        np.testing.assert_allclose(got, plain.predict_on_batch(images[:n]), atol=1e-5)
+        # oneDNN picks kernels by batch size, so a padded batch differs from the
+        # plain one in the last float32 digits (CI measured 1.0e-5 absolute at 0.37)
+        np.testing.assert_allclose(got, plain.predict_on_batch(images[:n]), rtol=1e-4, atol=1e-5)
     print("ok")
     """
 )
