@@ -29,7 +29,7 @@ from pipeline.run.cli import (
     setup_logging,
     sigterm_as_interrupt,
 )
-from pipeline.run.fold_jobs import FoldJobFailed
+from pipeline.run.fold_jobs import FoldJobFailed, use_fold_jobs
 from pipeline.run.prediction import previous_prediction
 from pipeline.train import segmentation_jobs, train_folds
 from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
@@ -58,7 +58,7 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
     if code != 0:
         raise ValueError(f"demo data in {out} could not be made (see the error above)")
     folds = list(range(config.folds.n_splits))
-    if config.train.parallel_folds > 1:
+    if use_fold_jobs(config, 2 * len(folds)):
         # Both stages' folds in one pool, so no worker idles between the stages.
         jobs = segmentation_jobs(config, folds) + classifier_jobs(config, folds)
         sizes = [config.data.image_size, config.classifier.image_size]

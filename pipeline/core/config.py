@@ -45,8 +45,16 @@ NULLABLE: frozenset[str] = frozenset(
         "classifier.weights",
         "train.val_crop",
         "train.steps_per_epoch",
+        "jobs.address",
+        "jobs.cpus_per_job",
     }
 )
+
+# Keys whose default is null: the type (and lower bound) a value other than null must have.
+NULL_DEFAULT_TYPES: dict[str, tuple[type, float | None]] = {
+    "jobs.address": (str, None),
+    "jobs.cpus_per_job": (float, 0.0),
+}
 
 # Choices owned by a pure module are taken from it; those of the Keras layer (which this
 # pure module cannot import) are checked against it by tests/unit/nn/test_choices.py.
@@ -58,6 +66,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice"),
     "train.monitor_mode": ("min", "max"),
     "train.strategy": ("auto", "one_device", "mirrored", "multi_worker"),
+    "jobs.executor": ("local", "ray"),
     "tta.merge": MERGES,
     "classifier.monitor_mode": ("min", "max"),
     "classifier.pooling": ("avg", "max", "avgmax"),
@@ -96,6 +105,8 @@ POSITIVE_INT_KEYS: frozenset[str] = frozenset(
         "lr_find.steps",
     }
 )
+# Number keys that must be at least 0.
+NON_NEGATIVE_KEYS: frozenset[str] = frozenset({"jobs.gpus_per_job"})
 # Integer keys that must be at least 2 (a split needs two parts).
 AT_LEAST_TWO_KEYS: frozenset[str] = frozenset({"folds.n_splits"})
 
@@ -295,6 +306,8 @@ def _check(value: Any, default: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}; got {value!r}")
     if key in POSITIVE_INT_KEYS and value < 1:
         raise ConfigError(f"config key {key!r} must be an integer >= 1; got {value!r}")
+    if key in NON_NEGATIVE_KEYS and value < 0:
+        raise ConfigError(f"config key {key!r} must be a number >= 0; got {value!r}")
     if key in AT_LEAST_TWO_KEYS and value < 2:
         raise ConfigError(f"config key {key!r} must be an integer >= 2; got {value!r}")
     return value
@@ -302,7 +315,7 @@ def _check(value: Any, default: Any, key: str) -> Any:
 
 def _coerce(value: Any, default: Any, key: str) -> Any:
     if default is None:
-        return value
+        return _check_null_default(value, key)
     expected = type(default)
     if expected is float and isinstance(value, (int, str)) and not isinstance(value, bool):
         try:
@@ -324,6 +337,21 @@ def _coerce(value: Any, default: Any, key: str) -> Any:
             raise ConfigError(
                 f"config key {key!r} must be a list of numbers; got {value!r}"
             ) from exc
+    return value
+
+
+def _check_null_default(value: Any, key: str) -> Any:
+    """A value of a key whose default is null, checked against ``NULL_DEFAULT_TYPES``."""
+    if key not in NULL_DEFAULT_TYPES:
+        return value
+    expected, above = NULL_DEFAULT_TYPES[key]
+    if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = float(value)
+    too_small = above is not None and isinstance(value, float) and value <= above
+    if not isinstance(value, expected) or too_small:
+        what = "a number" if expected is float else expected.__name__
+        bound = f" > {above:g}" if above is not None else ""
+        raise ConfigError(f"config key {key!r} must be null or {what}{bound}; got {value!r}")
     return value
 
 

@@ -28,7 +28,7 @@ from pipeline.nn.devices import device_name, make_strategy, seed_everything, set
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.trainer import FitSettings, fit_resumable, load_state, save_weights_atomic
 from pipeline.run.experiment import Experiment, open_experiment
-from pipeline.run.fold_jobs import FoldJob, run_fold_jobs
+from pipeline.run.fold_jobs import FoldJob, run_fold_jobs, use_fold_jobs
 from pipeline.run.fold_records import (
     check_fold_number,
     check_trained_config,
@@ -218,7 +218,7 @@ def run_parallel(
     resume: bool,
     force: bool,
 ) -> None:
-    """Run fold jobs as ``train.parallel_folds`` child processes at once.
+    """Run fold jobs on ``jobs.executor`` (locally ``train.parallel_folds`` at once).
 
     The split and the image caches (at ``sizes``) the jobs read are made here first, so
     that no two children make them at the same time.
@@ -240,13 +240,13 @@ def train_folds(
 ) -> list[dict[str, Any]]:
     """Train several folds of ``stage``; finished folds are skipped unless ``force``.
 
-    One after the other in this process, or with ``train.parallel_folds`` > 1 as that
-    many child processes at once.
+    One after the other in this process, or as fold jobs (``use_fold_jobs``): with
+    ``train.parallel_folds`` > 1 that many child processes at once, or Ray tasks.
     """
     for fold in folds:
         check_fold_number(config, fold)
     pending = [k for k in folds if force or not is_finished(stage.fold_dir(config, k))]
-    if config.train.parallel_folds > 1 and len(pending) > 1:
+    if len(folds) > 1 and use_fold_jobs(config, len(pending)):
         run_parallel(config, stage.jobs(config, pending), [stage.image_size(config)], resume, force)
         return [read_fold_metrics(stage.fold_dir(config, k), stage.command) for k in folds]
     results = []

@@ -1,4 +1,5 @@
-"""Fold trainings as child processes, several at once (``train.parallel_folds``).
+"""Fold trainings as jobs: child processes here (``train.parallel_folds`` at once) or
+Ray tasks on a cluster (``jobs.executor: ray``, ``pipeline.run.ray_jobs``).
 
 On a CPU, small models do not keep every core busy (and graph tracing is one thread),
 so running folds side by side, each with ``cores / N`` TensorFlow threads, finishes a
@@ -24,6 +25,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
 from pipeline.core.config import Config, save_config
 from pipeline.core.layout import CLASSIFIER_STAGE, JOBS_CONFIG
@@ -86,9 +88,104 @@ def job_command(job: FoldJob, config_path: Path, resume: bool, force: bool) -> l
 
 
 @dataclass
+class JobExit:
+    """How a job ended: its exit ``code`` (None when it never reported one) and why."""
+
+    code: int | None
+    reason: str = ""
+
+
+class Executor(Protocol):
+    """Where fold jobs run: ``start`` one command (output appended to ``log_path``),
+    ``poll`` it (None while it runs), ``stop`` the unfinished ones, ``close`` at the end."""
+
+    slots: int  # jobs started at once
+    threads: int  # TensorFlow threads of each job
+
+    def start(self, command: list[str], log_path: Path) -> Any: ...
+
+    def poll(self, handle: Any) -> JobExit | None: ...
+
+    def stop(self, handles: list[Any]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Child processes on this machine, ``slots`` at a time with ``threads`` each."""
+
+    def __init__(self, slots: int, threads: int) -> None:
+        self.slots = slots
+        self.threads = threads
+        self.env = {
+            **os.environ,
+            THREADS_ENV: str(threads),
+            "OMP_NUM_THREADS": str(threads),
+            JOB_ENV: str(os.getpid()),  # the child dies with this process (guard_job_process)
+        }
+
+    def start(self, command: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as handle:
+            # Its own process group: a terminal's Ctrl-C reaches the parent only, which
+            # stops each job's whole group in order; the job dies with the parent
+            # (PDEATHSIG).
+            return subprocess.Popen(
+                command,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,
+            )
+
+    def poll(self, handle: subprocess.Popen[bytes]) -> JobExit | None:
+        code = handle.poll()
+        return None if code is None else JobExit(code)
+
+    def stop(self, handles: list[subprocess.Popen[bytes]]) -> None:
+        for process in handles:
+            _signal_group(process, signal.SIGTERM)
+        for process in handles:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                _signal_group(process, signal.SIGKILL)
+                process.wait()
+
+    def close(self) -> None:
+        pass
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def make_executor(config: Config, workers: int) -> Executor:
+    """The ``jobs.executor`` of ``config``: local child processes or Ray tasks."""
+    threads = threads_per_job(workers)
+    if config.jobs.executor == "ray":
+        from pipeline.run.ray_jobs import RayExecutor
+
+        cpus = config.jobs.cpus_per_job or float(threads)
+        return RayExecutor(config.run_dir, config.jobs.address, cpus, config.jobs.gpus_per_job)
+    return LocalExecutor(workers, threads)
+
+
+def use_fold_jobs(config: Config, pending: int) -> bool:
+    """Whether ``--all`` runs its ``pending`` folds as jobs rather than in this process:
+    always on Ray, locally when ``train.parallel_folds`` > 1 and there are several.
+    Never inside a fold job (its ``--fold K`` trains here)."""
+    if os.environ.get(JOB_ENV):
+        return False
+    if config.jobs.executor == "ray":
+        return pending > 0
+    return config.train.parallel_folds > 1 and pending > 1
+
+
+@dataclass
 class _Running:
     job: FoldJob
-    process: subprocess.Popen[bytes]
+    handle: Any
     log_path: Path
     started: float
     read_to: int = 0  # how far the log has been scanned for progress lines
@@ -115,12 +212,14 @@ def run_fold_jobs(
     resume: bool = False,
     force: bool = False,
 ) -> list[FoldJob]:
-    """Run ``jobs`` (in order, respecting ``after``) ``workers`` at a time; return those run.
+    """Run ``jobs`` (in order, respecting ``after``) on ``jobs.executor``; return those run.
 
-    Jobs whose fold already finished are skipped unless ``force``. The caller makes
-    the experiment's shared inputs (split, image caches) first, so that no two
-    children build them at once. Raises RuntimeError naming the failed job and
-    quoting its log.
+    Locally ``workers`` run at a time, each with ``cores / workers`` threads; on Ray
+    every ready job is submitted at once and Ray schedules them by ``jobs.cpus_per_job``
+    and ``jobs.gpus_per_job``. Jobs whose fold already finished are skipped unless
+    ``force``. The caller makes the experiment's shared inputs (split, image caches)
+    first, so that no two jobs build them at once. Raises FoldJobFailed naming the
+    failed job and quoting its log.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1; got {workers}")
@@ -130,19 +229,14 @@ def run_fold_jobs(
             log.info("%s already finished (%s); skipping", job.name, fold_dir(config, job))
     if not pending:
         return []
+    executor = make_executor(config, workers)
     config_path = save_config(config, config.run_dir / JOBS_CONFIG)
-    threads = threads_per_job(workers)
-    env = {
-        **os.environ,
-        THREADS_ENV: str(threads),
-        "OMP_NUM_THREADS": str(threads),
-        JOB_ENV: str(os.getpid()),  # the child dies with this process (guard_job_process)
-    }
     log.info(
-        "running %d fold jobs, %d at a time with %d threads each; logs in each fold's %s",
+        "running %d fold jobs on %s, %d at a time with %d threads each; logs in each fold's %s",
         len(pending),
-        workers,
-        threads,
+        config.jobs.executor,
+        executor.slots,
+        executor.threads,
         LOG_FILE,
     )
     waiting = list(pending)
@@ -150,39 +244,42 @@ def run_fold_jobs(
     finished: list[FoldJob] = []
     try:
         with sigterm_as_interrupt():
-            _run_loop(config, waiting, running, finished, workers, config_path, env, resume, force)
+            _run_loop(config, executor, waiting, running, finished, config_path, resume, force)
     finally:
-        _stop(running)
+        if running:
+            executor.stop([entry.handle for entry in running])
+            log.info("stopped %s", ", ".join(entry.job.name for entry in running))
+        executor.close()
     return finished
 
 
 def _run_loop(
     config: Config,
+    executor: Executor,
     waiting: list[FoldJob],
     running: list[_Running],
     finished: list[FoldJob],
-    workers: int,
     config_path: Path,
-    env: dict[str, str],
     resume: bool,
     force: bool,
 ) -> None:
     """Start and watch jobs until every one has finished; FoldJobFailed on a failure."""
     while waiting or running:
         for entry in list(running):
-            code = entry.process.poll()
+            end = executor.poll(entry.handle)
             entry.forward_progress()
-            if code is None:
+            if end is None:
                 continue
             running.remove(entry)
-            if code != 0:
+            if end.code != 0:
+                how = f"exit code {end.code}" if end.code is not None else end.reason
                 raise FoldJobFailed(
-                    f"{entry.job.name} failed (exit code {code}); the end of "
+                    f"{entry.job.name} failed ({how}); the end of "
                     f"{entry.log_path}:\n{_tail(entry.log_path)}"
                 )
             finished.append(entry.job)
             log.info("%s finished in %.0f s", entry.job.name, time.monotonic() - entry.started)
-        while len(running) < workers:
+        while len(running) < executor.slots:
             # A job waits for its ``after`` jobs of this run; one outside the run is
             # the child's own business (it fails with its CLI's message if needed).
             active = set(waiting) | {entry.job for entry in running}
@@ -191,35 +288,15 @@ def _run_loop(
                 break
             job = ready[0]
             waiting.remove(job)
-            running.append(_start(config, job, config_path, env, resume, force))
+            running.append(_start(executor, config, job, config_path, resume, force))
         time.sleep(POLL_S)
 
 
-def _stop(running: list[_Running]) -> None:
-    """After a failure, Ctrl-C or SIGTERM: stop every job's process group (they resume
-    later from their last completed epoch)."""
-    for entry in running:
-        _signal_group(entry.process, signal.SIGTERM)
-    for entry in running:
-        try:
-            entry.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            _signal_group(entry.process, signal.SIGKILL)
-            entry.process.wait()
-    if running:
-        log.info("stopped %s", ", ".join(entry.job.name for entry in running))
-
-
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signum)
-
-
 def _start(
+    executor: Executor,
     config: Config,
     job: FoldJob,
     config_path: Path,
-    env: dict[str, str],
     resume: bool,
     force: bool,
 ) -> _Running:
@@ -231,11 +308,7 @@ def _start(
         handle.write(f"$ {' '.join(command)}\n".encode())
         handle.flush()
         start = handle.tell()
-        # Its own process group: a terminal's Ctrl-C reaches the parent only, which stops
-        # each job's whole group in order; the job dies with the parent (PDEATHSIG).
-        process = subprocess.Popen(
-            command, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
+    process = executor.start(command, log_path)
     log.info("%s started (log: %s)", job.name, log_path)
     return _Running(job, process, log_path, time.monotonic(), start)
 

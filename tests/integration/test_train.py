@@ -97,6 +97,31 @@ def test_all_folds_as_parallel_processes(tmp_path, tiny_data):
     assert "fold 1: OOF Kaggle Dice at 0.5 = " in out.stdout
 
 
+def test_ray_fold_tasks_give_the_local_pools_figures(tmp_path, tiny_data):
+    """--all on a local Ray instance (jobs.executor: ray) trains each fold as a Ray task
+    with the same figures as the local pool."""
+    figures = {}
+    for executor in ("local", "ray"):
+        (tmp_path / executor).mkdir()
+        config = write_tiny_config(
+            tmp_path / executor,
+            tiny_data,
+            train={"parallel_folds": 2},
+            jobs={"executor": executor, "cpus_per_job": 1},
+        )
+        out = run_cli("pipeline.train", "--config", str(config), "--all")
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert f"running 2 fold jobs on {executor}, 2 at a time with 1 threads each" in out.stderr
+        assert "[segmentation fold 1] epoch 2/2" in out.stderr  # forwarded progress
+        run = tmp_path / executor / "runs" / "tiny"
+        figures[executor] = [
+            json.loads((run / f"fold_{k}" / "metrics.json").read_text())["oof_kaggle_dice_050"]
+            for k in (0, 1)
+        ]
+    assert "visible from all 1 Ray node(s)" in out.stderr
+    assert figures["ray"] == figures["local"]
+
+
 def fold_processes(marker: str) -> list[int]:
     """Pids of live processes whose command line mentions ``marker`` (a run directory)."""
     pids = []

@@ -68,6 +68,11 @@ STAGE = textwrap.dedent(
 
 @pytest.fixture
 def setup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    return stand_in_config(tmp_path, monkeypatch)
+
+
+def stand_in_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A config whose fold jobs run the stand-in stages (written to ``tmp_path``)."""
     for stage in ("segmentation", "classifier"):
         (tmp_path / f"stage_{stage}.py").write_text(STAGE.format(stage=stage))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
