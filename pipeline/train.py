@@ -49,6 +49,7 @@ from pipeline.run.cli import (
     setup_logging,
     sigterm_as_interrupt,
 )
+from pipeline.run.cluster import WORKER_KEY, worker_summary
 from pipeline.run.experiment import (
     Experiment,
 )
@@ -260,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return report_interrupt(f"python -m pipeline.train --config {args.config} --all")
+    if any(WORKER_KEY in r for r in results):
+        print(worker_summary(results))
+        return 0
     for r in results:
         print(f"fold {r['fold']}: OOF Kaggle Dice at 0.5 = {r['oof_kaggle_dice_050']:.4f}")
     if len(results) > 1:

@@ -55,6 +55,7 @@ from pipeline.run.cli import (
     setup_logging,
     sigterm_as_interrupt,
 )
+from pipeline.run.cluster import WORKER_KEY, worker_summary
 from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
 from pipeline.run.fold_records import check_fold_number
@@ -306,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             split_cpu(args.logical_cpus)
             folds = list(range(config.folds.n_splits)) if args.all else [args.fold]
             results = train_classifier_folds(config, folds, resume=args.resume, force=args.force)
-            pooled = score_all_folds(config, folds) if len(results) > 1 else None
+            chief = not any(WORKER_KEY in r for r in results)
+            pooled = score_all_folds(config, folds) if len(results) > 1 and chief else None
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)
         return 2
@@ -316,6 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         command = f"python -m pipeline.train_classifier --config {args.config} --all"
         return report_interrupt(command)
+    if not chief:
+        print(worker_summary(results))
+        return 0
     for r in results:
         print(f"classifier fold {r['fold']}: OOF AUC = {r['oof_auc']:.4f}")
     if pooled is not None:

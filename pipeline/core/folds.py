@@ -192,7 +192,8 @@ def ensure_folds(
         )
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
+    # A name of this process's own: two workers may write the same split at once.
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     folds.to_csv(tmp, index=False, lineterminator="\n")
     os.replace(tmp, path)
     logger.info("wrote %s (%d images, %d folds, %s)", path, len(folds), n_splits, method)

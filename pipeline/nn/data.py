@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import threading
 import warnings
 from collections.abc import Sequence
@@ -103,7 +104,9 @@ def build_cache(
             directory,
         )
         shutil.rmtree(directory)
-    tmp = directory.with_name(directory.name + ".tmp")
+    # A name of this process's own: several fold jobs or workers may build it at once.
+    _remove_dead_builds(directory)
+    tmp = directory.with_name(f"{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -160,10 +163,37 @@ def build_cache(
         tmp / "index.csv", index=False
     )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, directory)
+    try:
+        os.replace(tmp, directory)
+    except OSError:
+        # Another process published the same cache first: use it, drop this copy.
+        if not directory.is_dir() or _open_if_matching(directory, meta, image_ids) is None:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     cache = _open_if_matching(directory, meta, image_ids)
     assert cache is not None
     return cache
+
+
+def _remove_dead_builds(directory: Path) -> None:
+    """Remove the half-built copies of ``directory`` left by dead processes of this host."""
+    prefix = f"{directory.name}.tmp-{socket.gethostname()}-"
+    if not directory.parent.is_dir():
+        return
+    for path in directory.parent.glob(prefix + "*"):
+        pid = path.name[len(prefix) :]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _which_class(rles: Sequence[str], shape: tuple[int, ...], classes: Sequence[str] | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 
@@ -44,15 +45,21 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     """
     if name not in STRATEGIES:
         raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}; got {name!r}")
-    gpus = tf.config.list_logical_devices("GPU")
     if name == "multi_worker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        return _multi_worker()  # before anything (even listing devices) starts TensorFlow
+    gpus = tf.config.list_logical_devices("GPU")
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)
     if name == "auto":
         return tf.distribute.get_strategy()
     return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+
+
+@functools.cache
+def _multi_worker() -> tf.distribute.Strategy:
+    # One per process: the collectives are configured once, at the first TensorFlow op.
+    return tf.distribute.MultiWorkerMirroredStrategy()
 
 
 def set_mixed_precision(enabled: bool) -> bool:

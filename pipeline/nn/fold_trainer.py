@@ -11,6 +11,9 @@ lives, how its data, model and OOF writer are made (``FoldStage.prepare``).
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,7 +29,14 @@ from pipeline.nn.batchnorm import recalibrate_copy
 from pipeline.nn.data import training_cache
 from pipeline.nn.devices import device_name, make_strategy, seed_everything, set_mixed_precision
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.trainer import FitSettings, fit_resumable, load_state, save_weights_atomic
+from pipeline.nn.trainer import (
+    FitSettings,
+    all_trainable,
+    fit_resumable,
+    load_state,
+    save_weights_atomic,
+)
+from pipeline.run.cluster import WORKER_DIR_ENV, WORKER_KEY, WorkerRole, worker_role
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_jobs import FoldJob, run_fold_jobs, use_fold_jobs
 from pipeline.run.fold_records import (
@@ -128,18 +138,40 @@ def train_fold(
     """Train one fold of ``stage``, write its OOF output; return and save its metrics.
 
     The fold's lock (``run_lock``) is held throughout: a second trainer of the same
-    fold, here or on another machine sharing the runs directory, is refused.
+    fold, here or on another machine sharing the runs directory, is refused. Under
+    ``train.strategy: multi_worker`` only the chief holds it and writes the fold's files;
+    every other worker trains alongside and writes its copies to a scratch directory
+    (``cluster.WORKER_DIR_ENV``, else a temporary one removed at the end).
     """
     check_fold_number(config, fold)
     fold_dir = stage.fold_dir(config, fold)
+    role = worker_role(os.environ) if config.train.strategy == "multi_worker" else None
+    if role is not None and not role.is_chief:
+        kept = os.environ.get(WORKER_DIR_ENV)
+        if kept:
+            scratch = Path(kept) / fold_dir.name
+            scratch.mkdir(parents=True, exist_ok=True)
+            return _train_fold(stage, config, fold, fold_dir, resume, force, role, scratch)
+        with tempfile.TemporaryDirectory(prefix=f"foldseg-{role.task_type}{role.index}-") as tmp:
+            return _train_fold(stage, config, fold, fold_dir, resume, force, role, Path(tmp))
     with hold_lock(fold_dir, f"{stage.label} {fold}"):
-        return _train_fold(stage, config, fold, fold_dir, resume, force)
+        return _train_fold(stage, config, fold, fold_dir, resume, force, role, fold_dir)
 
 
 def _train_fold(
-    stage: FoldStage, config: Config, fold: int, fold_dir: Path, resume: bool, force: bool
+    stage: FoldStage,
+    config: Config,
+    fold: int,
+    fold_dir: Path,
+    resume: bool,
+    force: bool,
+    role: WorkerRole | None,
+    out_dir: Path,
 ) -> dict[str, Any]:
+    """Train in ``out_dir`` (``fold_dir``, or a non-chief worker's scratch directory)."""
     seed_everything(config.seed)
+    # MultiWorkerMirroredStrategy must exist before TensorFlow runs any op.
+    strategy = make_strategy(config.train.strategy)
     if is_finished(fold_dir) and not force:
         raise FileExistsError(
             f"{stage.label} {fold} already finished ({fold_dir / FOLD_METRICS}); pass --force"
@@ -151,6 +183,8 @@ def _train_fold(
         )
     if resume:
         load_state(fold_dir)  # a damaged checkpoint state is reported before anything is written
+        if out_dir != fold_dir:
+            _copy_resume_state(fold_dir, out_dir)
     stage.check(config)
     check_trained_config(config, force)
     exp = open_experiment(config)
@@ -158,13 +192,12 @@ def _train_fold(
     training_cache(config, exp, stage.image_size(config))  # built before the clock starts
     started = time.monotonic()
     mixed = set_mixed_precision(config.train.mixed_precision)
-    strategy = make_strategy(config.train.strategy)
-    context = FoldContext(config, exp, fold, fold_dir, train_ids, val_ids, strategy)
+    context = FoldContext(config, exp, fold, out_dir, train_ids, val_ids, strategy)
     parts = stage.prepare(context)
     # Past every input check: only now is a finished fold's record replaced.
-    if force:
+    if force and out_dir == fold_dir:
         (fold_dir / FOLD_METRICS).unlink(missing_ok=True)
-    record_trained_config(config, fold_dir)
+    record_trained_config(config, out_dir)
     state = fit_resumable(
         parts.model,
         parts.compile_phase,
@@ -172,24 +205,35 @@ def _train_fold(
         parts.train_data,
         parts.val_ds,
         parts.steps,
-        fold_dir,
+        out_dir,
         parts.settings,
         parts.lr,
         resume,
     )
     train_time = time.monotonic() - started
     started = time.monotonic()
+    model = parts.model
+    if role is not None and parts.build_plain is not None:
+        # Inference on this worker alone: a plain copy, outside the cluster's collectives.
+        model = parts.build_plain()
+        with all_trainable(parts.model), all_trainable(model):
+            model.set_weights(parts.model.get_weights())
     recalibrated = {}
     if parts.calibration is not None and parts.build_plain is not None:
-        used = recalibrate_copy(parts.model, parts.build_plain, parts.calibration())
-        save_weights_atomic(parts.model, fold_dir / BEST_WEIGHTS)
+        used = recalibrate_copy(model, parts.build_plain, parts.calibration())
+        save_weights_atomic(model, out_dir / BEST_WEIGHTS)
         log.info("%s %d: BatchNorm statistics re-estimated on %d batches", stage.label, fold, used)
         recalibrated = {
             "bn_recalibration_batches": used,
             "bn_recalibration_seconds": round(time.monotonic() - started, 1),
         }
         started = time.monotonic()
-    outputs = parts.finish(parts.model)
+    if role is not None and not role.is_chief:
+        log.info(
+            "%s %d: %s done; the chief writes the fold's outputs", stage.label, fold, role.name
+        )
+        return {"fold": fold, WORKER_KEY: role.name, "best_epoch": state["best_epoch"]}
+    outputs = parts.finish(model)
     metrics = {
         "fold": fold,
         "n_train": len(train_ids),
@@ -204,11 +248,23 @@ def _train_fold(
         "oof_seconds": round(time.monotonic() - started, 1),
         "device": device_name(),
         "replicas": context.replicas,
+        "workers": role.n_workers if role is not None else 1,
         "mixed_precision": mixed,
     }
     write_json(fold_dir / FOLD_METRICS, metrics)
     log.info("%s %d finished: %s", stage.label, fold, stage.summary(metrics))
     return metrics
+
+
+def _copy_resume_state(fold_dir: Path, out_dir: Path) -> None:
+    """A non-chief worker resumes from the chief's last checkpoint and best weights."""
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        if (fold_dir / name).is_dir():
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+            shutil.copytree(fold_dir / name, out_dir / name)
+            break
+    if (fold_dir / BEST_WEIGHTS).is_file():
+        shutil.copy2(fold_dir / BEST_WEIGHTS, out_dir / BEST_WEIGHTS)
 
 
 def run_parallel(

@@ -175,8 +175,8 @@ def use_fold_jobs(config: Config, pending: int) -> bool:
     """Whether ``--all`` runs its ``pending`` folds as jobs rather than in this process:
     always on Ray, locally when ``train.parallel_folds`` > 1 and there are several.
     Never inside a fold job (its ``--fold K`` trains here)."""
-    if os.environ.get(JOB_ENV):
-        return False
+    if os.environ.get(JOB_ENV) or config.train.strategy == "multi_worker":
+        return False  # a multi-worker fold takes the whole cluster: one fold at a time
     if config.jobs.executor == "ray":
         return pending > 0
     return config.train.parallel_folds > 1 and pending > 1
