@@ -1,4 +1,5 @@
-# `make demo`: set up and run the whole pipeline on the embedded demo data.
+# `make demo`: set up and run the whole pipeline on the embedded demo data
+# (ARGS="--set jobs.executor=ray" passes options to it).
 # `make test`: set up and run the whole test suite (what CI runs).
 # Both install from requirements.lock: the exact versions CI passed with (`make lock`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -19,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python -m pipeline.demo --config $(DEMO)
+	$(BIN)/python -m pipeline.demo --config $(DEMO) $(ARGS)
 
 test: setup
 	$(BIN)/python -m pytest -m "slow or not slow" -n 2 --dist loadfile --timeout=900 -q

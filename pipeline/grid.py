@@ -110,6 +110,55 @@ def _shared_overrides(config: Config, keys: Sequence[str], directory: Path) -> l
     return [override("data.cache_dir", str(directory / CACHE))]
 
 
+def _train_on_ray(
+    base: Config, planned: dict[str, list[tuple[int, list[str]]]], directory: Path
+) -> dict[str, str]:
+    """Every ``(fold, command)`` of every planned run as a Ray task, as many at once as
+    the cluster holds; return each run's status. A failed fold does not stop the others.
+    Each fold's output goes to ``logs/<experiment>.fold<K>.log``."""
+    from pipeline.run.fold_jobs import make_executor
+
+    tasks = [
+        (name, fold, command, directory / "logs" / f"{name}.fold{fold}.log")
+        for name, folds in planned.items()
+        for fold, command in folds
+    ]
+    executor = make_executor(base, base.train.parallel_folds, shared_dir=directory)
+    log.info("grid on Ray: %d fold tasks, %d at a time", len(tasks), executor.slots)
+    codes: dict[str, list[int | None]] = {name: [] for name in planned}
+    waiting = list(tasks)
+    running: list[tuple[tuple[str, int, list[str], Path], Any]] = []
+    try:
+        while waiting or running:
+            for task, handle in list(running):
+                end = executor.poll(handle)
+                if end is None:
+                    continue
+                running.remove((task, handle))
+                name, fold, _, log_path = task
+                codes[name].append(end.code)
+                what = "done" if end.code == 0 else f"FAILED ({end.code or end.reason})"
+                log.info("%s fold %d: %s; see %s", name, fold, what, log_path)
+            while waiting and len(running) < executor.slots:
+                task = waiting.pop(0)
+                log_path = task[3]
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with log_path.open("a") as sink:
+                    sink.write(f"$ {' '.join(task[2])}\n")
+                running.append((task, executor.start(task[2], log_path)))
+            time.sleep(0.5)
+    finally:
+        if running:
+            executor.stop([handle for _, handle in running])
+        executor.close()
+    return {
+        name: "done"
+        if all(code == 0 for code in got)
+        else f"failed (exit {next(c for c in got if c != 0)})"
+        for name, got in codes.items()
+    }
+
+
 def _train_run(run: GridRun, commands: list[list[str]], log_path: Path, position: str) -> str:
     """Run the commands of one experiment in turn; return its status."""
     started = time.monotonic()
@@ -166,6 +215,8 @@ def run_grid(
             },
         )
     status: dict[str, str] = {}
+    on_ray = base.jobs.executor == "ray"
+    planned: dict[str, list[tuple[int, list[str]]]] = {}
     for i, run in enumerate(runs):
         position = f"[{i + 1}/{len(runs)}]"
         config = configs[run.name]
@@ -174,16 +225,25 @@ def run_grid(
             log.info("%s %s: already finished (folds %s)", position, run.name, folds)
             status[run.name] = "already finished"
             continue
-        commands = train_commands(
-            config_path, [*base_overrides, *shared, *run.overrides()], missing, base.folds.n_splits
-        )
+        overrides = [*base_overrides, *shared, *run.overrides()]
+        commands = train_commands(config_path, overrides, missing, base.folds.n_splits)
+
         if dry_run:
             log.info("%s %s: would train folds %s", position, run.name, missing)
             status[run.name] = "planned"
             continue
+        if on_ray:
+            # One Ray task per fold: every grid point's folds run side by side.
+            planned[run.name] = [
+                (k, train_commands(config_path, overrides, [k], 0)[0]) for k in missing
+            ]
+            log.info("%s %s: folds %s go to Ray", position, run.name, missing)
+            continue
         log_path = directory / "logs" / f"{run.name}.log"
         log.info("%s %s: training folds %s (log: %s)", position, run.name, missing, log_path)
         status[run.name] = _train_run(run, commands, log_path, position)
+    if planned:
+        status.update(_train_on_ray(base, planned, directory))
     scores = {run.name: read_fold_scores(configs[run.name], folds) for run in runs}
     for run in runs:
         if status[run.name] == "done" and len(scores[run.name]) < len(folds):

@@ -160,14 +160,16 @@ def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
         os.killpg(process.pid, signum)
 
 
-def make_executor(config: Config, workers: int) -> Executor:
-    """The ``jobs.executor`` of ``config``: local child processes or Ray tasks."""
+def make_executor(config: Config, workers: int, shared_dir: Path | None = None) -> Executor:
+    """The ``jobs.executor`` of ``config``: local child processes or Ray tasks (which
+    must see ``shared_dir``, by default the run directory, on every node)."""
     threads = threads_per_job(workers)
     if config.jobs.executor == "ray":
         from pipeline.run.ray_jobs import RayExecutor
 
         cpus = config.jobs.cpus_per_job or float(threads)
-        return RayExecutor(config.run_dir, config.jobs.address, cpus, config.jobs.gpus_per_job)
+        where = shared_dir or config.run_dir
+        return RayExecutor(where, config.jobs.address, cpus, config.jobs.gpus_per_job)
     return LocalExecutor(workers, threads)
 
 

@@ -78,3 +78,22 @@ def test_grid_errors_exit_2(tmp_path, tiny_data):
     assert out.returncode == 2 and "unknown config key 'train.lrr'" in out.stderr
     out = run_grid("--config", str(config), "--grid", "train.lr=[0.1]", "--folds", "0,4")
     assert out.returncode == 2 and "--folds must name folds in [0, 1]" in out.stderr
+
+
+def test_grid_points_run_side_by_side_as_ray_tasks(tmp_path, tiny_data):
+    """jobs.executor: ray: one Ray task per fold of every grid point; a failing point
+    is recorded and does not stop the other."""
+    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 1})
+    out = run_grid(
+        "--config", str(config), "--set", "jobs.executor=ray", "--set", "jobs.cpus_per_job=1",
+        "--grid", "train.crop_size=[[32,32],[48,48]]", "--folds", "0",
+    )  # fmt: skip
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "grid on Ray: 2 fold tasks, 2 at a time" in out.stderr
+    grid = tmp_path / "runs" / "tiny__grid"
+    results = pd.read_csv(grid / "results.csv").set_index("experiment")
+    good, bad = "tiny__train.crop_size=32x32__seed=12345", "tiny__train.crop_size=48x48__seed=12345"
+    assert results.loc[good, "status"] == "done" and 0 <= results.loc[good, "fold_0"] <= 1
+    assert results.loc[bad, "status"] == "failed (exit 2)"
+    assert "divisible by 32" in (grid / "logs" / f"{bad}.fold0.log").read_text()
+    assert "--fold 0 --resume" in (grid / "logs" / f"{good}.fold0.log").read_text()
