@@ -63,7 +63,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "folds.method": tuple(sorted(FOLD_METHODS)),
     "model.architecture": ("Unet", "FPN", "Linknet", "PSPNet"),
     "model.decoder_block_type": ("upsampling", "transpose"),
-    "train.loss": ("jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice"),
+    "train.loss": ("jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice", "lovasz"),
     "train.monitor_mode": ("min", "max"),
     "train.strategy": ("auto", "one_device", "mirrored", "multi_worker"),
     "jobs.executor": ("local", "ray"),

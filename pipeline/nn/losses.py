@@ -198,12 +198,65 @@ class FocalDiceLoss(_OverlapLoss):
         return {**super().get_config(), "gamma": self.gamma, "alpha": self.alpha}
 
 
+def lovasz_hinge(y_true: tf.Tensor, y_pred: tf.Tensor, per_image: bool = True) -> tf.Tensor:
+    """The Lovász hinge (Berman et al. 2018) of (N, H, W, C) truth and sigmoid
+    probabilities, a float32 scalar: a convex surrogate of the Jaccard loss on the logits.
+
+    Each image and class (``per_image``), or each class over the whole batch, is one
+    row: hinge errors ``1 - logit * sign`` sorted in decreasing order, weighted by the
+    Lovász extension's gradient of the Jaccard loss, summed; rows are averaged. The
+    logits are recovered from the probabilities (clipped to [1e-7, 1 - 1e-7]).
+    """
+    t, p = _as_float32(y_true, y_pred)
+    eps = 1e-7
+    p = tf.clip_by_value(p, eps, 1.0 - eps)
+    logits = tf.math.log(p) - tf.math.log1p(-p)
+    channels = tf.shape(t)[-1]
+    if per_image:  # rows: (image, class)
+        t = tf.reshape(tf.transpose(t, [0, 3, 1, 2]), [-1, tf.shape(t)[1] * tf.shape(t)[2]])
+        logits = tf.reshape(tf.transpose(logits, [0, 3, 1, 2]), tf.shape(t))
+    else:  # rows: classes, over every pixel of the batch
+        t = tf.reshape(tf.transpose(t, [3, 0, 1, 2]), [channels, -1])
+        logits = tf.reshape(tf.transpose(logits, [3, 0, 1, 2]), tf.shape(t))
+    errors = 1.0 - logits * (2.0 * t - 1.0)
+    order = tf.argsort(errors, axis=1, direction="DESCENDING")
+    errors_sorted = tf.gather(errors, order, batch_dims=1)
+    truth_sorted = tf.gather(t, order, batch_dims=1)
+    positives = tf.reduce_sum(truth_sorted, axis=1, keepdims=True)
+    intersection = positives - tf.cumsum(truth_sorted, axis=1)
+    union = positives + tf.cumsum(1.0 - truth_sorted, axis=1)
+    jaccard = 1.0 - intersection / union
+    gradient = tf.concat([jaccard[:, :1], jaccard[:, 1:] - jaccard[:, :-1]], axis=1)
+    return _mean(tf.reduce_sum(tf.nn.relu(errors_sorted) * gradient, axis=1))
+
+
+@_register
+class LovaszHingeLoss(_OverlapLoss):
+    """``lovasz_hinge``, per image and class by default (the reference implementation's
+    choice); ``smooth`` is accepted for a uniform signature and unused."""
+
+    default_name = "lovasz"
+
+    def __init__(
+        self,
+        smooth: float = OVERLAP_SMOOTH,
+        per_image: bool = True,
+        name: str | None = None,
+        reduction: str = keras.losses.Reduction.AUTO,
+    ) -> None:
+        super().__init__(smooth=smooth, per_image=per_image, name=name, reduction=reduction)
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        return lovasz_hinge(y_true, y_pred, self.per_image)
+
+
 LOSSES: dict[str, Callable[..., keras.losses.Loss]] = {
     "jaccard": JaccardLoss,
     "dice": DiceLoss,
     "bce_jaccard": BceJaccardLoss,
     "bce_dice": BceDiceLoss,
     "focal_dice": FocalDiceLoss,
+    "lovasz": LovaszHingeLoss,
 }
 
 

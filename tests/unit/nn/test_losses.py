@@ -14,7 +14,7 @@ from pipeline.nn import losses
 from pipeline.nn.keras_backend import keras, sm, tf
 
 REPO = Path(__file__).resolve().parents[3]
-LOSS_NAMES = ["jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice"]
+LOSS_NAMES = ["jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice", "lovasz"]
 
 
 def random_batches(seed: int, sizes: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -249,3 +249,55 @@ def test_keras_metrics_under_mirrored_strategy_match_numpy() -> None:
     assert report["replicas"] == 2
     for key, expected in report["expected"].items():
         assert report["got"][key] == pytest.approx(expected, abs=1e-5), key
+
+
+def lovasz_reference(truth: np.ndarray, prob: np.ndarray, per_image: bool) -> float:
+    """Berman et al.'s Lovász hinge, written out with loops (their reference code)."""
+    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
+    logits = np.log(p) - np.log1p(-p)
+    if per_image:
+        rows = [
+            (truth[n, ..., c], logits[n, ..., c])
+            for n in range(len(truth))
+            for c in range(truth.shape[-1])
+        ]
+    else:
+        rows = [(truth[..., c], logits[..., c]) for c in range(truth.shape[-1])]
+    values = []
+    for gt, lg in rows:
+        gt, lg = gt.ravel().astype(np.float64), lg.ravel()
+        errors = 1.0 - lg * (2 * gt - 1)
+        order = np.argsort(-errors, kind="stable")
+        errors, gt = errors[order], gt[order]
+        gts = gt.sum()
+        grad = np.empty_like(gt)
+        jaccard_prev = 0.0
+        for i in range(len(gt)):
+            inter = gts - gt[: i + 1].sum()
+            union = gts + (1 - gt[: i + 1]).sum()
+            jaccard = 1 - inter / union
+            grad[i] = jaccard - jaccard_prev
+            jaccard_prev = jaccard
+        values.append(float(np.dot(np.maximum(errors, 0), grad)))
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("per_image", [True, False])
+def test_lovasz_hinge_matches_the_reference_and_prefers_the_better_mask(per_image: bool) -> None:
+    truth, prob = concat(random_batches(seed=9, sizes=[3]))
+    truth, prob = truth[:, :6, :7], prob[:, :6, :7]  # small: the reference loops per pixel
+    loss = losses.get_loss("lovasz", per_image=per_image)
+    got = float(loss(truth.astype(np.float32), prob))
+    assert got == pytest.approx(lovasz_reference(truth, prob, per_image), rel=1e-4)
+    closer = np.where(truth > 0, 0.9, 0.1).astype(np.float32)
+    assert float(loss(truth.astype(np.float32), closer)) < got
+    assert losses.get_loss("lovasz").per_image  # the reference's default: per image
+
+
+def test_lovasz_hinge_has_finite_gradients() -> None:
+    truth, prob = concat(random_batches(seed=10, sizes=[2]))
+    variable = tf.Variable(prob)
+    with tf.GradientTape() as tape:
+        value = losses.get_loss("lovasz")(truth.astype(np.float32), variable)
+    grad = tape.gradient(value, variable).numpy()
+    assert np.isfinite(grad).all() and np.abs(grad).sum() > 0
