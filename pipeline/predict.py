@@ -36,7 +36,7 @@ from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.nn.data import build_cache
 from pipeline.nn.devices import device_name as describe_device
-from pipeline.nn.devices import set_mixed_precision
+from pipeline.nn.devices import inference_precision, precision_policy, set_mixed_precision
 from pipeline.nn.model import check_input_size
 from pipeline.nn.predictor import (
     CACHE_WORKERS,
@@ -102,6 +102,8 @@ def _predict(
     data = config.data
     check_input_size(data.image_size, "data.image_size (the prediction input)")
     set_mixed_precision(config.train.mixed_precision)
+    precision = inference_precision(config.predict.precision)
+    log.info("inference in %s (predict.precision: %s)", precision, config.predict.precision)
     with clock.stage("cache"):
         cache = build_cache(
             exp.cache_dir,
@@ -111,13 +113,14 @@ def _predict(
             data.image_size,
             workers=CACHE_WORKERS,
         )
-    presence = (
-        predict_presence(config, image_ids, len(exp.classes), exp.cache_dir, clock)
-        if gated
-        else None
-    )
-    with clock.stage("build_model"):
-        model = build_prediction_model(config, len(exp.classes))
+    with precision_policy(precision):
+        presence = (
+            predict_presence(config, image_ids, len(exp.classes), exp.cache_dir, clock)
+            if gated
+            else None
+        )
+        with clock.stage("build_model"):
+            model = build_prediction_model(config, len(exp.classes))
     shape = (len(image_ids), *data.image_size, len(exp.classes))
     work = config.run_dir / WORK_DIR
     accumulator = FoldAccumulator(work / FOLD_MERGE, shape, len(weights), config.tta.merge)
@@ -156,6 +159,7 @@ def _predict(
             "folds": len(weights),
             "views": list(config.tta.views),
             "merge": config.tta.merge,
+            "precision": precision,
             "classifier_gate": gated,
             "postprocess": POSTPROCESS if use_postprocess else "threshold 0.5",
             "device": describe_device(),

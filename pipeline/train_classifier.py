@@ -189,6 +189,10 @@ def prepare(ctx: FoldContext) -> FoldParts:
         lr=c.lr,
         finish=finish,
         info={"backbone": c.backbone, "image_size": list(c.image_size)},
+        # The copy's weights are replaced, so no pretrained file is read.
+        build_plain=lambda: build_classifier_from_config(
+            config.with_overrides(["classifier.weights=null"]), len(exp.classes)
+        ),
     )
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from pipeline.core import layout
 from pipeline.core.folds import FOLD_METHODS
+from pipeline.core.precision import PRECISIONS
 from pipeline.core.tta import MERGES
 
 # The repository's configs/ (a source checkout or an editable install); a regular
@@ -67,6 +68,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.monitor_mode": ("min", "max"),
     "train.strategy": ("auto", "one_device", "mirrored", "multi_worker"),
     "jobs.executor": ("local", "ray"),
+    "predict.precision": PRECISIONS,
     "tta.merge": MERGES,
     "classifier.monitor_mode": ("min", "max"),
     "classifier.pooling": ("avg", "max", "avgmax"),

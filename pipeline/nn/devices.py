@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
+from collections.abc import Iterator
 
 import numpy as np
 
+from pipeline.core.precision import POLICIES, choose_precision, cpu_flags
 from pipeline.nn.keras_backend import keras, tf
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,27 @@ def set_mixed_precision(enabled: bool) -> bool:
         enabled = False
     keras.mixed_precision.set_global_policy("mixed_float16" if enabled else "float32")
     return enabled
+
+
+def inference_precision(requested: str) -> str:
+    """``predict.precision`` resolved on this machine (``core.precision.choose_precision``)."""
+    capabilities = []
+    for gpu in tf.config.list_physical_devices("GPU"):
+        capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
+        if capability:
+            capabilities.append((int(capability[0]), int(capability[1])))
+    return choose_precision(requested, cpu_flags(), capabilities)
+
+
+@contextlib.contextmanager
+def precision_policy(precision: str) -> Iterator[None]:
+    """Models built inside compute in ``precision`` (weights and outputs stay float32)."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(POLICIES[precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
 
 
 def seed_everything(seed: int) -> None:

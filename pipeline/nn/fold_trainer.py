@@ -27,7 +27,14 @@ from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS
 from pipeline.core.schedule import Phase
 from pipeline.nn.batchnorm import recalibrate_copy
 from pipeline.nn.data import training_cache
-from pipeline.nn.devices import device_name, make_strategy, seed_everything, set_mixed_precision
+from pipeline.nn.devices import (
+    device_name,
+    inference_precision,
+    make_strategy,
+    precision_policy,
+    seed_everything,
+    set_mixed_precision,
+)
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.trainer import (
     FitSettings,
@@ -215,9 +222,7 @@ def _train_fold(
     model = parts.model
     if role is not None and parts.build_plain is not None:
         # Inference on this worker alone: a plain copy, outside the cluster's collectives.
-        model = parts.build_plain()
-        with all_trainable(parts.model), all_trainable(model):
-            model.set_weights(parts.model.get_weights())
+        model = _copy_model(parts.model, parts.build_plain)
     recalibrated = {}
     if parts.calibration is not None and parts.build_plain is not None:
         used = recalibrate_copy(model, parts.build_plain, parts.calibration())
@@ -233,6 +238,10 @@ def _train_fold(
             "%s %d: %s done; the chief writes the fold's outputs", stage.label, fold, role.name
         )
         return {"fold": fold, WORKER_KEY: role.name, "best_epoch": state["best_epoch"]}
+    precision = inference_precision(config.predict.precision)
+    if precision != "float32" and parts.build_plain is not None:
+        with precision_policy(precision):
+            model = _copy_model(model, parts.build_plain)
     outputs = parts.finish(model)
     metrics = {
         "fold": fold,
@@ -250,10 +259,19 @@ def _train_fold(
         "replicas": context.replicas,
         "workers": role.n_workers if role is not None else 1,
         "mixed_precision": mixed,
+        "inference_precision": precision,
     }
     write_json(fold_dir / FOLD_METRICS, metrics)
     log.info("%s %d finished: %s", stage.label, fold, stage.summary(metrics))
     return metrics
+
+
+def _copy_model(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Model:
+    """A model from ``build`` (under the current precision policy) with ``model``'s weights."""
+    copy = build()
+    with all_trainable(model), all_trainable(copy):
+        copy.set_weights(model.get_weights())
+    return copy
 
 
 def _copy_resume_state(fold_dir: Path, out_dir: Path) -> None:

@@ -18,3 +18,29 @@ def test_auto_without_gpus_is_the_default_strategy_not_a_wrapper():
 def test_unknown_strategy_lists_the_valid_ones():
     with pytest.raises(ValueError, match=r"train.strategy must be one of \['auto'"):
         make_strategy("tpu")
+
+
+def test_a_model_built_under_a_bfloat16_policy_predicts_float32_close_to_float32() -> None:
+    import numpy as np
+
+    from pipeline.nn.devices import precision_policy
+    from pipeline.nn.keras_backend import keras
+
+    def build() -> keras.Model:
+        # The shape of the pipeline's models: float32 weights, a float32 sigmoid head.
+        inputs = keras.Input((16, 16, 3))
+        x = keras.layers.Conv2D(8, 3, padding="same", activation="relu")(inputs)
+        x = keras.layers.Conv2D(2, 1)(x)
+        return keras.Model(inputs, keras.layers.Activation("sigmoid", dtype="float32")(x))
+
+    reference = build()
+    with precision_policy("bfloat16"):
+        fast = build()
+    assert keras.mixed_precision.global_policy().name == "float32"  # restored
+    assert fast.layers[1].compute_dtype == "bfloat16"
+    fast.set_weights(reference.get_weights())
+    assert all(w.dtype == "float32" for w in fast.weights)  # weights stay float32
+    images = np.random.default_rng(0).uniform(0, 1, (2, 16, 16, 3)).astype(np.float32)
+    want, got = reference.predict_on_batch(images), fast.predict_on_batch(images)
+    assert got.dtype == np.float32 and got.shape == want.shape
+    assert 0 < np.abs(got - want).max() < 0.02  # bfloat16 arithmetic, close to float32
