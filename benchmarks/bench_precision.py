@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 height, width = (int(v) for v in test.original_sizes[i])
                 size = target or (height, width)
                 per_class = [test_rles[image_id].get(c, "") for c in exp.classes]
-                t = truth_masks(per_class, (height, width), size)
+                # Kaggle's test truth is encoded at the submission size (Clouds: 350x525).
+                t = truth_masks(per_class, size, size)
                 values.append(kaggle_dice(t[None], resize_probs(probs_all[i], size)[None], 0.5)[0])
             test_scores[name] = float(np.mean(values))
         result["test_kaggle_dice_050"] = {k: round(v, 4) for k, v in test_scores.items()}
