@@ -32,7 +32,13 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import describe_machine, record  # noqa: E402
 from pipeline.core.config import CONFIG_DIR, Config, load_config  # noqa: E402
-from pipeline.run.fold_jobs import FoldJob, LocalExecutor, threads_per_job  # noqa: E402
+from pipeline.run.fold_jobs import (  # noqa: E402
+    FoldJob,
+    JobExit,
+    LocalExecutor,
+    run_commands,
+    threads_per_job,
+)
 
 EXECUTORS = ("local", "ray")
 
@@ -49,28 +55,16 @@ def trivial_jobs(run_dir: Path, executor: str, n: int) -> dict[str, float]:
         runner = LocalExecutor(2, threads_per_job(2))
     start_s = time.perf_counter() - started
     latencies: list[float] = []
-    waiting = list(range(n))
-    running: list[tuple[Any, float]] = []
+
+    def ended(i: int, end: JobExit, seconds: float) -> None:
+        if end.code != 0:
+            raise RuntimeError(f"a trivial {executor} job failed: {end}")
+        latencies.append(seconds)
+
+    command = [sys.executable, "-c", "pass"]
     clock = time.perf_counter()
-    try:
-        while waiting or running:
-            for handle, submitted in list(running):
-                end = runner.poll(handle)
-                if end is None:
-                    continue
-                if end.code != 0:
-                    raise RuntimeError(f"a trivial {executor} job failed: {end}")
-                latencies.append(time.perf_counter() - submitted)
-                running.remove((handle, submitted))
-            while waiting and len(running) < 2:
-                k = waiting.pop(0)
-                command = [sys.executable, "-c", "pass"]
-                running.append(
-                    (runner.start(command, run_dir / f"job_{k}.log"), time.perf_counter())
-                )
-            time.sleep(0.01)
-    finally:
-        runner.close()
+    jobs = [(command, run_dir / f"job_{k}.log") for k in range(n)]
+    run_commands(runner, jobs, ended, at_once=2, poll_s=0.01)
     return {
         "start_s": round(start_s, 2),
         "jobs_s": round(time.perf_counter() - clock, 2),

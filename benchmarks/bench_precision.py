@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
 
+    from pipeline.core.mask_csv import read_masks
     from pipeline.core.masks import resize_probs, truth_masks
     from pipeline.core.metrics import kaggle_dice
     from pipeline.nn.data import build_cache, training_cache
@@ -60,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         models[args.precision] = build_prediction_model(config, n_classes)
     target = config.data.submission_size
     test = None
-    if config.data.test_truth:  # Image_Label truth ("<image>_<class>", EncodedPixels)
-        import pandas as pd
-
-        truth = pd.read_csv(config.data.test_truth, dtype=str, keep_default_na=False)
-        test_ids = sorted(set(truth.iloc[:, 0].str.rsplit("_", n=1).str[0]))
+    if config.data.test_truth:
+        truth = read_masks(config.data.test_truth, exp.layout, exp.classes)
+        wide = truth.table.pivot(index="image_id", columns="class_name", values="rle")
+        test_rles = {str(i): [str(r) for r in row] for i, row in wide[exp.classes].iterrows()}
+        test_ids = sorted(test_rles)
         test = build_cache(
             exp.cache_dir, "test", Path(config.data.test_images), test_ids, config.data.image_size
         )
@@ -117,17 +118,13 @@ def main(argv: list[str] | None = None) -> int:
         "oof_images_per_s": {k: round(float(np.mean(v)), 1) for k, v in rates.items()},
     }
     if test is not None:
-        test_rles: dict[str, dict[str, str]] = {}
-        for _, row in truth.iterrows():
-            image_id, _, cls = str(row.iloc[0]).rpartition("_")
-            test_rles.setdefault(image_id, {})[cls] = row.iloc[1]
         test_scores = {}
         for name, probs_all in test_probs.items():
             values = []
             for i, image_id in enumerate(test.image_ids):
                 height, width = (int(v) for v in test.original_sizes[i])
                 size = target or (height, width)
-                per_class = [test_rles[image_id].get(c, "") for c in exp.classes]
+                per_class = test_rles[image_id]
                 # Kaggle's test truth is encoded at the submission size (Clouds: 350x525).
                 t = truth_masks(per_class, size, size)
                 values.append(kaggle_dice(t[None], resize_probs(probs_all[i], size)[None], 0.5)[0])

@@ -116,7 +116,7 @@ def _train_on_ray(
     """Every ``(fold, command)`` of every planned run as a Ray task, as many at once as
     the cluster holds; return each run's status. A failed fold does not stop the others.
     Each fold's output goes to ``logs/<experiment>.fold<K>.log``."""
-    from pipeline.run.fold_jobs import make_executor
+    from pipeline.run.fold_jobs import JobExit, make_executor, run_commands
 
     tasks = [
         (name, fold, command, directory / "logs" / f"{name}.fold{fold}.log")
@@ -126,31 +126,14 @@ def _train_on_ray(
     executor = make_executor(base, base.train.parallel_folds, shared_dir=directory)
     log.info("grid on Ray: %d fold tasks, %d at a time", len(tasks), executor.slots)
     codes: dict[str, list[int | None]] = {name: [] for name in planned}
-    waiting = list(tasks)
-    running: list[tuple[tuple[str, int, list[str], Path], Any]] = []
-    try:
-        while waiting or running:
-            for task, handle in list(running):
-                end = executor.poll(handle)
-                if end is None:
-                    continue
-                running.remove((task, handle))
-                name, fold, _, log_path = task
-                codes[name].append(end.code)
-                what = "done" if end.code == 0 else f"FAILED ({end.code or end.reason})"
-                log.info("%s fold %d: %s; see %s", name, fold, what, log_path)
-            while waiting and len(running) < executor.slots:
-                task = waiting.pop(0)
-                log_path = task[3]
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                with log_path.open("a") as sink:
-                    sink.write(f"$ {' '.join(task[2])}\n")
-                running.append((task, executor.start(task[2], log_path)))
-            time.sleep(0.5)
-    finally:
-        if running:
-            executor.stop([handle for _, handle in running])
-        executor.close()
+
+    def ended(i: int, end: JobExit, seconds: float) -> None:
+        name, fold, _, log_path = tasks[i]
+        codes[name].append(end.code)
+        what = "done" if end.code == 0 else f"FAILED ({end.code or end.reason})"
+        log.info("%s fold %d: %s; see %s", name, fold, what, log_path)
+
+    run_commands(executor, [(command, path) for _, _, command, path in tasks], ended)
     return {
         name: "done"
         if all(code == 0 for code in got)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from pipeline.nn.keras_backend import keras
-from pipeline.nn.trainer import all_trainable
+from pipeline.nn.trainer import copy_model, copy_weights
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +62,11 @@ def recalibrate_copy(
 ) -> int:
     """``recalibrate`` on a plain copy (``build()``, outside any distribution strategy),
     then copy the weights back: works whatever strategy ``model`` was built under."""
-    plain = build()
+    plain = copy_model(model, build)
     # Frozen BatchNorm layers stay frozen on the copy (matched by position: the same
     # architecture lists its layers in the same order).
     for source, target in zip(batchnorm_layers(model), batchnorm_layers(plain), strict=True):
         target.trainable = source.trainable
-    # Weight lists are copied with every layer trainable on both sides (one order).
-    with all_trainable(model), all_trainable(plain):
-        plain.set_weights(model.get_weights())
     used = recalibrate(plain, batches)
-    with all_trainable(model), all_trainable(plain):
-        model.set_weights(plain.get_weights())
+    copy_weights(plain, model)
     return used

@@ -29,6 +29,7 @@ from pipeline.core.images import cache_path, files_fingerprint, read_image, reso
 from pipeline.core.masks import decode_masks, resize_masks
 from pipeline.core.sample_order import SampleOrder
 from pipeline.nn.keras_backend import tf
+from pipeline.run.run_lock import pid_alive
 
 if TYPE_CHECKING:  # the run layer above; only its types are needed here
     from pipeline.core.config import Config
@@ -182,18 +183,8 @@ def _remove_dead_builds(directory: Path) -> None:
         return
     for path in directory.parent.glob(prefix + "*"):
         pid = path.name[len(prefix) :]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _which_class(rles: Sequence[str], shape: tuple[int, ...], classes: Sequence[str] | None) -> str:

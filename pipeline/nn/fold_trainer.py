@@ -38,7 +38,7 @@ from pipeline.nn.devices import (
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.trainer import (
     FitSettings,
-    all_trainable,
+    copy_model,
     fit_resumable,
     load_state,
     save_weights_atomic,
@@ -204,7 +204,8 @@ def _train_fold(
     # Past every input check: only now is a finished fold's record replaced.
     if force and out_dir == fold_dir:
         (fold_dir / FOLD_METRICS).unlink(missing_ok=True)
-    record_trained_config(config, out_dir)
+    if out_dir == fold_dir:  # a non-chief worker writes nothing shared
+        record_trained_config(config, fold_dir)
     state = fit_resumable(
         parts.model,
         parts.compile_phase,
@@ -222,7 +223,7 @@ def _train_fold(
     model = parts.model
     if role is not None and parts.build_plain is not None:
         # Inference on this worker alone: a plain copy, outside the cluster's collectives.
-        model = _copy_model(parts.model, parts.build_plain)
+        model = copy_model(parts.model, parts.build_plain)
     recalibrated = {}
     if parts.calibration is not None and parts.build_plain is not None:
         used = recalibrate_copy(model, parts.build_plain, parts.calibration())
@@ -241,7 +242,7 @@ def _train_fold(
     precision = inference_precision(config.predict.precision)
     if precision != "float32" and parts.build_plain is not None:
         with precision_policy(precision):
-            model = _copy_model(model, parts.build_plain)
+            model = copy_model(model, parts.build_plain)
     outputs = parts.finish(model)
     metrics = {
         "fold": fold,
@@ -264,14 +265,6 @@ def _train_fold(
     write_json(fold_dir / FOLD_METRICS, metrics)
     log.info("%s %d finished: %s", stage.label, fold, stage.summary(metrics))
     return metrics
-
-
-def _copy_model(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Model:
-    """A model from ``build`` (under the current precision policy) with ``model``'s weights."""
-    copy = build()
-    with all_trainable(model), all_trainable(copy):
-        copy.set_weights(model.get_weights())
-    return copy
 
 
 def _copy_resume_state(fold_dir: Path, out_dir: Path) -> None:

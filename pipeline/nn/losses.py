@@ -93,17 +93,18 @@ class _OverlapLoss(keras.losses.Loss):
     """Shared arguments of the overlap losses: ``smooth`` and ``per_image``."""
 
     default_name = ""
+    default_per_image = False
 
     def __init__(
         self,
         smooth: float = OVERLAP_SMOOTH,
-        per_image: bool = False,
+        per_image: bool | None = None,
         name: str | None = None,
         reduction: str = keras.losses.Reduction.AUTO,
     ) -> None:
         super().__init__(name=name or self.default_name, reduction=reduction)
         self.smooth = smooth
-        self.per_image = per_image
+        self.per_image = self.default_per_image if per_image is None else per_image
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "smooth": self.smooth, "per_image": self.per_image}
@@ -135,7 +136,7 @@ class _BceOverlapLoss(_OverlapLoss):
     def __init__(
         self,
         smooth: float = OVERLAP_SMOOTH,
-        per_image: bool = False,
+        per_image: bool | None = None,
         label_smoothing: float = 0.0,
         name: str | None = None,
         reduction: str = keras.losses.Reduction.AUTO,
@@ -180,7 +181,7 @@ class FocalDiceLoss(_OverlapLoss):
     def __init__(
         self,
         smooth: float = OVERLAP_SMOOTH,
-        per_image: bool = False,
+        per_image: bool | None = None,
         gamma: float = 2.0,
         alpha: float = 0.25,
         name: str | None = None,
@@ -236,15 +237,7 @@ class LovaszHingeLoss(_OverlapLoss):
     choice); ``smooth`` is accepted for a uniform signature and unused."""
 
     default_name = "lovasz"
-
-    def __init__(
-        self,
-        smooth: float = OVERLAP_SMOOTH,
-        per_image: bool = True,
-        name: str | None = None,
-        reduction: str = keras.losses.Reduction.AUTO,
-    ) -> None:
-        super().__init__(smooth=smooth, per_image=per_image, name=name, reduction=reduction)
+    default_per_image = True
 
     def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
         return lovasz_hinge(y_true, y_pred, self.per_image)

@@ -184,6 +184,20 @@ def all_trainable(model: keras.Model) -> Iterator[None]:
             layer.trainable = flag
 
 
+def copy_weights(source: keras.Model, target: keras.Model) -> None:
+    """``source``'s weights into ``target`` (the same architecture, any strategy or
+    precision policy), both all-trainable so the weight lists share one order."""
+    with all_trainable(source), all_trainable(target):
+        target.set_weights(source.get_weights())
+
+
+def copy_model(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Model:
+    """A model from ``build()`` holding ``model``'s weights."""
+    copy = build()
+    copy_weights(model, copy)
+    return copy
+
+
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
     tmp = path.with_name("tmp." + path.name)
     with all_trainable(model):

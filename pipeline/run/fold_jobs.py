@@ -22,7 +22,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -143,19 +143,20 @@ class LocalExecutor:
 
     def stop(self, handles: list[subprocess.Popen[bytes]]) -> None:
         for process in handles:
-            _signal_group(process, signal.SIGTERM)
+            signal_group(process, signal.SIGTERM)
         for process in handles:
             try:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                _signal_group(process, signal.SIGKILL)
+                signal_group(process, signal.SIGKILL)
                 process.wait()
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the processes are stopped or waited for by then."""
 
 
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+def signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    """Send ``signum`` to the process group of ``process`` (started in a new session)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, signum)
 
@@ -171,6 +172,43 @@ def make_executor(config: Config, workers: int, shared_dir: Path | None = None) 
         where = shared_dir or config.run_dir
         return RayExecutor(where, config.jobs.address, cpus, config.jobs.gpus_per_job)
     return LocalExecutor(workers, threads)
+
+
+def run_commands(
+    executor: Executor,
+    commands: Sequence[tuple[list[str], Path]],
+    on_end: Callable[[int, JobExit, float], None],
+    at_once: int | None = None,
+    poll_s: float = POLL_S,
+) -> None:
+    """Run every ``(command, log_path)`` on ``executor`` to its end, ``at_once`` (default
+    ``executor.slots``) at a time; one failing does not stop the others. ``on_end(i,
+    exit, seconds)`` is called as command ``i`` ends (seconds since it was submitted).
+    On an exception (Ctrl-C, or one raised by ``on_end``) the unfinished commands are
+    stopped; the executor is closed in any case."""
+    waiting = list(enumerate(commands))
+    running: list[tuple[int, Any, float]] = []
+    limit = at_once or executor.slots
+    try:
+        while waiting or running:
+            for entry in list(running):
+                end = executor.poll(entry[1])
+                if end is None:
+                    continue
+                running.remove(entry)
+                on_end(entry[0], end, time.perf_counter() - entry[2])
+            while waiting and len(running) < limit:
+                i, (command, log_path) = waiting.pop(0)
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                with log_path.open("a") as sink:
+                    sink.write(f"$ {' '.join(command)}\n")
+                submitted = time.perf_counter()
+                running.append((i, executor.start(command, log_path), submitted))
+            time.sleep(poll_s)
+    finally:
+        if running:
+            executor.stop([handle for _, handle, _ in running])
+        executor.close()
 
 
 def use_fold_jobs(config: Config, pending: int) -> bool:

@@ -79,24 +79,16 @@ def record_trained_config(config: Config, fold_dir: Path) -> None:
     save_config(config, config.run_dir / TRAINED_CONFIG)
 
 
-def _lookup(data: dict[str, Any], dotted: str) -> Any:
+def _walk(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
+    """``(found, value)`` of the dotted key (a path key resolved to an absolute path)."""
     value: Any = data
     for part in dotted.split("."):
         if not isinstance(value, dict) or part not in value:
-            return None
+            return False, None
         value = value[part]
     if dotted in _PATH_KEYS and isinstance(value, str):
-        return str(Path(value).resolve())
-    return value
-
-
-def _has(data: dict[str, Any], dotted: str) -> bool:
-    value: Any = data
-    for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False
-        value = value[part]
-    return True
+        return True, str(Path(value).resolve())
+    return True, value
 
 
 def _leaf_differences(key: str, old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
@@ -129,8 +121,10 @@ def trained_config_differences(config: Config) -> list[str]:
                 raise ValueError(f"{path} must hold a mapping; got {type(then).__name__}")
             for key in keys:
                 # A key added after the fold was trained had its default value then.
-                recorded = _lookup(then, key) if _has(then, key) else _lookup(defaults, key)
-                old, new = recorded, _lookup(now, key)
+                found, old = _walk(then, key)
+                if not found:
+                    old = _walk(defaults, key)[1]
+                new = _walk(now, key)[1]
                 for leaf, (was, is_now) in _leaf_differences(key, old, new).items():
                     lines.append(f"{leaf}: {was!r} in {path}, {is_now!r} now")
     return lines

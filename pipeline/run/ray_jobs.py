@@ -16,7 +16,6 @@ continues it from its last completed epoch. TensorFlow-free.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.run.cli import JOB_ENV, THREADS_ENV
-from pipeline.run.fold_jobs import JobExit
+from pipeline.run.fold_jobs import JobExit, signal_group
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +63,11 @@ def run_command(command: list[str], log_path: str, env: dict[str, str], cwd: str
             time.sleep(POLL_S)
         return int(process.returncode)
     except BaseException:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signal.SIGTERM)
+        signal_group(process, signal.SIGTERM)
         try:
             process.wait(timeout=STOP_WAIT_S - 10)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
         raise
 
 

@@ -34,7 +34,8 @@ class LockHeld(FileExistsError):
     """Another live process holds the lock; the message names it."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -58,7 +59,7 @@ def is_stale(holder: dict[str, Any], now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if holder.get("host") == socket.gethostname():
         pid = holder.get("pid")
-        return not isinstance(pid, int) or not _pid_alive(pid)
+        return not isinstance(pid, int) or not pid_alive(pid)
     refreshed = holder.get("refreshed")
     return not isinstance(refreshed, (int, float)) or now - refreshed > STALE_S
 
