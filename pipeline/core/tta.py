@@ -2,16 +2,18 @@
 
 A view is a named, exactly invertible transform of a batch (N, H, W, C): flips,
 quarter turns, the transpose and cyclic pixel shifts ``shift:<dy>,<dx>`` (``np.roll``,
-so nothing is lost and the inverse is exact). The model predicts all views of a batch in
-one call (``stack_views``); its outputs are mapped back and merged (``merge_views``).
-``merge_arrays`` is the same merge, used again to average folds.
+so nothing is lost and the inverse is exact). The model predicts all views of one
+orientation in one call (``stack_views``); its outputs are mapped back and merged
+(``merge_views``). On a non-square batch the quarter turns and the transpose give
+(N, W, H, C): a fully convolutional model runs them as a second call at the swapped
+shape (``predict_views``). ``merge_arrays`` is the same merge, used again to average folds.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +32,6 @@ _GEOMETRIC: dict[str, tuple[int, bool, bool, bool]] = {
     "transpose": (0, False, False, True),
 }
 VIEWS: tuple[str, ...] = tuple(_GEOMETRIC)
-SQUARE_ONLY_VIEWS: frozenset[str] = frozenset({"rot90", "rot270", "transpose"})
 MERGES: tuple[str, ...] = ("mean", "gmean", "max")
 # Floor applied before the log of a geometric mean, so a zero probability stays finite.
 GMEAN_EPS = 1e-7
@@ -51,8 +52,8 @@ class View:
     dx: int = 0
 
     @property
-    def square_only(self) -> bool:
-        """True where the view swaps H and W, so it needs H == W to keep the shape."""
+    def swaps_axes(self) -> bool:
+        """True where the view swaps H and W: (N, H, W, C) becomes (N, W, H, C)."""
         return self.transpose or self.quarter_turns % 2 == 1
 
 
@@ -70,11 +71,12 @@ def parse_view(name: str) -> View:
     return View(name, dy=int(match.group(1)), dx=int(match.group(2)))
 
 
-def valid_views(names: Sequence[str], height: int, width: int) -> list[str]:
+def valid_views(names: Sequence[str], height: int, width: int, rotate: bool = False) -> list[str]:
     """Parse ``names`` and keep those usable on (height, width) inputs, in order.
 
-    The views that swap H and W are dropped (logged) when height != width. Duplicate
-    names are an error, since they would silently weight one view twice.
+    The views that swap H and W are kept when ``rotate`` (the model also runs at
+    (width, height)) or the input is square; otherwise they are dropped (logged).
+    Duplicate names are an error, since they would silently weight one view twice.
     """
     seen: set[str] = set()
     kept: list[str] = []
@@ -82,8 +84,13 @@ def valid_views(names: Sequence[str], height: int, width: int) -> list[str]:
         if name in seen:
             raise ValueError(f"views must not repeat; got {name!r} twice in {list(names)}")
         seen.add(name)
-        if parse_view(name).square_only and height != width:
-            logger.info("TTA view %s dropped: inputs are %dx%d, not square", name, height, width)
+        if parse_view(name).swaps_axes and height != width and not rotate:
+            logger.info(
+                "TTA view %s dropped: inputs are %dx%d and the model has a fixed input shape",
+                name,
+                height,
+                width,
+            )
             continue
         kept.append(name)
     if not kept:
@@ -93,24 +100,22 @@ def valid_views(names: Sequence[str], height: int, width: int) -> list[str]:
     return kept
 
 
-def _check_batch(batch: np.ndarray, view: View) -> None:
+def _check_batch(batch: np.ndarray) -> None:
     if batch.ndim != 4:
         raise ValueError(f"batch must be (N, H, W, C); got shape {batch.shape}")
-    if view.square_only and batch.shape[1] != batch.shape[2]:
-        raise ValueError(
-            f"view {view.name!r} needs square inputs (H == W); got H={batch.shape[1]}, "
-            f"W={batch.shape[2]}"
-        )
 
 
 def apply_view(batch: np.ndarray, view: str) -> np.ndarray:
-    """Transform a batch (N, H, W, C), any dtype, by the named view; same shape out.
+    """Transform a batch (N, H, W, C), any dtype, by the named view.
+
+    The shape is kept, except that the views that swap H and W (``View.swaps_axes``)
+    give (N, W, H, C).
 
     The result may share memory with ``batch`` (flips are numpy views); do not write
     into it.
     """
     parsed = parse_view(view)
-    _check_batch(batch, parsed)
+    _check_batch(batch)
     out = batch
     if parsed.transpose:
         out = out.transpose(0, 2, 1, 3)
@@ -131,7 +136,7 @@ def invert_view(batch: np.ndarray, view: str) -> np.ndarray:
     ``batch`` is (N, H, W, C), any dtype; the result may share memory with it.
     """
     parsed = parse_view(view)
-    _check_batch(batch, parsed)
+    _check_batch(batch)
     out = batch
     if parsed.dy or parsed.dx:
         out = np.roll(out, (-parsed.dy, -parsed.dx), axis=(1, 2))
@@ -146,14 +151,59 @@ def invert_view(batch: np.ndarray, view: str) -> np.ndarray:
     return out
 
 
-def stack_views(batch: np.ndarray, views: Sequence[str]) -> np.ndarray:
-    """All views of a batch (N, H, W, C) stacked view-major: (len(views) * N, H, W, C).
+def orientation_groups(views: Sequence[str]) -> list[list[str]]:
+    """``views`` split into those that keep (H, W) and those that swap it, each in order.
 
-    Rows ``[i * N, (i + 1) * N)`` hold view ``views[i]``; same dtype as ``batch``.
+    Empty groups are left out. On a square batch both groups have the same shape, but
+    they are still two groups, so one batch's calls do not depend on its shape.
+    """
+    keep = [v for v in views if not parse_view(v).swaps_axes]
+    swap = [v for v in views if parse_view(v).swaps_axes]
+    return [group for group in (keep, swap) if group]
+
+
+def stack_views(batch: np.ndarray, views: Sequence[str]) -> np.ndarray:
+    """All views of a batch (N, H, W, C) stacked view-major: (len(views) * N, H', W', C).
+
+    Rows ``[i * N, (i + 1) * N)`` hold view ``views[i]``; same dtype as ``batch``. On a
+    non-square batch the views must share one orientation (``orientation_groups``).
     """
     if not views:
         raise ValueError("views must name at least one view; got []")
+    _check_batch(batch)
+    if batch.shape[1] != batch.shape[2] and len(orientation_groups(views)) > 1:
+        raise ValueError(
+            f"views must share one orientation on a {batch.shape[1]}x{batch.shape[2]} batch "
+            f"(split them with orientation_groups); got {list(views)}"
+        )
     return np.concatenate([apply_view(batch, view) for view in views], axis=0)
+
+
+def predict_views(
+    predict: Callable[[np.ndarray], np.ndarray],
+    batch: np.ndarray,
+    views: Sequence[str],
+    how: str = "mean",
+) -> np.ndarray:
+    """Merged predictions of a batch (N, H, W, C_in) under every view: (N, H, W, C) float32.
+
+    ``predict`` maps a stacked batch (M, H', W', C_in) to per-pixel outputs
+    (M, H', W', C); it is called once per orientation group, so a non-square batch's
+    quarter turns run as one call at (W, H). Each output is inverted, and the views are
+    merged in the order given.
+    """
+    n = len(batch)
+    inverted: dict[str, np.ndarray] = {}
+    for group in orientation_groups(views):
+        preds = predict(stack_views(batch, group))
+        if len(preds) != len(group) * n:
+            raise ValueError(
+                f"predict must return one output per stacked image ({len(group) * n}); "
+                f"got {len(preds)}"
+            )
+        for i, view in enumerate(group):
+            inverted[view] = invert_view(preds[i * n : (i + 1) * n], view)
+    return merge_arrays([inverted[view] for view in views], how)
 
 
 def merge_arrays(arrays: Sequence[np.ndarray], how: str = "mean") -> np.ndarray:
@@ -191,8 +241,8 @@ def merge_arrays(arrays: Sequence[np.ndarray], how: str = "mean") -> np.ndarray:
 def merge_views(preds: np.ndarray, views: Sequence[str], n: int, how: str = "mean") -> np.ndarray:
     """Invert each view of stacked predictions and merge them.
 
-    ``preds`` is (len(views) * n, H, W, C), view-major as made by ``stack_views``;
-    returns (n, H, W, C) float32.
+    ``preds`` is (len(views) * n, H', W', C), view-major as made by ``stack_views``
+    (one orientation); returns (n, H, W, C) float32.
     """
     if preds.ndim != 4 or preds.shape[0] != len(views) * n:
         raise ValueError(

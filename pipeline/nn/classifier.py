@@ -25,9 +25,9 @@ from pipeline.core.config import Config
 from pipeline.core.folds import presence_matrix
 from pipeline.core.layout import CLASSIFIER_STAGE as STAGE
 from pipeline.core.sample_order import SampleOrder
-from pipeline.core.tta import stack_views, valid_views
+from pipeline.core.tta import orientation_groups, stack_views, valid_views
 from pipeline.nn.data import ImageCache, batch_for_replicas, reseed_augmentation, sample_numbers
-from pipeline.nn.inference import predict_on_replicas
+from pipeline.nn.inference import accepts_swapped, predict_on_replicas
 from pipeline.nn.keras_backend import keras, sm, tf
 from pipeline.nn.model import (
     ChannelAffine,
@@ -370,13 +370,17 @@ def predict_presence_tta(
 ) -> np.ndarray:
     """Presence probabilities of a batch (N, H, W, 3) uint8, mean over TTA views: (N, C) float32.
 
-    All views go through the network in one call. A flip or shift does not change which
-    classes an image contains, so the outputs need no inversion. Square-only views are
-    dropped for non-square inputs.
+    The views of one orientation go through the network in one call. A view does not
+    change which classes an image contains, so the outputs need no inversion. On
+    non-square inputs the views that swap H and W run when the model accepts (W, H)
+    inputs, else they are dropped.
     """
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be (N, H, W, 3); got shape {images.shape}")
-    views = valid_views(views, images.shape[1], images.shape[2])
-    stacked = stack_views(images, views).astype(np.float32)
-    preds = predict_on_replicas(model, stacked)
-    return preds.reshape(len(views), len(images), -1).mean(axis=0)
+    height, width = images.shape[1], images.shape[2]
+    views = valid_views(views, height, width, rotate=accepts_swapped(model, height, width))
+    preds = [
+        predict_on_replicas(model, stack_views(images, group).astype(np.float32))
+        for group in orientation_groups(views)
+    ]
+    return np.concatenate(preds).reshape(len(views), len(images), -1).mean(axis=0)

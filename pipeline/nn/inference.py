@@ -6,7 +6,7 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
-from pipeline.core.tta import merge_views, stack_views, valid_views
+from pipeline.core.tta import predict_views, valid_views
 from pipeline.nn.keras_backend import keras
 
 
@@ -18,13 +18,25 @@ def predict_tta(
 ) -> np.ndarray:
     """Predict a batch (N, H, W, 3) uint8 under every TTA view; (N, H, W, C) float32.
 
-    All views of the batch go through the network in one call; each view's output is
-    inverted before merging. Square-only views are dropped for non-square inputs.
+    The views of one orientation go through the network in one call; each view's output
+    is inverted before merging. On non-square inputs the quarter turns and the transpose
+    run as a second call at (W, H) when the model accepts that shape (a fully
+    convolutional one does); otherwise they are dropped.
     """
-    views = valid_views(views, images.shape[1], images.shape[2])
-    stacked = stack_views(images, views).astype(np.float32)
-    preds = predict_on_replicas(model, stacked)
-    return merge_views(preds, views, len(images), how)
+    height, width = images.shape[1], images.shape[2]
+    views = valid_views(views, height, width, rotate=accepts_swapped(model, height, width))
+    return predict_views(
+        lambda stacked: predict_on_replicas(model, stacked.astype(np.float32)), images, views, how
+    )
+
+
+def accepts_swapped(model: keras.Model, height: int, width: int) -> bool:
+    """True where ``model`` takes (N, width, height, 3) inputs: no fixed size, or that one."""
+    try:
+        fixed_h, fixed_w = model.input_shape[1:3]
+    except AttributeError:  # a subclassed model never called yet fixes no input shape
+        return True
+    return fixed_h in (None, width) and fixed_w in (None, height)
 
 
 def predict_on_replicas(model: keras.Model, batch: np.ndarray) -> np.ndarray:

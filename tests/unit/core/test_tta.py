@@ -9,7 +9,9 @@ from pipeline.core.tta import (
     invert_view,
     merge_arrays,
     merge_views,
+    orientation_groups,
     parse_view,
+    predict_views,
     stack_views,
     valid_views,
 )
@@ -25,12 +27,9 @@ def _batch(h: int, w: int, n: int = 2, c: int = 3) -> np.ndarray:
 @pytest.mark.parametrize("view", list(VIEWS) + SHIFTS)
 def test_inverse_restores_input_exactly(size: tuple[int, int], view: str) -> None:
     x = _batch(*size)
-    if parse_view(view).square_only and size[0] != size[1]:
-        with pytest.raises(ValueError, match="needs square inputs"):
-            apply_view(x, view)
-        return
     y = apply_view(x, view)
-    assert y.shape == x.shape
+    swapped = parse_view(view).swaps_axes
+    assert y.shape == ((2, size[1], size[0], 3) if swapped else x.shape)
     np.testing.assert_array_equal(invert_view(y, view), x)
 
 
@@ -75,12 +74,69 @@ def test_batch_must_be_4d() -> None:
         apply_view(np.zeros((4, 4, 1)), "hflip")
 
 
-def test_valid_views_drops_square_only_on_rectangles(caplog: pytest.LogCaptureFixture) -> None:
+def test_valid_views_drops_swaps_axes_on_rectangles(caplog: pytest.LogCaptureFixture) -> None:
     names = ["identity", "rot90", "hflip", "transpose", "rot180", "rot270", "shift:0,8"]
     with caplog.at_level(logging.INFO, logger="pipeline.core.tta"):
         assert valid_views(names, 4, 6) == ["identity", "hflip", "rot180", "shift:0,8"]
     assert "rot90 dropped" in caplog.text
     assert valid_views(names, 5, 5) == names
+    assert valid_views(names, 4, 6, rotate=True) == names
+
+
+def test_rotated_views_of_a_rectangle_hand_checked() -> None:
+    x = np.arange(6).reshape(1, 2, 3, 1)
+    assert apply_view(x, "rot90")[0, :, :, 0].tolist() == [[2, 5], [1, 4], [0, 3]]
+    assert apply_view(x, "transpose")[0, :, :, 0].tolist() == [[0, 3], [1, 4], [2, 5]]
+    assert apply_view(x, "rot270")[0, :, :, 0].tolist() == [[3, 0], [4, 1], [5, 2]]
+
+
+def test_orientation_groups_keep_order() -> None:
+    names = ["rot90", "identity", "transpose", "hflip", "shift:1,0"]
+    assert orientation_groups(names) == [["identity", "hflip", "shift:1,0"], ["rot90", "transpose"]]
+    assert orientation_groups(["hflip"]) == [["hflip"]]
+
+
+def test_stack_views_refuses_mixed_orientations_on_a_rectangle() -> None:
+    with pytest.raises(ValueError, match="share one orientation on a 4x6 batch"):
+        stack_views(np.zeros((1, 4, 6, 1)), ["identity", "rot90"])
+    assert stack_views(np.zeros((1, 4, 6, 1)), ["rot90", "transpose"]).shape == (2, 6, 4, 1)
+    assert stack_views(np.zeros((1, 5, 5, 1)), ["identity", "rot90"]).shape == (2, 5, 5, 1)
+
+
+@pytest.mark.parametrize("how", ["mean", "gmean", "max"])
+def test_predict_views_on_a_rectangle_runs_each_orientation_once(how: str) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.random((3, 4, 6, 2), dtype=np.float32)
+    calls: list[tuple[int, ...]] = []
+
+    def model(stacked: np.ndarray) -> np.ndarray:
+        # Per-pixel and equivariant, like a fully convolutional network: outputs x * 2.
+        calls.append(stacked.shape)
+        return stacked * 2
+
+    got = predict_views(model, x, list(VIEWS) + SHIFTS[:2], how)
+    assert calls == [(7 * 3, 4, 6, 2), (3 * 3, 6, 4, 2)]
+    assert got.dtype == np.float32 and got.shape == x.shape
+    np.testing.assert_allclose(got, x * 2, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_views_inverts_a_rotated_rectangle() -> None:
+    x = np.zeros((1, 2, 4, 1), dtype=np.float32)
+
+    def top_left(stacked: np.ndarray) -> np.ndarray:
+        # Answers 1 at the top-left pixel of whatever it sees.
+        out = np.zeros_like(stacked)
+        out[:, 0, 0] = 1.0
+        return out
+
+    merged = predict_views(top_left, x, ["identity", "rot90"], "mean")
+    # rot90's top-left is the input's top-right (counter-clockwise turn).
+    assert merged[0, :, :, 0].tolist() == [[0.5, 0, 0, 0.5], [0, 0, 0, 0]]
+
+
+def test_predict_views_checks_the_output_count() -> None:
+    with pytest.raises(ValueError, match="one output per stacked image"):
+        predict_views(lambda s: s[:1], np.zeros((2, 4, 4, 1)), ["identity"])
 
 
 def test_valid_views_errors() -> None:

@@ -326,3 +326,26 @@ def test_init_from_segmentation_needs_the_same_backbone_and_a_trained_fold(tmp_p
         FileNotFoundError, match=r"fold_1/best_weights.h5: train segmentation fold 1"
     ):
         init_from_segmentation(same, None, 1, 2)
+
+
+def test_tta_runs_rotations_of_rectangles_at_the_swapped_shape_or_drops_them():
+    images = np.random.default_rng(4).integers(0, 256, (2, 32, 64, 3), dtype=np.uint8)
+
+    def dense(shape):
+        inputs = keras.Input(shape)
+        x = keras.layers.Conv2D(2, 3, padding="same", activation="sigmoid")(inputs)
+        return keras.Model(inputs, keras.layers.GlobalMaxPooling2D()(x))
+
+    free = dense((None, None, 3))
+    fixed = dense((32, 64, 3))
+    fixed.set_weights(free.get_weights())
+    both = predict_presence_tta(free, images, ["identity", "rot90"])
+    rotated = free.predict_on_batch(np.rot90(images, axes=(1, 2)).astype(np.float32))
+    expected = (free.predict_on_batch(images.astype(np.float32)) + rotated) / 2
+    np.testing.assert_allclose(both, expected, rtol=1e-5)
+    # The fixed 32x64 model cannot take 64x32 inputs: rot90 is dropped, identity stays.
+    np.testing.assert_allclose(
+        predict_presence_tta(fixed, images, ["identity", "rot90"]),
+        fixed.predict_on_batch(images.astype(np.float32)),
+        rtol=1e-5,
+    )
