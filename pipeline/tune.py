@@ -62,7 +62,8 @@ log = logging.getLogger(__name__)
 
 
 # (image_id, fold, (C, 2, 256) level counts, pixels per class map)
-_Scored = tuple[str, int, np.ndarray, int]
+# (image id, fold, level counts, pixels, component counts or None)
+_Scored = tuple[str, int, np.ndarray, int, np.ndarray | None]
 
 # Images read ahead of the scoring, and histograms in flight (a Clouds image: 0.7 MB);
 # the store's read chunks (probstore.DEFAULT_BATCH_BYTES) bound the rest.
@@ -137,6 +138,7 @@ def search_postprocess(
         len(readers),
         grid.topk_fraction,
         gates=gates,
+        min_components=grid.min_components,
     )
     lookup = classifier_probs if "classifier" in gates else None
     original_sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
@@ -145,7 +147,8 @@ def search_postprocess(
     def histograms(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> _Scored:
         image_id, fold, q, original = item
         truth = decode_truth(rles[image_id], original, q.shape[1:])
-        return image_id, fold, class_histograms(q, truth), q.shape[1] * q.shape[2]
+        components = accumulator.component_counts(q, truth)
+        return image_id, fold, class_histograms(q, truth), q.shape[1] * q.shape[2], components
 
     # Reading runs in one thread ahead; truth decoding and the per-pixel histograms in
     # a pool (numpy and OpenCV release the GIL); the grid sums here, a batch at a time.
@@ -169,12 +172,14 @@ def _add_batch(
     if not batch:
         return
     ids = [image_id for image_id, *_ in batch]
+    components = [item[4] for item in batch if item[4] is not None]
     accumulator.add_histograms(
         ids,
-        [fold for _, fold, _, _ in batch],
-        np.stack([hist for _, _, hist, _ in batch]),
-        [n_pixels for *_, n_pixels in batch],
+        [item[1] for item in batch],
+        np.stack([item[2] for item in batch]),
+        [item[3] for item in batch],
         None if classifier_probs is None else np.stack([classifier_probs[i] for i in ids]),
+        np.stack(components) if components else None,
     )
 
 
@@ -271,6 +276,8 @@ def format_summary(output: TuneOutput) -> str:
     """The printed table: per class and overall, plain 0.5, tuned (nested, then in-sample),
     the chosen setting and how many folds' nested choices agree with it."""
     result = output.result
+    # The component size column appears only when sizes were searched.
+    components = len(set(result.min_components)) > 1
     lines = [
         f"post-processing tuned on {output.n_images} out-of-fold images "
         f"({len(result.fold_counts)} folds); gates searched: {', '.join(result.gates)}"
@@ -278,7 +285,9 @@ def format_summary(output: TuneOutput) -> str:
         "nested = each fold scored with the setting tuned on the other folds (the honest "
         "CV); in-sample = tuned and scored on the same images (optimistic)",
         f"{'class':<12} {'plain 0.5':>9} {'nested':>9} {'in-sample':>9} {'thr+area':>9} "
-        f"{'folds mean ± std':>17}  {'gate':<20} {'threshold':>9} {'min_area':>8} {'agree':>6}",
+        f"{'folds mean ± std':>17}  {'gate':<20} {'threshold':>9} {'min_area':>8} "
+        + (f"{'min_comp':>8} " if components else "")
+        + f"{'agree':>6}",
     ]
     summary = result.summary()
     stability = result.stability()
@@ -295,7 +304,8 @@ def format_summary(output: TuneOutput) -> str:
                 params.gate if params.gate == "none" else f"{params.gate}@{params.gate_threshold}"
             )
             agree = f"{stability[name]['folds_agreeing']}/{stability[name]['folds']}"
-            head += f"  {gate:<20} {params.threshold:>9} {params.min_area:>8} {agree:>6}"
+            head += f"  {gate:<20} {params.threshold:>9} {params.min_area:>8} "
+            head += (f"{params.min_component:>8} " if components else "") + f"{agree:>6}"
         lines.append(head)
     lines.append(
         f"CV Kaggle Dice: nested {result.nested_score:.4f} (honest), in-sample "

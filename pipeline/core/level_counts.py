@@ -8,6 +8,8 @@ Kaggle Dice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import cv2
 import numpy as np
 
@@ -50,3 +52,35 @@ def dice_from_counts(
     """Kaggle Dice from pixel counts (broadcasting int arrays) -> float64; 1 if both empty."""
     denom = pred_area + truth_area
     return np.where(denom == 0, 1.0, 2.0 * inter / np.maximum(denom, 1))
+
+
+def component_counts(
+    q: np.ndarray, truth: np.ndarray, levels: Sequence[int], min_sizes: Sequence[int]
+) -> np.ndarray:
+    """(C, M * T, 2) int64: predicted area and intersection after component removal.
+
+    For each class map of ``q`` (C, H, W) uint8 quantised, each threshold level
+    ``levels[t]`` (on iff ``q >= level``) and each minimum size ``min_sizes[m]``, the
+    8-connected components under ``min_sizes[m]`` pixels are removed (as
+    ``postprocess.remove_small_components``; a size of 0 or 1 removes nothing), then the
+    remaining area and its overlap with ``truth`` (C, H, W) uint8 {0, 1} are counted.
+    Index ``m * T + t``: size-major. One labelling per class and level serves every size.
+    """
+    n_classes, n_levels = q.shape[0], len(levels)
+    sizes = np.asarray(min_sizes, dtype=np.int64)
+    out = np.zeros((n_classes, len(sizes), n_levels, 2), dtype=np.int64)
+    for c in range(n_classes):
+        on_truth = truth[c] > 0
+        for t, level in enumerate(levels):
+            if level > QUANTISATION:
+                continue
+            mask = (q[c] >= level).view(np.uint8)
+            n, labels, stats, _ = cv2.connectedComponentsWithStats(mask, connectivity=8)
+            if n <= 1:
+                continue
+            areas = stats[1:, cv2.CC_STAT_AREA].astype(np.int64)
+            overlap = np.bincount(labels[on_truth], minlength=n)[1:]
+            keep = areas[None, :] >= np.maximum(sizes, 1)[:, None]  # (M, n - 1)
+            out[c, :, t, 0] = keep @ areas
+            out[c, :, t, 1] = keep @ overlap
+    return out.reshape(n_classes, len(sizes) * n_levels, 2)

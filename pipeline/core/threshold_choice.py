@@ -6,8 +6,9 @@
 nested (honest) scores, where each fold is scored at the setting chosen on the others.
 
 Ties (scores within ``TIE_TOLERANCE``) go to the simpler setting, in this order: no
-gate, then the smaller min area, then the threshold closest to 0.5 (then the lower
-one), then the gate kind in ``GATE_KINDS`` order, then the lower gate threshold.
+gate, then the smaller min area, then the smaller min component size, then the
+threshold closest to 0.5 (then the lower one), then the gate kind in ``GATE_KINDS``
+order, then the lower gate threshold.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ TIE_TOLERANCE = 1e-12
 class GridSums:
     """Dice sums of every grid point per class and fold, and the grid they were taken on.
 
-    ``base`` is (C, n_folds, T, A) without a gate, ``gated`` (kinds, C, n_folds, T, A, G)
+    The B binarisation settings are (``thresholds[b]``, ``min_components[b]``) pairs.
+    ``base`` is (C, n_folds, B, A) without a gate, ``gated`` (kinds, C, n_folds, B, A, G)
     with gate kind ``kinds[i]`` at each gate threshold, ``plain`` (C, n_folds) at
     threshold 0.5 with no min area and no gate; ``counts`` (n_folds,) images per fold,
     at least one image in all. ``kinds`` are the searched gates of ``GATE_KINDS``, in
@@ -37,6 +39,7 @@ class GridSums:
 
     classes: list[str]
     thresholds: np.ndarray
+    min_components: np.ndarray
     min_areas: np.ndarray
     gate_thresholds: np.ndarray
     gates: tuple[str, ...]
@@ -92,6 +95,7 @@ class GridSums:
         return TuneResult(
             classes=list(self.classes),
             thresholds=tuple(float(t) for t in self.thresholds),
+            min_components=tuple(int(m) for m in self.min_components),
             min_areas=tuple(int(a) for a in self.min_areas),
             gate_thresholds=tuple(float(g) for g in self.gate_thresholds),
             gates=self.gates,
@@ -142,9 +146,9 @@ class GridSums:
     def _best(
         self, base: np.ndarray, gated: np.ndarray, allow_none: bool, allow_gates: bool
     ) -> tuple[str | None, int, int, int]:
-        """(gate kind or None, t index, a index, g index) of the best candidate.
+        """(gate kind or None, b index, a index, g index) of the best candidate.
 
-        ``base`` is (T, A) and ``gated`` (kinds, T, A, G) mean Dice of one class.
+        ``base`` is (B, A) and ``gated`` (kinds, B, A, G) mean Dice of one class.
         """
         # Gate options: none, then every (kind, gate threshold), kind-major.
         options = [(None, 0)] + [
@@ -166,6 +170,7 @@ class GridSums:
                 kind_rank,
                 thresholds,
                 np.abs(thresholds - PLAIN_THRESHOLD),
+                self.min_components[t],
                 self.min_areas[a],
                 is_gated,
             )
@@ -178,6 +183,7 @@ class GridSums:
         return PostprocessParams(
             threshold=float(self.thresholds[t]),
             min_area=int(self.min_areas[a]),
+            min_component=int(self.min_components[t]),
             gate=kind or "none",
             gate_threshold=None if kind is None else float(self.gate_thresholds[g]),
             topk_fraction=self.topk_fraction if kind == "segmentation" else None,

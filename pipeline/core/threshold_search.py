@@ -1,17 +1,19 @@
 """Exact, streaming grid search of per-class post-processing on out-of-fold probs.
 
-Per class it scores every pixel threshold t, minimum mask area a and gate (none, or a
-gate kind with threshold g) by the Kaggle Dice: the mean over image-class pairs of
-``2|A & B| / (|A| + |B|)``, 1 when both are empty. The rules are exactly those of
-``postprocess.postprocess_mask`` on uint8-quantised probs (no component removal: the
-search leaves ``min_component`` at 0).
+Per class it scores every pixel threshold t, minimum component size m, minimum mask
+area a and gate (none, or a gate kind with threshold g) by the Kaggle Dice: the mean
+over image-class pairs of ``2|A & B| / (|A| + |B|)``, 1 when both are empty. The rules
+are exactly those of ``postprocess.postprocess_mask`` on uint8-quantised probs.
 
 One pass, constant memory: for each image and class, one ``bincount`` of the 256 prob
 levels (over all pixels and over truth pixels; ``level_counts``) gives, by reverse
 cumulative sums, the predicted area and the intersection at every threshold level. From
 these the Dice of every (t, a) is computed at once; a gate that fails turns the
-prediction empty (Dice 1 if the truth is empty, else 0). Per class and fold, the Dice
-is summed into arrays of shape (n_folds, T, A) and (gate kinds, n_folds, T, A, G),
+prediction empty (Dice 1 if the truth is empty, else 0). Component sizes other than 0
+need the pixels' layout, not only their counts: each image is labelled once per class
+and threshold (``level_counts.component_counts``), and the (threshold, size) pairs
+form one axis of B = M * T binarisation settings. Per class and fold, the Dice is
+summed into arrays of shape (n_folds, B, A) and (gate kinds, n_folds, B, A, G),
 whatever the number of images. This module accumulates those sums;
 ``threshold_choice`` chooses the settings from them (ties, nested scores) and
 ``tune_result`` holds the outcome.
@@ -24,7 +26,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.core.level_counts import _LEVELS, class_histograms, dice_from_counts
+from pipeline.core.level_counts import (
+    _LEVELS,
+    class_histograms,
+    component_counts,
+    dice_from_counts,
+)
 from pipeline.core.postprocess import GATES, quantise_threshold, topk_count
 from pipeline.core.probstore import QUANTISATION
 from pipeline.core.threshold_choice import GATE_KINDS, PLAIN_THRESHOLD, GridSums
@@ -53,8 +60,9 @@ class GridAccumulator:
 
     ``gates`` lists the candidates among ``postprocess.GATES`` (``none`` = no gate may
     be chosen); a ``classifier`` gate needs a ``classifier_prob`` with every image.
-    Memory is constant in the number of images, apart from the set of seen ids that
-    catches duplicates.
+    ``min_components`` are the candidate minimum component sizes (``(0,)``: none
+    removed, and the search needs only level counts). Memory is constant in the number
+    of images, apart from the set of seen ids that catches duplicates.
     """
 
     def __init__(
@@ -66,6 +74,7 @@ class GridAccumulator:
         n_folds: int,
         topk_fraction: float,
         gates: Sequence[str] = GATES,
+        min_components: Sequence[int] = (0,),
     ) -> None:
         self.classes = list(classes)
         if not self.classes or len(set(self.classes)) != len(self.classes):
@@ -73,6 +82,9 @@ class GridAccumulator:
         self.thresholds = _check_grid("thresholds", thresholds)
         self.min_areas = _check_grid("min_areas", min_areas, integer=True)
         self.gate_thresholds = _check_grid("gate_thresholds", gate_thresholds)
+        self.min_components = _check_grid("min_components", min_components, integer=True)
+        if not len(self.min_components):
+            raise ValueError("min_components must hold at least one value (0: none removed)")
         unknown = [g for g in gates if g not in GATES]
         if not gates or unknown or len(set(gates)) != len(gates):
             raise ValueError(f"gates must be distinct values from {list(GATES)}; got {list(gates)}")
@@ -87,11 +99,17 @@ class GridAccumulator:
         self.n_folds = n_folds
         topk_count(1, topk_fraction)
         self.topk_fraction = topk_fraction
-        self._levels = np.array([quantise_threshold(t) for t in self.thresholds])
+        self._threshold_levels = [quantise_threshold(t) for t in self.thresholds]
+        # The binarisation axis: (min component, threshold) pairs, size-major.
+        n_sizes = len(self.min_components)
+        self._levels = np.tile(self._threshold_levels, n_sizes)
+        self._setting_thresholds = np.tile(self.thresholds, n_sizes)
+        self._setting_components = np.repeat(self.min_components, len(self.thresholds))
+        self.labels_components = bool((self.min_components > 1).any())
         self._plain_level = quantise_threshold(PLAIN_THRESHOLD)
         c, t, a, g = (
             len(self.classes),
-            len(self.thresholds),
+            len(self._levels),
             len(self.min_areas),
             len(self.gate_thresholds),
         )
@@ -132,7 +150,25 @@ class GridAccumulator:
 
         hist = class_histograms(q, truth)
         prob = None if classifier_prob is None else np.asarray(classifier_prob)[None]
-        self.add_histograms([image_id], [fold], hist[None], q.shape[1] * q.shape[2], prob)
+        components = self.component_counts(q, truth)
+        self.add_histograms(
+            [image_id],
+            [fold],
+            hist[None],
+            q.shape[1] * q.shape[2],
+            prob,
+            None if components is None else components[None],
+        )
+
+    def component_counts(self, q: np.ndarray, truth: np.ndarray) -> np.ndarray | None:
+        """(C, B, 2) counts after component removal, or None when no size is searched.
+
+        ``q`` (C, H, W) uint8 and ``truth`` (C, H, W) uint8 {0, 1}, as for ``add``; the
+        ``components`` of ``add_histograms`` for one image.
+        """
+        if not self.labels_components:
+            return None
+        return component_counts(q, truth, self._threshold_levels, self.min_components.tolist())
 
     def add_histograms(
         self,
@@ -141,14 +177,16 @@ class GridAccumulator:
         hists: np.ndarray,
         n_pixels: int | Sequence[int] | np.ndarray,
         classifier_probs: np.ndarray | None = None,
+        components: np.ndarray | None = None,
     ) -> None:
         """Score a batch of N images at every grid point from their level counts.
 
         ``hists`` (N, C, 2, 256) int: ``class_histograms`` of each image (all pixels
         not in the truth, then truth pixels); ``n_pixels`` each image's H * W (one int
         for all, or N); ``classifier_probs`` (N, C) in [0, 1], needed iff the
-        classifier gate is searched. The same sums as adding the images one by one,
-        vectorised over the batch.
+        classifier gate is searched; ``components`` (N, C, B, 2), each image's
+        ``component_counts``, needed iff a component size above 1 is searched. The same
+        sums as adding the images one by one, vectorised over the batch.
         """
         c = len(self.classes)
         n = len(image_ids)
@@ -181,8 +219,21 @@ class GridAccumulator:
         above_pos[..., :-1] = np.cumsum(hists[:, :, 1, ::-1], axis=-1)[..., ::-1]
         truth_area = above_pos[..., :1]
 
-        pred = above_all[..., self._levels]
-        inter = above_pos[..., self._levels]
+        if self.labels_components != (components is not None):
+            raise ValueError(
+                f"components of {image_ids[0]!r} must be given iff min_components "
+                f"{self.min_components.tolist()} holds a size above 1"
+            )
+        if components is not None:
+            components = np.asarray(components)
+            if components.shape != (n, c, len(self._levels), 2):
+                raise ValueError(
+                    f"components must be ({n}, {c}, {len(self._levels)}, 2); got {components.shape}"
+                )
+            pred, inter = components[..., 0], components[..., 1]
+        else:
+            pred = above_all[..., self._levels]
+            inter = above_pos[..., self._levels]
         keep = pred[..., None] >= self.min_areas
         base = dice_from_counts(  # (N, C, T, A)
             np.where(keep, pred[..., None], 0),
@@ -264,7 +315,8 @@ class GridAccumulator:
             logger.warning("folds %s have no image; their fold scores are NaN", empty_folds)
         sums = GridSums(
             classes=list(self.classes),
-            thresholds=self.thresholds,
+            thresholds=self._setting_thresholds,
+            min_components=self._setting_components,
             min_areas=self.min_areas,
             gate_thresholds=self.gate_thresholds,
             gates=self.gates,

@@ -43,7 +43,8 @@ class ClassResult:
 class TuneResult:
     """Outcome of a grid search: the chosen settings, scores and the full score tables.
 
-    ``no_gate_table`` is (C, T, A) mean Dice; ``gate_tables[kind]`` is (C, T, A, G + 1)
+    The B binarisation settings are (``thresholds[b]``, ``min_components[b]``) pairs.
+    ``no_gate_table`` is (C, B, A) mean Dice; ``gate_tables[kind]`` is (C, B, A, G + 1)
     with ``[..., 0]`` the no-gate column and ``[..., 1 + j]`` gate threshold j.
     Overall scores are means over classes (= over image-class pairs: every image has
     every class). Fold mean and std (ddof 0) are over folds that have images.
@@ -51,6 +52,7 @@ class TuneResult:
 
     classes: list[str]
     thresholds: tuple[float, ...]
+    min_components: tuple[int, ...]
     min_areas: tuple[int, ...]
     gate_thresholds: tuple[float, ...]
     gates: tuple[str, ...]
@@ -158,11 +160,13 @@ class TuneResult:
 
     def table_frame(self) -> pd.DataFrame:
         """Every grid point's mean Dice, long form: class, gate, gate_threshold,
-        threshold, min_area, score (gate ``none`` rows have gate_threshold NaN)."""
+        threshold, min_component, min_area, score (gate ``none`` rows have
+        gate_threshold NaN)."""
         t_idx, a_idx = np.meshgrid(
             np.arange(len(self.thresholds)), np.arange(len(self.min_areas)), indexing="ij"
         )
         thresholds, areas = np.array(self.thresholds), np.array(self.min_areas)
+        components = np.array(self.min_components)
         frames = []
         for c, name in enumerate(self.classes):
             frames.append(
@@ -172,6 +176,7 @@ class TuneResult:
                         "gate": "none",
                         "gate_threshold": np.nan,
                         "threshold": thresholds[t_idx.ravel()],
+                        "min_component": components[t_idx.ravel()],
                         "min_area": areas[a_idx.ravel()],
                         "score": self.no_gate_table[c].ravel(),
                     }
@@ -186,6 +191,7 @@ class TuneResult:
                                 "gate": kind,
                                 "gate_threshold": g,
                                 "threshold": thresholds[t_idx.ravel()],
+                                "min_component": components[t_idx.ravel()],
                                 "min_area": areas[a_idx.ravel()],
                                 "score": table[c, :, :, 1 + j].ravel(),
                             }
@@ -222,7 +228,8 @@ class TuneResult:
             },
             "stability": self.stability(),
             "grid": {
-                "thresholds": list(self.thresholds),
+                "thresholds": list(dict.fromkeys(self.thresholds)),
+                "min_components": list(dict.fromkeys(self.min_components)),
                 "min_areas": list(self.min_areas),
                 "gate_thresholds": list(self.gate_thresholds),
                 "gates": list(self.gates),

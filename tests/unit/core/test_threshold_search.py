@@ -316,3 +316,102 @@ def test_nested_tuning_exposes_a_setting_that_only_fits_in_sample() -> None:
     assert chosen.nested_fold_scores == pytest.approx((0.0, 2 / 3))
     assert chosen.nested_score == pytest.approx(1 / 3)
     assert not chosen.stable
+
+
+MIN_COMPONENTS = [0, 3, 8]
+
+
+def test_component_counts_equal_removing_components_then_counting() -> None:
+    from pipeline.core.level_counts import component_counts
+    from pipeline.core.postprocess import binarize, quantise_threshold, remove_small_components
+
+    for _, _, q, truth, _ in _oof(seed=4, n=6):
+        levels = [quantise_threshold(t) for t in THRESHOLDS]
+        got = component_counts(q, truth, levels, MIN_COMPONENTS)
+        assert got.shape == (len(CLASSES), len(MIN_COMPONENTS) * len(THRESHOLDS), 2)
+        for c, (m_i, m), (t_i, t) in itertools.product(
+            range(len(CLASSES)), enumerate(MIN_COMPONENTS), enumerate(THRESHOLDS)
+        ):
+            mask = remove_small_components(binarize(q[c], t), m)
+            b = m_i * len(THRESHOLDS) + t_i
+            assert got[c, b].tolist() == [int(mask.sum()), int((mask & truth[c]).sum())]
+
+
+def test_component_search_equals_brute_force_and_reproduces_its_choice() -> None:
+    items = _oof(seed=2)
+    result = _accumulate(items, min_components=MIN_COMPONENTS).result()
+    gates = [("none", None)] + [
+        (kind, g) for kind in ("classifier", "segmentation") for g in GATE_THRESHOLDS
+    ]
+    n = len(items)
+    assert result.min_components == tuple(np.repeat(MIN_COMPONENTS, len(THRESHOLDS)))
+    assert result.to_dict()["grid"]["min_components"] == MIN_COMPONENTS
+    for c in range(len(CLASSES)):
+        for (m_i, m), (t_i, t), (a_i, a) in itertools.product(
+            enumerate(MIN_COMPONENTS), enumerate(THRESHOLDS), enumerate(MIN_AREAS)
+        ):
+            b = m_i * len(THRESHOLDS) + t_i
+            for kind, g in gates:
+                total = 0.0
+                for _, _, q, truth, clf in items:
+                    score = {
+                        "none": None,
+                        "classifier": clf[c],
+                        "segmentation": segmentation_score(q[c], TOPK),
+                    }[kind]
+                    mask = postprocess_mask(q[c], t, a, m, score, g)
+                    total += _kaggle_dice(mask, truth[c])
+                table = result.no_gate_table if kind == "none" else result.gate_tables[kind]
+                if kind == "none":
+                    assert table[c, b, a_i] == pytest.approx(total / n, abs=1e-12)
+                else:
+                    j = GATE_THRESHOLDS.index(g)
+                    assert table[c, b, a_i, 1 + j] == pytest.approx(total / n, abs=1e-12)
+    for c, name in enumerate(CLASSES):
+        params = result.per_class[name].params
+        dice = [
+            _kaggle_dice(params.apply(q[c], classifier_prob=clf[c]), truth[c])
+            for _, _, q, truth, clf in items
+        ]
+        assert np.mean(dice) == pytest.approx(result.per_class[name].score, abs=1e-12)
+    assert result.score >= _accumulate(items).result().score - 1e-12
+
+
+def test_component_removal_wins_where_speckles_surround_a_true_blob() -> None:
+    q = np.zeros((1, 12, 12), dtype=np.uint8)
+    q[0, 3:9, 3:9] = 230
+    q[0, 0, 0] = q[0, 11, 11] = q[0, 0, 11] = 255  # single-pixel false positives
+    truth = (q == 230).astype(np.uint8)
+    acc = GridAccumulator(
+        ["a"], THRESHOLDS, MIN_AREAS, [0.5], 1, TOPK, ("none",), min_components=MIN_COMPONENTS
+    )
+    acc.add("x", 0, q, truth)
+    chosen = acc.result().per_class["a"]
+    assert chosen.params.min_component == 3 and chosen.score == 1.0
+    assert chosen.params.apply(q[0]).tolist() == truth[0].tolist()
+
+
+def test_component_size_ties_go_to_no_removal() -> None:
+    q = np.zeros((1, 8, 8), dtype=np.uint8)
+    q[0, 2:6, 2:6] = 255  # one 16-pixel component: sizes 0 and 3 give the same mask
+    truth = (q > 0).astype(np.uint8)
+    acc = GridAccumulator(["a"], [0.5], [0], [0.5], 1, TOPK, ("none",), min_components=[0, 3])
+    acc.add("x", 0, q, truth)
+    assert acc.result().per_class["a"].params.min_component == 0
+
+
+def test_component_search_errors() -> None:
+    with pytest.raises(ValueError, match="min_components must be integers >= 0"):
+        GridAccumulator(
+            CLASSES, THRESHOLDS, MIN_AREAS, GATE_THRESHOLDS, 3, TOPK, min_components=[-1]
+        )
+    with pytest.raises(ValueError, match="min_components must hold at least one value"):
+        GridAccumulator(CLASSES, THRESHOLDS, MIN_AREAS, GATE_THRESHOLDS, 3, TOPK, min_components=[])
+    acc = GridAccumulator(
+        CLASSES, THRESHOLDS, MIN_AREAS, GATE_THRESHOLDS, 3, TOPK, ("none",), min_components=[0, 5]
+    )
+    hist = np.zeros((1, len(CLASSES), 2, 256), dtype=np.int64)
+    with pytest.raises(ValueError, match="components of 'x' must be given iff min_components"):
+        acc.add_histograms(["x"], [0], hist, 81)
+    with pytest.raises(ValueError, match=r"components must be \(1, 3, 12, 2\)"):
+        acc.add_histograms(["x"], [0], hist, 81, components=np.zeros((1, 3, 6, 2)))

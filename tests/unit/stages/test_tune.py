@@ -18,6 +18,7 @@ from pipeline.core import rle
 from pipeline.core.config import DEFAULT_CONFIG, load_config
 from pipeline.core.images import cache_path
 from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
+from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.masks import truth_masks
@@ -490,3 +491,28 @@ def test_mask_table_cache_is_reused_and_follows_the_csv(
 def frame_rles(frame: pd.DataFrame) -> list[str]:
     """The EncodedPixels column in the canonical table's order (image, then class)."""
     return frame["EncodedPixels"].tolist()
+
+
+def test_component_sizes_are_searched_through_the_cli(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Fish masks come with a 1 px speck on every image: only component removal is exact."""
+    truth, probs = {}, {}
+    for i, image_id in enumerate(IMAGE_IDS):
+        fish = block(slice(0, 2), slice(0, 6)) if i % 2 else np.zeros(SIZE, np.uint8)
+        speck = block(slice(3, 4), slice(5, 6))
+        truth[image_id] = np.stack([fish, np.zeros(SIZE, np.uint8)])
+        probs[image_id] = np.stack([(fish | speck) * 230, speck * 0])
+    path = make_experiment(tmp_path, truth, probs)
+    assert main(["--config", str(path), "--set", "postprocess.min_components=[0,2]"]) == 0
+    out = capsys.readouterr().out
+    assert "min_comp" in out
+    config = load_config(path)
+    params, extra = load_postprocess(config.run_dir / POSTPROCESS_FILE, CLASSES)
+    assert params["Fish"].min_component == 2 and params["Sugar"].min_component == 0
+    assert extra["grid"]["min_components"] == [0, 2]
+    assert extra["per_class"]["Fish"]["tuned"] == 1.0
+    grid = pd.read_csv(config.run_dir / GRID_FILE)
+    assert sorted(grid["min_component"].unique()) == [0, 2]
+    assert main(["--config", str(path), "--set", "postprocess.min_components=[0,-3]"]) == 2
+    assert "min_components must be integers >= 0" in capsys.readouterr().err
