@@ -97,7 +97,7 @@ def _predict(
     exp = open_experiment(config)
     inputs = inputs_key(config, use_postprocess)
     params, oof_score, oof_nested = read_postprocess(config, exp.classes, use_postprocess)
-    gated = [name for name, p in params.items() if p.gate == "classifier"]
+    gated = [name for name, p in params.items() if p.uses_classifier]
     image_ids = list_test_images(config, exp)
     data = config.data
     check_input_size(data.image_size, "data.image_size (the prediction input)")

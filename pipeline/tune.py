@@ -40,7 +40,7 @@ from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.level_counts import class_histograms
-from pipeline.core.postprocess import save_postprocess
+from pipeline.core.postprocess import CLASSIFIER_GATES, save_postprocess
 from pipeline.core.probstore import ProbReader
 from pipeline.core.streams import map_ahead, read_ahead
 from pipeline.core.threshold_search import GridAccumulator
@@ -123,7 +123,7 @@ def search_postprocess(
     ``postprocess.gates`` lists it.
     """
     grid = config.postprocess
-    gates = [g for g in grid.gates if classifier_probs is not None or g != "classifier"]
+    gates = [g for g in grid.gates if classifier_probs is not None or g not in CLASSIFIER_GATES]
     if not gates:
         raise ValueError(
             f"postprocess.gates {list(grid.gates)} leaves nothing to search without "
@@ -140,7 +140,7 @@ def search_postprocess(
         gates=gates,
         min_components=grid.min_components,
     )
-    lookup = classifier_probs if "classifier" in gates else None
+    lookup = classifier_probs if CLASSIFIER_GATES & set(gates) else None
     original_sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
     rles = exp.rles()
 
@@ -211,7 +211,7 @@ def _tune(config: Config) -> TuneOutput:
     exp = open_experiment(config)
     readers = open_segmentation_oof(config, exp)
     classifier_probs = None
-    if "classifier" in config.postprocess.gates:
+    if CLASSIFIER_GATES & set(config.postprocess.gates):
         reason = classifier_skip_reason(exp.table, exp.classes)
         classifier_probs = None if reason is not None else read_classifier_probs(config, exp)
         if reason is not None:
@@ -281,7 +281,7 @@ def format_summary(output: TuneOutput) -> str:
     lines = [
         f"post-processing tuned on {output.n_images} out-of-fold images "
         f"({len(result.fold_counts)} folds); gates searched: {', '.join(result.gates)}"
-        + ("" if "classifier" in result.gates else " (the classifier gate was not searched)"),
+        + ("" if CLASSIFIER_GATES & set(result.gates) else " (no classifier gate searched)"),
         "nested = each fold scored with the setting tuned on the other folds (the honest "
         "CV); in-sample = tuned and scored on the same images (optimistic)",
         f"{'class':<12} {'plain 0.5':>9} {'nested':>9} {'in-sample':>9} {'thr+area':>9} "

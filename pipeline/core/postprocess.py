@@ -14,8 +14,9 @@ The rules, applied in this fixed order by ``postprocess_mask``:
 3. ``remove_small_mask``: the whole mask is blanked if its area is under ``min_area``.
 4. ``apply_gate``: the whole mask is blanked if the image's gate score is under
    ``gate_threshold``. The score is the classifier's presence probability
-   (``gate="classifier"``) or ``segmentation_score``: the mean of the top-k quantised
-   pixel probs (``gate="segmentation"``).
+   (``gate="classifier"``), ``segmentation_score``: the mean of the top-k quantised
+   pixel probs (``gate="segmentation"``), or the mean of the two (``gate="fused"``,
+   ``fused_score``; Clouds 1st place fused the classifier with the top-k mean).
 
 Then ``PostprocessParams`` (one class's settings) and ``postprocess.json`` I/O.
 """
@@ -37,7 +38,10 @@ import numpy as np
 from pipeline.core.metrics import above_threshold
 from pipeline.core.probstore import QUANTISATION, quantise_prob
 
-GATES: tuple[str, ...] = ("none", "classifier", "segmentation")
+GATES: tuple[str, ...] = ("none", "classifier", "segmentation", "fused")
+# The gates that read the classifier's probability, and those that read the top-k mean.
+CLASSIFIER_GATES: frozenset[str] = frozenset({"classifier", "fused"})
+TOPK_GATES: frozenset[str] = frozenset({"segmentation", "fused"})
 # Slack (in quantisation levels) for float error when a threshold lands on a level.
 LEVEL_EPS = 1e-9
 
@@ -109,6 +113,14 @@ def segmentation_score(prob: np.ndarray, topk_fraction: float) -> float:
     return int(top.sum(dtype=np.int64)) / (k * float(QUANTISATION))
 
 
+def fused_score(classifier_prob: Any, topk_mean: Any) -> Any:
+    """The fused gate's score: the mean of the classifier's probability and the top-k mean.
+
+    Floats or broadcasting arrays of each.
+    """
+    return (classifier_prob + topk_mean) / 2.0
+
+
 def postprocess_mask(
     prob: np.ndarray,
     threshold: float,
@@ -134,7 +146,8 @@ class PostprocessParams:
     """One class's post-processing settings.
 
     ``gate`` is one of ``GATES``; ``gate_threshold`` is set iff the gate is not
-    ``none``; ``topk_fraction`` (the segmentation gate's k) iff it is ``segmentation``.
+    ``none``; ``topk_fraction`` (the top-k mean's k) iff the gate reads the top-k mean
+    (``TOPK_GATES``).
     """
 
     threshold: float
@@ -159,13 +172,18 @@ class PostprocessParams:
             )
         if self.gate_threshold is not None and not 0.0 <= self.gate_threshold <= 1.0:
             raise ValueError(f"gate_threshold must be in [0, 1]; got {self.gate_threshold}")
-        if (self.gate == "segmentation") != (self.topk_fraction is not None):
+        if (self.gate in TOPK_GATES) != (self.topk_fraction is not None):
             raise ValueError(
-                f"topk_fraction must be set iff gate is 'segmentation'; got gate {self.gate!r}, "
-                f"topk_fraction {self.topk_fraction!r}"
+                f"topk_fraction must be set iff gate is one of {sorted(TOPK_GATES)}; got gate "
+                f"{self.gate!r}, topk_fraction {self.topk_fraction!r}"
             )
         if self.topk_fraction is not None:
             topk_count(1, self.topk_fraction)
+
+    @property
+    def uses_classifier(self) -> bool:
+        """True where the gate reads the classifier's presence probability."""
+        return self.gate in CLASSIFIER_GATES
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict of the fields."""
@@ -189,16 +207,19 @@ class PostprocessParams:
     def apply(self, prob: np.ndarray, classifier_prob: float | None = None) -> np.ndarray:
         """prob (H, W) float or uint8-quantised -> mask (H, W) uint8, gate score included.
 
-        ``classifier_prob`` (this image and class) is needed iff ``gate == 'classifier'``.
+        ``classifier_prob`` (this image and class) is needed iff ``uses_classifier``.
         """
         score: float | None = None
+        if self.uses_classifier and classifier_prob is None:
+            raise ValueError(f"classifier_prob is needed for gate {self.gate!r}; got None")
         if self.gate == "classifier":
-            if classifier_prob is None:
-                raise ValueError("classifier_prob is needed for gate 'classifier'; got None")
             score = classifier_prob
-        elif self.gate == "segmentation":
+        elif self.gate in TOPK_GATES:
             assert self.topk_fraction is not None
             score = segmentation_score(prob, self.topk_fraction)
+            if self.gate == "fused":
+                assert classifier_prob is not None
+                score = float(fused_score(classifier_prob, score))
         return postprocess_mask(
             prob, self.threshold, self.min_area, self.min_component, score, self.gate_threshold
         )

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.core.postprocess import PostprocessParams
+from pipeline.core.postprocess import TOPK_GATES, PostprocessParams
 from pipeline.core.tune_result import ClassResult, TuneResult
 
-GATE_KINDS: tuple[str, ...] = ("classifier", "segmentation")
+GATE_KINDS: tuple[str, ...] = ("classifier", "segmentation", "fused")
 PLAIN_THRESHOLD = 0.5
 TIE_TOLERANCE = 1e-12
 
@@ -186,5 +186,5 @@ class GridSums:
             min_component=int(self.min_components[t]),
             gate=kind or "none",
             gate_threshold=None if kind is None else float(self.gate_thresholds[g]),
-            topk_fraction=self.topk_fraction if kind == "segmentation" else None,
+            topk_fraction=self.topk_fraction if kind in TOPK_GATES else None,
         )

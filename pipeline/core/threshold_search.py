@@ -32,7 +32,14 @@ from pipeline.core.level_counts import (
     component_counts,
     dice_from_counts,
 )
-from pipeline.core.postprocess import GATES, quantise_threshold, topk_count
+from pipeline.core.postprocess import (
+    CLASSIFIER_GATES,
+    GATES,
+    TOPK_GATES,
+    fused_score,
+    quantise_threshold,
+    topk_count,
+)
 from pipeline.core.probstore import QUANTISATION
 from pipeline.core.threshold_choice import GATE_KINDS, PLAIN_THRESHOLD, GridSums
 from pipeline.core.tune_result import TuneResult
@@ -269,12 +276,14 @@ class GridAccumulator:
         """(kinds, N, C) float64 gate scores of N images, from their (N, C, 256) counts."""
         n, c = hist_all.shape[:2]
         scores = np.zeros((len(self.kinds), n, c))
-        wants_classifier = "classifier" in self.kinds
+        wants_classifier = bool(CLASSIFIER_GATES & set(self.kinds))
         if wants_classifier != (classifier_probs is not None):
             raise ValueError(
                 f"classifier_prob of {image_ids[0]!r} must be given iff gates include "
-                f"'classifier' (gates {list(self.gates)}); got {classifier_probs!r}"
+                f"{' or '.join(sorted(CLASSIFIER_GATES))} (gates {list(self.gates)}); "
+                f"got {classifier_probs!r}"
             )
+        prob = np.zeros((n, c))
         if classifier_probs is not None:
             prob = np.asarray(classifier_probs, dtype=np.float64)
             if prob.shape != (n, c):
@@ -288,9 +297,11 @@ class GridAccumulator:
                     f"classifier_prob of {image_ids[bad[0]]!r} must be ({c},) in [0, 1]; "
                     f"got {prob[bad[0]]!r}"
                 )
-            scores[self.kinds.index("classifier")] = prob
-        if "segmentation" in self.kinds:
-            scores[self.kinds.index("segmentation")] = self._topk_means(hist_all, n_pixels)
+        topk = self._topk_means(hist_all, n_pixels) if TOPK_GATES & set(self.kinds) else prob
+        for i, kind in enumerate(self.kinds):
+            scores[i] = {"classifier": prob, "segmentation": topk}.get(kind)
+            if kind == "fused":
+                scores[i] = fused_score(prob, topk)
         return scores
 
     def _topk_means(self, hist_all: np.ndarray, n_pixels: np.ndarray) -> np.ndarray:

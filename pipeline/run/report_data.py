@@ -164,7 +164,7 @@ def open_run(config: Config) -> RunData:
             f"pipeline.train_classifier --config {config.source} --all`"
         )
     gated_by_classifier = [
-        name for stage in stages for name, p in stage.params.items() if p.gate == "classifier"
+        name for stage in stages for name, p in stage.params.items() if p.uses_classifier
     ]
     if gated_by_classifier and missing:
         raise FileNotFoundError(

@@ -147,7 +147,7 @@ def test_params_apply_each_gate() -> None:
         ),
         (
             {"threshold": 0.5, "min_area": 0, "gate": "segmentation", "gate_threshold": 0.5},
-            "topk_fraction must be set iff gate is 'segmentation'",
+            "topk_fraction must be set iff gate is one of",
         ),
         (
             {"threshold": 0.5, "min_area": 0, "gate": "classifier", "gate_threshold": 3.0},
@@ -212,3 +212,17 @@ def test_load_postprocess_errors(tmp_path: Path) -> None:
     path.write_text("{")
     with pytest.raises(ValueError, match="is not valid JSON"):
         load_postprocess(path)
+
+
+def test_fused_gate_averages_the_classifier_and_the_top_k_mean() -> None:
+    prob = np.zeros((4, 4), dtype=np.uint8)
+    prob[:2, :2] = 255  # top-k mean over 4 pixels (k = 0.25 * 16) is 1.0
+    params = PostprocessParams(0.5, 0, 0, "fused", 0.6, 0.25)
+    assert params.uses_classifier
+    assert params.apply(prob, classifier_prob=0.4).sum() == 4  # (0.4 + 1.0) / 2 = 0.7
+    assert params.apply(prob, classifier_prob=0.1).sum() == 0  # (0.1 + 1.0) / 2 = 0.55
+    with pytest.raises(ValueError, match="classifier_prob is needed for gate 'fused'"):
+        params.apply(prob)
+    with pytest.raises(ValueError, match="topk_fraction must be set iff gate is one of"):
+        PostprocessParams(0.5, 0, 0, "fused", 0.6)
+    assert not PostprocessParams(0.5, 0, 0, "segmentation", 0.6, 0.25).uses_classifier

@@ -47,7 +47,7 @@ def _kaggle_dice(pred: np.ndarray, truth: np.ndarray) -> float:
 def _brute_force(items: list) -> dict:
     """Dice sums per (class, fold, gate kind, t, a, g) by applying postprocess_mask."""
     gates = [("none", None)] + [
-        (kind, g) for kind in ("classifier", "segmentation") for g in GATE_THRESHOLDS
+        (kind, g) for kind in ("classifier", "segmentation", "fused") for g in GATE_THRESHOLDS
     ]
     sums: dict = {}
     for _, fold, q, truth, classifier in items:
@@ -55,7 +55,12 @@ def _brute_force(items: list) -> dict:
         for c in range(len(CLASSES)):
             seg = segmentation_score(q[c], TOPK)
             for (kind, g), t, a in itertools.product(gates, THRESHOLDS, MIN_AREAS):
-                score = {"none": None, "classifier": classifier[c], "segmentation": seg}[kind]
+                score = {
+                    "none": None,
+                    "classifier": classifier[c],
+                    "segmentation": seg,
+                    "fused": (classifier[c] + seg) / 2,
+                }[kind]
                 mask = postprocess_mask(prob[c], t, a, 0, score, g)
                 key = (c, fold, kind, t, a, g)
                 sums[key] = sums.get(key, 0.0) + _kaggle_dice(mask, truth[c])
@@ -165,7 +170,8 @@ def test_gate_wins_when_it_removes_false_positives() -> None:
     assert list(summary["class"]) == ["a", "overall"]
     assert summary.loc[0, "gate"] == "classifier"
     frame = result.table_frame()
-    assert len(frame) == 1 + 2 and set(frame["gate"]) == {"none", "classifier", "segmentation"}
+    assert len(frame) == 1 + 3
+    assert set(frame["gate"]) == {"none", "classifier", "segmentation", "fused"}
     assert result.to_dict()["scores"]["tuned"] == 1.0
 
 
