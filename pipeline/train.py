@@ -37,7 +37,12 @@ from pipeline.nn.fold_trainer import FoldContext, FoldParts, FoldStage, fit_sett
 from pipeline.nn.inference import iter_batches, predict_tta
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.losses import get_loss, get_metrics
-from pipeline.nn.model import build_model, check_input_size, set_encoder_fraction
+from pipeline.nn.model import (
+    build_model,
+    check_input_size,
+    encoder_layers,
+    set_encoder_fraction,
+)
 from pipeline.nn.optim import make_optimizer
 from pipeline.run.cli import (
     add_config_arguments,
@@ -123,8 +128,13 @@ def prepare(ctx: FoldContext) -> FoldParts:
                 lr,
             )
         with ctx.strategy.scope():
+            decay = t.weight_decay or None
+            optimizer = make_optimizer(lr, t.accumulation_steps, weight_decay=decay)
+            if t.encoder_lr_factor != 1.0:
+                encoder = [w for layer in encoder_layers(net) for w in layer.trainable_weights]
+                optimizer.scale_lr(encoder, t.encoder_lr_factor)
             net.compile(
-                optimizer=make_optimizer(lr, t.accumulation_steps),
+                optimizer=optimizer,
                 loss=get_loss(t.loss),
                 metrics=get_metrics(t.metric_threshold, t.metric_min_area),
             )

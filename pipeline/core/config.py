@@ -46,6 +46,7 @@ NULLABLE: frozenset[str] = frozenset(
         "classifier.weights",
         "train.val_crop",
         "train.steps_per_epoch",
+        "train.ema_decay",
         "jobs.address",
         "jobs.cpus_per_job",
     }
@@ -55,7 +56,10 @@ NULLABLE: frozenset[str] = frozenset(
 NULL_DEFAULT_TYPES: dict[str, tuple[type, float | None]] = {
     "jobs.address": (str, None),
     "jobs.cpus_per_job": (float, 0.0),
+    "train.ema_decay": (float, 0.0),
 }
+# Number keys that must lie below 1 (with their lower bound from the other tables).
+BELOW_ONE_KEYS: frozenset[str] = frozenset({"train.ema_decay"})
 
 # Choices owned by a pure module are taken from it; those of the Keras layer (which this
 # pure module cannot import) are checked against it by tests/unit/nn/test_choices.py.
@@ -108,7 +112,9 @@ POSITIVE_INT_KEYS: frozenset[str] = frozenset(
     }
 )
 # Number keys that must be at least 0.
-NON_NEGATIVE_KEYS: frozenset[str] = frozenset({"jobs.gpus_per_job"})
+NON_NEGATIVE_KEYS: frozenset[str] = frozenset({"jobs.gpus_per_job", "train.weight_decay"})
+# Number keys that must be above 0.
+POSITIVE_KEYS: frozenset[str] = frozenset({"train.encoder_lr_factor"})
 # Integer keys that must be at least 2 (a split needs two parts).
 AT_LEAST_TWO_KEYS: frozenset[str] = frozenset({"folds.n_splits"})
 
@@ -310,6 +316,10 @@ def _check(value: Any, default: Any, key: str) -> Any:
         raise ConfigError(f"config key {key!r} must be an integer >= 1; got {value!r}")
     if key in NON_NEGATIVE_KEYS and value < 0:
         raise ConfigError(f"config key {key!r} must be a number >= 0; got {value!r}")
+    if key in POSITIVE_KEYS and value <= 0:
+        raise ConfigError(f"config key {key!r} must be a number > 0; got {value!r}")
+    if key in BELOW_ONE_KEYS and value >= 1:
+        raise ConfigError(f"config key {key!r} must be below 1; got {value!r}")
     if key in AT_LEAST_TWO_KEYS and value < 2:
         raise ConfigError(f"config key {key!r} must be an integer >= 2; got {value!r}")
     return value

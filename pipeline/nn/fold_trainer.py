@@ -71,6 +71,7 @@ def fit_settings(section: Any, epochs: int | None = None, **overrides: Any) -> F
         "early_stopping_patience": section.early_stopping_patience,
         "tensorboard": section.get("tensorboard", False),
         "verbose": section.get("verbose", 1),
+        "ema_decay": section.get("ema_decay"),
     }
     values.update(overrides)
     return FitSettings(**values)

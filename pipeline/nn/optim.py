@@ -18,8 +18,15 @@ accumulators and, under ``tf.cond`` on a micro-step counter, runs Adam's own
 optimizer variables, so ``tf.train.Checkpoint`` saves them and a resumed run continues
 mid-accumulation.
 
-Limits: gradient clipping, weight decay and EMA act on each micro-batch in tf_keras,
-so they are rejected when ``accumulation_steps > 1``. Under mixed precision the loss
+Weight decay (AdamW, decoupled: ``w -= lr * weight_decay * w``) is applied by
+``update_step``, so once per applied Adam step whatever the accumulation, before the
+Adam update as in Keras' AdamW. ``scale_lr`` gives some variables (e.g. the encoder's)
+a learning rate ``factor`` times the optimizer's; their decay scales with it, as in a
+PyTorch parameter group.
+
+Limits: gradient clipping and Keras' own EMA act on each micro-batch in tf_keras,
+so they are rejected when ``accumulation_steps > 1`` (``trainer.WeightAverage`` is
+the EMA that works with accumulation). Under mixed precision the loss
 scale optimizer counts a skipped (non-finite) micro-batch in ``iterations``; that only
 shifts Adam's bias correction by one step. An accumulation that is still open at the
 end of an epoch carries over into the next one.
@@ -29,7 +36,7 @@ from typing import Any
 
 from pipeline.nn.keras_backend import keras, tf
 
-_PER_MICRO_BATCH_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm", "weight_decay")
+_PER_MICRO_BATCH_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
 
 
 def _check_accumulation_steps(accumulation_steps: int) -> None:
@@ -81,6 +88,7 @@ class AccumAdam(keras.optimizers.Adam):
             **kwargs,
         )
         self.accumulation_steps = accumulation_steps
+        self._lr_factors: dict[str, float] = {}
         with tf.init_scope():
             # Micro-batches added to the accumulators since the last applied step.
             self._micro_step = tf.Variable(0, name="micro_step", dtype=tf.int64, trainable=False)
@@ -90,6 +98,41 @@ class AccumAdam(keras.optimizers.Adam):
     def micro_step(self) -> tf.Variable:
         """int64 scalar variable: micro-batches accumulated since the last Adam step."""
         return self._micro_step
+
+    def scale_lr(self, variables: list[tf.Variable], factor: float) -> None:
+        """Train ``variables`` at ``factor`` times the learning rate (and weight decay)."""
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0; got {factor}")
+        for var in variables:
+            self._lr_factors[self._var_key(var)] = float(factor)
+
+    def _apply_weight_decay(self, variables: list[tf.Variable]) -> None:
+        """No-op: ``update_step`` decays each variable once per applied Adam step."""
+
+    def update_step(self, gradient: Any, variable: tf.Variable) -> None:
+        """Adam's dense step at this variable's learning rate, after its weight decay."""
+        factor = self._lr_factors.get(self._var_key(variable), 1.0)
+        dtype = variable.dtype
+        gradient = tf.convert_to_tensor(gradient)
+        lr = tf.cast(self.learning_rate, dtype) * tf.cast(factor, dtype)
+        if self.weight_decay and self._use_weight_decay(variable):
+            variable.assign_sub(variable * tf.cast(self.weight_decay, dtype) * lr)
+        local_step = tf.cast(self.iterations + 1, dtype)
+        beta_1_power = tf.pow(tf.cast(self.beta_1, dtype), local_step)
+        beta_2_power = tf.pow(tf.cast(self.beta_2, dtype), local_step)
+        index = self._index_dict[self._var_key(variable)]
+        m, v = self._momentums[index], self._velocities[index]
+        alpha = lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        epsilon = self.epsilon
+        if getattr(self, "adaptive_epsilon", False):
+            epsilon = self.epsilon * tf.sqrt(1 - beta_2_power)
+        m.assign_add((gradient - m) * (1 - self.beta_1))
+        v.assign_add((tf.square(gradient) - v) * (1 - self.beta_2))
+        if self.amsgrad:
+            v_hat = self._velocity_hats[index]
+            v_hat.assign(tf.maximum(v_hat, v))
+            v = v_hat
+        variable.assign_sub((m * alpha) / (tf.sqrt(v) + epsilon))
 
     def build(self, var_list: list[tf.Variable]) -> None:
         """Create Adam's moments and, when accumulating, one accumulator per variable."""

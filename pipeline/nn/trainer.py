@@ -49,6 +49,85 @@ class FitSettings:
     early_stopping_patience: int
     tensorboard: bool = False
     verbose: int = 1
+    ema_decay: float | None = None
+
+
+class WeightAverage(tf.Module):
+    """An exponential moving average (EMA) of every weight of a model.
+
+    ``update()`` runs after each applied optimizer step (not after each accumulated
+    micro-batch): ``shadow = d * shadow + (1 - d) * weight`` with
+    ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update, so a short run is not
+    dominated by its initial weights (TensorFlow's ExponentialMovingAverage with
+    ``num_updates``). BatchNorm statistics are averaged with the rest. ``swap()``
+    exchanges the model's weights and the average; the checkpoint saves both.
+    """
+
+    def __init__(self, model: keras.Model, decay: float) -> None:
+        super().__init__(name="weight_average")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema_decay must be in (0, 1) or null; got {decay}")
+        self.decay = float(decay)
+        # One fixed order whatever the layers' trainable flags (they change by phase).
+        with all_trainable(model):
+            self._weights = list(model.weights)
+        with model.distribute_strategy.scope():
+            self.shadow = [
+                tf.Variable(w.read_value(), trainable=False, name=f"ema_{i}")
+                for i, w in enumerate(self._weights)
+            ]
+            self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
+
+    @tf.function
+    def update(self) -> None:
+        """Move the average one step towards the current weights."""
+        self.updates.assign_add(1)
+        n = tf.cast(self.updates, tf.float32)
+        decay = tf.minimum(tf.constant(self.decay, tf.float32), (1.0 + n) / (10.0 + n))
+        for average, weight in zip(self.shadow, self._weights, strict=True):
+            d = tf.cast(decay, average.dtype)
+            average.assign(average * d + tf.cast(weight, average.dtype) * (1 - d))
+
+    @tf.function
+    def swap(self) -> None:
+        """Exchange the model's weights and the average."""
+        for average, weight in zip(self.shadow, self._weights, strict=True):
+            current = tf.identity(weight.read_value())
+            weight.assign(average.read_value())
+            average.assign(current)
+
+    @contextmanager
+    def swapped(self) -> Iterator[None]:
+        """The average in the model for the block, the trained weights back after."""
+        self.swap()
+        try:
+            yield
+        finally:
+            self.swap()
+
+
+class _AverageWeights(keras.callbacks.Callback):
+    """Updates a ``WeightAverage`` after each applied step; validates with the average."""
+
+    def __init__(self, average: WeightAverage) -> None:
+        super().__init__()
+        self.average = average
+        self.last_iteration = 0
+
+    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.last_iteration = int(self.model.optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        iteration = int(self.model.optimizer.iterations.numpy())
+        if iteration != self.last_iteration:  # an accumulated micro-batch changes nothing
+            self.last_iteration = iteration
+            self.average.update()
+
+    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
+        self.average.swap()
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        self.average.swap()
 
 
 class TrainingDiverged(RuntimeError):
@@ -84,8 +163,10 @@ class _EpochState(keras.callbacks.Callback):
         early: keras.callbacks.EarlyStopping,
         state: dict[str, Any],
         phase: int,
+        average: WeightAverage | None = None,
     ) -> None:
         super().__init__()
+        self.average = average
         self.out_dir = out_dir
         self.settings = settings
         self.plateau = plateau
@@ -125,7 +206,11 @@ class _EpochState(keras.callbacks.Callback):
             value > best if self.settings.monitor_mode == "max" else value < best
         )
         if better:
-            save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
+            if self.average is None:
+                save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
+            else:
+                with self.average.swapped():  # the validated weights are the average
+                    save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
             self.state["best_value"] = float(value)
             self.state["best_epoch"] = epoch + 1
         self.state.update(
@@ -142,7 +227,7 @@ class _EpochState(keras.callbacks.Callback):
                 "early_best": float(self.early.best),
             },
         )
-        _publish_checkpoint(self.model, self.out_dir, self.state)
+        _publish_checkpoint(self.model, self.out_dir, self.state, self.average)
         # Drawing the curves costs ~0.7 s: at most every CURVES_EVERY_S, and at the end.
         now = time.monotonic()
         plot = self.plotted_at is None or now - self.plotted_at >= CURVES_EVERY_S
@@ -222,11 +307,23 @@ def load_best_weights(model: keras.Model, path: Path) -> None:
         ) from None
 
 
-def _checkpoint(model: keras.Model) -> tf.train.Checkpoint:
-    return tf.train.Checkpoint(model=model, optimizer=model.optimizer)
+def _checkpoint(
+    model: keras.Model, average: WeightAverage | None = None, optimizer: bool = True
+) -> tf.train.Checkpoint:
+    parts: dict[str, Any] = {"model": model}
+    if optimizer:
+        parts["optimizer"] = model.optimizer
+    if average is not None:
+        parts["ema"] = average
+    return tf.train.Checkpoint(**parts)
 
 
-def _publish_checkpoint(model: keras.Model, out_dir: Path, state: dict[str, Any]) -> None:
+def _publish_checkpoint(
+    model: keras.Model,
+    out_dir: Path,
+    state: dict[str, Any],
+    average: WeightAverage | None = None,
+) -> None:
     """Write checkpoint + state under a temporary name, then swap it in."""
     final = out_dir / CHECKPOINT
     tmp = out_dir / (CHECKPOINT + ".tmp")
@@ -235,7 +332,7 @@ def _publish_checkpoint(model: keras.Model, out_dir: Path, state: dict[str, Any]
         if path.exists():
             shutil.rmtree(path)
     tmp.mkdir(parents=True)
-    _checkpoint(model).write(str(tmp / "ckpt"))
+    _checkpoint(model, average).write(str(tmp / "ckpt"))
     (tmp / STATE).write_text(json.dumps(state, indent=1))
     if final.exists():
         os.replace(final, old)
@@ -317,6 +414,7 @@ def fit_resumable(
     starts = [p.start for p in plan]
     bounds = [*starts[1:], settings.epochs]
     current_lr = float(state.get("lr", lr))
+    average = None if settings.ema_decay is None else WeightAverage(model, settings.ema_decay)
     restored = state["epoch"] == 0
     stopped = bool(state.get("stopped", False))
     for phase, (start, end) in enumerate(zip(starts, bounds, strict=True)):
@@ -327,7 +425,7 @@ def fit_resumable(
             current_lr = float(phase_lr)
         compile_phase(model, phase, current_lr)
         if not restored:
-            _restore(model, state, same_phase=state.get("phase") == phase)
+            _restore(model, state, same_phase=state.get("phase") == phase, average=average)
             state.pop("_checkpoint")
             restored = True
         keras.backend.set_value(model.optimizer.learning_rate, current_lr)
@@ -350,8 +448,11 @@ def fit_resumable(
             nan_guard,
             plateau,
             early,
-            _EpochState(out_dir, settings, plateau, early, state, phase),
+            _EpochState(out_dir, settings, plateau, early, state, phase, average),
         ]
+        if average is not None:
+            # First, so validation and the callbacks after it see the average.
+            callbacks.insert(0, _AverageWeights(average))
         if settings.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(out_dir / TENSORBOARD)))
         first_epoch = max(start, state["epoch"])
@@ -374,7 +475,7 @@ def fit_resumable(
         if early.stopped_epoch > 0:
             stopped = True
             state["stopped"] = True
-            _publish_checkpoint(model, out_dir, state)
+            _publish_checkpoint(model, out_dir, state, average)
     if state.get("best_epoch") is None:
         raise RuntimeError(f"no epoch completed in {out_dir}; nothing to load")
     load_best_weights(model, out_dir / BEST_WEIGHTS)
@@ -388,15 +489,19 @@ def fit_resumable(
     return state
 
 
-def _restore(model: keras.Model, state: dict[str, Any], same_phase: bool) -> None:
+def _restore(
+    model: keras.Model,
+    state: dict[str, Any],
+    same_phase: bool,
+    average: WeightAverage | None = None,
+) -> None:
     """Load the saved model (and, within the same phase, optimizer) variables."""
     try:
         if same_phase:
             # Create the optimizer's slots now so the checkpoint fills them immediately.
             model.optimizer.build(model.trainable_variables)
-            _checkpoint(model).read(state["_checkpoint"]).expect_partial()
-        else:
-            tf.train.Checkpoint(model=model).read(state["_checkpoint"]).expect_partial()
+        checkpoint = _checkpoint(model, average, optimizer=same_phase)
+        checkpoint.read(state["_checkpoint"]).expect_partial()
     except (tf.errors.OpError, OSError, ValueError, IndexError, KeyError) as exc:
         directory = Path(state["_checkpoint"]).parent
         raise ValueError(

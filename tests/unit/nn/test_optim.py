@@ -189,6 +189,41 @@ def test_make_optimizer_rejects_bad_lr_and_per_micro_batch_options() -> None:
     assert optim.make_optimizer(0.001, 1, clipnorm=1.0).clipnorm == 1.0
 
 
+@pytest.mark.parametrize("steps", [1, STEPS])
+def test_accumulated_weight_decay_equals_keras_adamw_on_the_big_batch(steps: int) -> None:
+    accumulated = fit(
+        make_model(), optim.make_optimizer(LR, steps, weight_decay=0.5), MICRO_BATCH, steps * 3
+    )
+    reference = fit(
+        make_model(), keras.optimizers.AdamW(LR, weight_decay=0.5), steps * MICRO_BATCH, 3
+    )
+    plain = fit(make_model(), keras.optimizers.Adam(LR), steps * MICRO_BATCH, 3)
+    assert_weights_close(accumulated, reference)
+    assert max_abs_difference(reference, plain) > 100 * ATOL  # the decay acted
+
+
+def test_scaled_learning_rate_moves_only_those_variables_slower() -> None:
+    factor = 0.1
+    scaled_model, optimizer = make_model(), optim.make_optimizer(LR, STEPS, weight_decay=0.5)
+    optimizer.scale_lr(scaled_model.layers[0].trainable_weights, factor)
+    scaled = fit(scaled_model, optimizer, MICRO_BATCH, STEPS)
+    full = fit(make_model(), optim.make_optimizer(LR, STEPS, weight_decay=0.5), MICRO_BATCH, STEPS)
+    # One Adam step moves each weight by lr * m_hat / (sqrt(v_hat) + eps) (+ decay, also
+    # scaled): the first layer's move is factor times the unscaled one, the rest equal
+    # (atol: float32 spacing at weights near 1 is 1.2e-7).
+    for i in (0, 1):
+        np.testing.assert_allclose(
+            scaled[i] - INITIAL_WEIGHTS[i],
+            factor * (full[i] - INITIAL_WEIGHTS[i]),
+            rtol=1e-4,
+            atol=2e-7,
+        )
+    for i in (2, 3):
+        np.testing.assert_allclose(scaled[i], full[i], rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="factor must be > 0"):
+        optimizer.scale_lr([], 0.0)
+
+
 MIRRORED_SCRIPT = textwrap.dedent(
     """
     import json
