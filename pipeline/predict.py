@@ -9,7 +9,9 @@ Each merged prob is resized to the submission size, quantised to uint8 exactly l
 out-of-fold store the post-processing was tuned on, post-processed and RLE-encoded.
 
 Writes ``submissions/<experiment>_<yyyymmdd-hhmm>.csv`` (validated, atomic), a row in
-``submissions/history.md`` and ``runs/<experiment>/predict.json`` (timings).
+``submissions/history.md``, ``runs/<experiment>/predict.json`` (timings) and the
+fold-merged test probs as a uint8 store, ``runs/<experiment>/test_probs/`` (with
+``test_probs.json``, what they came from), which ``pipeline.ensemble`` blends.
 ``--no-postprocess`` uses threshold 0.5 for every class instead of ``postprocess.json``.
 
 This module composes the stage; its parts live below it: ``core.fold_merge`` (the fold
@@ -31,9 +33,10 @@ from typing import Any
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
-from pipeline.core.layout import FOLD_MERGE, POSTPROCESS
+from pipeline.core.layout import FOLD_MERGE, POSTPROCESS, TEST_PROBS, TEST_PROBS_KEY
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
+from pipeline.core.probstore import ProbWriter
 from pipeline.nn.data import build_cache
 from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import inference_precision, precision_policy, set_mixed_precision
@@ -135,7 +138,10 @@ def _predict(
             accumulator,
             clock,
         )
-        with clock.stage("postprocess"):
+        with (
+            clock.stage("postprocess"),
+            ProbWriter(config.run_dir / TEST_PROBS, exp.classes, overwrite=True) as store,
+        ):
             table = encode_predictions(
                 cache,
                 accumulator,
@@ -144,7 +150,10 @@ def _predict(
                 data.submission_size,
                 presence,
                 config.tta.batch_size,
+                store,
             )
+        # What the stored test probs were predicted from: an ensemble reuses them while equal.
+        write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": inputs_key(config, False)})
     finally:
         accumulator.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -13,6 +13,7 @@ order, then the lower gate threshold.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +51,41 @@ class GridSums:
     plain: np.ndarray
     counts: np.ndarray
 
+    @staticmethod
+    def concat(parts: Sequence[GridSums]) -> GridSums:
+        """One grid whose binarisation axis is every part's, part after part.
+
+        The parts (e.g. one per blend of an ensemble's members) must share classes,
+        folds, areas, gates and gate thresholds; the choice then runs over all of them.
+        """
+        first = parts[0]
+        for part in parts[1:]:
+            same = (
+                part.classes == first.classes
+                and part.gates == first.gates
+                and part.kinds == first.kinds
+                and part.topk_fraction == first.topk_fraction
+                and np.array_equal(part.min_areas, first.min_areas)
+                and np.array_equal(part.gate_thresholds, first.gate_thresholds)
+                and np.array_equal(part.counts, first.counts)
+            )
+            if not same:
+                raise ValueError("grid sums to concatenate must share classes, folds and grids")
+        return GridSums(
+            classes=list(first.classes),
+            thresholds=np.concatenate([p.thresholds for p in parts]),
+            min_components=np.concatenate([p.min_components for p in parts]),
+            min_areas=first.min_areas,
+            gate_thresholds=first.gate_thresholds,
+            gates=first.gates,
+            kinds=list(first.kinds),
+            topk_fraction=first.topk_fraction,
+            base=np.concatenate([p.base for p in parts], axis=2),
+            gated=np.concatenate([p.gated for p in parts], axis=3),
+            plain=first.plain,
+            counts=first.counts,
+        )
+
     @property
     def n_folds(self) -> int:
         """The number of folds (with or without images)."""
@@ -86,6 +122,10 @@ class GridSums:
                 nested_fold_scores=tuple(float(s) for s in nested_fold_scores),
                 nested_params=tuple(
                     None if choice is None else self._params(choice) for choice in nested_choices
+                ),
+                setting=best[1],
+                nested_settings=tuple(
+                    None if choice is None else choice[1] for choice in nested_choices
                 ),
             )
         gate_tables = {

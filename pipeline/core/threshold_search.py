@@ -318,13 +318,17 @@ class GridAccumulator:
 
     def result(self) -> TuneResult:
         """Choose each class's setting (``threshold_choice``) and report scores."""
+        return self.sums().result()
+
+    def sums(self) -> GridSums:
+        """The Dice sums gathered so far, with the grid they were taken on."""
         n_images = int(self._counts.sum())
         if n_images == 0:
             raise ValueError("no image was added; cannot choose post-processing")
         empty_folds = np.flatnonzero(self._counts == 0).tolist()
         if empty_folds:
             logger.warning("folds %s have no image; their fold scores are NaN", empty_folds)
-        sums = GridSums(
+        return GridSums(
             classes=list(self.classes),
             thresholds=self._setting_thresholds,
             min_components=self._setting_components,
@@ -338,4 +342,3 @@ class GridAccumulator:
             plain=self._plain,
             counts=self._counts,
         )
-        return sums.result()

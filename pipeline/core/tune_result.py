@@ -32,6 +32,10 @@ class ClassResult:
     nested_score: float = float("nan")
     nested_fold_scores: tuple[float, ...] = ()
     nested_params: tuple[PostprocessParams | None, ...] = ()  # None: fold has no image
+    # Indices into the grid's binarisation axis (``GridSums``): of the chosen setting, and
+    # of each fold's nested choice (an ensemble's blends are blocks of that axis).
+    setting: int = -1
+    nested_settings: tuple[int | None, ...] = ()
 
     @property
     def stable(self) -> bool:

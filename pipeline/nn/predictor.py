@@ -27,7 +27,7 @@ from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.layout import CLASSIFIER_STAGE
 from pipeline.core.masks import resize_probs
 from pipeline.core.postprocess import PostprocessParams
-from pipeline.core.probstore import quantise_prob
+from pipeline.core.probstore import ProbWriter, quantise_prob
 from pipeline.nn.classifier import build_classifier_from_config, predict_presence_tta
 from pipeline.nn.data import ImageCache, build_cache
 from pipeline.nn.inference import iter_batches, predict_tta
@@ -116,12 +116,14 @@ def encode_predictions(
     submission_size: Sequence[int] | None,
     presence: np.ndarray | None,
     batch_size: int,
+    store: ProbWriter | None = None,
 ) -> pd.DataFrame:
     """Canonical table (image_id, class_name, rle) of the post-processed merged probs.
 
     Each image's merged prob is resized to ``submission_size`` (None: its original
     size), quantised like the OOF store (``probstore.quantise_prob``) and post-processed
     per class; ``presence`` (N, C) is the classifier's probability for gated classes.
+    The quantised probs also go to ``store`` when given (an ensemble blends them).
     """
     rows: list[tuple[str, str, str]] = []
     settings = [params[name] for name in classes]
@@ -133,6 +135,8 @@ def encode_predictions(
             height, width = cache.original_sizes[i]
             target = submission_size or (int(height), int(width))
             q = quantise_prob(resize_probs(prob, target))
+            if store is not None:
+                store.add(cache.image_ids[i], q)
             masks = (
                 setting.apply(q[:, :, c], None if presence is None else float(presence[i, c]))
                 for c, setting in enumerate(settings)

@@ -1,0 +1,426 @@
+"""``python -m pipeline.ensemble``: blend trained experiments, tuned and scored honestly.
+
+The ensemble's config is an ordinary config (``base: demo.yaml``, its own
+``experiment``) with an ``ensemble`` section naming the member experiments:
+
+    ensemble:
+      members:
+        - configs/demo.yaml
+        - {config: configs/demo.yaml, set: [experiment=demo_r18, model.backbone=resnet18]}
+      weight_step: 0.25
+
+The members must share one split (byte-identical ``folds.csv``), their classes and the
+submission size. One streaming pass over their out-of-fold stores scores, per class,
+every blend on the simplex grid of ``weight_step`` (``core.blend``) with every
+post-processing setting of ``postprocess`` (``core.threshold_search``): the blend and
+its post-processing are chosen together, and the nested figure scores each fold with
+the choice made on the other folds. Each member alone is one of the blends, so the
+report sets each member's own nested and in-sample scores beside the ensemble's.
+
+Then every member's fold-merged test probabilities are blended with the chosen
+weights, post-processed and written as a validated submission. A member's stored test
+probs (``runs/<member>/test_probs/``, written by ``python -m pipeline.predict``) are
+reused while what they were predicted from is unchanged; otherwise that member's
+predict runs first. The classifier gates are not searched for an ensemble (its members'
+classifiers are not blended); the segmentation-derived gate is.
+
+Writes ``runs/<experiment>/{postprocess.json, ensemble.json, ensemble.md,
+predict.json}``, the submission and its row in ``submissions/history.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pipeline.core import rle
+from pipeline.core.blend import blend_levels, one_hot_index, simplex_weights
+from pipeline.core.config import Config, load_config
+from pipeline.core.images import cache_path, read_original_sizes
+from pipeline.core.layout import (
+    ENSEMBLE,
+    ENSEMBLE_REPORT,
+    FOLDS,
+    POSTPROCESS,
+    PREDICT,
+    TEST_PROBS,
+    TEST_PROBS_KEY,
+)
+from pipeline.core.postprocess import CLASSIFIER_GATES, save_postprocess
+from pipeline.core.probstore import ProbReader
+from pipeline.core.threshold_choice import GridSums
+from pipeline.core.threshold_search import GridAccumulator
+from pipeline.core.truth import decode_truth
+from pipeline.core.tune_result import TuneResult
+from pipeline.run.cli import (
+    add_config_arguments,
+    config_from_args,
+    report_interrupted,
+    setup_logging,
+)
+from pipeline.run.experiment import Experiment, open_experiment
+from pipeline.run.json_files import read_json, write_json
+from pipeline.run.oof import open_segmentation_oof
+from pipeline.run.prediction import inputs_key, list_test_images, write_outputs
+from pipeline.run.run_lock import hold_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member experiment: its config (with the overrides named) and its experiment."""
+
+    config: Config
+    overrides: tuple[str, ...]
+    exp: Experiment
+
+    @property
+    def name(self) -> str:
+        return str(self.config.experiment)
+
+
+@dataclass(frozen=True)
+class EnsembleChoice:
+    """The tuning outcome: the blend and its post-processing per class, and the scores."""
+
+    weights: dict[str, list[float]]  # class -> one weight per member
+    blend: TuneResult  # chosen over every blend (nested: chosen on the other folds)
+    members: dict[str, TuneResult]  # member -> the same search on that member alone
+    n_blends: int
+
+
+def parse_members(config: Config) -> list[tuple[Path, tuple[str, ...]]]:
+    """(config path, overrides) of each ``ensemble.members`` entry, checked."""
+    members = config.ensemble.members
+    if len(members) < 2:
+        raise ValueError(
+            f"ensemble.members must name at least two experiments; got {len(members)} "
+            "(each a config path, or {config: path, set: [KEY=VALUE, ...]})"
+        )
+    parsed: list[tuple[Path, tuple[str, ...]]] = []
+    for i, item in enumerate(members):
+        where = f"ensemble.members[{i}]"
+        if isinstance(item, str):
+            parsed.append((Path(item), ()))
+            continue
+        if not isinstance(item, dict) or "config" not in item or set(item) - {"config", "set"}:
+            raise ValueError(
+                f"{where} must be a config path or {{config: path, set: [KEY=VALUE, ...]}}; "
+                f"got {item!r}"
+            )
+        overrides = item.get("set") or []
+        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
+            raise ValueError(f"{where}.set must be a list of KEY=VALUE strings; got {overrides!r}")
+        parsed.append((Path(str(item["config"])), tuple(overrides)))
+    return parsed
+
+
+def open_members(config: Config) -> list[Member]:
+    """Load every member and check that they can be blended (one split, one task)."""
+    members = []
+    for path, overrides in parse_members(config):
+        if not path.is_file():
+            raise FileNotFoundError(f"ensemble member config {path} does not exist")
+        member_config = load_config(path, list(overrides))
+        members.append(Member(member_config, overrides, open_experiment(member_config)))
+    names = [m.name for m in members]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(
+            f"ensemble members must be different experiments; {repeated[0]!r} is named twice "
+            "(give each its own experiment=... in its set)"
+        )
+    if config.experiment in names:
+        raise ValueError(
+            f"the ensemble's experiment {config.experiment!r} is also a member's; name it apart"
+        )
+    first = members[0]
+    for member in members[1:]:
+        if member.exp.classes != first.exp.classes:
+            raise ValueError(
+                f"ensemble members {first.name!r} and {member.name!r} have different classes: "
+                f"{first.exp.classes} and {member.exp.classes}"
+            )
+        if member.config.data.submission_size != first.config.data.submission_size:
+            raise ValueError(
+                f"ensemble members {first.name!r} and {member.name!r} store their probs at "
+                f"different sizes (data.submission_size {first.config.data.submission_size} "
+                f"and {member.config.data.submission_size})"
+            )
+    splits = []
+    for member in members:
+        path = member.config.run_dir / FOLDS
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"ensemble member {member.name!r} has no split ({path}); train it first"
+            )
+        splits.append((path, path.read_bytes()))
+    base_path, base_bytes = splits[0]
+    for path, content in splits[1:]:
+        if content != base_bytes:
+            raise ValueError(
+                f"ensemble members must share one split: {path} differs from {base_path}; "
+                "train the members with the same data, folds and seed"
+            )
+    return members
+
+
+def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
+    """The one streaming pass over the members' OOF stores: every blend x every setting."""
+    grid = config.postprocess
+    first = members[0]
+    classes = first.exp.classes
+    weights = simplex_weights(len(members), float(config.ensemble.weight_step))
+    gates = [g for g in grid.gates if g not in CLASSIFIER_GATES] or ["none"]
+    readers = [open_segmentation_oof(m.config, m.exp) for m in members]
+    accumulators = [
+        GridAccumulator(
+            classes,
+            grid.thresholds,
+            grid.min_areas,
+            grid.gate_thresholds,
+            first.exp.n_folds,
+            grid.topk_fraction,
+            gates=gates,
+            min_components=grid.min_components,
+        )
+        for _ in weights
+    ]
+    sizes = read_original_sizes(
+        cache_path(first.exp.cache_dir, "train", first.config.data.image_size)
+    )
+    rles = first.exp.rles()
+    for fold, fold_readers in enumerate(zip(*readers, strict=True)):
+        ids = fold_readers[0].image_ids
+        for member, reader in zip(members[1:], fold_readers[1:], strict=True):
+            if sorted(reader.image_ids) != sorted(ids):
+                raise ValueError(
+                    f"fold {fold}: {reader.directory} holds other images than "
+                    f"{fold_readers[0].directory} (member {member.name!r})"
+                )
+        for image_id, q in fold_readers[0].iter():
+            levels = [q, *(np.asarray(r.get(image_id)) for r in fold_readers[1:])]
+            truth = decode_truth(rles[image_id], sizes[image_id], q.shape[1:])
+            for accumulator, row in zip(accumulators, weights, strict=True):
+                accumulator.add(image_id, fold, blend_levels(levels, row), truth)
+    parts = [accumulator.sums() for accumulator in accumulators]
+    blend = GridSums.concat(parts).result()
+    per_blend = len(parts[0].thresholds)
+    chosen = {
+        name: weights[blend.per_class[name].setting // per_blend].tolist() for name in classes
+    }
+    alone = {m.name: parts[one_hot_index(weights, i)].result() for i, m in enumerate(members)}
+    return EnsembleChoice(chosen, blend, alone, len(weights))
+
+
+def comparison_table(choice: EnsembleChoice, classes: Sequence[str]) -> pd.DataFrame:
+    """Per class and overall: each member's and the blend's nested and in-sample scores."""
+    rows = []
+    for name in [*classes, "overall"]:
+        row: dict[str, Any] = {"class": name}
+        results = {**choice.members, "ensemble": choice.blend}
+        for label, result in results.items():
+            if name == "overall":
+                row[f"{label} nested"] = result.nested_score
+                row[f"{label} in-sample"] = result.score
+            else:
+                row[f"{label} nested"] = result.per_class[name].nested_score
+                row[f"{label} in-sample"] = result.per_class[name].score
+        row["weights"] = (
+            "" if name == "overall" else " / ".join(f"{w:g}" for w in choice.weights[name])
+        )
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_table(table: pd.DataFrame) -> str:
+    """The comparison as fixed-width text, scores to 4 decimals."""
+    return table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
+
+
+def member_test_probs(
+    member: Member, submissions_dir: Path, image_ids: Sequence[str]
+) -> ProbReader:
+    """The member's stored test probs, predicting them first when missing or stale."""
+    store = member.config.run_dir / TEST_PROBS
+    key_path = member.config.run_dir / TEST_PROBS_KEY
+    try:
+        fresh = read_json(key_path).get("inputs_key") == inputs_key(member.config, False)
+    except (FileNotFoundError, ValueError):
+        fresh = False
+    if not (fresh and store.is_dir() and set(ProbReader(store).image_ids) >= set(image_ids)):
+        log.info("member %s: predicting its test probs (python -m pipeline.predict)", member.name)
+        command = [sys.executable, "-m", "pipeline.predict", "--config", str(member.config.source)]
+        command += [arg for item in member.overrides for arg in ("--set", item)]
+        command += ["--submissions-dir", str(submissions_dir)]
+        if not (member.config.run_dir / POSTPROCESS).is_file():
+            command.append("--no-postprocess")
+        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+        if done.returncode != 0:
+            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
+            raise RuntimeError(f"predicting member {member.name!r} failed:\n{tail}")
+    else:
+        log.info("member %s: reusing its test probs in %s", member.name, store)
+    return ProbReader(store)
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    """The test images' ids and original sizes (``run.prediction.ImageSizes``)."""
+
+    image_ids: list[str]
+    original_sizes: np.ndarray
+
+
+def predict_ensemble(
+    config: Config,
+    members: Sequence[Member],
+    choice: EnsembleChoice,
+    out: Path | None,
+    submissions_dir: Path,
+) -> dict[str, Any]:
+    """Blend the members' test probs per class, post-process and write the submission."""
+    first = members[0]
+    classes = first.exp.classes
+    image_ids = list_test_images(first.config, first.exp)
+    readers = [member_test_probs(m, submissions_dir, image_ids) for m in members]
+    weights = np.array([choice.weights[name] for name in classes])
+    params = [choice.blend.per_class[name].params for name in classes]
+    rows: list[tuple[str, str, str]] = []
+    for image_id in image_ids:
+        q = blend_levels([np.asarray(r.get(image_id)) for r in readers], weights)
+        masks = (setting.apply(q[c]) for c, setting in enumerate(params))
+        rows.extend(
+            (image_id, name, text)
+            for name, text in zip(classes, rle.encode_batch(masks), strict=True)
+        )
+    table = pd.DataFrame(rows, columns=["image_id", "class_name", "rle"])
+    test_cache = cache_path(first.exp.cache_dir, "test", first.config.data.image_size)
+    sizes = read_original_sizes(test_cache)
+    test_sizes = _Sizes(list(image_ids), np.array([sizes[i] for i in image_ids]))
+    return write_outputs(
+        config,
+        first.exp,
+        table,
+        image_ids,
+        test_sizes,
+        out,
+        submissions_dir,
+        choice.blend.score,
+        choice.blend.nested_score,
+    )
+
+
+def ensemble(
+    config: Config, out: Path | None = None, submissions_dir: Path = Path("submissions")
+) -> dict[str, Any]:
+    """Choose the blend on the members' OOF, write its report, then predict the test set."""
+    started = time.perf_counter()
+    members = open_members(config)
+    classes = members[0].exp.classes
+    list_test_images(members[0].config, members[0].exp)  # fails before anything is written
+    with hold_lock(config.run_dir, f"run {config.run_dir} (ensemble)"):
+        log.info(
+            "ensemble of %s: scoring %d blends per class on their OOF stores",
+            ", ".join(m.name for m in members),
+            len(simplex_weights(len(members), float(config.ensemble.weight_step))),
+        )
+        choice = choose_blend(config, members)
+        table = comparison_table(choice, classes)
+        run_dir = config.run_dir
+        record: dict[str, Any] = {
+            "members": [
+                {"experiment": m.name, "config": str(m.config.source), "set": list(m.overrides)}
+                for m in members
+            ],
+            "weight_step": float(config.ensemble.weight_step),
+            "blends_per_class": choice.n_blends,
+            "weights": choice.weights,
+            "scores": {
+                label: {"nested": result.nested_score, "in_sample": result.score}
+                for label, result in {**choice.members, "ensemble": choice.blend}.items()
+            },
+            "table": table.to_dict(orient="records"),
+        }
+        save_postprocess(
+            run_dir / POSTPROCESS,
+            choice.blend.params_by_class(),
+            extra={**choice.blend.to_dict(), "ensemble": record},
+        )
+        write_json(run_dir / ENSEMBLE, record)
+        _write_report(run_dir / ENSEMBLE_REPORT, members, choice, table)
+        result = predict_ensemble(config, members, choice, out, submissions_dir)
+        result.update(
+            {"ensemble": record["scores"], "seconds": round(time.perf_counter() - started, 3)}
+        )
+        write_json(run_dir / PREDICT, result)
+    result["table"] = table
+    return result
+
+
+def _write_report(
+    path: Path, members: Sequence[Member], choice: EnsembleChoice, table: pd.DataFrame
+) -> None:
+    lines = [
+        f"# Ensemble of {', '.join(m.name for m in members)}",
+        "",
+        f"{choice.n_blends} blends per class (weights in the order of the members), each "
+        "with every post-processing setting; nested = each fold scored with the blend and "
+        "setting chosen on the other folds (the honest CV), in-sample = chosen and scored on "
+        "the same images (optimistic). A member's columns are the same search on it alone.",
+        "",
+        "```",
+        format_table(table),
+        "```",
+        "",
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.ensemble", description=__doc__)
+    add_config_arguments(parser)
+    parser.add_argument("--out", type=Path, help="submission file (default: see --submissions-dir)")
+    parser.add_argument(
+        "--submissions-dir",
+        type=Path,
+        default=Path("submissions"),
+        help="folder of <experiment>_<yyyymmdd-hhmm>.csv and history.md (default: %(default)s)",
+    )
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        result = ensemble(config_from_args(args), args.out, args.submissions_dir)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return report_interrupted("python -m pipeline.ensemble")
+    print(format_table(result["table"]))
+    scores = result["ensemble"]["ensemble"]
+    print(
+        f"ensemble OOF Kaggle Dice: nested {scores['nested']:.4f} (honest: chosen on the other "
+        f"folds), in-sample {scores['in_sample']:.4f}"
+    )
+    test = result["test_score"]
+    print(f"test Kaggle Dice: {'-' if test is None else f'{test:.4f}'}")
+    print(f"submission: {result['submission']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""pipeline.ensemble on hand-made member experiments: the blend search, its honesty
+checks, the members' own scores, the split check and the blended submission."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from pipeline.core.blend import blend_levels
+from pipeline.core.config import load_config
+from pipeline.core.images import cache_path
+from pipeline.core.layout import ENSEMBLE, ENSEMBLE_REPORT, TEST_PROBS, TEST_PROBS_KEY
+from pipeline.core.masks import truth_masks
+from pipeline.core.probstore import ProbReader, ProbWriter
+from pipeline.ensemble import main
+from pipeline.run.experiment import open_experiment
+from pipeline.run.json_files import read_json, write_json
+from pipeline.run.prediction import inputs_key
+from pipeline.tune import tune
+from tests.unit.stages.test_tune import (
+    CLASSES,
+    IMAGE_IDS,
+    ORIGINAL,
+    SIZE,
+    block,
+    make_experiment,
+    random_case,
+)
+
+TEST_IDS = ["t0.jpg", "t1.jpg"]
+
+
+def _member(config_path: Path, name: str, probs: dict) -> None:
+    """A second member of the hand-made experiment: its own run, the same split (the
+    same data, folds and seed: ``open_experiment`` writes the identical folds.csv)."""
+    config = load_config(config_path, [f"experiment={name}"])
+    exp = open_experiment(config)
+    for fold in range(3):
+        with ProbWriter(config.fold_dir(fold) / "oof", CLASSES) as writer:
+            for image_id in exp.members(fold)[1]:
+                writer.add(image_id, probs[image_id].transpose(1, 2, 0))
+        write_json(config.fold_dir(fold) / "metrics.json", {"fold": fold})
+
+
+def _complementary(tmp_path: Path) -> Path:
+    """Member A predicts Fish exactly and Sugar as noise; member B the other way round."""
+    truth, _, _ = random_case(seed=11)
+    rng = np.random.default_rng(2)
+    exact = {i: (t * 230).astype(np.uint8) for i, t in truth.items()}
+    wrong = {i: rng.integers(0, 255, t.shape).astype(np.uint8) for i, t in truth.items()}
+    a = {i: np.stack([exact[i][0], wrong[i][1]]) for i in IMAGE_IDS}
+    b = {i: np.stack([wrong[i][0], exact[i][1]]) for i in IMAGE_IDS}
+    path = make_experiment(tmp_path, truth, a, gates=["none", "segmentation"])
+    _member(path, "member_b", b)
+    return path
+
+
+def _ensemble_config(tmp_path: Path, member_path: Path, **extra: object) -> Path:
+    path = tmp_path / "ensemble.yaml"
+    body = {
+        "base": str(member_path),
+        "experiment": "blend",
+        "ensemble": {
+            "members": [
+                str(member_path),
+                {"config": str(member_path), "set": ["experiment=member_b"]},
+            ],
+            "weight_step": 0.25,
+        },
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(body))
+    return path
+
+
+def _test_stores(member_path: Path, tmp_path: Path, probs: dict[str, dict]) -> None:
+    """Test images, their cache index and each member's stored test probs (fresh keys)."""
+    folder = tmp_path / "test_images"
+    folder.mkdir(exist_ok=True)
+    import cv2
+
+    for image_id in TEST_IDS:
+        cv2.imwrite(str(folder / image_id), np.zeros(ORIGINAL, np.uint8))
+    for name, by_image in probs.items():
+        config = load_config(member_path, [f"experiment={name}", f"data.test_images={folder}"])
+        exp = open_experiment(config)
+        cache = cache_path(exp.cache_dir, "test", config.data.image_size)
+        cache.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"image_id": TEST_IDS, "height": ORIGINAL[0], "width": ORIGINAL[1]}).to_csv(
+            cache / "index.csv", index=False
+        )
+        with ProbWriter(config.run_dir / TEST_PROBS, CLASSES, overwrite=True) as writer:
+            for image_id in TEST_IDS:
+                writer.add(image_id, by_image[image_id].transpose(1, 2, 0))
+        write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": inputs_key(config, False)})
+
+
+def test_blend_takes_each_class_from_the_member_that_gets_it_right(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    member_path = _complementary(tmp_path)
+    fish, sugar = (block(slice(0, 2), slice(0, 3)) * 230 for _ in range(2))
+    test_a = {i: np.stack([fish, np.zeros(SIZE, np.uint8)]) for i in TEST_IDS}
+    test_b = {i: np.stack([np.zeros(SIZE, np.uint8), sugar]) for i in TEST_IDS}
+    _test_stores(member_path, tmp_path, {"handmade": test_a, "member_b": test_b})
+    path = _ensemble_config(
+        tmp_path,
+        member_path,
+        data={"test_images": str(tmp_path / "test_images"), "sample_submission": None},
+    )
+    # The members' configs must point at the same test folder as the stores' keys.
+    member_yaml = yaml.safe_load(member_path.read_text())
+    member_yaml["data"]["test_images"] = str(tmp_path / "test_images")
+    member_yaml["data"]["sample_submission"] = None
+    member_path.write_text(yaml.safe_dump(member_yaml))
+    _test_stores(member_path, tmp_path, {"handmade": test_a, "member_b": test_b})
+    out = tmp_path / "blend.csv"
+    assert main(["--config", str(path), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ensemble OOF Kaggle Dice: nested" in printed and "handmade nested" in printed
+    config = load_config(path)
+    record = read_json(config.run_dir / ENSEMBLE)
+    # Each class leans on the member that predicts it (a blend that still scores 1.0 may
+    # keep some of the other).
+    assert record["weights"]["Fish"][0] > 0.5 and record["weights"]["Sugar"][1] > 0.5
+    scores = record["scores"]
+    assert scores["ensemble"]["in_sample"] == 1.0 and scores["ensemble"]["nested"] == 1.0
+    assert scores["handmade"]["in_sample"] < 1.0 and scores["member_b"]["in_sample"] < 1.0
+    assert (config.run_dir / ENSEMBLE_REPORT).read_text().count("blend") >= 1
+    # Each member's columns are its own tuning: the same as tune on that member.
+    own = tune(load_config(member_path)).result
+    assert scores["handmade"]["nested"] == pytest.approx(own.nested_score, abs=1e-12)
+    assert scores["handmade"]["in_sample"] == pytest.approx(own.score, abs=1e-12)
+    # The submission blends the test probs per class: Fish from A, Sugar from B.
+    frame = pd.read_csv(out, keep_default_na=False)
+    assert len(frame) == len(TEST_IDS) * len(CLASSES)
+    rles = dict(zip(frame["Image_Label"], frame["EncodedPixels"], strict=True))
+    for image_id in TEST_IDS:
+        masks = truth_masks([rles[f"{image_id}_Fish"], rles[f"{image_id}_Sugar"]], SIZE, SIZE)
+        assert masks[:, :, 0].sum() == 6 and masks[:, :, 1].sum() == 6
+
+
+def test_the_chosen_blend_reproduces_its_score_by_brute_force(tmp_path: Path) -> None:
+    truth, probs_a, _ = random_case(seed=5)
+    _, probs_b, _ = random_case(seed=6)
+    member_path = make_experiment(tmp_path, truth, probs_a, gates=["none", "segmentation"])
+    _member(member_path, "member_b", probs_b)
+    from pipeline.ensemble import choose_blend, open_members
+
+    config = load_config(_ensemble_config(tmp_path, member_path))
+    members = open_members(config)
+    choice = choose_blend(config, members)
+    readers = [[ProbReader(m.config.fold_dir(k) / "oof") for k in range(3)] for m in members]
+    for c, name in enumerate(CLASSES):
+        weights = np.array(choice.weights[name])
+        params = choice.blend.per_class[name].params
+        dice = []
+        for k in range(3):
+            for image_id in readers[0][k].image_ids:
+                q = blend_levels([r[k].get(image_id) for r in readers], weights)
+                mask = params.apply(q[c])
+                target = truth[image_id][c]
+                total = mask.sum() + target.sum()
+                dice.append(1.0 if total == 0 else 2 * (mask & target).sum() / total)
+        assert np.mean(dice) == pytest.approx(choice.blend.per_class[name].score, abs=1e-12)
+        best_member = max(choice.members[m.name].per_class[name].score for m in members)
+        assert choice.blend.per_class[name].score >= best_member - 1e-12
+
+
+def test_bad_ensembles_exit_2_and_write_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    member_path = _complementary(tmp_path)
+    path = _ensemble_config(tmp_path, member_path)
+    run_dir = load_config(path).run_dir
+    # Member B trained on another split (another seed): its folds.csv differs.
+    other = tmp_path / "other.yaml"
+    other_members = [
+        str(member_path),
+        {"config": str(member_path), "set": ["experiment=c", "seed=7"]},
+    ]
+    other.write_text(yaml.safe_dump({"base": str(member_path), "experiment": "blend",
+                                     "ensemble": {"members": other_members}}))  # fmt: skip
+    assert main(["--config", str(other)]) == 2
+    assert "must share one split" in capsys.readouterr().err
+    one = tmp_path / "one.yaml"
+    one.write_text(yaml.safe_dump({"base": str(member_path), "experiment": "blend",
+                                   "ensemble": {"members": [str(member_path)]}}))  # fmt: skip
+    assert main(["--config", str(one)]) == 2
+    assert "at least two experiments" in capsys.readouterr().err
+    same = tmp_path / "same.yaml"
+    same.write_text(yaml.safe_dump({"base": str(member_path), "experiment": "blend",
+                                    "ensemble": {"members": [str(member_path)] * 2}}))  # fmt: skip
+    assert main(["--config", str(same)]) == 2
+    assert "'handmade' is named twice" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    members = [str(member_path), {"cfg": "x"}]
+    bad.write_text(yaml.safe_dump({"base": str(member_path), "experiment": "blend",
+                                   "ensemble": {"members": members}}))  # fmt: skip
+    assert main(["--config", str(bad)]) == 2
+    assert "ensemble.members[1] must be a config path" in capsys.readouterr().err
+    assert not run_dir.exists()
