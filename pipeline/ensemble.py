@@ -54,8 +54,6 @@ from pipeline.core.layout import (
     FOLDS,
     POSTPROCESS,
     PREDICT,
-    TEST_PROBS,
-    TEST_PROBS_KEY,
 )
 from pipeline.core.postprocess import CLASSIFIER_GATES, save_postprocess
 from pipeline.core.probstore import ProbReader
@@ -70,9 +68,9 @@ from pipeline.run.cli import (
     setup_logging,
 )
 from pipeline.run.experiment import Experiment, open_experiment
-from pipeline.run.json_files import read_json, write_json
+from pipeline.run.json_files import write_json
 from pipeline.run.oof import open_segmentation_oof
-from pipeline.run.prediction import inputs_key, list_test_images, write_outputs
+from pipeline.run.prediction import fresh_test_probs, list_test_images, write_outputs
 from pipeline.run.run_lock import hold_lock
 
 log = logging.getLogger(__name__)
@@ -254,13 +252,8 @@ def member_test_probs(
     member: Member, submissions_dir: Path, image_ids: Sequence[str]
 ) -> ProbReader:
     """The member's stored test probs, predicting them first when missing or stale."""
-    store = member.config.run_dir / TEST_PROBS
-    key_path = member.config.run_dir / TEST_PROBS_KEY
-    try:
-        fresh = read_json(key_path).get("inputs_key") == inputs_key(member.config, False)
-    except (FileNotFoundError, ValueError):
-        fresh = False
-    if not (fresh and store.is_dir() and set(ProbReader(store).image_ids) >= set(image_ids)):
+    reader = fresh_test_probs(member.config, image_ids)
+    if reader is None:
         log.info("member %s: predicting its test probs (python -m pipeline.predict)", member.name)
         command = [sys.executable, "-m", "pipeline.predict", "--config", str(member.config.source)]
         command += [arg for item in member.overrides for arg in ("--set", item)]
@@ -271,9 +264,12 @@ def member_test_probs(
         if done.returncode != 0:
             tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
             raise RuntimeError(f"predicting member {member.name!r} failed:\n{tail}")
+        reader = fresh_test_probs(member.config, image_ids)
+        if reader is None:
+            raise RuntimeError(f"member {member.name!r}: predict left no fresh test probs")
     else:
-        log.info("member %s: reusing its test probs in %s", member.name, store)
-    return ProbReader(store)
+        log.info("member %s: reusing its test probs in %s", member.name, reader.directory)
+    return reader
 
 
 @dataclass(frozen=True)

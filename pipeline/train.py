@@ -30,6 +30,8 @@ from pipeline.nn.data import (
     build_augmentation,
     make_eval_dataset,
     make_train_dataset,
+    pseudo_label_cache,
+    stack_caches,
     training_cache,
 )
 from pipeline.nn.devices import split_cpu
@@ -78,13 +80,22 @@ def prepare(ctx: FoldContext) -> FoldParts:
     config, exp, fold = ctx.config, ctx.exp, ctx.fold
     t = config.train
     cache = training_cache(config, exp, config.data.image_size)
+    train_rows = cache.index_of(ctx.train_ids)
+    source = cache
+    if config.data.pseudo_labels is not None:
+        # Pseudo-labelled images join the training part only: never validation or OOF.
+        pseudo = pseudo_label_cache(config, exp, config.data.image_size)
+        source = stack_caches(cache, pseudo)
+        extra = len(cache.image_ids) + np.arange(len(pseudo.image_ids))
+        train_rows = np.concatenate([train_rows, extra])
+        log.info("fold %d: + %d pseudo-labelled training images", fold, len(extra))
     global_batch = t.batch_size * ctx.replicas
-    steps = t.steps_per_epoch or max(1, len(ctx.train_ids) // global_batch)
+    steps = t.steps_per_epoch or max(1, len(train_rows) // global_batch)
     log.info(
         "fold %d: %d train / %d val images; %d replica(s) x batch %d, %d accumulated -> "
         "%d images per Adam step; %d steps per epoch",
         fold,
-        len(ctx.train_ids),
+        len(train_rows),
         len(ctx.val_ids),
         ctx.replicas,
         t.batch_size,
@@ -92,8 +103,7 @@ def prepare(ctx: FoldContext) -> FoldParts:
         global_batch * t.accumulation_steps,
         steps,
     )
-    sampler = CropSampler(cache, t.crop_size, build_augmentation(config.augment), config.seed)
-    train_rows = cache.index_of(ctx.train_ids)
+    sampler = CropSampler(source, t.crop_size, build_augmentation(config.augment), config.seed)
 
     def train_data(epoch: int) -> tf.data.Dataset:
         return make_train_dataset(
@@ -147,11 +157,12 @@ def prepare(ctx: FoldContext) -> FoldParts:
         }
 
     def calibration() -> Iterator[np.ndarray]:
-        # The training images in a fixed order, centre-cropped to the training input.
+        # The fold's own training images (not the pseudo-labelled ones) in a fixed
+        # order, centre-cropped to the training input.
         height, width = cache.images.shape[1:3]
         ch, cw = (int(v) for v in t.crop_size)
         top, left = (height - ch) // 2, (width - cw) // 2
-        rows = np.sort(train_rows)
+        rows = np.sort(cache.index_of(ctx.train_ids))
         full = max(1, len(rows) // t.batch_size) * t.batch_size
         for start in range(0, min(full, len(rows)), t.batch_size):
             batch = rows[start : start + t.batch_size]

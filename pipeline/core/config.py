@@ -47,6 +47,8 @@ NULLABLE: frozenset[str] = frozenset(
         "train.val_crop",
         "train.steps_per_epoch",
         "train.ema_decay",
+        "data.pseudo_labels",
+        "data.pseudo_images",
         "jobs.address",
         "jobs.cpus_per_job",
     }
@@ -57,6 +59,8 @@ NULL_DEFAULT_TYPES: dict[str, tuple[type, float | None]] = {
     "jobs.address": (str, None),
     "jobs.cpus_per_job": (float, 0.0),
     "train.ema_decay": (float, 0.0),
+    "data.pseudo_labels": (str, None),
+    "data.pseudo_images": (str, None),
 }
 # Number keys that must lie below 1 (with their lower bound from the other tables).
 BELOW_ONE_KEYS: frozenset[str] = frozenset({"train.ema_decay"})

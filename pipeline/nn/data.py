@@ -7,6 +7,7 @@ that training reads a crop with one slice, and a 5,546-image set never sits in R
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.images import cache_path, files_fingerprint, read_image, resolve_image_path
-from pipeline.core.masks import decode_masks, resize_masks
+from pipeline.core.mask_csv import read_masks
+from pipeline.core.masks import decode_masks, resize_masks, rles_by_image
 from pipeline.core.sample_order import SampleOrder
 from pipeline.nn.keras_backend import tf
 from pipeline.run.run_lock import pid_alive
@@ -228,6 +230,73 @@ def training_cache(config: Config, exp: Experiment, size: Sequence[int]) -> Imag
         exp.rles(),
         masks_key=exp.data_key,
         masks_source=f"mask CSV {str(config.data.train_csv)!r}",
+        classes=exp.classes,
+    )
+
+
+class _StackedRows:
+    """Rows of several arrays, one after the other, read one at a time (no copy)."""
+
+    def __init__(self, parts: Sequence[np.ndarray]) -> None:
+        self.parts = list(parts)
+        self.starts = np.cumsum([0, *(len(p) for p in self.parts)])
+        self.shape = (int(self.starts[-1]), *self.parts[0].shape[1:])
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        if not 0 <= index < self.shape[0]:
+            raise IndexError(f"row {index} out of range for {self.shape[0]} rows")
+        part = int(np.searchsorted(self.starts, index, side="right")) - 1
+        return self.parts[part][index - int(self.starts[part])]
+
+
+def stack_caches(first: ImageCache, second: ImageCache) -> ImageCache:
+    """One training source over two caches at the same size: ``second``'s rows follow
+    ``first``'s (row ``len(first.image_ids) + i`` is ``second``'s row i)."""
+    if first.images.shape[1:] != second.images.shape[1:]:
+        raise ValueError(
+            f"caches {first.directory} and {second.directory} hold images of different "
+            f"sizes: {first.images.shape[1:3]} and {second.images.shape[1:3]}"
+        )
+    if first.masks is None or second.masks is None:
+        raise ValueError("both caches must hold masks to train on them")
+    stacked: Any = ImageCache(
+        first.directory,
+        [*first.image_ids, *second.image_ids],
+        np.concatenate([first.original_sizes, second.original_sizes]),
+        _StackedRows([first.images, second.images]),  # type: ignore[arg-type]
+        _StackedRows([first.masks, second.masks]),  # type: ignore[arg-type]
+    )
+    return stacked
+
+
+def pseudo_label_cache(config: Config, exp: Experiment, size: Sequence[int]) -> ImageCache:
+    """The images and masks of ``data.pseudo_labels`` (an ``image_label`` CSV written by
+    ``python -m pipeline.pseudo_label``) from ``data.pseudo_images`` (default: the test
+    images), at ``size``. Its images must not be training images."""
+    path = Path(config.data.pseudo_labels)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.pseudo_labels {str(path)!r} does not exist")
+    table = read_masks(path, layout="image_label", classes=exp.classes).table
+    ids = sorted(table["image_id"].unique())
+    overlap = sorted(set(ids) & set(exp.image_ids))
+    if overlap:
+        raise ValueError(
+            f"data.pseudo_labels {str(path)!r} labels training images ({overlap[:3]}): "
+            "pseudo-labels must come from images outside the training set"
+        )
+    folder = Path(config.data.pseudo_images or config.data.test_images)
+    return build_cache(
+        exp.cache_dir,
+        "pseudo",
+        folder,
+        ids,
+        size,
+        rles_by_image(table, exp.classes),
+        masks_key=hashlib.sha256(path.read_bytes()).hexdigest()[:16],
+        masks_source=f"pseudo-label CSV {str(path)!r}",
         classes=exp.classes,
     )
 

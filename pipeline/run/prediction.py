@@ -32,11 +32,18 @@ from pipeline.core.images import (
     resolve_image_path,
 )
 from pipeline.core.layout import BEST_WEIGHTS as WEIGHTS
-from pipeline.core.layout import CLASSIFIER_STAGE, POSTPROCESS, SUBMISSION_LOG
+from pipeline.core.layout import (
+    CLASSIFIER_STAGE,
+    POSTPROCESS,
+    SUBMISSION_LOG,
+    TEST_PROBS,
+    TEST_PROBS_KEY,
+)
 from pipeline.core.layout import FOLD_METRICS as METRICS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.mask_csv import read_masks
 from pipeline.core.postprocess import PostprocessParams, load_postprocess
+from pipeline.core.probstore import ProbReader
 from pipeline.run.experiment import Experiment
 from pipeline.run.fold_records import read_fold_metrics
 from pipeline.run.json_files import read_json
@@ -278,3 +285,17 @@ def write_outputs(
         "oof_score_nested": oof_nested,
         "test_score": test_score,
     }
+
+
+def fresh_test_probs(config: Config, image_ids: Sequence[str]) -> ProbReader | None:
+    """The experiment's stored test probs (``TEST_PROBS``, written by predict) when they
+    hold ``image_ids`` and nothing they were predicted from has changed since; else None."""
+    store = config.run_dir / TEST_PROBS
+    try:
+        key = read_json(config.run_dir / TEST_PROBS_KEY).get("inputs_key")
+    except (FileNotFoundError, ValueError):
+        return None
+    if key != inputs_key(config, False) or not store.is_dir():
+        return None
+    reader = ProbReader(store)
+    return reader if set(reader.image_ids) >= set(image_ids) else None

@@ -163,3 +163,55 @@ def test_missing_fold_weights_name_the_fold_and_the_command(tmp_path, tiny_data)
         predict(config, tmp_path / "x.csv", tmp_path / "subs", use_postprocess=False)
     with pytest.raises(FileNotFoundError, match="python -m pipeline.train --config .* --fold 0"):
         predict(config, tmp_path / "x.csv", tmp_path / "subs", use_postprocess=False)
+
+
+def test_pseudo_labels_round_trains_on_them_but_never_validates_on_them(
+    tmp_path, trained_run, tiny_data
+):
+    """predict -> pseudo_label -> a next round whose folds train on the pseudo-labelled
+    test images while validation and the OOF hold only training images."""
+    from pipeline.core.layout import OOF, PSEUDO_LABELS, PSEUDO_LABELS_JSON
+    from pipeline.core.probstore import ProbReader
+
+    # Thresholds that accept nearly every class (no tiny 1-epoch model is confident).
+    config = copy_run(
+        trained_run, tmp_path, tiny_data, pseudo_label={"positive": 0.0, "negative": 1.0}
+    )
+    run_dir = tmp_path / "runs" / "tiny"
+    missing = run_cli("pipeline.pseudo_label", "--config", str(config))
+    assert missing.returncode == 2 and "pipeline.predict" in missing.stderr
+    for stage in ("pipeline.tune", "pipeline.predict"):
+        out = run_cli(stage, "--config", str(config), *(
+            ["--submissions-dir", str(tmp_path / "subs")] if stage == "pipeline.predict" else []
+        ))  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+    out = run_cli("pipeline.pseudo_label", "--config", str(config))
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((run_dir / PSEUDO_LABELS_JSON).read_text())
+    kept = summary["kept_images"]
+    assert summary["test_images"] == 6 and kept >= 1
+    assert sum(summary["per_class"]["Fish"].values()) == kept
+    table = pd.read_csv(run_dir / PSEUDO_LABELS, keep_default_na=False)
+    assert len(table) == kept * len(CLASSES)
+    assert "next round" in out.stdout
+    round1 = run_cli(
+        "pipeline.train", "--config", str(config), "--fold", "0",
+        "--set", "experiment=tiny_pl1",
+        "--set", f"data.pseudo_labels={run_dir / PSEUDO_LABELS}",
+    )  # fmt: skip
+    assert round1.returncode == 0, round1.stderr[-3000:]
+    assert f"+ {kept} pseudo-labelled training images" in round1.stderr
+    loaded = load_config(config, ["experiment=tiny_pl1"])
+    train_ids = set(pd.read_csv(tiny_data / "train.csv")["Image_Label"].str.rsplit("_", n=1).str[0])
+    test_ids = set(table["Image_Label"].str.rsplit("_", n=1).str[0])
+    oof_ids = set(ProbReader(loaded.fold_dir(0) / OOF).image_ids)
+    assert oof_ids and oof_ids <= train_ids and not oof_ids & test_ids
+    # A pseudo-label table naming a training image is refused.
+    bad = tmp_path / "bad.csv"
+    renamed = table["Image_Label"].str.replace(next(iter(test_ids)), min(train_ids), regex=False)
+    table.assign(Image_Label=renamed).to_csv(bad, index=False)
+    refused = run_cli(
+        "pipeline.train", "--config", str(config), "--fold", "1",
+        "--set", "experiment=tiny_pl_bad", "--set", f"data.pseudo_labels={bad}",
+    )  # fmt: skip
+    assert refused.returncode == 2 and "labels training images" in refused.stderr

@@ -1,0 +1,175 @@
+"""``python -m pipeline.pseudo_label``: confident test predictions as extra training labels.
+
+Severstal's 1st place trained two more rounds on test images labelled by its own
+ensemble, keeping only images where the segmenter and the classifier agree confidently.
+For a trained, tuned and predicted experiment this stage reads its stored test probs
+(``runs/<exp>/test_probs/``, from ``python -m pipeline.predict``) and post-processes them
+with the tuned ``postprocess.json``; each class of a test image is
+
+- **present** where its mask is non-empty and the presence probability is above
+  ``pseudo_label.positive`` (0.95),
+- **absent** where its mask is empty and the presence probability is below
+  ``pseudo_label.negative`` (0.05).
+
+The presence probability is the classifier's (mean over its folds) when the experiment
+has one, else the segmentation's own top-k mean (``postprocess.topk_fraction``). An
+image is kept only when every class is one or the other. The kept masks are resized to
+each test image's own size and written as an ``image_label`` table,
+``runs/<exp>/pseudo_labels.csv`` (with ``pseudo_labels.json``: counts and thresholds).
+
+A following experiment names it in ``data.pseudo_labels``: its images join every fold's
+training part, never a validation part, so the next round's OOF and nested CV are
+scored on true labels only and compare with this round's. Use a new experiment name
+with the same seed, so the split is the same (the command is printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from pipeline.core import rle
+from pipeline.core.clock import StageClock
+from pipeline.core.config import Config
+from pipeline.core.images import cache_path, read_original_sizes
+from pipeline.core.layout import CLASSIFIER_STAGE, POSTPROCESS, PSEUDO_LABELS, PSEUDO_LABELS_JSON
+from pipeline.core.postprocess import load_postprocess, segmentation_score
+from pipeline.core.submission import make_submission_frame
+from pipeline.run.cli import (
+    add_config_arguments,
+    config_from_args,
+    report_interrupted,
+    setup_logging,
+)
+from pipeline.run.experiment import open_experiment
+from pipeline.run.json_files import write_json
+from pipeline.run.prediction import fold_weights, fresh_test_probs, list_test_images
+from pipeline.run.run_lock import hold_lock
+
+log = logging.getLogger(__name__)
+
+
+def select(masks: np.ndarray, presence: np.ndarray, positive: float, negative: float) -> np.ndarray:
+    """(C,) int per class of one image: 1 present, 0 absent, -1 not confident.
+
+    ``masks`` (C, H, W) the post-processed masks, ``presence`` (C,) probabilities.
+    """
+    non_empty = masks.reshape(len(masks), -1).any(axis=1)
+    out = np.full(len(masks), -1, dtype=np.int64)
+    out[non_empty & (presence > positive)] = 1
+    out[~non_empty & (presence < negative)] = 0
+    return out
+
+
+def pseudo_label(config: Config) -> dict[str, Any]:
+    """Select the confident test images of a predicted experiment and write their labels."""
+    exp = open_experiment(config)
+    p = config.pseudo_label
+    for key in ("positive", "negative"):
+        if not 0.0 <= float(p[key]) <= 1.0:
+            raise ValueError(f"pseudo_label.{key} must be in [0, 1]; got {p[key]}")
+    image_ids = list_test_images(config, exp)
+    reader = fresh_test_probs(config, image_ids)
+    if reader is None:
+        raise FileNotFoundError(
+            f"no up-to-date test probs in {config.run_dir}: run `python -m pipeline.predict "
+            f"--config {config.source or '<config>'}` (with the same --set overrides) first"
+        )
+    params, _ = load_postprocess(config.run_dir / POSTPROCESS, exp.classes)
+    settings = [params[name] for name in exp.classes]
+    sizes = read_original_sizes(cache_path(exp.cache_dir, "test", config.data.image_size))
+    try:
+        fold_weights(config, CLASSIFIER_STAGE)
+        has_classifier = True
+    except FileNotFoundError:
+        has_classifier = False
+    with hold_lock(config.run_dir, f"run {config.run_dir} (pseudo_label)"):
+        if has_classifier:
+            from pipeline.nn.predictor import predict_presence  # the Keras layer, only here
+
+            presence = predict_presence(
+                config, image_ids, len(exp.classes), exp.cache_dir, StageClock()
+            )
+            source = "the classifier"
+        else:
+            presence = None
+            source = f"the top-{config.postprocess.topk_fraction:g} mean of the segmentation"
+        rows: list[tuple[str, str, str]] = []
+        counts = {name: {"present": 0, "absent": 0} for name in exp.classes}
+        for i, image_id in enumerate(image_ids):
+            q = np.asarray(reader.get(image_id))
+            scores = (
+                presence[i]
+                if presence is not None
+                else np.array([segmentation_score(c, config.postprocess.topk_fraction) for c in q])
+            )
+            masks = np.stack([s.apply(q[c], float(scores[c])) for c, s in enumerate(settings)])
+            chosen = select(masks, scores, float(p.positive), float(p.negative))
+            if (chosen < 0).any():
+                continue
+            height, width = sizes[image_id]
+            for c, name in enumerate(exp.classes):
+                counts[name]["present" if chosen[c] else "absent"] += 1
+                full = cv2.resize(
+                    masks[c], (int(width), int(height)), interpolation=cv2.INTER_NEAREST
+                )
+                rows.append((image_id, name, rle.encode(full)))
+        kept = len(rows) // len(exp.classes)
+        table = pd.DataFrame(rows, columns=["image_id", "class_name", "rle"])
+        frame = make_submission_frame(table, "image_label", exp.classes, None)
+        out = config.run_dir / PSEUDO_LABELS
+        tmp = out.with_name(out.name + ".tmp")
+        frame.to_csv(tmp, index=False, lineterminator="\n")
+        tmp.replace(out)
+        summary = {
+            "test_images": len(image_ids),
+            "kept_images": kept,
+            "presence_from": source,
+            "positive": float(p.positive),
+            "negative": float(p.negative),
+            "per_class": counts,
+            "table": str(out),
+            "images": str(config.data.test_images),
+        }
+        write_json(config.run_dir / PSEUDO_LABELS_JSON, summary)
+    log.info("kept %d of %d test images (presence from %s)", kept, len(image_ids), source)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.pseudo_label", description=__doc__)
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        config = config_from_args(args)
+        summary = pseudo_label(config)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        return report_interrupted("python -m pipeline.pseudo_label")
+    print(
+        f"pseudo-labels: {summary['kept_images']} of {summary['test_images']} test images kept "
+        f"(presence from {summary['presence_from']}) -> {summary['table']}"
+    )
+    for name, count in summary["per_class"].items():
+        print(f"  {name}: {count['present']} present, {count['absent']} absent")
+    source = config.source or "<config>"
+    print(
+        "next round (same seed, so the same split): python -m pipeline.train --config "
+        f"{source} --all --set experiment={config.experiment}_pl1 --set "
+        f"data.pseudo_labels={summary['table']} --set data.pseudo_images={summary['images']}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
