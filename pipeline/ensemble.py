@@ -68,12 +68,16 @@ from pipeline.run.cli import (
     setup_logging,
 )
 from pipeline.run.experiment import Experiment, open_experiment
+from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
 from pipeline.run.oof import open_segmentation_oof
 from pipeline.run.prediction import fresh_test_probs, list_test_images, write_outputs
 from pipeline.run.run_lock import hold_lock
 
 log = logging.getLogger(__name__)
+
+# Blends per class one ensemble may score (each costs a pass of the grid search).
+MAX_BLENDS = 300
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,11 @@ def parse_members(config: Config) -> list[tuple[Path, tuple[str, ...]]]:
         if isinstance(item, str):
             parsed.append((Path(item), ()))
             continue
-        if not isinstance(item, dict) or "config" not in item or set(item) - {"config", "set"}:
+        if (
+            not isinstance(item, dict)
+            or not isinstance(item.get("config"), str)
+            or set(item) - {"config", "set"}
+        ):
             raise ValueError(
                 f"{where} must be a config path or {{config: path, set: [KEY=VALUE, ...]}}; "
                 f"got {item!r}"
@@ -128,10 +136,16 @@ def parse_members(config: Config) -> list[tuple[Path, tuple[str, ...]]]:
 def open_members(config: Config) -> list[Member]:
     """Load every member and check that they can be blended (one split, one task)."""
     members = []
-    for path, overrides in parse_members(config):
+    for i, (path, overrides) in enumerate(parse_members(config)):
+        where = f"ensemble.members[{i}]"
         if not path.is_file():
-            raise FileNotFoundError(f"ensemble member config {path} does not exist")
-        member_config = load_config(path, list(overrides))
+            raise FileNotFoundError(f"{where}: config {str(path)!r} is not a file")
+        try:
+            member_config = load_config(path, list(overrides))
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+        # Before open_experiment, which would give an untrained member a run directory.
+        check_folds_finished(member_config)
         members.append(Member(member_config, overrides, open_experiment(member_config)))
     names = [m.name for m in members]
     repeated = sorted({n for n in names if names.count(n) > 1})
@@ -157,6 +171,21 @@ def open_members(config: Config) -> list[Member]:
                 f"different sizes (data.submission_size {first.config.data.submission_size} "
                 f"and {member.config.data.submission_size})"
             )
+    ours, theirs = config.to_dict()["data"], first.config.to_dict()["data"]
+    differing = [key for key in ours if ours[key] != theirs.get(key)]
+    if differing:
+        key = differing[0]
+        raise ValueError(
+            f"the ensemble's data.{key} ({ours[key]!r}) differs from its first member's "
+            f"({theirs.get(key)!r}): the ensemble predicts its members' data; make them equal"
+        )
+    test_ids = list_test_images(first.config, first.exp)
+    for member in members[1:]:
+        if list_test_images(member.config, member.exp) != test_ids:
+            raise ValueError(
+                f"ensemble members {first.name!r} and {member.name!r} have different test "
+                "images (data.test_images / data.sample_submission)"
+            )
     splits = []
     for member in members:
         path = member.config.run_dir / FOLDS
@@ -180,7 +209,7 @@ def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
     grid = config.postprocess
     first = members[0]
     classes = first.exp.classes
-    weights = simplex_weights(len(members), float(config.ensemble.weight_step))
+    weights = blend_grid(config, len(members))
     gates = [g for g in grid.gates if g not in CLASSIFIER_GATES] or ["none"]
     readers = [open_segmentation_oof(m.config, m.exp) for m in members]
     accumulators = [
@@ -223,6 +252,17 @@ def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
     return EnsembleChoice(chosen, blend, alone, len(weights))
 
 
+def blend_grid(config: Config, n_members: int) -> np.ndarray:
+    """The candidate blends of ``ensemble.weight_step`` (at most ``MAX_BLENDS``)."""
+    weights = simplex_weights(n_members, float(config.ensemble.weight_step))
+    if len(weights) > MAX_BLENDS:
+        raise ValueError(
+            f"ensemble.weight_step {config.ensemble.weight_step} gives {len(weights)} blends "
+            f"per class for {n_members} members (at most {MAX_BLENDS}); take a larger step"
+        )
+    return weights
+
+
 def comparison_table(choice: EnsembleChoice, classes: Sequence[str]) -> pd.DataFrame:
     """Per class and overall: each member's and the blend's nested and in-sample scores."""
     rows = []
@@ -262,8 +302,10 @@ def member_test_probs(
             command.append("--no-postprocess")
         done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
         if done.returncode != 0:
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-5:])
-            raise RuntimeError(f"predicting member {member.name!r} failed:\n{tail}")
+            lines = (done.stderr or done.stdout).strip().splitlines()
+            errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
+            reason = errors[-1] if errors else (lines[-1] if lines else "no output")
+            raise RuntimeError(f"predicting member {member.name!r} failed: {reason}")
         reader = fresh_test_probs(member.config, image_ids)
         if reader is None:
             raise RuntimeError(f"member {member.name!r}: predict left no fresh test probs")
@@ -324,17 +366,23 @@ def ensemble(
 ) -> dict[str, Any]:
     """Choose the blend on the members' OOF, write its report, then predict the test set."""
     started = time.perf_counter()
+    if out is not None and Path(out).is_dir():
+        raise ValueError(f"--out {str(out)!r} is a directory; name the submission file")
+    if Path(submissions_dir).exists() and not Path(submissions_dir).is_dir():
+        raise ValueError(f"--submissions-dir {str(submissions_dir)!r} is not a directory")
     members = open_members(config)
     classes = members[0].exp.classes
-    list_test_images(members[0].config, members[0].exp)  # fails before anything is written
+    n_blends = len(blend_grid(config, len(members)))
     with hold_lock(config.run_dir, f"run {config.run_dir} (ensemble)"):
         log.info(
             "ensemble of %s: scoring %d blends per class on their OOF stores",
             ", ".join(m.name for m in members),
-            len(simplex_weights(len(members), float(config.ensemble.weight_step))),
+            n_blends,
         )
         choice = choose_blend(config, members)
         table = comparison_table(choice, classes)
+        # The submission first: a failed prediction leaves the run's files as they were.
+        result = predict_ensemble(config, members, choice, out, submissions_dir)
         run_dir = config.run_dir
         record: dict[str, Any] = {
             "members": [
@@ -357,7 +405,6 @@ def ensemble(
         )
         write_json(run_dir / ENSEMBLE, record)
         _write_report(run_dir / ENSEMBLE_REPORT, members, choice, table)
-        result = predict_ensemble(config, members, choice, out, submissions_dir)
         result.update(
             {"ensemble": record["scores"], "seconds": round(time.perf_counter() - started, 3)}
         )

@@ -62,6 +62,7 @@ from pipeline.run.prediction import (
     fold_weights,
     inputs_key,
     list_test_images,
+    prediction_key,
     read_postprocess,
     write_outputs,
 )
@@ -153,7 +154,7 @@ def _predict(
                 store,
             )
         # What the stored test probs were predicted from: an ensemble reuses them while equal.
-        write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": inputs_key(config, False)})
+        write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": prediction_key(config)})
     finally:
         accumulator.close()
         shutil.rmtree(work, ignore_errors=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -49,6 +50,7 @@ from pipeline.run.cli import (
     setup_logging,
 )
 from pipeline.run.experiment import open_experiment
+from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
 from pipeline.run.prediction import fold_weights, fresh_test_probs, list_test_images
 from pipeline.run.run_lock import hold_lock
@@ -70,6 +72,7 @@ def select(masks: np.ndarray, presence: np.ndarray, positive: float, negative: f
 
 def pseudo_label(config: Config) -> dict[str, Any]:
     """Select the confident test images of a predicted experiment and write their labels."""
+    check_folds_finished(config)  # before open_experiment, which writes into the run
     exp = open_experiment(config)
     p = config.pseudo_label
     for key in ("positive", "negative"):
@@ -122,6 +125,12 @@ def pseudo_label(config: Config) -> dict[str, Any]:
                 )
                 rows.append((image_id, name, rle.encode(full)))
         kept = len(rows) // len(exp.classes)
+        if kept == 0:
+            raise ValueError(
+                f"no test image has every class confidently present (> pseudo_label.positive "
+                f"{p.positive}) or absent (< pseudo_label.negative {p.negative}); nothing was "
+                "written: lower positive or raise negative"
+            )
         table = pd.DataFrame(rows, columns=["image_id", "class_name", "rle"])
         frame = make_submission_frame(table, "image_label", exp.classes, None)
         out = config.run_dir / PSEUDO_LABELS
@@ -163,10 +172,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, count in summary["per_class"].items():
         print(f"  {name}: {count['present']} present, {count['absent']} absent")
     source = config.source or "<config>"
+    kept = [s for s in args.overrides if not s.startswith(("experiment=", "data.pseudo_"))]
+    sets = [
+        *kept,
+        f"experiment={config.experiment}_pl1",
+        f"data.pseudo_labels={summary['table']}",
+        f"data.pseudo_images={summary['images']}",
+    ]
     print(
         "next round (same seed, so the same split): python -m pipeline.train --config "
-        f"{source} --all --set experiment={config.experiment}_pl1 --set "
-        f"data.pseudo_labels={summary['table']} --set data.pseudo_images={summary['images']}"
+        f"{source} --all " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
     )
     return 0
 

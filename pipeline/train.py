@@ -57,12 +57,18 @@ from pipeline.run.cli import (
     sigterm_as_interrupt,
 )
 from pipeline.run.cluster import WORKER_KEY, worker_summary
-from pipeline.run.experiment import (
-    Experiment,
-)
+from pipeline.run.experiment import Experiment, open_experiment, read_pseudo_labels
 from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
 
 log = logging.getLogger(__name__)
+
+
+def check_inputs(config: Config) -> None:
+    """Checked before any fold starts: the sizes suit the network's stride, and a
+    pseudo-label table is readable and labels no training image."""
+    check_sizes(config)
+    if config.data.pseudo_labels is not None:
+        read_pseudo_labels(config, open_experiment(config))
 
 
 def check_sizes(config: Config) -> None:
@@ -238,7 +244,7 @@ SEGMENTATION = FoldStage(
     image_size=lambda config: config.data.image_size,
     jobs=segmentation_jobs,
     summary=lambda m: f"OOF Kaggle Dice at 0.5 = {m['oof_kaggle_dice_050']:.4f}",
-    check=check_sizes,
+    check=check_inputs,
 )
 
 

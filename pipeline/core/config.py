@@ -8,6 +8,7 @@ also be null where ``NULLABLE`` says so. Unknown keys, wrong types and values ou
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ import yaml
 
 from pipeline.core import layout
 from pipeline.core.folds import FOLD_METHODS
+from pipeline.core.postprocess import GATES
 from pipeline.core.precision import PRECISIONS
 from pipeline.core.tta import MERGES
 
@@ -81,6 +83,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "classifier.monitor_mode": ("min", "max"),
     "classifier.pooling": ("avg", "max", "avgmax"),
 }
+
+# List keys whose items are each one of these choices.
+LIST_CHOICES: dict[str, tuple[str, ...]] = {"postprocess.gates": GATES}
 
 # Float keys that also accept the word "auto".
 FLOAT_OR_AUTO: frozenset[str] = frozenset({"train.lr"})
@@ -312,6 +317,15 @@ def _check(value: Any, default: Any, key: str) -> Any:
     if key in INT_LIST_KEYS:
         return _check_int_list(value, key, INT_LIST_KEYS[key])
     value = _coerce(value, default, key)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key {key!r} must be a finite number; got {value!r}")
+    if key in LIST_CHOICES:
+        bad = [v for v in value if not isinstance(v, str) or v not in LIST_CHOICES[key]]
+        if bad or not value:
+            raise ConfigError(
+                f"config key {key!r} must be a non-empty list of {list(LIST_CHOICES[key])}; "
+                f"got {value!r}"
+            )
     if key in SIZE_KEYS:
         _check_size(value, key)
     if key in CHOICES and value not in CHOICES[key]:

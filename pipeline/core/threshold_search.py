@@ -50,7 +50,15 @@ _LEVELS_DESC = np.arange(QUANTISATION, -1, -1, dtype=np.int64)
 
 
 def _check_grid(name: str, values: Sequence[float], integer: bool = False) -> np.ndarray:
+    what = "integers >= 0" if integer else "numbers in [0, 1]"
+    if isinstance(values, (str, bytes)) or any(
+        isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating))
+        for v in values
+    ):
+        raise ValueError(f"{name} must be a list of {what}; got {values!r}")
     array = np.asarray(values, dtype=np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{name} must be a list of {what}; got {list(values)}")
     if len(set(array.tolist())) != len(array):
         raise ValueError(f"{name} must not repeat values; got {list(values)}")
     if integer:

@@ -27,7 +27,6 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.images import cache_path, files_fingerprint, read_image, resolve_image_path
-from pipeline.core.mask_csv import read_masks
 from pipeline.core.masks import decode_masks, resize_masks, rles_by_image
 from pipeline.core.sample_order import SampleOrder
 from pipeline.nn.keras_backend import tf
@@ -276,17 +275,11 @@ def pseudo_label_cache(config: Config, exp: Experiment, size: Sequence[int]) -> 
     """The images and masks of ``data.pseudo_labels`` (an ``image_label`` CSV written by
     ``python -m pipeline.pseudo_label``) from ``data.pseudo_images`` (default: the test
     images), at ``size``. Its images must not be training images."""
+    from pipeline.run.experiment import read_pseudo_labels  # the run layer above
+
     path = Path(config.data.pseudo_labels)
-    if not path.is_file():
-        raise FileNotFoundError(f"data.pseudo_labels {str(path)!r} does not exist")
-    table = read_masks(path, layout="image_label", classes=exp.classes).table
+    table = read_pseudo_labels(config, exp).table
     ids = sorted(table["image_id"].unique())
-    overlap = sorted(set(ids) & set(exp.image_ids))
-    if overlap:
-        raise ValueError(
-            f"data.pseudo_labels {str(path)!r} labels training images ({overlap[:3]}): "
-            "pseudo-labels must come from images outside the training set"
-        )
     folder = Path(config.data.pseudo_images or config.data.test_images)
     return build_cache(
         exp.cache_dir,

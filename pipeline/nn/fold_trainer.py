@@ -315,6 +315,7 @@ def train_folds(
         check_fold_number(config, fold)
     pending = [k for k in folds if force or not is_finished(stage.fold_dir(config, k))]
     if len(folds) > 1 and use_fold_jobs(config, len(pending)):
+        stage.check(config)  # here, before any job starts: a bad input is exit 2, not a job's
         run_parallel(config, stage.jobs(config, pending), [stage.image_size(config)], resume, force)
         return [read_fold_metrics(stage.fold_dir(config, k), stage.command) for k in folds]
     results = []

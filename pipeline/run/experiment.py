@@ -258,3 +258,23 @@ def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], layout
             absent,
             config.data.train_csv,
         )
+
+
+def read_pseudo_labels(config: Config, exp: Experiment) -> MaskTable:
+    """The table of ``data.pseudo_labels`` (``image_label`` layout, as
+    ``python -m pipeline.pseudo_label`` writes it), checked: a readable file with at
+    least one image, none of them a training image."""
+    path = Path(config.data.pseudo_labels)
+    if not path.is_file():
+        raise FileNotFoundError(f"data.pseudo_labels {str(path)!r} is not a file")
+    table = read_masks(path, layout="image_label", classes=exp.classes)
+    ids = set(table.table["image_id"])
+    if not ids:
+        raise ValueError(f"data.pseudo_labels {str(path)!r} labels no image")
+    overlap = sorted(ids & set(exp.image_ids))
+    if overlap:
+        raise ValueError(
+            f"data.pseudo_labels {str(path)!r} labels training images ({overlap[:3]}): "
+            "pseudo-labels must come from images outside the training set"
+        )
+    return table

@@ -287,15 +287,36 @@ def write_outputs(
     }
 
 
+def prediction_key(config: Config) -> str:
+    """What predict's stored test probs depend on: the config sections predict reads for
+    them (data, model, TTA, inference precision, the folds), every segmentation fold's
+    weights (size and modification time) and the test images; not the post-processing,
+    the classifier or the keys of later stages (pseudo_label, ensemble)."""
+    whole = config.to_dict()
+    parts: list[Any] = [
+        {key: whole[key] for key in ("data", "model", "tta", "predict")},
+        [config.folds.n_splits, config.train.mixed_precision],
+    ]
+    for fold in range(config.folds.n_splits):
+        path = config.fold_dir(fold) / WEIGHTS
+        if path.is_file():
+            stat = path.stat()
+            parts.append([str(path), stat.st_size, stat.st_mtime_ns])
+    folder = Path(config.data.test_images)
+    if folder.is_dir():
+        parts.append(files_fingerprint(folder, list_image_files(folder)))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def fresh_test_probs(config: Config, image_ids: Sequence[str]) -> ProbReader | None:
     """The experiment's stored test probs (``TEST_PROBS``, written by predict) when they
     hold ``image_ids`` and nothing they were predicted from has changed since; else None."""
     store = config.run_dir / TEST_PROBS
     try:
         key = read_json(config.run_dir / TEST_PROBS_KEY).get("inputs_key")
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, AttributeError):
         return None
-    if key != inputs_key(config, False) or not store.is_dir():
+    if key != prediction_key(config) or not store.is_dir():
         return None
     reader = ProbReader(store)
     return reader if set(reader.image_ids) >= set(image_ids) else None

@@ -185,6 +185,10 @@ def test_pseudo_labels_round_trains_on_them_but_never_validates_on_them(
             ["--submissions-dir", str(tmp_path / "subs")] if stage == "pipeline.predict" else []
         ))  # fmt: skip
         assert out.returncode == 0, out.stderr[-3000:]
+    none = run_cli("pipeline.pseudo_label", "--config", str(config), "--set",
+                   "pseudo_label.positive=1.0", "--set", "pseudo_label.negative=0.0")  # fmt: skip
+    assert none.returncode == 2 and "nothing was written" in none.stderr
+    assert not (run_dir / PSEUDO_LABELS).exists()
     out = run_cli("pipeline.pseudo_label", "--config", str(config))
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((run_dir / PSEUDO_LABELS_JSON).read_text())

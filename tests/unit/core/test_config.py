@@ -64,6 +64,14 @@ def test_overrides_are_parsed_and_typed():
         ("data.image_size=[384]", r"\[H, W\] positive integers"),
         ("train.batch_size=null", r"may not be null"),
         ("train.lr", r"key.path=value"),
+        ("train.weight_decay=.nan", r"'train.weight_decay' must be a finite number"),
+        ("train.encoder_lr_factor=.inf", r"'train.encoder_lr_factor' must be a finite number"),
+        ("train.encoder_lr_factor=0", r"'train.encoder_lr_factor' must be a number > 0"),
+        ("train.ema_decay=1", r"'train.ema_decay' must be below 1"),
+        ("train.ema_decay=0", r"'train.ema_decay' must be null or a number > 0"),
+        ("postprocess.gates=[[none]]", r"'postprocess.gates' must be a non-empty list of"),
+        ("postprocess.gates=[]", r"'postprocess.gates' must be a non-empty list of"),
+        ("postprocess.gates=[none,fuzed]", r"'postprocess.gates' must be a non-empty list of"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):

@@ -411,6 +411,10 @@ def test_component_search_errors() -> None:
         GridAccumulator(
             CLASSES, THRESHOLDS, MIN_AREAS, GATE_THRESHOLDS, 3, TOPK, min_components=[-1]
         )
+    for bad in ([[1, 2]], ["abc"], [True, 5], [float("inf")]):
+        with pytest.raises(ValueError, match="min_components must be a list of integers >= 0"):
+            GridAccumulator(CLASSES, THRESHOLDS, MIN_AREAS, GATE_THRESHOLDS, 3, TOPK,
+                            min_components=bad)  # fmt: skip
     with pytest.raises(ValueError, match="min_components must hold at least one value"):
         GridAccumulator(CLASSES, THRESHOLDS, MIN_AREAS, GATE_THRESHOLDS, 3, TOPK, min_components=[])
     acc = GridAccumulator(

@@ -19,7 +19,7 @@ from pipeline.core.probstore import ProbReader, ProbWriter
 from pipeline.ensemble import main
 from pipeline.run.experiment import open_experiment
 from pipeline.run.json_files import read_json, write_json
-from pipeline.run.prediction import inputs_key
+from pipeline.run.prediction import prediction_key
 from pipeline.tune import tune
 from tests.unit.stages.test_tune import (
     CLASSES,
@@ -34,16 +34,30 @@ from tests.unit.stages.test_tune import (
 TEST_IDS = ["t0.jpg", "t1.jpg"]
 
 
-def _member(config_path: Path, name: str, probs: dict) -> None:
+def _member(config_path: Path, name: str, probs: dict, *overrides: str) -> None:
     """A second member of the hand-made experiment: its own run, the same split (the
     same data, folds and seed: ``open_experiment`` writes the identical folds.csv)."""
-    config = load_config(config_path, [f"experiment={name}"])
+    config = load_config(config_path, [f"experiment={name}", *overrides])
     exp = open_experiment(config)
     for fold in range(3):
         with ProbWriter(config.fold_dir(fold) / "oof", CLASSES) as writer:
             for image_id in exp.members(fold)[1]:
                 writer.add(image_id, probs[image_id].transpose(1, 2, 0))
         write_json(config.fold_dir(fold) / "metrics.json", {"fold": fold})
+
+
+def _with_test_images(member_path: Path, tmp_path: Path) -> None:
+    """Point the hand-made member at a test folder of its own (no sample submission)."""
+    import cv2
+
+    folder = tmp_path / "test_images"
+    folder.mkdir(exist_ok=True)
+    for image_id in TEST_IDS:
+        cv2.imwrite(str(folder / image_id), np.zeros(ORIGINAL, np.uint8))
+    body = yaml.safe_load(member_path.read_text())
+    body["data"]["test_images"] = str(folder)
+    body["data"]["sample_submission"] = None
+    member_path.write_text(yaml.safe_dump(body))
 
 
 def _complementary(tmp_path: Path) -> Path:
@@ -55,6 +69,7 @@ def _complementary(tmp_path: Path) -> Path:
     a = {i: np.stack([exact[i][0], wrong[i][1]]) for i in IMAGE_IDS}
     b = {i: np.stack([wrong[i][0], exact[i][1]]) for i in IMAGE_IDS}
     path = make_experiment(tmp_path, truth, a, gates=["none", "segmentation"])
+    _with_test_images(path, tmp_path)
     _member(path, "member_b", b)
     return path
 
@@ -78,15 +93,9 @@ def _ensemble_config(tmp_path: Path, member_path: Path, **extra: object) -> Path
 
 
 def _test_stores(member_path: Path, tmp_path: Path, probs: dict[str, dict]) -> None:
-    """Test images, their cache index and each member's stored test probs (fresh keys)."""
-    folder = tmp_path / "test_images"
-    folder.mkdir(exist_ok=True)
-    import cv2
-
-    for image_id in TEST_IDS:
-        cv2.imwrite(str(folder / image_id), np.zeros(ORIGINAL, np.uint8))
+    """Each member's test cache index and stored test probs (with fresh keys)."""
     for name, by_image in probs.items():
-        config = load_config(member_path, [f"experiment={name}", f"data.test_images={folder}"])
+        config = load_config(member_path, [f"experiment={name}"])
         exp = open_experiment(config)
         cache = cache_path(exp.cache_dir, "test", config.data.image_size)
         cache.mkdir(parents=True, exist_ok=True)
@@ -96,7 +105,7 @@ def _test_stores(member_path: Path, tmp_path: Path, probs: dict[str, dict]) -> N
         with ProbWriter(config.run_dir / TEST_PROBS, CLASSES, overwrite=True) as writer:
             for image_id in TEST_IDS:
                 writer.add(image_id, by_image[image_id].transpose(1, 2, 0))
-        write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": inputs_key(config, False)})
+        write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": prediction_key(config)})
 
 
 def test_blend_takes_each_class_from_the_member_that_gets_it_right(
@@ -107,17 +116,7 @@ def test_blend_takes_each_class_from_the_member_that_gets_it_right(
     test_a = {i: np.stack([fish, np.zeros(SIZE, np.uint8)]) for i in TEST_IDS}
     test_b = {i: np.stack([np.zeros(SIZE, np.uint8), sugar]) for i in TEST_IDS}
     _test_stores(member_path, tmp_path, {"handmade": test_a, "member_b": test_b})
-    path = _ensemble_config(
-        tmp_path,
-        member_path,
-        data={"test_images": str(tmp_path / "test_images"), "sample_submission": None},
-    )
-    # The members' configs must point at the same test folder as the stores' keys.
-    member_yaml = yaml.safe_load(member_path.read_text())
-    member_yaml["data"]["test_images"] = str(tmp_path / "test_images")
-    member_yaml["data"]["sample_submission"] = None
-    member_path.write_text(yaml.safe_dump(member_yaml))
-    _test_stores(member_path, tmp_path, {"handmade": test_a, "member_b": test_b})
+    path = _ensemble_config(tmp_path, member_path)
     out = tmp_path / "blend.csv"
     assert main(["--config", str(path), "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -148,6 +147,7 @@ def test_the_chosen_blend_reproduces_its_score_by_brute_force(tmp_path: Path) ->
     truth, probs_a, _ = random_case(seed=5)
     _, probs_b, _ = random_case(seed=6)
     member_path = make_experiment(tmp_path, truth, probs_a, gates=["none", "segmentation"])
+    _with_test_images(member_path, tmp_path)
     _member(member_path, "member_b", probs_b)
     from pipeline.ensemble import choose_blend, open_members
 
@@ -177,7 +177,9 @@ def test_bad_ensembles_exit_2_and_write_nothing(
     member_path = _complementary(tmp_path)
     path = _ensemble_config(tmp_path, member_path)
     run_dir = load_config(path).run_dir
-    # Member B trained on another split (another seed): its folds.csv differs.
+    # Member C trained on another split (another seed): its folds.csv differs.
+    _, probs_c, _ = random_case(seed=8)
+    _member(member_path, "c", probs_c, "seed=7")
     other = tmp_path / "other.yaml"
     other_members = [
         str(member_path),
@@ -203,4 +205,19 @@ def test_bad_ensembles_exit_2_and_write_nothing(
                                    "ensemble": {"members": members}}))  # fmt: skip
     assert main(["--config", str(bad)]) == 2
     assert "ensemble.members[1] must be a config path" in capsys.readouterr().err
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(yaml.safe_dump({"base": str(path), "ensemble": {"weight_step": 0.001}}))
+    assert main(["--config", str(fine)]) == 2
+    assert "gives 1001 blends per class" in capsys.readouterr().err
+    other_data = tmp_path / "other_data.yaml"
+    other_data.write_text(yaml.safe_dump({"base": str(path), "data": {"test_truth": "x.csv"}}))
+    assert main(["--config", str(other_data)]) == 2
+    assert "the ensemble's data.test_truth ('x.csv') differs" in capsys.readouterr().err
+    typo = tmp_path / "typo.yaml"
+    members = [str(member_path), {"config": str(member_path), "set": ["model.backbon=x"]}]
+    typo.write_text(yaml.safe_dump({"base": str(path), "ensemble": {"members": members}}))
+    assert main(["--config", str(typo)]) == 2
+    assert "ensemble.members[1]: unknown config key 'model.backbon'" in capsys.readouterr().err
+    assert main(["--config", str(path), "--out", str(tmp_path)]) == 2
+    assert "is a directory; name the submission file" in capsys.readouterr().err
     assert not run_dir.exists()
