@@ -63,13 +63,14 @@ from pipeline.core.truth import decode_truth
 from pipeline.core.tune_result import TuneResult
 from pipeline.run.cli import (
     add_config_arguments,
+    add_submission_arguments,
     config_from_args,
     report_interrupted,
     setup_logging,
 )
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished
-from pipeline.run.json_files import write_json
+from pipeline.run.json_files import _write_text_atomic, write_json
 from pipeline.run.oof import open_segmentation_oof
 from pipeline.run.prediction import fresh_test_probs, list_test_images, write_outputs
 from pipeline.run.run_lock import hold_lock
@@ -429,21 +430,13 @@ def _write_report(
         "```",
         "",
     ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines))
-    os.replace(tmp, path)
+    _write_text_atomic(path, "\n".join(lines))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.ensemble", description=__doc__)
     add_config_arguments(parser)
-    parser.add_argument("--out", type=Path, help="submission file (default: see --submissions-dir)")
-    parser.add_argument(
-        "--submissions-dir",
-        type=Path,
-        default=Path("submissions"),
-        help="folder of <experiment>_<yyyymmdd-hhmm>.csv and history.md (default: %(default)s)",
-    )
+    add_submission_arguments(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:

@@ -51,6 +51,7 @@ from pipeline.nn.predictor import (
 from pipeline.run.cli import (
     add_config_arguments,
     add_force_argument,
+    add_submission_arguments,
     config_from_args,
     report_interrupted,
     setup_logging,
@@ -187,13 +188,7 @@ def _predict(
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__)
     add_config_arguments(parser)
-    parser.add_argument("--out", type=Path, help="submission file (default: see --submissions-dir)")
-    parser.add_argument(
-        "--submissions-dir",
-        type=Path,
-        default=Path("submissions"),
-        help="folder of <experiment>_<yyyymmdd-hhmm>.csv and history.md (default: %(default)s)",
-    )
+    add_submission_arguments(parser)
     parser.add_argument(
         "--no-postprocess",
         action="store_true",

@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 
 from pipeline.core.config import DEFAULT_CONFIG, Config, load_config
 
@@ -25,6 +26,17 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a config key, e.g. --set train.lr=3e-4 (repeatable)",
+    )
+
+
+def add_submission_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--out`` and ``--submissions-dir`` (the stages that write a submission)."""
+    parser.add_argument("--out", type=Path, help="submission file (default: see --submissions-dir)")
+    parser.add_argument(
+        "--submissions-dir",
+        type=Path,
+        default=Path("submissions"),
+        help="folder of <experiment>_<yyyymmdd-hhmm>.csv and history.md (default: %(default)s)",
     )
 
 

@@ -195,19 +195,25 @@ def inputs_key(config: Config, use_postprocess: bool = True) -> str:
     modification time), the tuned post-processing (its bytes) and the test images.
     Equal keys mean the same submission (``previous_prediction``)."""
     parts: list[Any] = [config.to_dict(), use_postprocess]
-    for stage in ("", CLASSIFIER_STAGE):
+    postprocess = config.run_dir / POSTPROCESS
+    if use_postprocess and postprocess.is_file():
+        parts.append(hashlib.sha256(postprocess.read_bytes()).hexdigest())
+    return _key(config, parts, ("", CLASSIFIER_STAGE))
+
+
+def _key(config: Config, parts: list[Any], stages: Sequence[str]) -> str:
+    """Hash of ``parts``, the fold weights of ``stages`` (path, size, modification time)
+    and the test images' fingerprint."""
+    parts = list(parts)
+    for stage in stages:
         for fold in range(config.folds.n_splits):
             path = config.fold_dir(fold, stage) / WEIGHTS
             if path.is_file():
                 stat = path.stat()
                 parts.append([str(path), stat.st_size, stat.st_mtime_ns])
-    postprocess = config.run_dir / POSTPROCESS
-    if use_postprocess and postprocess.is_file():
-        parts.append(hashlib.sha256(postprocess.read_bytes()).hexdigest())
     folder = Path(config.data.test_images)
     if folder.is_dir():
-        names = list_image_files(folder)
-        parts.append(files_fingerprint(folder, names))
+        parts.append(files_fingerprint(folder, list_image_files(folder)))
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -297,15 +303,7 @@ def prediction_key(config: Config) -> str:
         {key: whole[key] for key in ("data", "model", "tta", "predict")},
         [config.folds.n_splits, config.train.mixed_precision],
     ]
-    for fold in range(config.folds.n_splits):
-        path = config.fold_dir(fold) / WEIGHTS
-        if path.is_file():
-            stat = path.stat()
-            parts.append([str(path), stat.st_size, stat.st_mtime_ns])
-    folder = Path(config.data.test_images)
-    if folder.is_dir():
-        parts.append(files_fingerprint(folder, list_image_files(folder)))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return _key(config, parts, ("",))
 
 
 def fresh_test_probs(config: Config, image_ids: Sequence[str]) -> ProbReader | None:

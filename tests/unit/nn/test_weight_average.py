@@ -12,6 +12,7 @@ from pipeline.core.layout import BEST_WEIGHTS
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.optim import make_optimizer
 from pipeline.nn.trainer import FitSettings, WeightAverage, _AverageWeights, fit_resumable
+from tests.unit.nn.test_trainer_stream import SETTINGS
 
 _rng = np.random.default_rng(7)
 X = _rng.normal(size=(16, 3)).astype(np.float32)
@@ -68,17 +69,6 @@ def test_the_average_moves_once_per_applied_step_and_validation_sees_it() -> Non
 def average_after_swap_back(model: keras.Model, average: WeightAverage) -> list[np.ndarray]:
     with average.swapped():
         return model.get_weights()
-
-
-SETTINGS = dict(
-    monitor="val_loss",
-    monitor_mode="min",
-    reduce_lr_factor=0.5,
-    reduce_lr_patience=5,
-    min_lr=1e-6,
-    early_stopping_patience=10,
-    verbose=0,
-)
 
 
 def _fit(out_dir: Path, epochs: int, resume: bool, ema: float | None) -> tuple[keras.Model, dict]:
