@@ -101,7 +101,9 @@ def _predict(
     started, cpu_started = time.perf_counter(), time.process_time()
     exp = open_experiment(config)
     inputs = inputs_key(config, use_postprocess)
-    params, oof_score, oof_nested = read_postprocess(config, exp.classes, use_postprocess)
+    params, oof_score, oof_nested, at_least_one = read_postprocess(
+        config, exp.classes, use_postprocess
+    )
     gated = [name for name, p in params.items() if p.uses_classifier]
     image_ids = list_test_images(config, exp)
     data = config.data
@@ -153,6 +155,7 @@ def _predict(
                 presence,
                 config.tta.batch_size,
                 store,
+                at_least_one,
             )
         # What the stored test probs were predicted from: an ensemble reuses them while equal.
         write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": prediction_key(config)})
@@ -172,6 +175,7 @@ def _predict(
             "merge": config.tta.merge,
             "precision": precision,
             "classifier_gate": gated,
+            "at_least_one": at_least_one,
             "postprocess": POSTPROCESS if use_postprocess else "threshold 0.5",
             "device": describe_device(),
             "seconds": round(seconds, 3),

@@ -41,7 +41,12 @@ from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import CLASSIFIER_STAGE, POSTPROCESS, PSEUDO_LABELS, PSEUDO_LABELS_JSON
-from pipeline.core.postprocess import load_postprocess, segmentation_score
+from pipeline.core.postprocess import (
+    at_least_one_applied,
+    load_postprocess,
+    postprocess_image,
+    segmentation_score,
+)
 from pipeline.core.submission import make_submission_frame
 from pipeline.run.cli import (
     add_config_arguments,
@@ -85,7 +90,8 @@ def pseudo_label(config: Config) -> dict[str, Any]:
             f"no up-to-date test probs in {config.run_dir}: run `python -m pipeline.predict "
             f"--config {config.source or '<config>'}` (with the same --set overrides) first"
         )
-    params, _ = load_postprocess(config.run_dir / POSTPROCESS, exp.classes)
+    params, extra = load_postprocess(config.run_dir / POSTPROCESS, exp.classes)
+    at_least_one = at_least_one_applied(extra)
     settings = [params[name] for name in exp.classes]
     sizes = read_original_sizes(cache_path(exp.cache_dir, "test", config.data.image_size))
     try:
@@ -113,7 +119,7 @@ def pseudo_label(config: Config) -> dict[str, Any]:
                 if presence is not None
                 else np.array([segmentation_score(c, config.postprocess.topk_fraction) for c in q])
             )
-            masks = np.stack([s.apply(q[c], float(scores[c])) for c, s in enumerate(settings)])
+            masks = postprocess_image(q, settings, scores, at_least_one)
             chosen = select(masks, scores, float(p.positive), float(p.negative))
             if (chosen < 0).any():
                 continue

@@ -24,7 +24,7 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,12 @@ from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.level_counts import class_histograms
-from pipeline.core.postprocess import CLASSIFIER_GATES, save_postprocess
+from pipeline.core.postprocess import (
+    CLASSIFIER_GATES,
+    postprocess_image,
+    resolve_at_least_one,
+    save_postprocess,
+)
 from pipeline.core.probstore import ProbReader
 from pipeline.core.streams import map_ahead, read_ahead
 from pipeline.core.threshold_search import GridAccumulator
@@ -86,6 +91,7 @@ class TuneOutput:
     table_path: Path
     grid_path: Path
     search_seconds: float  # the streaming pass alone
+    at_least_one: dict[str, Any] = field(default_factory=dict)  # the rule and its scores
 
 
 def read_classifier_probs(config: Config, exp: Experiment) -> dict[str, np.ndarray] | None:
@@ -183,6 +189,79 @@ def _add_batch(
     )
 
 
+def every_image_has_a_class(exp: Experiment) -> bool:
+    """Whether every training image has at least one non-empty class mask."""
+    return all(any(text for text in per_class) for per_class in exp.rles().values())
+
+
+def score_at_least_one(
+    config: Config,
+    exp: Experiment,
+    readers: Sequence[ProbReader],
+    result: TuneResult,
+    classifier_probs: Mapping[str, np.ndarray] | None,
+) -> dict[str, Any]:
+    """The at-least-one rule's effect on the tuned OOF scores: one more streaming pass.
+
+    Every image is post-processed with the chosen settings (in-sample) and with its
+    fold's nested settings (chosen on the other folds); where all of its masks are
+    empty, the class the rule keeps is scored instead of its empty mask. Returns the
+    scores without and with the rule and the number of images it changed.
+    """
+    classes = exp.classes
+    chosen = [result.per_class[name].params for name in classes]
+    nested = [
+        [result.per_class[name].nested_params[k] for name in classes] for k in range(len(readers))
+    ]
+    original_sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
+    rles = exp.rles()
+
+    def delta(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> tuple[float, float, int, int]:
+        image_id, fold, q, original = item
+        truth = decode_truth(rles[image_id], original, q.shape[1:])
+        presence = None if classifier_probs is None else classifier_probs.get(image_id)
+        out: list[tuple[float, int]] = []
+        for settings in (chosen, nested[fold]):
+            params = [p for p in settings if p is not None]
+            if len(params) < len(classes):  # a fold without images has no nested setting
+                out.append((0.0, 0))
+                continue
+            if postprocess_image(q, params, presence).any():
+                out.append((0.0, 0))  # the rule leaves an image with a mask alone
+                continue
+            ruled = postprocess_image(q, params, presence, at_least_one=True)
+            if not ruled.any():
+                out.append((0.0, 0))
+                continue
+            c = int(np.argmax(ruled.any(axis=(1, 2))))
+            # The kept class's Dice replaces its empty mask's (1 iff its truth is empty).
+            out.append((_dice(truth[c], ruled[c]) - float(not truth[c].any()), 1))
+        (in_sample, in_changed), (held_out, held_changed) = out
+        return in_sample, held_out, in_changed, held_changed
+
+    stream = read_ahead(iter_oof(config, readers, original_sizes), READ_AHEAD_IMAGES)
+    workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
+    sums = np.zeros(4)
+    n_images = 0
+    for values in map_ahead(delta, stream, workers, READ_AHEAD_IMAGES):
+        sums += values
+        n_images += 1
+    pairs = max(n_images * len(classes), 1)
+    return {
+        "in_sample": {"without": result.score, "with": result.score + sums[0] / pairs},
+        "nested": {"without": result.nested_score, "with": result.nested_score + sums[1] / pairs},
+        "images_changed": {"in_sample": int(sums[2]), "nested": int(sums[3])},
+        "n_images": n_images,
+    }
+
+
+def _dice(truth: np.ndarray, pred: np.ndarray) -> float:
+    """Kaggle Dice of one binary mask pair (1 where both are empty)."""
+    t, p = truth.astype(bool), pred.astype(bool)
+    total = np.count_nonzero(t) + np.count_nonzero(p)
+    return 1.0 if total == 0 else 2.0 * np.count_nonzero(t & p) / total
+
+
 def compare_gates(result: TuneResult) -> dict[str, dict[str, float]]:
     """Per class, the best score reachable with each gate kind (``none`` = no gate)."""
     out: dict[str, dict[str, float]] = {}
@@ -235,9 +314,24 @@ def _tune(config: Config) -> TuneOutput:
     )
 
     comparison = compare_gates(result)
+    has_class = every_image_has_a_class(exp)
+    rule = resolve_at_least_one(config.postprocess.at_least_one, has_class)
+    at_least_one: dict[str, Any] = {
+        "choice": config.postprocess.at_least_one,
+        "every_training_image_has_a_class": has_class,
+        "applied": rule,
+    }
+    scores_with_rule = None
+    if rule:
+        at_least_one.update(score_at_least_one(config, exp, readers, result, classifier_probs))
+        scores_with_rule = {
+            "tuned": at_least_one["in_sample"]["with"],
+            "tuned_nested": at_least_one["nested"]["with"],
+        }
     size = config.data.submission_size
     extra: dict[str, Any] = {
         **result.to_dict(),
+        "at_least_one": at_least_one,
         "n_images": n_images,
         "size": list(size) if size is not None else "each image's own size",
         "classifier_used": classifier_probs is not None,
@@ -245,6 +339,9 @@ def _tune(config: Config) -> TuneOutput:
         "gate_comparison": comparison,
         "oof_stores": [str(reader.directory) for reader in readers],
     }
+    if scores_with_rule is not None:
+        # What predict will do: its OOF figures are the ones with the rule.
+        extra["scores"] = {**extra["scores"], **scores_with_rule}
     run_dir = config.run_dir
     postprocess_path = run_dir / POSTPROCESS_FILE
     save_postprocess(postprocess_path, result.params_by_class(), extra=extra)
@@ -262,6 +359,7 @@ def _tune(config: Config) -> TuneOutput:
         table_path,
         grid_path,
         search_seconds,
+        at_least_one,
     )
 
 
@@ -311,6 +409,19 @@ def format_summary(output: TuneOutput) -> str:
         f"CV Kaggle Dice: nested {result.nested_score:.4f} (honest), in-sample "
         f"{result.score:.4f}, plain 0.5 {result.plain_score:.4f}"
     )
+    rule = output.at_least_one
+    if rule.get("applied"):
+        lines.append(
+            f"at least one class per image ({rule['choice']}): nested "
+            f"{rule['nested']['without']:.4f} -> {rule['nested']['with']:.4f} "
+            f"({rule['images_changed']['nested']} images), in-sample "
+            f"{rule['in_sample']['without']:.4f} -> {rule['in_sample']['with']:.4f}; "
+            "predict applies it"
+        )
+    elif rule.get("choice") == "auto":
+        lines.append(
+            "at least one class per image: not applied (auto: some training images have no class)"
+        )
     lines.append(f"wrote {output.postprocess_path}, {output.table_path}, {output.grid_path}")
     return "\n".join(lines)
 

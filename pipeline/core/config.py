@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.core import layout
 from pipeline.core.folds import FOLD_METHODS
-from pipeline.core.postprocess import GATES
+from pipeline.core.postprocess import AT_LEAST_ONE_CHOICES, GATES
 from pipeline.core.precision import PRECISIONS
 from pipeline.core.tta import MERGES
 
@@ -82,6 +82,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "tta.merge": MERGES,
     "classifier.monitor_mode": ("min", "max"),
     "classifier.pooling": ("avg", "max", "avgmax"),
+    "postprocess.at_least_one": AT_LEAST_ONE_CHOICES,
 }
 
 # List keys whose items are each one of these choices.
@@ -121,7 +122,9 @@ POSITIVE_INT_KEYS: frozenset[str] = frozenset(
     }
 )
 # Number keys that must be at least 0.
-NON_NEGATIVE_KEYS: frozenset[str] = frozenset({"jobs.gpus_per_job", "train.weight_decay"})
+NON_NEGATIVE_KEYS: frozenset[str] = frozenset(
+    {"jobs.gpus_per_job", "train.weight_decay", "train.swa_top"}
+)
 # Number keys that must be above 0.
 POSITIVE_KEYS: frozenset[str] = frozenset({"train.encoder_lr_factor"})
 # Integer keys that must be at least 2 (a split needs two parts).

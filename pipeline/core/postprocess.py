@@ -18,6 +18,12 @@ The rules, applied in this fixed order by ``postprocess_mask``:
    pixel probs (``gate="segmentation"``), or the mean of the two (``gate="fused"``,
    ``fused_score``; Clouds 1st place fused the classifier with the top-k mean).
 
+Across the classes of one image, ``postprocess_image`` may then apply the "at least one
+class per image" rule (Clouds 1st place; ``postprocess.at_least_one``): an image left
+with no mask at all keeps the class whose top-k mean (``AT_LEAST_ONE_TOPK``) is
+highest, masked by its threshold and component rule only (its minimum area and gate are
+waived). ``auto`` turns it on iff every training image has at least one class.
+
 Then ``PostprocessParams`` (one class's settings) and ``postprocess.json`` I/O.
 """
 
@@ -42,6 +48,10 @@ GATES: tuple[str, ...] = ("none", "classifier", "segmentation", "fused")
 # The gates that read the classifier's probability, and those that read the top-k mean.
 CLASSIFIER_GATES: frozenset[str] = frozenset({"classifier", "fused"})
 TOPK_GATES: frozenset[str] = frozenset({"segmentation", "fused"})
+# postprocess.at_least_one: never, always, or where every training image has a class.
+AT_LEAST_ONE_CHOICES: tuple[str, ...] = ("never", "always", "auto")
+# The top-k fraction of the score that picks the class the rule keeps.
+AT_LEAST_ONE_TOPK = 0.01
 # Slack (in quantisation levels) for float error when a threshold lands on a level.
 LEVEL_EPS = 1e-9
 
@@ -141,6 +151,48 @@ def postprocess_mask(
     return apply_gate(mask, 0.0 if gate_score is None else gate_score, gate_threshold)
 
 
+def resolve_at_least_one(choice: str, every_image_has_a_class: bool) -> bool:
+    """Whether the at-least-one rule applies: ``choice`` is one of ``AT_LEAST_ONE_CHOICES``."""
+    if choice not in AT_LEAST_ONE_CHOICES:
+        raise ValueError(
+            f"at_least_one must be one of {list(AT_LEAST_ONE_CHOICES)}; got {choice!r}"
+        )
+    return choice == "always" or (choice == "auto" and every_image_has_a_class)
+
+
+def at_least_one_applied(extra: Mapping[str, Any]) -> bool:
+    """Whether ``postprocess.json``'s ``extra`` turns the at-least-one rule on (tune's
+    resolved choice; files from before the rule existed: off)."""
+    rule = extra.get("at_least_one")
+    return isinstance(rule, Mapping) and rule.get("applied") is True
+
+
+def postprocess_image(
+    probs: Sequence[np.ndarray] | np.ndarray,
+    params: Sequence[PostprocessParams],
+    classifier_prob: Sequence[float] | np.ndarray | None = None,
+    at_least_one: bool = False,
+) -> np.ndarray:
+    """Every class of one image: ``probs`` (C, H, W) float or uint8-quantised -> uint8
+    (C, H, W) {0, 1}, one setting per class, then the at-least-one rule if asked.
+
+    ``classifier_prob`` (C,) is needed iff some setting ``uses_classifier``.
+    """
+    if len(probs) != len(params):
+        raise ValueError(f"probs must hold {len(params)} class maps; got {len(probs)}")
+    masks = np.stack(
+        [
+            p.apply(probs[c], None if classifier_prob is None else float(classifier_prob[c]))
+            for c, p in enumerate(params)
+        ]
+    )
+    if at_least_one and not masks.any():
+        scores = [segmentation_score(probs[c], AT_LEAST_ONE_TOPK) for c in range(len(params))]
+        keep = int(np.argmax(scores))
+        masks[keep] = params[keep].masked(probs[keep])
+    return masks
+
+
 @dataclass(frozen=True)
 class PostprocessParams:
     """One class's post-processing settings.
@@ -203,6 +255,10 @@ class PostprocessParams:
             return cls(**data)
         except ValueError as err:
             raise ValueError(f"{where}: {err}") from err
+
+    def masked(self, prob: np.ndarray) -> np.ndarray:
+        """The threshold and component rules only (no minimum area, no gate)."""
+        return remove_small_components(binarize(prob, self.threshold), self.min_component)
 
     def apply(self, prob: np.ndarray, classifier_prob: float | None = None) -> np.ndarray:
         """prob (H, W) float or uint8-quantised -> mask (H, W) uint8, gate score included.

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from pipeline.core.postprocess import PostprocessParams
+from pipeline.core.postprocess import PostprocessParams, postprocess_image
 
 ALL_CLASSES = "all"
 COUNT_COLUMNS: tuple[str, ...] = (
@@ -47,21 +47,20 @@ METRIC_COLUMNS: tuple[str, ...] = (
 
 
 def predict_masks(
-    q: np.ndarray, params: Sequence[PostprocessParams], classifier_prob: np.ndarray | None
+    q: np.ndarray,
+    params: Sequence[PostprocessParams],
+    classifier_prob: np.ndarray | None,
+    at_least_one: bool = False,
 ) -> np.ndarray:
     """Post-process every class of one image: ``q`` uint8 (C, H, W) -> uint8 (C, H, W) {0, 1}.
 
     ``params`` holds one setting per class; ``classifier_prob`` (C,) float64 is needed
-    iff some class is gated by the classifier.
+    iff some class is gated by the classifier; ``at_least_one``: the rule of
+    ``postprocess.postprocess_image``.
     """
     if q.dtype != np.uint8 or q.ndim != 3 or q.shape[0] != len(params):
         raise ValueError(f"q must be uint8 ({len(params)}, H, W); got {q.dtype} {q.shape}")
-    return np.stack(
-        [
-            p.apply(q[c], None if classifier_prob is None else float(classifier_prob[c]))
-            for c, p in enumerate(params)
-        ]
-    )
+    return postprocess_image(q, params, classifier_prob, at_least_one)
 
 
 class ScoreAccumulator:

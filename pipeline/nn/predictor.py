@@ -26,7 +26,7 @@ from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.layout import CLASSIFIER_STAGE
 from pipeline.core.masks import resize_probs
-from pipeline.core.postprocess import PostprocessParams
+from pipeline.core.postprocess import PostprocessParams, postprocess_image
 from pipeline.core.probstore import ProbWriter, quantise_prob
 from pipeline.nn.classifier import build_classifier_from_config, predict_presence_tta
 from pipeline.nn.data import ImageCache, build_cache
@@ -117,13 +117,15 @@ def encode_predictions(
     presence: np.ndarray | None,
     batch_size: int,
     store: ProbWriter | None = None,
+    at_least_one: bool = False,
 ) -> pd.DataFrame:
     """Canonical table (image_id, class_name, rle) of the post-processed merged probs.
 
     Each image's merged prob is resized to ``submission_size`` (None: its original
     size), quantised like the OOF store (``probstore.quantise_prob``) and post-processed
     per class; ``presence`` (N, C) is the classifier's probability for gated classes.
-    The quantised probs also go to ``store`` when given (an ensemble blends them).
+    The quantised probs also go to ``store`` when given (an ensemble blends them), and
+    ``at_least_one`` applies the rule of ``postprocess.postprocess_image``.
     """
     rows: list[tuple[str, str, str]] = []
     settings = [params[name] for name in classes]
@@ -137,9 +139,11 @@ def encode_predictions(
             q = quantise_prob(resize_probs(prob, target))
             if store is not None:
                 store.add(cache.image_ids[i], q)
-            masks = (
-                setting.apply(q[:, :, c], None if presence is None else float(presence[i, c]))
-                for c, setting in enumerate(settings)
+            masks = postprocess_image(
+                q.transpose(2, 0, 1),
+                settings,
+                None if presence is None else presence[i],
+                at_least_one,
             )
             image_id = cache.image_ids[i]
             rows.extend(

@@ -42,7 +42,7 @@ from pipeline.core.layout import (
 from pipeline.core.layout import FOLD_METRICS as METRICS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.mask_csv import read_masks
-from pipeline.core.postprocess import PostprocessParams, load_postprocess
+from pipeline.core.postprocess import PostprocessParams, at_least_one_applied, load_postprocess
 from pipeline.core.probstore import ProbReader
 from pipeline.run.experiment import Experiment
 from pipeline.run.fold_records import read_fold_metrics
@@ -135,8 +135,9 @@ def fold_weights(config: Config, stage: str = "") -> list[Path]:
 
 def read_postprocess(
     config: Config, classes: Sequence[str], use_postprocess: bool
-) -> tuple[dict[str, PostprocessParams], float, float | None]:
-    """Per-class post-processing and the OOF scores it reaches: in-sample and nested.
+) -> tuple[dict[str, PostprocessParams], float, float | None, bool]:
+    """Per-class post-processing, the OOF scores it reaches (in-sample and nested) and
+    whether the at-least-one rule applies.
 
     From ``postprocess.json`` (``extra.scores.tuned``: tuned and scored on the same OOF
     images; ``tuned_nested``: each fold scored with settings tuned on the others, None
@@ -155,7 +156,8 @@ def read_postprocess(
                 )
         n_val = sum(m["n_val"] for m in metrics)
         oof = sum(m["oof_kaggle_dice_050"] * m["n_val"] for m in metrics) / n_val
-        return {name: PostprocessParams(threshold=0.5, min_area=0) for name in classes}, oof, oof
+        plain = {name: PostprocessParams(threshold=0.5, min_area=0) for name in classes}
+        return plain, oof, oof, False
     path = config.run_dir / POSTPROCESS
     if not path.is_file():
         raise FileNotFoundError(
@@ -176,7 +178,8 @@ def read_postprocess(
             f"again or predict with --no-postprocess"
         )
     nested = scores.get("tuned_nested")
-    return params, float(scores["tuned"]), float(nested) if nested is not None else None
+    nested_score = float(nested) if nested is not None else None
+    return params, float(scores["tuned"]), nested_score, at_least_one_applied(extra)
 
 
 def submission_path(submissions_dir: Path, experiment: str, now: datetime.datetime) -> Path:

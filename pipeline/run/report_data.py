@@ -34,7 +34,7 @@ from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
 from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import PREDICT as PREDICT_FILE
 from pipeline.core.masks import truth_masks
-from pipeline.core.postprocess import PostprocessParams, load_postprocess
+from pipeline.core.postprocess import PostprocessParams, at_least_one_applied, load_postprocess
 from pipeline.core.probstore import ProbReader
 from pipeline.core.report_figures import overlay
 from pipeline.core.report_scores import ScoreAccumulator, WorstImages, predict_masks, presence_auc
@@ -58,6 +58,7 @@ class Stage:
 
     name: str
     params: dict[str, PostprocessParams]
+    at_least_one: bool = False  # the at-least-one rule after the settings
 
 
 @dataclass(frozen=True)
@@ -143,7 +144,8 @@ def plan_stages(config: Config, classes: Sequence[str]) -> tuple[list[Stage], di
             if recorded
             else replace(params, gate="none", gate_threshold=None, topk_fraction=None)
         )
-    return [plain, Stage("tuned", tuned), Stage("gated", chosen)], extra
+    gated = Stage("gated", chosen, at_least_one_applied(extra))
+    return [plain, Stage("tuned", tuned), gated], extra
 
 
 def open_run(config: Config) -> RunData:
@@ -192,9 +194,9 @@ def score_oof(run: RunData, n_worst: int) -> tuple[pd.DataFrame, list[tuple[floa
     for fold, reader in enumerate(run.readers):
         for image_id, q in reader.iter():
             truth = run.truth(image_id, q.shape)
-            for stage, stage_params in zip(names, params, strict=True):
-                pred = predict_masks(q, stage_params, clf.get(image_id))
-                dice = accumulator.add(stage, fold, truth, pred)
+            for stage, stage_params in zip(run.stages, params, strict=True):
+                pred = predict_masks(q, stage_params, clf.get(image_id), stage.at_least_one)
+                dice = accumulator.add(stage.name, fold, truth, pred)
             worst.add(float(dice.mean()), image_id, fold)
     return accumulator.counts(), [(s, i, f) for s, i, f in worst.items()]
 
@@ -210,7 +212,7 @@ def load_oof_example(run: RunData, image_id: str) -> OofExample:
     clf = run.classifier_probs().get(image_id)
     masks, dice = {}, {}
     for stage in run.stages:
-        pred = predict_masks(q, [stage.params[c] for c in run.exp.classes], clf)
+        pred = predict_masks(q, [stage.params[c] for c in run.exp.classes], clf, stage.at_least_one)
         one = ScoreAccumulator(run.exp.classes, 1, [stage.name])
         dice[stage.name] = one.add(stage.name, 0, truth, pred)
         masks[stage.name] = pred.transpose(1, 2, 0)

@@ -153,6 +153,29 @@ def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_da
         assert rle[f"{image_id}_Flower"] == "" and rle[f"{image_id}_Sugar"] == ""
 
 
+def test_predict_applies_the_at_least_one_rule_tune_recorded(tmp_path, trained_run, tiny_data):
+    from pipeline.predict import predict
+
+    config = load_config(copy_run(trained_run, tmp_path, tiny_data))
+    # Every pixel on, but areas no mask reaches: every image is left empty...
+    params = {name: PostprocessParams(threshold=0.0, min_area=10**6) for name in CLASSES}
+    extra = {"scores": {"tuned": 0.5}, "at_least_one": {"choice": "always", "applied": False}}
+    save_postprocess(config.run_dir / "postprocess.json", params, extra)
+    predict(config, tmp_path / "off.csv", tmp_path / "subs")
+    off = read_submission(tmp_path / "off.csv")
+    assert (off["EncodedPixels"] == "").all()
+    # ... and with the rule on, each keeps exactly one class, whole (its area waived).
+    extra["at_least_one"]["applied"] = True
+    save_postprocess(config.run_dir / "postprocess.json", params, extra)
+    result = predict(config, tmp_path / "on.csv", tmp_path / "subs")
+    assert result["at_least_one"] is True
+    on = read_submission(tmp_path / "on.csv")
+    on["image"] = on["Image_Label"].str.rsplit("_", n=1).str[0]
+    kept = on[on["EncodedPixels"] != ""]
+    assert sorted(kept["image"]) == sorted(on["image"].unique())
+    assert (kept["EncodedPixels"] == "1 2400").all()
+
+
 def test_missing_fold_weights_name_the_fold_and_the_command(tmp_path, tiny_data):
     from pipeline.predict import predict
 

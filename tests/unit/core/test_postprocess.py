@@ -5,14 +5,18 @@ import numpy as np
 import pytest
 
 from pipeline.core.postprocess import (
+    AT_LEAST_ONE_TOPK,
     PostprocessParams,
     apply_gate,
+    at_least_one_applied,
     binarize,
     load_postprocess,
+    postprocess_image,
     postprocess_mask,
     quantise_threshold,
     remove_small_components,
     remove_small_mask,
+    resolve_at_least_one,
     save_postprocess,
     segmentation_score,
     topk_count,
@@ -226,3 +230,69 @@ def test_fused_gate_averages_the_classifier_and_the_top_k_mean() -> None:
     with pytest.raises(ValueError, match="topk_fraction must be set iff gate is one of"):
         PostprocessParams(0.5, 0, 0, "fused", 0.6)
     assert not PostprocessParams(0.5, 0, 0, "segmentation", 0.6, 0.25).uses_classifier
+
+
+def _three_classes() -> tuple[np.ndarray, list[PostprocessParams]]:
+    """(3, 10, 10) uint8 probs: class 1 has the highest top-k mean, all below their area."""
+    q = np.zeros((3, 10, 10), np.uint8)
+    q[0, :2, :2] = 200  # 4 px at 200
+    q[1, 5:8, 5:8] = 250  # 9 px at 250: the highest top-1% mean
+    q[1, 0, 9] = 140  # a single pixel the component rule removes
+    q[2, 3:5, 3:5] = 120  # under its threshold
+    params = [
+        PostprocessParams(threshold=0.5, min_area=20),
+        PostprocessParams(threshold=0.5, min_area=20, min_component=2),
+        PostprocessParams(
+            threshold=0.6, min_area=0, gate="segmentation", gate_threshold=0.9, topk_fraction=0.5
+        ),
+    ]
+    return q, params
+
+
+def test_postprocess_image_is_each_class_apply_without_the_rule() -> None:
+    q, params = _three_classes()
+    q[0, :5, :5] = 220  # now class 0 passes its area
+    masks = postprocess_image(q, params)
+    expected = np.stack([p.apply(q[c]) for c, p in enumerate(params)])
+    np.testing.assert_array_equal(masks, expected)
+    # An image with a mask is left alone by the rule.
+    np.testing.assert_array_equal(postprocess_image(q, params, at_least_one=True), expected)
+
+
+def test_at_least_one_keeps_the_class_with_the_highest_topk_mean_without_area_or_gate() -> None:
+    q, params = _three_classes()
+    assert not postprocess_image(q, params).any()
+    scores = [segmentation_score(q[c], AT_LEAST_ONE_TOPK) for c in range(3)]
+    assert int(np.argmax(scores)) == 1
+    masks = postprocess_image(q, params, at_least_one=True)
+    expected = np.zeros_like(q)
+    expected[1, 5:8, 5:8] = 1  # threshold and components applied, the area waived
+    np.testing.assert_array_equal(masks, expected)
+    # Float probs give the same masks as their uint8 levels.
+    floats = q.astype(np.float64) / 255
+    np.testing.assert_array_equal(postprocess_image(floats, params, at_least_one=True), expected)
+
+
+def test_at_least_one_leaves_empty_what_has_nothing_above_its_threshold() -> None:
+    q = np.full((2, 4, 4), 10, np.uint8)
+    params = [PostprocessParams(threshold=0.5, min_area=0)] * 2
+    assert not postprocess_image(q, params, at_least_one=True).any()
+
+
+def test_at_least_one_choices_and_the_stored_flag() -> None:
+    assert resolve_at_least_one("always", False) is True
+    assert resolve_at_least_one("never", True) is False
+    assert resolve_at_least_one("auto", True) is True
+    assert resolve_at_least_one("auto", False) is False
+    with pytest.raises(
+        ValueError, match=r"at_least_one must be one of \['never', 'always', 'auto'\]"
+    ):
+        resolve_at_least_one("yes", True)
+    assert at_least_one_applied({}) is False  # a file from before the rule
+    assert at_least_one_applied({"at_least_one": {"applied": True}}) is True
+    assert at_least_one_applied({"at_least_one": {"applied": "true"}}) is False
+
+
+def test_postprocess_image_needs_one_setting_per_class() -> None:
+    with pytest.raises(ValueError, match="probs must hold 1 class maps; got 2"):
+        postprocess_image(np.zeros((2, 3, 3), np.uint8), [PostprocessParams(0.5, 0)])

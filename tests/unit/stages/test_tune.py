@@ -22,7 +22,7 @@ from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.masks import truth_masks
-from pipeline.core.postprocess import PostprocessParams, load_postprocess
+from pipeline.core.postprocess import PostprocessParams, load_postprocess, postprocess_image
 from pipeline.core.probstore import ProbReader, ProbWriter
 from pipeline.core.streams import map_ahead, read_ahead
 from pipeline.core.truth import decode_truth
@@ -516,3 +516,68 @@ def test_component_sizes_are_searched_through_the_cli(
     assert sorted(grid["min_component"].unique()) == [0, 2]
     assert main(["--config", str(path), "--set", "postprocess.min_components=[0,-3]"]) == 2
     assert "min_components must be integers >= 0" in capsys.readouterr().err
+
+
+def _brute_force_scores(
+    config_path: Path, result: object, classifier: Mapping[str, Sequence[float]], rule: bool
+) -> tuple[float, float]:
+    """(in-sample, nested) mean Kaggle Dice of ``postprocess_image`` over every OOF image."""
+    config = load_config(config_path)
+    rles = open_experiment(config).rles()
+    in_sample, nested = [], []
+    for fold in range(3):
+        reader = ProbReader(config.fold_dir(fold) / "oof")
+        chosen = [result.per_class[name].params for name in CLASSES]  # type: ignore[attr-defined]
+        held_out = [result.per_class[name].nested_params[fold] for name in CLASSES]  # type: ignore[attr-defined]
+        for image_id in reader.image_ids:
+            q = np.asarray(reader.get(image_id))
+            target = truth_masks(rles[image_id], ORIGINAL, SIZE).transpose(2, 0, 1)
+            for settings, out in ((chosen, in_sample), (held_out, nested)):
+                masks = postprocess_image(q, settings, classifier[image_id], rule)
+                for m, t in zip(masks, target, strict=True):
+                    total = m.sum() + t.sum()
+                    out.append(1.0 if total == 0 else 2 * (m & t).sum() / total)
+    return float(np.mean(in_sample)), float(np.mean(nested))
+
+
+def test_at_least_one_rule_is_scored_in_sample_and_nested_by_brute_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truth, probs, classifier = random_case(seed=7)
+    for image_id in IMAGE_IDS:  # every image has a class, so "auto" turns the rule on
+        if not truth[image_id].any():
+            truth[image_id][0] = block(slice(0, 2), slice(0, 2))
+    # Large minimum areas leave some images with no mask at all.
+    path = make_experiment(
+        tmp_path, truth, probs, classifier, min_areas=[0, 6, 12], at_least_one="auto"
+    )
+    assert main(["--config", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "at least one class per image (auto): nested" in printed
+    _, extra = load_postprocess(load_config(path).run_dir / POSTPROCESS_FILE, CLASSES)
+    rule = extra["at_least_one"]
+    assert rule["applied"] is True and rule["every_training_image_has_a_class"] is True
+    result = tune(load_config(path)).result
+    without = _brute_force_scores(path, result, classifier, rule=False)
+    with_rule = _brute_force_scores(path, result, classifier, rule=True)
+    assert rule["in_sample"]["without"] == pytest.approx(without[0], abs=1e-12)
+    assert rule["nested"]["without"] == pytest.approx(without[1], abs=1e-12)
+    assert rule["in_sample"]["with"] == pytest.approx(with_rule[0], abs=1e-12)
+    assert rule["nested"]["with"] == pytest.approx(with_rule[1], abs=1e-12)
+    assert rule["images_changed"]["in_sample"] + rule["images_changed"]["nested"] > 0
+    # predict reads the scores with the rule, since it applies it.
+    assert extra["scores"]["tuned"] == pytest.approx(with_rule[0], abs=1e-12)
+    assert extra["scores"]["tuned_nested"] == pytest.approx(with_rule[1], abs=1e-12)
+
+
+def test_at_least_one_auto_stays_off_where_a_training_image_has_no_class(tmp_path: Path) -> None:
+    truth, probs, classifier = false_positive_case()  # half the images have no Fish, no Sugar
+    path = make_experiment(tmp_path, truth, probs, classifier, at_least_one="auto")
+    output = tune(load_config(path))
+    _, extra = load_postprocess(output.postprocess_path, CLASSES)
+    assert extra["at_least_one"] == {
+        "choice": "auto",
+        "every_training_image_has_a_class": False,
+        "applied": False,
+    }
+    assert extra["scores"]["tuned"] == output.result.score
