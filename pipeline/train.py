@@ -184,7 +184,8 @@ def prepare(ctx: FoldContext) -> FoldParts:
         lr=resolve_lr(config),
         finish=finish,
         phases=phases,
-        calibration=calibration if t.bn_recalibration else None,
+        # An average of several epochs' weights needs statistics of its own.
+        calibration=calibration if t.bn_recalibration or t.swa_top > 1 else None,
         # The copy's weights are replaced, so no pretrained encoder is read.
         build_plain=lambda: build_model(
             config.with_overrides(["model.encoder_weights=null"]), len(exp.classes), fixed

@@ -38,6 +38,8 @@ JOBS_CONFIG = "config.jobs.yaml"
 # One fold (segmentation or classifier)
 BEST_WEIGHTS = "best_weights.h5"
 CHECKPOINT = "checkpoint"
+SWA = "swa"  # train.swa_top: the best epochs' weights, averaged at the end of training
+SWA_EPOCH = "epoch_{epoch:03d}.h5"
 STATE = "state.json"
 HISTORY = "history.csv"
 CURVES = "curves.png"

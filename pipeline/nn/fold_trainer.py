@@ -72,6 +72,7 @@ def fit_settings(section: Any, epochs: int | None = None, **overrides: Any) -> F
         "tensorboard": section.get("tensorboard", False),
         "verbose": section.get("verbose", 1),
         "ema_decay": section.get("ema_decay"),
+        "swa_top": int(section.get("swa_top", 0)),
     }
     values.update(overrides)
     return FitSettings(**values)
@@ -253,6 +254,7 @@ def _train_fold(
         "best_epoch": state["best_epoch"],
         f"best_{parts.settings.monitor}": state["best_value"],
         "epochs_run": state["epoch"],
+        **({"swa_epochs": state["swa_epochs"]} if "swa_epochs" in state else {}),
         **outputs,
         **recalibrated,
         "train_seconds": round(train_time, 1),

@@ -5,6 +5,11 @@ callbacks' counters (plateau, early stopping, best score), the learning rate and
 full history; ``--resume`` picks up from there. The best weights are saved whenever the
 monitored value improves and are loaded at the end, so an interrupted and resumed run
 ends like an uninterrupted one.
+
+With ``swa_top`` N >= 2 the weights of the N best epochs so far (by the monitor, the
+validated ones: the EMA's when there is one) are also kept, as ``swa/epoch_EEE.h5``,
+and at the end their uniform average replaces the best weights (stochastic weight
+averaging over the best checkpoints); the caller re-estimates BatchNorm on it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ from typing import Any
 import pandas as pd
 
 from pipeline.core.curves import plot_history
-from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, CURVES, HISTORY, STATE, TENSORBOARD
+from pipeline.core.layout import (
+    BEST_WEIGHTS,
+    CHECKPOINT,
+    CURVES,
+    HISTORY,
+    STATE,
+    SWA,
+    SWA_EPOCH,
+    TENSORBOARD,
+)
 from pipeline.core.schedule import Phase
 from pipeline.nn.keras_backend import keras, tf
 
@@ -50,6 +64,7 @@ class FitSettings:
     tensorboard: bool = False
     verbose: int = 1
     ema_decay: float | None = None
+    swa_top: int = 0  # >= 2: average the weights of this many best epochs at the end
 
 
 class WeightAverage(tf.Module):
@@ -206,13 +221,10 @@ class _EpochState(keras.callbacks.Callback):
             value > best if self.settings.monitor_mode == "max" else value < best
         )
         if better:
-            if self.average is None:
-                save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
-            else:
-                with self.average.swapped():  # the validated weights are the average
-                    save_weights_atomic(self.model, self.out_dir / BEST_WEIGHTS)
+            self._save_validated(self.out_dir / BEST_WEIGHTS)
             self.state["best_value"] = float(value)
             self.state["best_epoch"] = epoch + 1
+        dropped = self._keep_for_swa(epoch + 1, float(value)) if self.settings.swa_top > 1 else []
         self.state.update(
             epoch=epoch + 1,
             phase=self.phase,
@@ -228,6 +240,8 @@ class _EpochState(keras.callbacks.Callback):
             },
         )
         _publish_checkpoint(self.model, self.out_dir, self.state, self.average)
+        for path in dropped:  # only once the published state no longer lists them
+            path.unlink(missing_ok=True)
         # Drawing the curves costs ~0.7 s: at most every CURVES_EVERY_S, and at the end.
         now = time.monotonic()
         plot = self.plotted_at is None or now - self.plotted_at >= CURVES_EVERY_S
@@ -237,10 +251,52 @@ class _EpochState(keras.callbacks.Callback):
         self.unplotted = not plot
         log.info("epoch %d/%d %s", epoch + 1, self.settings.epochs, _summary(row))
 
+    def _save_validated(self, path: Path) -> None:
+        """Save the weights this epoch was validated with (the EMA's, if any)."""
+        if self.average is None:
+            save_weights_atomic(self.model, path)
+        else:
+            with self.average.swapped():
+                save_weights_atomic(self.model, path)
+
+    def _keep_for_swa(self, epoch: int, value: float) -> list[Path]:
+        """Keep this epoch's weights if it is among the ``swa_top`` best; returns the
+        files of the epochs it pushes out (deleted once the state is published)."""
+        kept = [(float(v), int(e)) for v, e in self.state.get("swa", [])]
+        ranked = sorted(
+            [*kept, (value, epoch)],
+            key=lambda item: item[0],
+            reverse=self.settings.monitor_mode == "max",
+        )
+        top = ranked[: self.settings.swa_top]
+        if (value, epoch) in top:
+            self._save_validated(swa_path(self.out_dir, epoch))
+        self.state["swa"] = [[v, e] for v, e in top]
+        return [swa_path(self.out_dir, e) for v, e in kept if (v, e) not in top]
+
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.unplotted:
             _draw_curves(pd.DataFrame(self.state["history"]), self.out_dir)
             self.unplotted = False
+
+
+def swa_path(out_dir: Path, epoch: int) -> Path:
+    """The weights file of a kept epoch (``train.swa_top``)."""
+    return out_dir / SWA / SWA_EPOCH.format(epoch=epoch)
+
+
+def average_weight_files(model: keras.Model, paths: Sequence[Path]) -> None:
+    """Set ``model``'s weights (BatchNorm statistics included) to the mean of the files'."""
+    total: list[Any] | None = None
+    for path in paths:
+        load_best_weights(model, path)
+        with all_trainable(model):
+            weights = model.get_weights()
+        total = weights if total is None else [a + w for a, w in zip(total, weights, strict=True)]
+    if total is None:
+        raise ValueError("no weights files to average")
+    with all_trainable(model):
+        model.set_weights([w / len(paths) for w in total])
 
 
 def _summary(row: dict[str, float]) -> str:
@@ -284,6 +340,7 @@ def copy_model(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Mo
 
 
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name("tmp." + path.name)
     with all_trainable(model):
         model.save_weights(str(tmp))
@@ -404,7 +461,7 @@ def fit_resumable(
         if resume:
             log.info("nothing to resume in %s; starting from epoch 1", out_dir)
         state = {"epoch": 0, "history": [], "best_value": None}
-        for stale in (CHECKPOINT, CHECKPOINT + ".old"):
+        for stale in (CHECKPOINT, CHECKPOINT + ".old", SWA):
             if (out_dir / stale).exists():
                 shutil.rmtree(out_dir / stale)
     plan = [p if isinstance(p, Phase) else Phase(int(p), 1.0) for p in phases]
@@ -478,6 +535,20 @@ def fit_resumable(
             _publish_checkpoint(model, out_dir, state, average)
     if state.get("best_epoch") is None:
         raise RuntimeError(f"no epoch completed in {out_dir}; nothing to load")
+    kept = sorted(int(e) for _, e in state.get("swa", []))
+    if settings.swa_top > 1 and len(kept) > 1:
+        # From the kept files, never from best_weights.h5: a rerun gives the same average.
+        average_weight_files(model, [swa_path(out_dir, e) for e in kept])
+        save_weights_atomic(model, out_dir / BEST_WEIGHTS)
+        state["swa_epochs"] = kept
+        log.info(
+            "weights of epochs %s (the %d best by %s) averaged into %s",
+            kept,
+            len(kept),
+            settings.monitor,
+            out_dir / BEST_WEIGHTS,
+        )
+        return state
     load_best_weights(model, out_dir / BEST_WEIGHTS)
     log.info(
         "best %s=%.4f at epoch %d; weights in %s",

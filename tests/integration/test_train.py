@@ -241,3 +241,20 @@ def test_progressive_unfreezing_changes_phase_and_lr(tmp_path, tiny_data):
     assert "phase 1 from epoch 2" in out.stderr and "(top 50%), lr 0.0005" in out.stderr
     history = pd.read_csv(tmp_path / "runs/tiny/fold_0/history.csv")
     assert history["lr"].round(6).tolist() == [0.002, 0.0005]
+
+
+def test_swa_over_the_best_epochs_through_the_cli(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data)
+    out = run_cli(
+        "pipeline.train", "--config", str(config), "--fold", "0",
+        "--set", "train.epochs=3", "--set", "train.swa_top=2",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    fold_dir = tmp_path / "runs" / "tiny" / "fold_0"
+    kept = sorted(p.name for p in (fold_dir / "swa").iterdir())
+    assert len(kept) == 2 and all(name.startswith("epoch_") for name in kept)
+    assert "(the 2 best by val_dice) averaged into" in out.stderr
+    metrics = json.loads((fold_dir / "metrics.json").read_text())
+    assert metrics["bn_recalibration_batches"] > 0  # the average gets statistics of its own
+    assert len(metrics["swa_epochs"]) == 2
+    assert 0.0 <= metrics["oof_kaggle_dice_050"] <= 1.0
