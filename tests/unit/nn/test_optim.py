@@ -165,6 +165,37 @@ def test_accumulation_under_mixed_precision_loss_scaling() -> None:
         keras.mixed_precision.set_global_policy("float32")
 
 
+# Epsilon 0.1 makes Adam's step depend on the gradient's scale, so a loss scale that
+# were not undone before accumulating (or undone twice) would show.
+@pytest.mark.parametrize("scale", [2.0**12, 2.0**-3])
+def test_loss_scaled_accumulated_update_equals_the_unscaled_one(scale: float) -> None:
+    scaled = keras.mixed_precision.LossScaleOptimizer(
+        optim.make_optimizer(LR, STEPS, epsilon=0.1), dynamic=False, initial_scale=scale
+    )
+    accumulated = fit(make_model(), scaled, MICRO_BATCH, 2 * STEPS)
+    unscaled = fit(make_model(), optim.make_optimizer(LR, STEPS, epsilon=0.1), MICRO_BATCH, 8)
+    big_batch = fit(make_model(), keras.optimizers.Adam(LR, epsilon=0.1), STEPS * MICRO_BATCH, 2)
+    assert max_abs_difference(big_batch, INITIAL_WEIGHTS) > 100 * ATOL
+    assert_weights_close(accumulated, unscaled)
+    assert_weights_close(accumulated, big_batch)
+
+
+def test_mixed_float16_dynamic_loss_scale_accumulation_matches_float32_big_batch() -> None:
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = make_model()
+        mixed = fit(model, optim.make_optimizer(LR, STEPS, epsilon=0.1), MICRO_BATCH, 2 * STEPS)
+        assert isinstance(model.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        assert model.optimizer.dynamic
+        assert int(model.optimizer.inner_optimizer.iterations) == 2
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    big_batch = fit(make_model(), keras.optimizers.Adam(LR, epsilon=0.1), STEPS * MICRO_BATCH, 2)
+    moved = max_abs_difference(big_batch, INITIAL_WEIGHTS)
+    # float16 activations: the same update up to half-precision rounding (2**-11).
+    assert max_abs_difference(mixed, big_batch) < 0.02 * moved
+
+
 def test_config_round_trip_keeps_accumulation_steps() -> None:
     optimizer = optim.make_optimizer(0.003, 8, beta_2=0.99)
     config = json.loads(json.dumps(keras.optimizers.serialize(optimizer), default=float))
