@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import describe_machine, record
+from benchmarks.common import compute_figures, describe_machine, record
 from pipeline.core.config import load_config
 from pipeline.make_demo_data import make_demo_data
 from pipeline.nn.data import (
@@ -125,10 +125,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     memory_s = time_fit(model, in_memory, args.steps)
     real_s = time_fit(model, dataset, args.steps)
     ratio = memory_s / real_s
+    compute = compute_figures(
+        model, crop[0], crop[1], "float32", None, memory_s / (args.steps * args.batch_size)
+    )
     print(
         f"{args.steps} training steps of {args.batch_size} x {crop[0]}x{crop[1]}: "
         f"in memory {memory_s:.1f} s, real pipeline {real_s:.1f} s; "
         f"real pipeline reaches {ratio:.1%} of the in-memory step rate"
+    )
+    print(
+        f"training ({compute['precision']}): {compute['train_step_gflops']:.1f} GFLOP/s of a "
+        f"{compute['matmul_peak_gflops']:.1f} GFLOP/s matmul peak; CPU features "
+        f"{' '.join(compute['cpu_features']) or 'none found'}"
     )
     result = {
         "benchmark": "input",
@@ -145,6 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "train_images_s_in_memory": round(args.steps * args.batch_size / memory_s, 2),
         "train_images_s_pipeline": round(args.steps * args.batch_size / real_s, 2),
         "pipeline_vs_in_memory": round(ratio, 3),
+        **compute,
         "pipeline_vs_model_speed": round(
             pipeline_ips / (args.steps * args.batch_size / memory_s), 1
         ),

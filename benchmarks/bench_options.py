@@ -41,11 +41,13 @@ OPTIONS: dict[str, list[str]] = {
     "adamw": ["train.weight_decay=0.01"],
     "lovasz": ["train.loss=lovasz"],
     "encoder_lr": ["train.encoder_lr_factor=0.1"],
+    "swa": ["train.swa_top=3"],
+    "at_least_one": ["postprocess.at_least_one=always"],
     "min_components": ["postprocess.min_components=[0,30,100,300]"],
     "fused_gate": ["postprocess.gates=[none,classifier,segmentation,fused]"],
 }
 # Options that change only the tuning reuse the baseline's trained folds.
-TUNE_ONLY = frozenset({"min_components", "fused_gate"})
+TUNE_ONLY = frozenset({"min_components", "fused_gate", "at_least_one"})
 
 
 def run_option(

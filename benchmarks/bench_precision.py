@@ -27,7 +27,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import describe_machine, record  # noqa: E402
+from benchmarks.common import compute_figures, describe_machine, record  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.precision import BF16_CPU_FLAGS, cpu_flags  # noqa: E402
 
@@ -105,6 +105,14 @@ def main(argv: list[str] | None = None) -> int:
                 oof[name].append(kaggle_dice(t[None], resize_probs(prob, size)[None], 0.5)[0])
         print(f"fold {fold}: largest probability difference so far {largest:.4f}", flush=True)
     scores = {name: float(np.mean(oof[name])) for name in models}
+    views = len(config.tta.views)
+    height, width = config.data.image_size
+    compute = {
+        name: compute_figures(
+            model, height, width, name, 1.0 / (float(np.mean(rates[name])) * views)
+        )
+        for name, model in models.items()
+    }
     result: dict[str, Any] = {
         "benchmark": "precision",
         "machine": describe_machine(),
@@ -116,6 +124,11 @@ def main(argv: list[str] | None = None) -> int:
         "oof_difference": round(scores[args.precision] - scores["float32"], 4),
         "largest_probability_difference": round(largest, 4),
         "oof_images_per_s": {k: round(float(np.mean(v)), 1) for k, v in rates.items()},
+        "cpu_features": compute["float32"]["cpu_features"],
+        "forward_gflops": {k: v["forward_gflops"] for k, v in compute.items()},
+        "matmul_peak_gflops": {k: v["matmul_peak_gflops"] for k, v in compute.items()},
+        "forward_share_of_peak": {k: v["forward_share_of_peak"] for k, v in compute.items()},
+        "forward_gflop_per_image": compute["float32"]["forward_gflop_per_image"],
     }
     if test is not None:
         test_scores = {}

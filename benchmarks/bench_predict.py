@@ -39,12 +39,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_rle import describe_machine
-
+from benchmarks.common import compute_figures, describe_machine
 from pipeline.core.config import load_config
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
+from pipeline.core.precision import PRECISIONS
 from pipeline.make_demo_data import make_demo_data
 from pipeline.nn.devices import device_name as describe_device
+from pipeline.nn.devices import inference_precision, precision_policy
 from pipeline.nn.model import build_model
 from pipeline.predict import predict
 from pipeline.run.cli import setup_logging
@@ -56,7 +57,7 @@ CLASSES = 4
 IMAGE_SIZE = (384, 576)
 
 
-def make_config(work: Path, data: Path, batch_size: int):
+def make_config(work: Path, data: Path, batch_size: int, precision: str = "auto"):
     """The default config on the generated data, 3 folds, no pretrained weights."""
     return load_config(
         None,
@@ -72,6 +73,7 @@ def make_config(work: Path, data: Path, batch_size: int):
             "model.encoder_weights=null",
             f"tta.views=[{','.join(VIEWS)}]",
             f"tta.batch_size={batch_size}",
+            f"predict.precision={precision}",
         ],
     )
 
@@ -127,6 +129,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--n-test", type=int, help="test images (default 24, --quick 2)")
     parser.add_argument("--batch-size", type=int, default=2, help="tta.batch_size (default 2)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_predict"))
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=PRECISIONS,
+        help="predict.precision (default auto); when it resolves to a 16-bit precision, "
+        "predict also runs in float32 and the speedup is printed",
+    )
     parser.add_argument("--no-record", action="store_true", help="do not append to results")
     args = parser.parse_args(argv)
     n_test = args.n_test or (2 if args.quick else 24)
@@ -136,13 +145,17 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     started = time.perf_counter()
     make_demo_data(data, 30, n_test, 1400, 2100, (350, 525), seed=12345, force=False, workers=2)
     data_s = time.perf_counter() - started
-    config = make_config(args.workdir, data, args.batch_size)
+    config = make_config(args.workdir, data, args.batch_size, args.precision)
     if config.run_dir.exists():
         shutil.rmtree(config.run_dir)
     model = build_model(config, CLASSES)
     write_fake_run(config, model)
+    precision = inference_precision(args.precision)
+    with precision_policy(precision):  # the reference computes as predict does
+        reference_model = build_model(config, CLASSES)
+    reference_model.set_weights(model.get_weights())
 
-    reference = ForwardReference(model, n_test, args.batch_size)
+    reference = ForwardReference(reference_model, n_test, args.batch_size)
     calls = len(reference.calls)
     load_before = os.getloadavg()[0]
     first_wall, first_cpu = reference.run(0)
@@ -156,6 +169,14 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     efficiency = forward_s / end_to_end_s
     cpu_efficiency = forward_cpu / end_to_end_cpu
     stages = result["stage_seconds"]
+    float32_s = None
+    if precision != "float32":
+        float32_config = make_config(args.workdir, data, args.batch_size, "float32")
+        float32_s = predict(
+            float32_config, args.workdir / "submission_float32.csv", args.workdir / "submissions"
+        )["seconds"]
+    passes = n_test * FOLDS * len(VIEWS)
+    compute = compute_figures(model, *IMAGE_SIZE, precision, forward_s / passes)
     machine = describe_machine()
     device = describe_device()
     if device != "CPU":
@@ -174,6 +195,10 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "end_to_end_s": round(end_to_end_s, 2),
         "forward_s": round(forward_s, 2),
         "efficiency": round(efficiency, 3),
+        "precision_requested": args.precision,
+        **compute,
+        "end_to_end_float32_s": None if float32_s is None else round(float32_s, 2),
+        "speedup_vs_float32": None if float32_s is None else round(float32_s / end_to_end_s, 3),
         "end_to_end_cpu_s": round(end_to_end_cpu, 1),
         "forward_cpu_s": round(forward_cpu, 1),
         "cpu_efficiency": round(cpu_efficiency, 3),
@@ -188,12 +213,20 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    passes = n_test * FOLDS * len(VIEWS)
     print(f"{n_test} test images of 1400x2100, {FOLDS} folds x {len(VIEWS)} views at 384x576")
     print(f"  = {passes} network passes in {calls} calls of up to {args.batch_size * 4} images")
     print(f"end to end (predict):      {end_to_end_s:8.1f} s")
     print(f"forward only (reference):  {forward_s:8.1f} s")
     print(f"efficiency:                {efficiency:8.3f}  (target >= 0.90)")
+    print(
+        f"precision {precision} ({args.precision}); forward {compute['forward_gflops']:.1f} "
+        f"GFLOP/s of a {compute['matmul_peak_gflops']:.1f} GFLOP/s matmul peak "
+        f"({compute['forward_gflop_per_image']:.1f} GFLOP per pass); CPU features "
+        f"{' '.join(compute['cpu_features']) or 'none found'}"
+    )
+    if float32_s is not None:
+        speedup = float32_s / end_to_end_s
+        print(f"float32 end to end: {float32_s:.1f} s: {precision} is {speedup:.2f}x as fast")
     print(
         f"process CPU time: end to end {end_to_end_cpu:.0f} s, forward {forward_cpu:.0f} s, "
         f"ratio {cpu_efficiency:.3f} (less sensitive to other processes)"

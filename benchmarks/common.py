@@ -11,6 +11,24 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+# /proc/cpuinfo flags named in benchmark records: SIMD width, FMA, native 16-bit math.
+VECTOR_FLAGS = frozenset(
+    {
+        "sse4_2",
+        "avx",
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512_vnni",
+        "avx512_bf16",
+        "avx512_fp16",
+        "amx_tile",
+        "amx_bf16",
+        "amx_int8",
+    }
+)
 
 
 def describe_machine() -> dict[str, object]:
@@ -32,7 +50,55 @@ def describe_machine() -> dict[str, object]:
         )
         names = [n.strip() for n in out.stdout.splitlines() if n.strip()]
         gpu = ", ".join(names) or None
-    return {"cores": os.cpu_count(), "cpu": cpu, "gpu": gpu}
+    return {"cores": os.cpu_count(), "cpu": cpu, "cpu_features": cpu_features(), "gpu": gpu}
+
+
+def cpu_features() -> list[str]:
+    """The CPU's vector and matrix features that decide its arithmetic speed."""
+    from pipeline.core.precision import cpu_flags
+
+    return sorted(cpu_flags() & VECTOR_FLAGS)
+
+
+def compute_figures(
+    model: Any,
+    height: int,
+    width: int,
+    precision: str,
+    forward_s_per_image: float | None,
+    train_step_s_per_image: float | None = None,
+) -> dict[str, Any]:
+    """The network's FLOPs and achieved GFLOP/s next to a matmul peak measured now.
+
+    ``precision`` is the one the timings ran in; the peak is measured in its compute
+    dtype (float32, bfloat16 or float16). Times are seconds per image (None: not
+    measured); a train step counts as ``compute.TRAIN_STEP_FORWARDS`` forwards.
+    """
+    from pipeline.nn.compute import (
+        TRAIN_STEP_FORWARDS,
+        achieved_gflops,
+        forward_flops,
+        matmul_peak,
+    )
+
+    flops = forward_flops(model, height, width)
+    peak = matmul_peak(precision)
+    figures: dict[str, Any] = {
+        "precision": precision,
+        "cpu_features": cpu_features(),
+        "forward_gflop_per_image": round(flops / 1e9, 3),
+        "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_dtype": precision,
+    }
+    if forward_s_per_image is not None:
+        forward = achieved_gflops(flops, forward_s_per_image)
+        figures["forward_gflops"] = round(forward, 1)
+        figures["forward_share_of_peak"] = round(forward / peak, 3)
+    if train_step_s_per_image is not None:
+        train = achieved_gflops(TRAIN_STEP_FORWARDS * flops, train_step_s_per_image)
+        figures["train_step_gflops"] = round(train, 1)
+        figures["train_step_share_of_peak"] = round(train / peak, 3)
+    return figures
 
 
 def record(result: dict[str, Any], keep: bool = True) -> None:
