@@ -319,6 +319,9 @@ def _check(value: Any, default: Any, key: str) -> Any:
         return _check_schedule(value, key)
     if key in INT_LIST_KEYS:
         return _check_int_list(value, key, INT_LIST_KEYS[key])
+    if key in CHOICES and value not in CHOICES[key]:
+        # Before the type check: YAML reads yes/no/on/off as booleans.
+        raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}; got {value!r}")
     value = _coerce(value, default, key)
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"config key {key!r} must be a finite number; got {value!r}")
@@ -331,8 +334,6 @@ def _check(value: Any, default: Any, key: str) -> Any:
             )
     if key in SIZE_KEYS:
         _check_size(value, key)
-    if key in CHOICES and value not in CHOICES[key]:
-        raise ConfigError(f"config key {key!r} must be one of {list(CHOICES[key])}; got {value!r}")
     if key in POSITIVE_INT_KEYS and value < 1:
         raise ConfigError(f"config key {key!r} must be an integer >= 1; got {value!r}")
     if key in NON_NEGATIVE_KEYS and value < 0:
