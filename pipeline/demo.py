@@ -77,8 +77,8 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
     oof_plain = sum(r["oof_kaggle_dice_050"] for r in seg) / len(seg)
     figures = {
         "oof_kaggle_dice_050": round(oof_plain, 4),
-        "oof_tuned": round(float(tuned.result.score), 4),
-        "oof_tuned_nested": round(float(tuned.result.nested_score), 4),
+        "oof_tuned": round(tuned.oof_scores()[0], 4),
+        "oof_tuned_nested": round(tuned.oof_scores()[1], 4),
         # Pooled: every OOF image of every fold in one ranking (stricter than the mean of
         # the per-fold AUCs, which forgives folds calibrated differently).
         "classifier_auc_pooled": {k: round(v, 4) for k, v in pooled["oof_auc_per_class"].items()},

@@ -42,6 +42,7 @@ from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.level_counts import class_histograms
 from pipeline.core.postprocess import (
     CLASSIFIER_GATES,
+    keep_at_least_one,
     postprocess_image,
     resolve_at_least_one,
     save_postprocess,
@@ -92,6 +93,14 @@ class TuneOutput:
     grid_path: Path
     search_seconds: float  # the streaming pass alone
     at_least_one: dict[str, Any] = field(default_factory=dict)  # the rule and its scores
+
+    def oof_scores(self) -> tuple[float, float]:
+        """(in-sample, nested) tuned OOF Kaggle Dice of the post-processing predict applies
+        (the at-least-one rule included where tune scored it)."""
+        if "per_class" in self.at_least_one:
+            scores = rule_scores(self.at_least_one)
+            return float(scores["tuned"]), float(scores["tuned_nested"])
+        return float(self.result.score), float(self.result.nested_score)
 
 
 def read_classifier_probs(config: Config, exp: Experiment) -> dict[str, np.ndarray] | None:
@@ -200,58 +209,102 @@ def score_at_least_one(
     readers: Sequence[ProbReader],
     result: TuneResult,
     classifier_probs: Mapping[str, np.ndarray] | None,
+    search: bool,
 ) -> dict[str, Any]:
     """The at-least-one rule's effect on the tuned OOF scores: one more streaming pass.
 
-    Every image is post-processed with the chosen settings (in-sample) and with its
-    fold's nested settings (chosen on the other folds); where all of its masks are
-    empty, the class the rule keeps is scored instead of its empty mask. Returns the
-    scores without and with the rule and the number of images it changed.
+    Every image of fold j is post-processed with the chosen settings (in-sample) and
+    with its own fold's nested settings (chosen without fold j) or, when ``search``,
+    with every fold k's; where all of its masks are empty, the class the rule keeps is
+    scored instead of its empty mask. ``gain[j][k]`` sums that change over fold j's
+    images under fold k's settings. Always on, the nested score adds ``gain[k][k]``.
+    Searched, fold k applies the rule iff it gains on the *other* folds under fold k's
+    own settings (``sum_j!=k gain[j][k] > 0``): a decision made without fold k, so
+    the nested figure stays honest; the final decision is the in-sample gain's sign.
+    Scores overall and per class: the mean over image-class pairs, as ``result``'s.
     """
     classes = exp.classes
+    n_folds = len(readers)
     chosen = [result.per_class[name].params for name in classes]
-    nested = [
-        [result.per_class[name].nested_params[k] for name in classes] for k in range(len(readers))
-    ]
+    nested = [[result.per_class[name].nested_params[k] for name in classes] for k in range(n_folds)]
     original_sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
     rles = exp.rles()
 
-    def delta(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> tuple[float, float, int, int]:
+    def gains(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> tuple[int, np.ndarray]:
+        """(fold, (n_folds + 1, C + 1)): per class the Dice gained, then 1 if the image
+        changed, under each fold's settings (rows), then the chosen ones (last row)."""
         image_id, fold, q, original = item
         truth = decode_truth(rles[image_id], original, q.shape[1:])
         presence = None if classifier_probs is None else classifier_probs.get(image_id)
-        out: list[tuple[float, int]] = []
-        for settings in (chosen, nested[fold]):
+        out = np.zeros((n_folds + 1, len(classes) + 1))
+        rows = [*range(n_folds)] if search else [fold]
+        for row in [*rows, n_folds]:
+            settings = chosen if row == n_folds else nested[row]
             params = [p for p in settings if p is not None]
             if len(params) < len(classes):  # a fold without images has no nested setting
-                out.append((0.0, 0))
                 continue
-            if postprocess_image(q, params, presence).any():
-                out.append((0.0, 0))  # the rule leaves an image with a mask alone
-                continue
-            ruled = postprocess_image(q, params, presence, at_least_one=True)
-            if not ruled.any():
-                out.append((0.0, 0))
-                continue
+            masks = postprocess_image(q, params, presence)
+            ruled = keep_at_least_one(masks, q, params)
+            if ruled is masks or not ruled.any():
+                continue  # an image with a mask is left alone
             c = int(np.argmax(ruled.any(axis=(1, 2))))
             # The kept class's Dice replaces its empty mask's (1 iff its truth is empty).
-            out.append((_dice(truth[c], ruled[c]) - float(not truth[c].any()), 1))
-        (in_sample, in_changed), (held_out, held_changed) = out
-        return in_sample, held_out, in_changed, held_changed
+            out[row, c] = _dice(truth[c], ruled[c]) - float(not truth[c].any())
+            out[row, -1] = 1
+        return fold, out
 
     stream = read_ahead(iter_oof(config, readers, original_sizes), READ_AHEAD_IMAGES)
     workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
-    sums = np.zeros(4)
+    # sums[j, k]: fold j's images under fold k's nested settings (k = n_folds: chosen).
+    sums = np.zeros((n_folds, n_folds + 1, len(classes) + 1))
     n_images = 0
-    for values in map_ahead(delta, stream, workers, READ_AHEAD_IMAGES):
-        sums += values
+    for fold, values in map_ahead(gains, stream, workers, READ_AHEAD_IMAGES):
+        sums[fold] += values
         n_images += 1
-    pairs = max(n_images * len(classes), 1)
-    return {
-        "in_sample": {"without": result.score, "with": result.score + sums[0] / pairs},
-        "nested": {"without": result.nested_score, "with": result.nested_score + sums[1] / pairs},
-        "images_changed": {"in_sample": int(sums[2]), "nested": int(sums[3])},
+    own = np.stack([sums[k, k, :-1] for k in range(n_folds)])  # (folds, C)
+    elsewhere = np.array([sums[:, k, :-1].sum() - sums[k, k, :-1].sum() for k in range(n_folds)])
+    decisions = elsewhere > 0 if search else np.ones(n_folds, bool)
+    in_sample = sums[:, n_folds, :-1].sum(axis=0)  # (C,)
+    applied = bool(in_sample.sum() > 0) if search else True
+    images = max(n_images, 1)
+    held_out = own[decisions].sum(axis=0)  # (C,)
+    per_class = {
+        name: {
+            "tuned": result.per_class[name].score + (in_sample[c] / images if applied else 0.0),
+            "tuned_nested": result.per_class[name].nested_score + held_out[c] / images,
+        }
+        for c, name in enumerate(classes)
+    }
+    pairs = images * len(classes)
+    report: dict[str, Any] = {
+        "applied": applied,
+        "in_sample": {
+            "without": result.score,
+            "with": result.score + float(in_sample.sum()) / pairs,
+        },
+        "nested": {
+            "without": result.nested_score,
+            "with": result.nested_score + float(own.sum()) / pairs,
+        },
+        "images_changed": {
+            "in_sample": int(sums[:, n_folds, -1].sum()),
+            "nested": int(sum(sums[k, k, -1] for k in range(n_folds))),
+        },
         "n_images": n_images,
+        "per_class": per_class,
+    }
+    if search:
+        report["nested"]["searched"] = result.nested_score + float(held_out.sum()) / pairs
+        report["fold_decisions"] = [bool(d) for d in decisions]
+    return report
+
+
+def rule_scores(at_least_one: Mapping[str, Any]) -> dict[str, float]:
+    """The tuned OOF scores (in-sample, nested) with the at-least-one rule as applied."""
+    nested = at_least_one["nested"]
+    return {
+        "tuned": at_least_one["in_sample"]["with" if at_least_one["applied"] else "without"],
+        "tuned_nested": nested.get("searched", nested["with"]),
     }
 
 
@@ -315,19 +368,18 @@ def _tune(config: Config) -> TuneOutput:
 
     comparison = compare_gates(result)
     has_class = every_image_has_a_class(exp)
-    rule = resolve_at_least_one(config.postprocess.at_least_one, has_class)
+    choice = config.postprocess.at_least_one
     at_least_one: dict[str, Any] = {
-        "choice": config.postprocess.at_least_one,
+        "choice": choice,
         "every_training_image_has_a_class": has_class,
-        "applied": rule,
+        "applied": resolve_at_least_one(choice, has_class),
     }
-    scores_with_rule = None
-    if rule:
-        at_least_one.update(score_at_least_one(config, exp, readers, result, classifier_probs))
-        scores_with_rule = {
-            "tuned": at_least_one["in_sample"]["with"],
-            "tuned_nested": at_least_one["nested"]["with"],
-        }
+    if at_least_one["applied"] or choice == "search":
+        at_least_one.update(
+            score_at_least_one(
+                config, exp, readers, result, classifier_probs, search=choice == "search"
+            )
+        )
     size = config.data.submission_size
     extra: dict[str, Any] = {
         **result.to_dict(),
@@ -339,9 +391,12 @@ def _tune(config: Config) -> TuneOutput:
         "gate_comparison": comparison,
         "oof_stores": [str(reader.directory) for reader in readers],
     }
-    if scores_with_rule is not None:
-        # What predict will do: its OOF figures are the ones with the rule.
-        extra["scores"] = {**extra["scores"], **scores_with_rule}
+    if "per_class" in at_least_one:
+        # What predict will do: the OOF figures it reports, and evaluate recomputes, are
+        # those of the rule as applied (nested: as each fold decided without itself).
+        extra["scores"] = {**extra["scores"], **rule_scores(at_least_one)}
+        for name, figures in at_least_one["per_class"].items():
+            extra["per_class"][name] = {**extra["per_class"][name], **figures}
     run_dir = config.run_dir
     postprocess_path = run_dir / POSTPROCESS_FILE
     save_postprocess(postprocess_path, result.params_by_class(), extra=extra)
@@ -410,7 +465,16 @@ def format_summary(output: TuneOutput) -> str:
         f"{result.score:.4f}, plain 0.5 {result.plain_score:.4f}"
     )
     rule = output.at_least_one
-    if rule.get("applied"):
+    if rule.get("choice") == "search":
+        folds = ", ".join("on" if d else "off" for d in rule["fold_decisions"])
+        lines.append(
+            f"at least one class per image (search): nested {rule['nested']['without']:.4f} "
+            f"-> {rule['nested']['searched']:.4f} (each fold decided on the others: {folds}; "
+            f"always on {rule['nested']['with']:.4f}), in-sample "
+            f"{rule['in_sample']['without']:.4f} -> {rule['in_sample']['with']:.4f}; "
+            + ("predict applies it" if rule["applied"] else "not applied")
+        )
+    elif rule.get("applied"):
         lines.append(
             f"at least one class per image ({rule['choice']}): nested "
             f"{rule['nested']['without']:.4f} -> {rule['nested']['with']:.4f} "

@@ -22,7 +22,8 @@ Across the classes of one image, ``postprocess_image`` may then apply the "at le
 class per image" rule (Clouds 1st place; ``postprocess.at_least_one``): an image left
 with no mask at all keeps the class whose top-k mean (``AT_LEAST_ONE_TOPK``) is
 highest, masked by its threshold and component rule only (its minimum area and gate are
-waived). ``auto`` turns it on iff every training image has at least one class.
+waived). ``auto`` turns it on iff every training image has at least one class;
+``search`` iff it raises the tuned OOF score (``pipeline.tune`` decides).
 
 Then ``PostprocessParams`` (one class's settings) and ``postprocess.json`` I/O.
 """
@@ -48,8 +49,9 @@ GATES: tuple[str, ...] = ("none", "classifier", "segmentation", "fused")
 # The gates that read the classifier's probability, and those that read the top-k mean.
 CLASSIFIER_GATES: frozenset[str] = frozenset({"classifier", "fused"})
 TOPK_GATES: frozenset[str] = frozenset({"segmentation", "fused"})
-# postprocess.at_least_one: never, always, or where every training image has a class.
-AT_LEAST_ONE_CHOICES: tuple[str, ...] = ("never", "always", "auto")
+# postprocess.at_least_one: never, always, where every training image has a class, or
+# where it raises the tuned OOF score (tune decides, nested-honestly).
+AT_LEAST_ONE_CHOICES: tuple[str, ...] = ("never", "always", "auto", "search")
 # The top-k fraction of the score that picks the class the rule keeps.
 AT_LEAST_ONE_TOPK = 0.01
 # Slack (in quantisation levels) for float error when a threshold lands on a level.
@@ -152,7 +154,8 @@ def postprocess_mask(
 
 
 def resolve_at_least_one(choice: str, every_image_has_a_class: bool) -> bool:
-    """Whether the at-least-one rule applies: ``choice`` is one of ``AT_LEAST_ONE_CHOICES``."""
+    """Whether the at-least-one rule applies: ``choice`` is one of ``AT_LEAST_ONE_CHOICES``
+    (``search``: not before tune has scored it, so False here)."""
     if choice not in AT_LEAST_ONE_CHOICES:
         raise ValueError(
             f"at_least_one must be one of {list(AT_LEAST_ONE_CHOICES)}; got {choice!r}"
@@ -186,11 +189,22 @@ def postprocess_image(
             for c, p in enumerate(params)
         ]
     )
-    if at_least_one and not masks.any():
-        scores = [segmentation_score(probs[c], AT_LEAST_ONE_TOPK) for c in range(len(params))]
-        keep = int(np.argmax(scores))
-        masks[keep] = params[keep].masked(probs[keep])
-    return masks
+    return keep_at_least_one(masks, probs, params) if at_least_one else masks
+
+
+def keep_at_least_one(
+    masks: np.ndarray, probs: Sequence[np.ndarray] | np.ndarray, params: Sequence[PostprocessParams]
+) -> np.ndarray:
+    """The at-least-one rule on one image's post-processed (C, H, W) ``masks``: if all
+    are empty, the class with the highest top-k mean gets its threshold-and-component
+    mask (a new array); otherwise ``masks`` unchanged."""
+    if masks.any():
+        return masks
+    scores = [segmentation_score(probs[c], AT_LEAST_ONE_TOPK) for c in range(len(params))]
+    keep = int(np.argmax(scores))
+    out = masks.copy()
+    out[keep] = params[keep].masked(probs[keep])
+    return out
 
 
 @dataclass(frozen=True)

@@ -58,4 +58,3 @@ def matmul_peak(dtype: str = "float32", size: int = 2048, repeats: int = 5) -> f
 def achieved_gflops(flops_per_image: float, seconds_per_image: float) -> float:
     """GFLOP/s achieved by a pass that costs ``flops_per_image`` and took that long."""
     return flops_per_image / seconds_per_image / 1e9
-

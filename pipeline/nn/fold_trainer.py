@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import Config
-from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS
+from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS, SWA
 from pipeline.core.schedule import Phase
 from pipeline.nn.batchnorm import recalibrate_copy
 from pipeline.nn.data import training_cache
@@ -271,7 +271,8 @@ def _train_fold(
 
 
 def _copy_resume_state(fold_dir: Path, out_dir: Path) -> None:
-    """A non-chief worker resumes from the chief's last checkpoint and best weights."""
+    """A non-chief worker resumes from the chief's last checkpoint, best weights and
+    kept epochs (``train.swa_top``)."""
     for name in (CHECKPOINT, CHECKPOINT + ".old"):
         if (fold_dir / name).is_dir():
             shutil.rmtree(out_dir / name, ignore_errors=True)
@@ -279,6 +280,9 @@ def _copy_resume_state(fold_dir: Path, out_dir: Path) -> None:
             break
     if (fold_dir / BEST_WEIGHTS).is_file():
         shutil.copy2(fold_dir / BEST_WEIGHTS, out_dir / BEST_WEIGHTS)
+    if (fold_dir / SWA).is_dir():
+        shutil.rmtree(out_dir / SWA, ignore_errors=True)
+        shutil.copytree(fold_dir / SWA, out_dir / SWA)
 
 
 def run_parallel(

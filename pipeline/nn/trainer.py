@@ -464,6 +464,14 @@ def fit_resumable(
         for stale in (CHECKPOINT, CHECKPOINT + ".old", SWA):
             if (out_dir / stale).exists():
                 shutil.rmtree(out_dir / stale)
+    if settings.swa_top > 1:
+        missing = [swa_path(out_dir, int(e)) for _, e in state.get("swa", [])]
+        missing = [path for path in missing if not path.is_file()]
+        if missing:
+            raise ValueError(
+                f"{missing[0]} is missing: the run's state keeps that epoch for "
+                f"train.swa_top; retrain the fold with --force"
+            )
     plan = [p if isinstance(p, Phase) else Phase(int(p), 1.0) for p in phases]
     plan = [p for p in plan if p.start < settings.epochs]
     if not plan or plan[0].start != 0:
@@ -535,7 +543,11 @@ def fit_resumable(
             _publish_checkpoint(model, out_dir, state, average)
     if state.get("best_epoch") is None:
         raise RuntimeError(f"no epoch completed in {out_dir}; nothing to load")
-    kept = sorted(int(e) for _, e in state.get("swa", []))
+    # The swa_top best of the kept list (a resumed run may have lowered swa_top).
+    ranked = sorted(
+        state.get("swa", []), key=lambda item: item[0], reverse=settings.monitor_mode == "max"
+    )
+    kept = sorted(int(e) for _, e in ranked[: settings.swa_top])
     if settings.swa_top > 1 and len(kept) > 1:
         # From the kept files, never from best_weights.h5: a rerun gives the same average.
         average_weight_files(model, [swa_path(out_dir, e) for e in kept])

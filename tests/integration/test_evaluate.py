@@ -144,6 +144,26 @@ def test_cli_writes_every_file_and_matches_tune(tmp_path, tiny_data):
     assert set(aucs) == {"0", "1", "pooled"} and aucs["pooled"]["Fish"] == 1.0
 
 
+def test_the_report_scores_the_at_least_one_rule_as_tune_did(tmp_path, tiny_data):
+    config_path = make_fake_run(tmp_path, tiny_data)
+    # Areas no mask reaches: every image is emptied, so the rule keeps a class in each.
+    overrides = [
+        "postprocess.at_least_one=always",
+        "postprocess.min_areas=[100000]",
+        "postprocess.gates=[none]",
+    ]
+    tuned = tune.tune(load_config(config_path, overrides))
+    rule = tuned.at_least_one
+    assert rule["applied"] and rule["images_changed"]["in_sample"] == 18
+    metrics = evaluate(load_config(config_path, overrides))
+    gated = metrics["summary"]["gated"]
+    for name, figures in rule["per_class"].items():
+        assert gated[name]["kaggle_dice"]["pooled"] == pytest.approx(figures["tuned"])
+    assert all(abs(r["difference"]) < 1e-9 for r in metrics["tune_check"])
+    assert tuned.oof_scores()[0] == pytest.approx(rule["in_sample"]["with"])
+    assert rule["in_sample"]["with"] > rule["in_sample"]["without"]
+
+
 def test_report_degrades_without_classifier_and_tuning(tmp_path, tiny_data):
     config = load_config(make_fake_run(tmp_path, tiny_data, classifier=False), [])
     metrics = evaluate(config, n_worst=2)

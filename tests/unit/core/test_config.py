@@ -73,7 +73,10 @@ def test_overrides_are_parsed_and_typed():
         ("postprocess.gates=[]", r"'postprocess.gates' must be a non-empty list of"),
         ("postprocess.gates=[none,fuzed]", r"'postprocess.gates' must be a non-empty list of"),
         # YAML reads yes as true: still named as a choice, not as a type.
-        ("postprocess.at_least_one=yes", r"must be one of \['never', 'always', 'auto'\]; got True"),
+        (
+            "postprocess.at_least_one=yes",
+            r"must be one of \['never', 'always', 'auto', 'search'\]; got True",
+        ),
         ("train.swa_top=-1", r"'train.swa_top' must be a number >= 0"),
     ],
 )

@@ -284,8 +284,9 @@ def test_at_least_one_choices_and_the_stored_flag() -> None:
     assert resolve_at_least_one("never", True) is False
     assert resolve_at_least_one("auto", True) is True
     assert resolve_at_least_one("auto", False) is False
+    assert resolve_at_least_one("search", True) is False  # tune decides
     with pytest.raises(
-        ValueError, match=r"at_least_one must be one of \['never', 'always', 'auto'\]"
+        ValueError, match=r"at_least_one must be one of \['never', 'always', 'auto', 'search'\]"
     ):
         resolve_at_least_one("yes", True)
     assert at_least_one_applied({}) is False  # a file from before the rule

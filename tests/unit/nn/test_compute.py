@@ -23,4 +23,3 @@ def test_forward_flops_counts_convolutions_and_dense_layers_as_multiply_adds() -
 def test_matmul_peak_is_a_positive_rate_and_achieved_divides() -> None:
     assert matmul_peak("float32", size=128, repeats=2) > 0
     assert achieved_gflops(4e9, 2.0) == 2.0
-

@@ -78,12 +78,39 @@ def test_the_best_epochs_are_kept_and_their_average_is_the_result(tmp_path: Path
 
 
 def test_a_resumed_run_keeps_and_averages_the_same_epochs(tmp_path: Path) -> None:
-    whole, whole_state = _fit(tmp_path / "whole", 5, False, 2)
-    _fit(tmp_path / "split", 3, False, 2)
-    resumed, state = _fit(tmp_path / "split", 5, True, 2)
+    whole, whole_state = _fit(tmp_path / "whole", 5, False, 3)
+    _fit(tmp_path / "split", 3, False, 3)
+    resumed, state = _fit(tmp_path / "split", 5, True, 3)
     assert state["swa_epochs"] == whole_state["swa_epochs"]
+    assert min(state["swa_epochs"]) <= 3  # a file kept before the interruption is averaged
     for a, b in zip(resumed.get_weights(), whole.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_with_a_kept_file_missing_stops_before_training(tmp_path: Path) -> None:
+    _, state = _fit(tmp_path, 2, False, 2)
+    swa_path(tmp_path, state["swa_epochs"][0]).unlink()
+    with pytest.raises(
+        ValueError, match=r"epoch_001.h5 is missing: .*retrain the fold with --force"
+    ):
+        _fit(tmp_path, 4, True, 2)
+
+
+def test_a_lower_swa_top_on_resume_averages_only_that_many(tmp_path: Path) -> None:
+    _fit(tmp_path, 4, False, 3)
+    _, state = _fit(tmp_path, 4, True, 2)  # finished: nothing trains, the average is redone
+    assert len(state["swa_epochs"]) == 2
+
+
+def test_with_an_ema_the_kept_files_are_the_validated_average(tmp_path: Path) -> None:
+    _, state = _fit(tmp_path, 4, False, 2, ema=0.9)
+    val = tf.data.Dataset.from_tensor_slices((X, Y)).batch(8)
+    for epoch in state["swa_epochs"]:
+        probe = _model()
+        load_best_weights(probe, swa_path(tmp_path, epoch))
+        probe.compile(loss="mse")
+        logged = state["history"][epoch - 1]["val_loss"]
+        assert probe.evaluate(val, verbose=0) == pytest.approx(logged, rel=1e-5)
 
 
 def test_a_fresh_run_clears_an_old_runs_kept_epochs(tmp_path: Path) -> None:

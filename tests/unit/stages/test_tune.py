@@ -581,3 +581,83 @@ def test_at_least_one_auto_stays_off_where_a_training_image_has_no_class(tmp_pat
         "applied": False,
     }
     assert extra["scores"]["tuned"] == output.result.score
+
+
+def _fold_dice_sums(
+    config_path: Path, settings: list, classifier: Mapping[str, Sequence[float]], rule: bool
+) -> list[float]:
+    """Per fold, the summed Kaggle Dice of its images' classes under ``settings``."""
+    config = load_config(config_path)
+    rles = open_experiment(config).rles()
+    sums = []
+    for fold in range(3):
+        reader = ProbReader(config.fold_dir(fold) / "oof")
+        total = 0.0
+        for image_id in reader.image_ids:
+            q = np.asarray(reader.get(image_id))
+            target = truth_masks(rles[image_id], ORIGINAL, SIZE).transpose(2, 0, 1)
+            masks = postprocess_image(q, settings, classifier[image_id], rule)
+            for m, t in zip(masks, target, strict=True):
+                both = m.sum() + t.sum()
+                total += 1.0 if both == 0 else 2 * (m & t).sum() / both
+        sums.append(total)
+    return sums
+
+
+def rescued_case() -> tuple[dict, dict, dict]:
+    """Every image has one class; its false positive in the other class is as small as
+    a third of the true masks, so the tuned minimum area empties those images, which
+    the rule rescues (the true class has the higher probabilities)."""
+    truth, probs, classifier = {}, {}, {}
+    for i, image_id in enumerate(IMAGE_IDS):
+        small = i % 3 == 0
+        true_block = block(slice(0, 2), slice(0, 3)) if small else block(slice(0, 3), slice(0, 4))
+        false_block = block(slice(2, 4), slice(3, 6))
+        pair = [true_block, np.zeros(SIZE, np.uint8)]
+        guess = [true_block * 240, false_block * 200]
+        order = slice(None) if i % 2 == 0 else slice(None, None, -1)
+        truth[image_id] = np.stack(pair[order]).astype(np.uint8)
+        probs[image_id] = np.stack(guess[order]).astype(np.uint8)
+        classifier[image_id] = [0.5, 0.5]
+    return truth, probs, classifier
+
+
+@pytest.mark.parametrize("case", ["random7", "random8", "rescued"])
+def test_a_searched_rule_decides_each_fold_on_the_other_folds(tmp_path: Path, case: str) -> None:
+    truth, probs, classifier = rescued_case() if case == "rescued" else random_case(int(case[-1]))
+    path = make_experiment(
+        tmp_path, truth, probs, classifier, min_areas=[0, 6, 12], at_least_one="search"
+    )
+    output = tune(load_config(path))
+    result = output.result
+    _, extra = load_postprocess(output.postprocess_path, CLASSES)
+    rule = extra["at_least_one"]
+    pairs = N_IMAGES * len(CLASSES)
+    nested_total = 0.0
+    decisions = []
+    for k in range(3):
+        settings = [result.per_class[name].nested_params[k] for name in CLASSES]
+        on = _fold_dice_sums(path, settings, classifier, True)
+        off = _fold_dice_sums(path, settings, classifier, False)
+        decide = sum(on[j] - off[j] for j in range(3) if j != k) > 0
+        decisions.append(decide)
+        nested_total += on[k] if decide else off[k]
+    assert rule["fold_decisions"] == decisions
+    assert rule["nested"]["searched"] == pytest.approx(nested_total / pairs, abs=1e-12)
+    assert extra["scores"]["tuned_nested"] == pytest.approx(nested_total / pairs, abs=1e-12)
+    chosen = [result.per_class[name].params for name in CLASSES]
+    gain = sum(_fold_dice_sums(path, chosen, classifier, True)) - sum(
+        _fold_dice_sums(path, chosen, classifier, False)
+    )
+    assert rule["applied"] is bool(gain > 0)
+    if case == "rescued":
+        assert rule["applied"] and all(decisions)
+    expected = result.score + (gain / pairs if gain > 0 else 0.0)
+    assert extra["scores"]["tuned"] == pytest.approx(expected, abs=1e-12)
+    assert output.oof_scores() == pytest.approx((expected, nested_total / pairs), abs=1e-12)
+    # Per class too: the overall figures are the mean of the classes'.
+    per_class = [extra["per_class"][name] for name in CLASSES]
+    assert np.mean([p["tuned"] for p in per_class]) == pytest.approx(expected, abs=1e-12)
+    assert np.mean([p["tuned_nested"] for p in per_class]) == pytest.approx(
+        nested_total / pairs, abs=1e-12
+    )
