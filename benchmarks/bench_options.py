@@ -1,7 +1,7 @@
 """Training and post-processing options against their baseline, paired by seed, nested CV.
 
 Usage: ``python benchmarks/bench_options.py [--config configs/demo.yaml]
-[--options ema,adamw,lovasz,encoder_lr] [--seeds 3] [--set KEY=VALUE ...]
+[--options ema,adamw,lovasz,encoder_lr,swa,at_least_one] [--seeds 3] [--set KEY=VALUE ...]
 [--workdir DIR] [--quick] [--no-record]``
 
 For every seed (``seed + i``: its own split and initialisation, shared by every option
