@@ -77,6 +77,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.loss": ("jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice", "lovasz"),
     "train.monitor_mode": ("min", "max"),
     "train.strategy": ("auto", "one_device", "mirrored", "multi_worker"),
+    "train.swa_select": ("best", "last"),
     "jobs.executor": ("local", "ray"),
     "predict.precision": PRECISIONS,
     "tta.merge": MERGES,

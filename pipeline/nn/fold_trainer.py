@@ -73,6 +73,7 @@ def fit_settings(section: Any, epochs: int | None = None, **overrides: Any) -> F
         "verbose": section.get("verbose", 1),
         "ema_decay": section.get("ema_decay"),
         "swa_top": int(section.get("swa_top", 0)),
+        "swa_select": section.get("swa_select", "best"),
     }
     values.update(overrides)
     return FitSettings(**values)

@@ -6,8 +6,9 @@ full history; ``--resume`` picks up from there. The best weights are saved whene
 monitored value improves and are loaded at the end, so an interrupted and resumed run
 ends like an uninterrupted one.
 
-With ``swa_top`` N >= 2 the weights of the N best epochs so far (by the monitor, the
-validated ones: the EMA's when there is one) are also kept, as ``swa/epoch_EEE.h5``,
+With ``swa_top`` N >= 2 the weights of the N best epochs so far (by the monitor; or the
+N last, ``swa_select: last``), the validated ones (the EMA's when there is one), are
+also kept, as ``swa/epoch_EEE.h5``,
 and at the end their uniform average replaces the best weights (stochastic weight
 averaging over the best checkpoints); the caller re-estimates BatchNorm on it.
 """
@@ -64,7 +65,8 @@ class FitSettings:
     tensorboard: bool = False
     verbose: int = 1
     ema_decay: float | None = None
-    swa_top: int = 0  # >= 2: average the weights of this many best epochs at the end
+    swa_top: int = 0  # >= 2: average the weights of this many epochs at the end
+    swa_select: str = "best"  # which epochs: the best by the monitor, or the last
 
 
 class WeightAverage(tf.Module):
@@ -263,12 +265,7 @@ class _EpochState(keras.callbacks.Callback):
         """Keep this epoch's weights if it is among the ``swa_top`` best; returns the
         files of the epochs it pushes out (deleted once the state is published)."""
         kept = [(float(v), int(e)) for v, e in self.state.get("swa", [])]
-        ranked = sorted(
-            [*kept, (value, epoch)],
-            key=lambda item: item[0],
-            reverse=self.settings.monitor_mode == "max",
-        )
-        top = ranked[: self.settings.swa_top]
+        top = _swa_choice([*kept, (value, epoch)], self.settings)
         if (value, epoch) in top:
             self._save_validated(swa_path(self.out_dir, epoch))
         self.state["swa"] = [[v, e] for v, e in top]
@@ -278,6 +275,16 @@ class _EpochState(keras.callbacks.Callback):
         if self.unplotted:
             _draw_curves(pd.DataFrame(self.state["history"]), self.out_dir)
             self.unplotted = False
+
+
+def _swa_choice(candidates: Sequence[Sequence[float]], settings: FitSettings) -> list[tuple]:
+    """The ``(value, epoch)`` pairs to keep: the ``swa_top`` best by the monitor (ties:
+    the earlier epoch) or the ``swa_top`` last epochs (``swa_select``)."""
+    pairs = [(float(v), int(e)) for v, e in candidates]
+    if settings.swa_select == "last":
+        return sorted(pairs, key=lambda item: item[1])[-settings.swa_top :]
+    sign = -1.0 if settings.monitor_mode == "max" else 1.0
+    return sorted(pairs, key=lambda item: (sign * item[0], item[1]))[: settings.swa_top]
 
 
 def swa_path(out_dir: Path, epoch: int) -> Path:
@@ -543,21 +550,18 @@ def fit_resumable(
             _publish_checkpoint(model, out_dir, state, average)
     if state.get("best_epoch") is None:
         raise RuntimeError(f"no epoch completed in {out_dir}; nothing to load")
-    # The swa_top best of the kept list (a resumed run may have lowered swa_top).
-    ranked = sorted(
-        state.get("swa", []), key=lambda item: item[0], reverse=settings.monitor_mode == "max"
-    )
-    kept = sorted(int(e) for _, e in ranked[: settings.swa_top])
+    # Chosen again from the kept list: a resumed run may have lowered swa_top.
+    kept = sorted(int(e) for _, e in _swa_choice(state.get("swa", []), settings))
     if settings.swa_top > 1 and len(kept) > 1:
         # From the kept files, never from best_weights.h5: a rerun gives the same average.
         average_weight_files(model, [swa_path(out_dir, e) for e in kept])
         save_weights_atomic(model, out_dir / BEST_WEIGHTS)
         state["swa_epochs"] = kept
         log.info(
-            "weights of epochs %s (the %d best by %s) averaged into %s",
+            "weights of epochs %s (the %d %s) averaged into %s",
             kept,
             len(kept),
-            settings.monitor,
+            f"best by {settings.monitor}" if settings.swa_select == "best" else "last",
             out_dir / BEST_WEIGHTS,
         )
         return state

@@ -34,7 +34,13 @@ def _model() -> keras.Model:
 
 
 def _fit(
-    out_dir: Path, epochs: int, resume: bool, top: int, ema: float | None = None
+    out_dir: Path,
+    epochs: int,
+    resume: bool,
+    top: int,
+    ema: float | None = None,
+    select: str = "best",
+    val_y: np.ndarray = Y,
 ) -> tuple[keras.Model, dict]:
     model = _model()
 
@@ -44,8 +50,14 @@ def _fit(
     def compile_phase(net: keras.Model, phase: int, lr: float) -> None:
         net.compile(optimizer=make_optimizer(lr, 1), loss="mse")
 
-    val = tf.data.Dataset.from_tensor_slices((X, Y)).batch(8)
-    settings = FitSettings(epochs=epochs, swa_top=top, ema_decay=ema, **SETTINGS)  # type: ignore[arg-type]
+    val = tf.data.Dataset.from_tensor_slices((X, val_y)).batch(8)
+    settings = FitSettings(
+        epochs=epochs,
+        swa_top=top,
+        swa_select=select,
+        ema_decay=ema,
+        **SETTINGS,  # type: ignore[arg-type]
+    )
     state = fit_resumable(
         model, compile_phase, [0], train_data, val, 4, out_dir, settings, 0.05, resume
     )
@@ -75,6 +87,18 @@ def test_the_best_epochs_are_kept_and_their_average_is_the_result(tmp_path: Path
         np.testing.assert_allclose(a, b, rtol=1e-6)
     # The kept epochs are distinct weights, so the average is none of them.
     assert not np.allclose(kept[0][0], kept[-1][0])
+
+
+def test_swa_select_last_keeps_the_last_epochs_whatever_their_scores(tmp_path: Path) -> None:
+    # Validation targets opposite to the training ones: the later epochs score worse.
+    _, state = _fit(tmp_path, 6, False, 3, select="last", val_y=-Y)
+    assert state["swa_epochs"] == [4, 5, 6]
+    assert sorted(p.name for p in (tmp_path / SWA).iterdir()) == [
+        swa_path(tmp_path, e).name for e in (4, 5, 6)
+    ]
+    _, best = _fit(tmp_path / "best", 6, False, 3, val_y=-Y)
+    ranked = sorted(best["history"], key=lambda row: row["val_loss"])[:3]
+    assert best["swa_epochs"] == sorted(row["epoch"] for row in ranked) == [1, 2, 3]
 
 
 def test_a_resumed_run_keeps_and_averages_the_same_epochs(tmp_path: Path) -> None:
