@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compute_figures, describe_machine, record
+from benchmarks.common import compute_figures, describe_machine, format_compute, record
 from pipeline.core.config import load_config
 from pipeline.make_demo_data import make_demo_data
 from pipeline.nn.data import (
@@ -133,11 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"in memory {memory_s:.1f} s, real pipeline {real_s:.1f} s; "
         f"real pipeline reaches {ratio:.1%} of the in-memory step rate"
     )
-    print(
-        f"training ({compute['precision']}): {compute['train_step_gflops']:.1f} GFLOP/s of a "
-        f"{compute['matmul_peak_gflops']:.1f} GFLOP/s matmul peak; CPU features "
-        f"{' '.join(compute['cpu_features']) or 'none found'}"
-    )
+    print(f"training: {format_compute(compute)}")
     result = {
         "benchmark": "input",
         "machine": describe_machine(),

@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compute_figures, describe_machine
+from benchmarks.common import compute_figures, describe_machine, format_compute
 from pipeline.core.config import load_config
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.core.precision import PRECISIONS
@@ -218,12 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     print(f"end to end (predict):      {end_to_end_s:8.1f} s")
     print(f"forward only (reference):  {forward_s:8.1f} s")
     print(f"efficiency:                {efficiency:8.3f}  (target >= 0.90)")
-    print(
-        f"precision {precision} ({args.precision}); forward {compute['forward_gflops']:.1f} "
-        f"GFLOP/s of a {compute['matmul_peak_gflops']:.1f} GFLOP/s matmul peak "
-        f"({compute['forward_gflop_per_image']:.1f} GFLOP per pass); CPU features "
-        f"{' '.join(compute['cpu_features']) or 'none found'}"
-    )
+    print(f"predict.precision {args.precision}: {format_compute(compute)}")
     if float32_s is not None:
         speedup = float32_s / end_to_end_s
         print(f"float32 end to end: {float32_s:.1f} s: {precision} is {speedup:.2f}x as fast")

@@ -48,7 +48,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compute_figures, describe_machine, record
+from benchmarks.common import compute_figures, describe_machine, format_compute, record
 from pipeline.core.config import load_config
 from pipeline.core.precision import POLICIES
 from pipeline.nn.keras_backend import keras, tf
@@ -222,12 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"one fit step, {per_image['fit_step']:.4f} s/image, by part:")
     for name, value in parts.items():
         print(f"{name:>14}: {value:+.4f} s/image ({value / per_image['fit_step']:+.1%})")
-    print(
-        f"train step / forward: {ratio:.2f}x; {figures['forward_gflop_per_image']:.2f} GFLOP "
-        f"per image forward; achieved {figures['forward_gflops']:.1f} GFLOP/s forward, "
-        f"{figures['train_step_gflops']:.1f} GFLOP/s train step; matmul peak "
-        f"{figures['matmul_peak_gflops']:.1f} GFLOP/s ({args.precision})"
-    )
+    print(f"train step / forward: {ratio:.2f}x; {format_compute(figures)}")
     result = {
         "benchmark": "train_step",
         "machine": describe_machine(),

@@ -107,3 +107,17 @@ def record(result: dict[str, Any], keep: bool = True) -> None:
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
     print(json.dumps(result))
+
+
+def format_compute(figures: dict[str, Any]) -> str:
+    """One line of ``compute_figures``: achieved GFLOP/s against the peak, precision, CPU."""
+    achieved = [
+        f"{figures[key]:.1f} GFLOP/s {label}"
+        for key, label in (("forward_gflops", "forward"), ("train_step_gflops", "train step"))
+        if key in figures
+    ]
+    return (
+        f"{', '.join(achieved)} of a {figures['matmul_peak_gflops']:.1f} GFLOP/s matmul peak "
+        f"({figures['precision']}; {figures['forward_gflop_per_image']:.2f} GFLOP per image "
+        f"forward); CPU features {' '.join(figures['cpu_features']) or 'none found'}"
+    )

@@ -40,6 +40,7 @@ from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.level_counts import class_histograms
+from pipeline.core.metrics import dice
 from pipeline.core.postprocess import (
     CLASSIFIER_GATES,
     keep_at_least_one,
@@ -249,7 +250,7 @@ def score_at_least_one(
                 continue  # an image with a mask is left alone
             c = int(np.argmax(ruled.any(axis=(1, 2))))
             # The kept class's Dice replaces its empty mask's (1 iff its truth is empty).
-            out[row, c] = _dice(truth[c], ruled[c]) - float(not truth[c].any())
+            out[row, c] = dice(truth[c], ruled[c]) - float(not truth[c].any())
             out[row, -1] = 1
         return fold, out
 
@@ -306,13 +307,6 @@ def rule_scores(at_least_one: Mapping[str, Any]) -> dict[str, float]:
         "tuned": at_least_one["in_sample"]["with" if at_least_one["applied"] else "without"],
         "tuned_nested": nested.get("searched", nested["with"]),
     }
-
-
-def _dice(truth: np.ndarray, pred: np.ndarray) -> float:
-    """Kaggle Dice of one binary mask pair (1 where both are empty)."""
-    t, p = truth.astype(bool), pred.astype(bool)
-    total = np.count_nonzero(t) + np.count_nonzero(p)
-    return 1.0 if total == 0 else 2.0 * np.count_nonzero(t & p) / total
 
 
 def compare_gates(result: TuneResult) -> dict[str, dict[str, float]]:

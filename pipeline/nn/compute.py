@@ -1,7 +1,7 @@
 """How much arithmetic a model costs and how fast this machine can do it (Keras layer).
 
 ``forward_flops`` counts the floating-point operations of one forward pass of a model
-on one image of a given size, by TensorFlow's own profiler over the frozen inference
+on one image of a given size, by TensorFlow's own profiler over the traced inference
 graph (a multiply-add counts as 2). A training step costs about 3 forward passes (the
 forward, and the backward's gradients with respect to activations and to weights).
 ``matmul_peak`` measures the best GFLOP/s of a large square matrix product in a given
@@ -21,13 +21,8 @@ TRAIN_STEP_FORWARDS = 3
 
 def forward_flops(model: keras.Model, height: int, width: int, channels: int = 3) -> int:
     """Floating-point operations of ``model`` on one ``height`` x ``width`` image."""
-    from tensorflow.python.framework.convert_to_constants import (
-        convert_variables_to_constants_v2,
-    )
-
     spec = tf.TensorSpec([1, height, width, channels], tf.float32)
-    concrete = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec)
-    graph = convert_variables_to_constants_v2(concrete).graph
+    graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
     options = tf.compat.v1.profiler.ProfileOptionBuilder.float_operation()
     options["output"] = "none"
     verbosity = tf.compat.v1.logging.get_verbosity()

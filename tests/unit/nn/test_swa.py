@@ -9,28 +9,22 @@ import pytest
 
 from pipeline.core.layout import BEST_WEIGHTS, SWA
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.optim import make_optimizer
 from pipeline.nn.trainer import (
-    FitSettings,
     average_weight_files,
-    fit_resumable,
     load_best_weights,
     save_weights_atomic,
     swa_path,
 )
-from tests.unit.nn.test_trainer_stream import SETTINGS
+from tests.unit.nn.test_trainer_stream import LINEAR_INITIAL as INITIAL
+from tests.unit.nn.test_trainer_stream import fit_linear, linear_model
 
 _rng = np.random.default_rng(11)
 X = _rng.normal(size=(16, 3)).astype(np.float32)
 Y = (X @ np.array([[1.0], [-2.0], [0.5]], np.float32) + 0.3).astype(np.float32)
-INITIAL = [np.full((3, 1), 0.3, np.float32), np.zeros((1,), np.float32)]
 
 
 def _model() -> keras.Model:
-    inputs = keras.Input((3,))
-    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    model.set_weights(INITIAL)
-    return model
+    return linear_model()
 
 
 def _fit(
@@ -42,26 +36,9 @@ def _fit(
     select: str = "best",
     val_y: np.ndarray = Y,
 ) -> tuple[keras.Model, dict]:
-    model = _model()
-
-    def train_data(epoch: int) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices((X, Y)).batch(4).repeat().skip(4 * epoch)
-
-    def compile_phase(net: keras.Model, phase: int, lr: float) -> None:
-        net.compile(optimizer=make_optimizer(lr, 1), loss="mse")
-
-    val = tf.data.Dataset.from_tensor_slices((X, val_y)).batch(8)
-    settings = FitSettings(
-        epochs=epochs,
-        swa_top=top,
-        swa_select=select,
-        ema_decay=ema,
-        **SETTINGS,  # type: ignore[arg-type]
+    return fit_linear(
+        out_dir, X, Y, epochs, resume, 1, val_y, swa_top=top, swa_select=select, ema_decay=ema
     )
-    state = fit_resumable(
-        model, compile_phase, [0], train_data, val, 4, out_dir, settings, 0.05, resume
-    )
-    return model, state
 
 
 def test_the_best_epochs_are_kept_and_their_average_is_the_result(tmp_path: Path) -> None:

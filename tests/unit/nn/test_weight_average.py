@@ -11,20 +11,22 @@ import pytest
 from pipeline.core.layout import BEST_WEIGHTS
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.optim import make_optimizer
-from pipeline.nn.trainer import FitSettings, WeightAverage, _AverageWeights, fit_resumable
-from tests.unit.nn.test_trainer_stream import SETTINGS
+from pipeline.nn.trainer import WeightAverage, _AverageWeights
+from tests.unit.nn.test_trainer_stream import (
+    LINEAR_INITIAL as INITIAL,
+)
+from tests.unit.nn.test_trainer_stream import (
+    fit_linear,
+    linear_model,
+)
 
 _rng = np.random.default_rng(7)
 X = _rng.normal(size=(16, 3)).astype(np.float32)
 Y = (X @ np.array([[1.0], [-2.0], [0.5]], np.float32)).astype(np.float32)
-INITIAL = [np.full((3, 1), 0.3, np.float32), np.zeros((1,), np.float32)]
 
 
 def _model() -> keras.Model:
-    inputs = keras.Input((3,))
-    model = keras.Model(inputs, keras.layers.Dense(1)(inputs))
-    model.set_weights(INITIAL)
-    return model
+    return linear_model()
 
 
 def test_update_and_swap_arithmetic() -> None:
@@ -72,20 +74,7 @@ def average_after_swap_back(model: keras.Model, average: WeightAverage) -> list[
 
 
 def _fit(out_dir: Path, epochs: int, resume: bool, ema: float | None) -> tuple[keras.Model, dict]:
-    model = _model()
-
-    def train_data(epoch: int) -> tf.data.Dataset:
-        return tf.data.Dataset.from_tensor_slices((X, Y)).batch(4).repeat().skip(4 * epoch)
-
-    def compile_phase(net: keras.Model, phase: int, lr: float) -> None:
-        net.compile(optimizer=make_optimizer(lr, 2), loss="mse")
-
-    val = tf.data.Dataset.from_tensor_slices((X, Y)).batch(8)
-    settings = FitSettings(epochs=epochs, ema_decay=ema, **SETTINGS)  # type: ignore[arg-type]
-    state = fit_resumable(
-        model, compile_phase, [0], train_data, val, 4, out_dir, settings, 0.05, resume
-    )
-    return model, state
+    return fit_linear(out_dir, X, Y, epochs, resume, 2, ema_decay=ema)
 
 
 def test_the_best_checkpoint_is_the_validated_average(tmp_path: Path) -> None:
