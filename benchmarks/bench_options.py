@@ -1,7 +1,7 @@
 """Training and post-processing options against their baseline, paired by seed, nested CV.
 
 Usage: ``python benchmarks/bench_options.py [--config configs/demo.yaml]
-[--options ema,adamw,lovasz,encoder_lr,swa,at_least_one] [--seeds 3] [--set KEY=VALUE ...]
+[--options ema,adamw,lovasz,encoder_lr,swa,at_least_one,head] [--seeds 3] [--set KEY=VALUE ...]
 [--workdir DIR] [--quick] [--no-record]``
 
 For every seed (``seed + i``: its own split and initialisation, shared by every option
@@ -45,6 +45,9 @@ OPTIONS: dict[str, list[str]] = {
     "at_least_one": ["postprocess.at_least_one=always"],
     "min_components": ["postprocess.min_components=[0,30,100,300]"],
     "fused_gate": ["postprocess.gates=[none,classifier,segmentation,fused]"],
+    # The auxiliary head's loss, and its presence as the classifier gates' (the baseline
+    # trains no separate classifier, so its tuning has no classifier gate).
+    "head": ["model.classification_head=true"],
 }
 # Options that change only the tuning reuse the baseline's trained folds.
 TUNE_ONLY = frozenset({"min_components", "fused_gate", "at_least_one"})

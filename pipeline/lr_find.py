@@ -40,7 +40,7 @@ from pipeline.core.lr_range import (
 from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset, training_cache
 from pipeline.nn.devices import make_strategy, seed_everything, set_mixed_precision
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.losses import get_loss
+from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
 from pipeline.nn.model import build_model, check_input_size
 from pipeline.nn.optim import make_optimizer
 from pipeline.run.cli import (
@@ -121,7 +121,7 @@ def _fold_training_input(
 
 def run_lr_find(config: Config, fold: int = 0) -> dict[str, Any]:
     """Run the range test on fold ``fold``; write csv, png and json; return the json."""
-    lf, t = config.lr_find, config.train
+    lf, t, m = config.lr_find, config.train, config.model
     lrs = exponential_lrs(lf.start_lr, lf.end_lr, lf.steps)
     find_divergence([], lf.smoothing, lf.diverge_factor)  # checks both settings up front
     check_input_size(t.crop_size, "train.crop_size")
@@ -137,7 +137,16 @@ def run_lr_find(config: Config, fold: int = 0) -> dict[str, Any]:
     fixed = t.crop_size if config.model.architecture == "PSPNet" else None
     with strategy.scope():
         model = build_model(config, len(exp.classes), fixed)
-        model.compile(optimizer=make_optimizer(float(lrs[0]), 1), loss=get_loss(t.loss))
+        # The loss training uses (with a presence head, its weighted term too), no metrics.
+        compiled = segmentation_compile_args(
+            model, t.loss, t.metric_threshold, t.metric_min_area, m.classification_head_weight
+        )
+        model.compile(
+            optimizer=make_optimizer(float(lrs[0]), 1),
+            loss=compiled["loss"],
+            loss_weights=compiled.get("loss_weights"),
+        )
+    train_ds = with_presence_targets(train_ds, model)
     log.info(
         "lr_find on fold %d: %d steps of %d images, lr %.3g -> %.3g",
         fold,

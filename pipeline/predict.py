@@ -30,12 +30,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
-from pipeline.core.layout import FOLD_MERGE, POSTPROCESS, TEST_PROBS, TEST_PROBS_KEY
+from pipeline.core.layout import (
+    FOLD_MERGE,
+    POSTPROCESS,
+    TEST_PRESENCE,
+    TEST_PROBS,
+    TEST_PROBS_KEY,
+)
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
+from pipeline.core.postprocess import load_postprocess
 from pipeline.core.probstore import ProbWriter
 from pipeline.nn.data import build_cache
 from pipeline.nn.devices import device_name as describe_device
@@ -59,6 +68,7 @@ from pipeline.run.cli import (
 from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_records import check_trained_config
 from pipeline.run.json_files import write_json
+from pipeline.run.oof import write_presence_oof
 from pipeline.run.prediction import (
     fold_weights,
     inputs_key,
@@ -86,8 +96,25 @@ def predict(
     """
     weights = fold_weights(config)
     check_trained_config(config, force)
+    if use_postprocess:
+        check_gate_source(config)
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
         return _predict(config, weights, out, submissions_dir, use_postprocess)
+
+
+def check_gate_source(config: Config) -> None:
+    """A ``postprocess.json`` gated by the presence head needs a model with one (checked
+    before anything is written; ``check_trained_config`` catches it too, unless forced)."""
+    path = config.run_dir / POSTPROCESS
+    if config.model.classification_head or not path.is_file():
+        return
+    params, extra = load_postprocess(path)
+    gated = [name for name, p in params.items() if p.uses_classifier]
+    if gated and extra.get("gate_source") == "head":
+        raise ValueError(
+            f"{path} gates {gated} with the presence head, but model.classification_head "
+            "is false in this config: set it as the folds were trained, or tune again"
+        )
 
 
 def _predict(
@@ -101,7 +128,7 @@ def _predict(
     started, cpu_started = time.perf_counter(), time.process_time()
     exp = open_experiment(config)
     inputs = inputs_key(config, use_postprocess)
-    params, oof_score, oof_nested, at_least_one = read_postprocess(
+    params, oof_score, oof_nested, at_least_one, gate_source = read_postprocess(
         config, exp.classes, use_postprocess
     )
     gated = [name for name, p in params.items() if p.uses_classifier]
@@ -123,7 +150,7 @@ def _predict(
     with precision_policy(precision):
         presence = (
             predict_presence(config, image_ids, len(exp.classes), exp.cache_dir, clock)
-            if gated
+            if gated and gate_source == "classifier"
             else None
         )
         with clock.stage("build_model"):
@@ -132,7 +159,7 @@ def _predict(
     work = config.run_dir / WORK_DIR
     accumulator = FoldAccumulator(work / FOLD_MERGE, shape, len(weights), config.tta.merge)
     try:
-        predict_folds(
+        head = predict_folds(
             model,
             weights,
             cache.images,
@@ -142,6 +169,8 @@ def _predict(
             accumulator,
             clock,
         )
+        if gated and gate_source == "head":
+            presence = head
         with (
             clock.stage("postprocess"),
             ProbWriter(config.run_dir / TEST_PROBS, exp.classes, overwrite=True) as store,
@@ -157,6 +186,11 @@ def _predict(
                 store,
                 at_least_one,
             )
+        if head is not None:
+            # Beside the stored probs, for pseudo_label's presence.
+            frame = pd.DataFrame(head, columns=list(exp.classes))
+            frame.insert(0, "image_id", image_ids)
+            write_presence_oof(frame, config.run_dir / TEST_PRESENCE)
         # What the stored test probs were predicted from: an ensemble reuses them while equal.
         write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": prediction_key(config)})
     finally:
@@ -175,6 +209,7 @@ def _predict(
             "merge": config.tta.merge,
             "precision": precision,
             "classifier_gate": gated,
+            "gate_source": gate_source if gated else None,
             "at_least_one": at_least_one,
             "postprocess": POSTPROCESS if use_postprocess else "threshold 0.5",
             "device": describe_device(),

@@ -12,7 +12,9 @@ with the tuned ``postprocess.json``; each class of a test image is
   ``pseudo_label.negative`` (0.05).
 
 The presence probability is the classifier's (mean over its folds) when the experiment
-has one, else the segmentation's own top-k mean (``postprocess.topk_fraction``). An
+has one, else the presence head's (``model.classification_head``: predict's
+``test_presence.csv``), else the segmentation's own top-k mean
+(``postprocess.topk_fraction``). An
 image is kept only when every class is one or the other. The kept masks are resized to
 each test image's own size and written as an ``image_label`` table,
 ``runs/<exp>/pseudo_labels.csv`` (with ``pseudo_labels.json``: counts and thresholds).
@@ -40,7 +42,13 @@ from pipeline.core import rle
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.images import cache_path, read_original_sizes
-from pipeline.core.layout import CLASSIFIER_STAGE, POSTPROCESS, PSEUDO_LABELS, PSEUDO_LABELS_JSON
+from pipeline.core.layout import (
+    CLASSIFIER_STAGE,
+    POSTPROCESS,
+    PSEUDO_LABELS,
+    PSEUDO_LABELS_JSON,
+    TEST_PRESENCE,
+)
 from pipeline.core.postprocess import (
     at_least_one_applied,
     load_postprocess,
@@ -54,7 +62,7 @@ from pipeline.run.cli import (
     report_interrupted,
     setup_logging,
 )
-from pipeline.run.experiment import open_experiment
+from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
 from pipeline.run.prediction import fold_weights, fresh_test_probs, list_test_images
@@ -107,9 +115,13 @@ def pseudo_label(config: Config) -> dict[str, Any]:
                 config, image_ids, len(exp.classes), exp.cache_dir, StageClock()
             )
             source = "the classifier"
+        elif config.model.classification_head:
+            presence = read_test_presence(config, exp, image_ids)
+            source = "the presence head (mean over folds and views)"
         else:
             presence = None
             source = f"the top-{config.postprocess.topk_fraction:g} mean of the segmentation"
+        log.info("presence probabilities from %s", source)
         rows: list[tuple[str, str, str]] = []
         counts = {name: {"present": 0, "absent": 0} for name in exp.classes}
         for i, image_id in enumerate(image_ids):
@@ -156,6 +168,28 @@ def pseudo_label(config: Config) -> dict[str, Any]:
         write_json(config.run_dir / PSEUDO_LABELS_JSON, summary)
     log.info("kept %d of %d test images (presence from %s)", kept, len(image_ids), source)
     return summary
+
+
+def read_test_presence(config: Config, exp: Experiment, image_ids: Sequence[str]) -> np.ndarray:
+    """The presence head's test probs (N, C) float64 in the order of ``image_ids``, as
+    predict wrote them beside the stored test probs."""
+    path = config.run_dir / TEST_PRESENCE
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: model.classification_head is on, so predict writes it; run "
+            f"`python -m pipeline.predict --config {config.source or '<config>'}` again"
+        )
+    frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
+    expected = ["image_id", *exp.classes]
+    if list(frame.columns) != expected:
+        raise ValueError(f"{path} must have columns {expected}; got {list(frame.columns)}")
+    frame = frame.set_index("image_id")
+    missing = [i for i in image_ids if i not in frame.index]
+    if missing:
+        raise ValueError(
+            f"{path} lacks {len(missing)} test images (first {missing[0]!r}): predict again"
+        )
+    return frame.loc[list(image_ids), list(exp.classes)].to_numpy(np.float64)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from pipeline.core.config import Config
-from pipeline.core.layout import OOF
+from pipeline.core.layout import OOF, OOF_PRESENCE
 from pipeline.core.lr_range import resolve_lr
 from pipeline.core.masks import resize_probs, truth_masks
-from pipeline.core.metrics import kaggle_dice
+from pipeline.core.metrics import kaggle_dice, score_presence
 from pipeline.core.probstore import ProbWriter, dequantise_prob, quantise_prob
 from pipeline.core.sample_order import first_sample
 from pipeline.core.schedule import training_phases
 from pipeline.nn import fold_trainer
+from pipeline.nn.classifier import presence_labels
 from pipeline.nn.data import (
     CropSampler,
     ImageCache,
@@ -36,9 +38,9 @@ from pipeline.nn.data import (
 )
 from pipeline.nn.devices import split_cpu
 from pipeline.nn.fold_trainer import FoldContext, FoldParts, FoldStage, fit_settings
-from pipeline.nn.inference import iter_batches, predict_tta
+from pipeline.nn.inference import iter_batches, predict_tta_outputs
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.losses import get_loss, get_metrics
+from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
 from pipeline.nn.model import (
     build_model,
     check_input_size,
@@ -59,6 +61,7 @@ from pipeline.run.cli import (
 from pipeline.run.cluster import WORKER_KEY, worker_summary
 from pipeline.run.experiment import Experiment, open_experiment, read_pseudo_labels
 from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
+from pipeline.run.oof import write_presence_oof
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,12 @@ def prepare(ctx: FoldContext) -> FoldParts:
     )
     sampler = CropSampler(source, t.crop_size, build_augmentation(config.augment), config.seed)
 
+    fixed = t.crop_size if config.model.architecture == "PSPNet" else None
+    with ctx.strategy.scope():
+        model = build_model(config, len(exp.classes), fixed)
+
     def train_data(epoch: int) -> tf.data.Dataset:
-        return make_train_dataset(
+        stream = make_train_dataset(
             sampler,
             train_rows,
             global_batch,
@@ -121,13 +128,14 @@ def prepare(ctx: FoldContext) -> FoldParts:
             t.prefetch,
             start=first_sample(epoch, steps, global_batch),
         )
+        return with_presence_targets(stream, model)
 
-    val_ds = make_eval_dataset(
-        cache, cache.index_of(ctx.val_ids), global_batch, t.val_crop, ctx.replicas
+    val_ds = with_presence_targets(
+        make_eval_dataset(
+            cache, cache.index_of(ctx.val_ids), global_batch, t.val_crop, ctx.replicas
+        ),
+        model,
     )
-    fixed = t.crop_size if config.model.architecture == "PSPNet" else None
-    with ctx.strategy.scope():
-        model = build_model(config, len(exp.classes), fixed)
     phases = training_phases(
         t.epochs, config.model.encoder_freeze_epochs, config.model.unfreeze_schedule
     )
@@ -151,16 +159,28 @@ def prepare(ctx: FoldContext) -> FoldParts:
                 optimizer.scale_lr(encoder, t.encoder_lr_factor)
             net.compile(
                 optimizer=optimizer,
-                loss=get_loss(t.loss),
-                metrics=get_metrics(t.metric_threshold, t.metric_min_area),
+                **segmentation_compile_args(
+                    net,
+                    t.loss,
+                    t.metric_threshold,
+                    t.metric_min_area,
+                    config.model.classification_head_weight,
+                ),
             )
 
     def finish(net: keras.Model) -> dict[str, Any]:
         oof = predict_oof(config, exp, net, cache, ctx.val_ids, ctx.fold_dir / OOF)
-        return {
+        out = {
             "oof_kaggle_dice_050": oof["kaggle_dice"],
             "oof_kaggle_dice_050_per_class": oof["per_class"],
         }
+        if oof["presence"] is not None:
+            write_presence_oof(oof["presence"], ctx.fold_dir / OOF_PRESENCE)
+            truth = presence_labels(exp.table, exp.classes, ctx.val_ids)
+            out["presence_head"] = score_presence(
+                truth, oof["presence"][exp.classes].to_numpy(), exp.classes
+            )
+        return out
 
     def calibration() -> Iterator[np.ndarray]:
         # The fold's own training images (not the pseudo-labelled ones) in a fixed
@@ -203,18 +223,22 @@ def predict_oof(
 ) -> dict[str, Any]:
     """Predict the validation images (TTA from config) into a prob store at submission size.
 
-    Returns the Kaggle Dice at threshold 0.5 against the truth at the same size.
+    Returns the Kaggle Dice at threshold 0.5 against the truth at the same size, and
+    with a presence head its probabilities (the mean over the views) as a frame
+    ``image_id, <classes>`` in the order of ``val_ids`` (else None).
     """
     rows = cache.index_of(val_ids)
     rles = exp.rles()
     size = config.data.submission_size
-    scores = []
+    scores, presence = [], []
     with ProbWriter(out_dir, exp.classes, overwrite=True) as writer:
         for batch in iter_batches(len(rows), config.tta.batch_size):
             idx = rows[batch]
-            probs = predict_tta(
+            probs, head = predict_tta_outputs(
                 model, np.asarray(cache.images[idx]), config.tta.views, config.tta.merge
             )
+            if head is not None:
+                presence.append(head)
             for i, prob in zip(idx, probs, strict=True):
                 image_id = cache.image_ids[i]
                 original = (int(cache.original_sizes[i][0]), int(cache.original_sizes[i][1]))
@@ -226,9 +250,14 @@ def predict_oof(
                 stored = dequantise_prob(q)[None]
                 scores.append(kaggle_dice(truth[None], stored, threshold=0.5)[0])
     per_image = np.stack(scores)  # (N, C)
+    frame = None
+    if presence:
+        frame = pd.DataFrame(np.concatenate(presence), columns=list(exp.classes))
+        frame.insert(0, "image_id", list(val_ids))
     return {
         "kaggle_dice": float(per_image.mean()),
         "per_class": dict(zip(exp.classes, per_image.mean(axis=0).round(6).tolist(), strict=True)),
+        "presence": frame,
     }
 
 

@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import roc_auc_score
 
 from pipeline.core.config import Config
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.layout import BEST_WEIGHTS, CLASSIFIER_STAGE
 from pipeline.core.layout import OOF_CLS as OOF
-from pipeline.core.metrics import presence_confusion
+from pipeline.core.metrics import score_presence
 from pipeline.core.sample_order import first_sample
 from pipeline.nn import fold_trainer
 from pipeline.nn.classifier import (
@@ -59,44 +56,9 @@ from pipeline.run.cluster import WORKER_KEY, worker_summary
 from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
 from pipeline.run.fold_records import check_fold_number
+from pipeline.run.oof import write_presence_oof
 
 log = logging.getLogger(__name__)
-
-PRESENCE_THRESHOLD = 0.5  # the operating point reported in metrics.json; the gate is tuned later
-
-
-def score_presence(truth: np.ndarray, prob: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
-    """Presence scores of (N, C) probabilities against (N, C) {0, 1} truth.
-
-    Per-class ROC AUC (nan where a class has one label only) and their nan-mean; pooled
-    and per-class accuracy, sensitivity and specificity at probability 0.5.
-    """
-    if truth.shape != prob.shape or truth.ndim != 2 or truth.shape[1] != len(classes):
-        raise ValueError(
-            f"truth and prob must both be (N, {len(classes)}); got {truth.shape} and {prob.shape}"
-        )
-    present = truth.astype(bool)
-    predicted = prob >= PRESENCE_THRESHOLD
-    auc = {
-        name: float(roc_auc_score(present[:, c], prob[:, c]))
-        if 0 < present[:, c].sum() < len(present)
-        else float("nan")
-        for c, name in enumerate(classes)
-    }
-    pooled = presence_confusion(present, predicted)
-    per_class = {}
-    for c, name in enumerate(classes):
-        counts = presence_confusion(present[:, c], predicted[:, c])
-        per_class[name] = {k: counts[k] for k in ("accuracy", "sensitivity", "specificity")}
-    finite = [v for v in auc.values() if np.isfinite(v)]
-    return {
-        "oof_auc": float(np.mean(finite)) if finite else float("nan"),
-        "oof_auc_per_class": auc,
-        "oof_accuracy_050": pooled["accuracy"],
-        "oof_sensitivity_050": pooled["sensitivity"],
-        "oof_specificity_050": pooled["specificity"],
-        "oof_per_class_050": per_class,
-    }
 
 
 def init_from_segmentation(config: Config, model: keras.Model, fold: int, n_classes: int) -> None:
@@ -175,7 +137,7 @@ def prepare(ctx: FoldContext) -> FoldParts:
 
     def finish(net: keras.Model) -> dict[str, Any]:
         oof = predict_oof_presence(config, net, cache, ctx.val_ids, exp.classes)
-        write_oof(oof, ctx.fold_dir / OOF)
+        write_presence_oof(oof, ctx.fold_dir / OOF)
         return score_presence(labels[val_rows], oof[exp.classes].to_numpy(), exp.classes)
 
     settings = fit_settings(c, tensorboard=t.tensorboard, verbose=t.verbose)
@@ -216,14 +178,6 @@ def predict_oof_presence(
     frame = pd.DataFrame(probs, columns=list(classes))
     frame.insert(0, "image_id", list(image_ids))
     return frame
-
-
-def write_oof(frame: pd.DataFrame, path: Path) -> Path:
-    """Write the OOF presence table atomically (temporary name, then rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
-    return path
 
 
 def read_oof_presence(config: Config, folds: Sequence[int]) -> pd.DataFrame:

@@ -35,7 +35,6 @@ from pipeline.core.config import Config
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import CLASSIFIER_STAGE
-from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
 from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
@@ -62,7 +61,13 @@ from pipeline.run.cli import (
 )
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished, check_trained_config
-from pipeline.run.oof import iter_oof, open_segmentation_oof, read_classifier_oof
+from pipeline.run.oof import (
+    iter_oof,
+    open_segmentation_oof,
+    presence_oof_path,
+    presence_source,
+    read_classifier_oof,
+)
 from pipeline.run.run_lock import hold_lock
 
 log = logging.getLogger(__name__)
@@ -104,18 +109,28 @@ class TuneOutput:
         return float(self.result.score), float(self.result.nested_score)
 
 
-def read_classifier_probs(config: Config, exp: Experiment) -> dict[str, np.ndarray] | None:
-    """image_id -> (C,) float64 classifier presence probs, or None if no fold has any.
+def read_classifier_probs(
+    config: Config, exp: Experiment, source: str = "classifier"
+) -> dict[str, np.ndarray] | None:
+    """image_id -> (C,) float64 presence probs of ``source`` (the separate classifier or
+    the presence head), or None if no fold has any.
 
-    Read by ``oof.read_classifier_oof``; either every fold has its ``oof_cls.csv`` or
-    none (a partial classifier would gate some folds only).
+    Read by ``oof.read_classifier_oof``; either every fold has its table or none (a
+    partial classifier would gate some folds only).
     """
-    frame, missing = read_classifier_oof(config, exp)
-    if frame is None:
+    frame, missing = read_classifier_oof(config, exp, source)
+    if frame is None and source == "classifier":
         return None
     if missing:
         present = sorted(set(range(exp.n_folds)) - set(missing))
-        path = config.fold_dir(missing[0], CLASSIFIER_STAGE) / CLASSIFIER_OOF
+        path = presence_oof_path(config, missing[0], source)
+        if source == "head":
+            raise FileNotFoundError(
+                f"model.classification_head is on, but {path} is missing (folds {missing} "
+                "were trained without the head); retrain them with `python -m "
+                f"pipeline.train --config {config.source} --fold {missing[0]} --force`, or "
+                "set model.classification_head=false"
+            )
         raise FileNotFoundError(
             f"classifier out-of-fold probs exist for folds {present} but not for folds "
             f"{missing} ({path} not found); finish them with "
@@ -123,6 +138,7 @@ def read_classifier_probs(config: Config, exp: Experiment) -> dict[str, np.ndarr
             f"{missing[0]}`, or remove {config.run_dir / CLASSIFIER_STAGE} to tune "
             "without the classifier gate"
         )
+    assert frame is not None
     values = frame[exp.classes].to_numpy(np.float64)
     return dict(zip(frame["image_id"], values, strict=True))
 
@@ -337,12 +353,19 @@ def _tune(config: Config) -> TuneOutput:
     exp = open_experiment(config)
     readers = open_segmentation_oof(config, exp)
     classifier_probs = None
+    source = presence_source(config, exp)
     if CLASSIFIER_GATES & set(config.postprocess.gates):
         reason = classifier_skip_reason(exp.table, exp.classes)
-        classifier_probs = None if reason is not None else read_classifier_probs(config, exp)
+        if reason is None and source is not None:
+            classifier_probs = read_classifier_probs(config, exp, source)
         if reason is not None:
             log.info("the classifier gate is left out: %s", reason)
-        elif classifier_probs is None:
+        elif classifier_probs is not None:
+            log.info(
+                "the classifier gates' presence: %s",
+                "the separate classifier" if source == "classifier" else "the presence head",
+            )
+        else:
             log.warning(
                 "no classifier out-of-fold probs under %s: tuning without the classifier "
                 "gate (train it with python -m pipeline.train_classifier --all)",
@@ -381,6 +404,7 @@ def _tune(config: Config) -> TuneOutput:
         "n_images": n_images,
         "size": list(size) if size is not None else "each image's own size",
         "classifier_used": classifier_probs is not None,
+        "gate_source": source if classifier_probs is not None else None,
         "gates_won": {name: result.per_class[name].params.gate for name in result.classes},
         "gate_comparison": comparison,
         "oof_stores": [str(reader.directory) for reader in readers],

@@ -124,7 +124,7 @@ POSITIVE_INT_KEYS: frozenset[str] = frozenset(
 )
 # Number keys that must be at least 0.
 NON_NEGATIVE_KEYS: frozenset[str] = frozenset(
-    {"jobs.gpus_per_job", "train.weight_decay", "train.swa_top"}
+    {"jobs.gpus_per_job", "train.weight_decay", "train.swa_top", "model.classification_head_weight"}
 )
 # Number keys that must be above 0.
 POSITIVE_KEYS: frozenset[str] = frozenset({"train.encoder_lr_factor"})

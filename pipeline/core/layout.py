@@ -10,6 +10,7 @@
             best_weights.h5  history.csv  curves.png  checkpoint/  tensorboard/
             config.yaml                   the settings the fold was trained with
             oof/                          its validation probabilities (a prob store)
+            oof_presence.csv              the presence head's (model.classification_head)
             metrics.json                  written last: the fold is finished
             .lock                         held while a process trains the fold
         classifier/fold_<K>/              one classifier fold (same files; oof_cls.csv)
@@ -48,6 +49,7 @@ TRAINED_CONFIG = RUN_CONFIG
 FOLD_METRICS = "metrics.json"
 OOF = "oof"
 OOF_CLS = "oof_cls.csv"
+OOF_PRESENCE = "oof_presence.csv"  # model.classification_head: the head's OOF presence
 LOCK = ".lock"
 
 # Tuning, prediction, the LR finder
@@ -56,6 +58,7 @@ POSTPROCESS_GRID = "postprocess_grid.csv"
 POSTPROCESS_TABLE = "postprocess_table.csv"
 PREDICT = "predict.json"
 TEST_PROBS = "test_probs"  # predict's fold-merged test probs, uint8 store at submission size
+TEST_PRESENCE = "test_presence.csv"  # the presence head's test probs (fold and view mean)
 TEST_PROBS_KEY = "test_probs.json"  # what they were predicted from (run.prediction.inputs_key)
 ENSEMBLE = "ensemble.json"
 ENSEMBLE_REPORT = "ensemble.md"

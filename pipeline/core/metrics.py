@@ -16,6 +16,9 @@ are tested against them. Conventions shared by every function here:
 - An empty prediction on an empty truth scores 1 (the Kaggle rule).
 """
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 
 SOFT_DICE_SMOOTH = 1.0
@@ -198,3 +201,42 @@ def topk_mean_score(
     top = np.partition(flat, pixels - k, axis=1)[:, pixels - k :, :]
     scores = top.astype(np.float64).mean(axis=1)
     return scores[0] if prob.ndim == 3 else scores
+
+
+PRESENCE_THRESHOLD = 0.5  # the operating point reported in metrics.json; the gate is tuned later
+
+
+def score_presence(truth: np.ndarray, prob: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
+    """Presence scores of (N, C) probabilities against (N, C) {0, 1} truth.
+
+    Per-class ROC AUC (nan where a class has one label only) and their nan-mean; pooled
+    and per-class accuracy, sensitivity and specificity at probability 0.5.
+    """
+    from sklearn.metrics import roc_auc_score  # only here: most users of this module need none
+
+    if truth.shape != prob.shape or truth.ndim != 2 or truth.shape[1] != len(classes):
+        raise ValueError(
+            f"truth and prob must both be (N, {len(classes)}); got {truth.shape} and {prob.shape}"
+        )
+    present = truth.astype(bool)
+    predicted = prob >= PRESENCE_THRESHOLD
+    auc = {
+        name: float(roc_auc_score(present[:, c], prob[:, c]))
+        if 0 < present[:, c].sum() < len(present)
+        else float("nan")
+        for c, name in enumerate(classes)
+    }
+    pooled = presence_confusion(present, predicted)
+    per_class = {}
+    for c, name in enumerate(classes):
+        counts = presence_confusion(present[:, c], predicted[:, c])
+        per_class[name] = {k: counts[k] for k in ("accuracy", "sensitivity", "specificity")}
+    finite = [v for v in auc.values() if np.isfinite(v)]
+    return {
+        "oof_auc": float(np.mean(finite)) if finite else float("nan"),
+        "oof_auc_per_class": auc,
+        "oof_accuracy_050": pooled["accuracy"],
+        "oof_sensitivity_050": pooled["sensitivity"],
+        "oof_specificity_050": pooled["specificity"],
+        "oof_per_class_050": per_class,
+    }

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.model import MASK_OUTPUT, PRESENCE_OUTPUT, has_presence_head
 
 OVERLAP_SMOOTH = 1e-5
 DICE_METRIC_SMOOTH = 1.0
@@ -392,3 +393,38 @@ class KaggleAccuracy(_ThresholdMetric):
 def get_metrics(threshold: float, min_area: int) -> list[keras.metrics.Metric]:
     """The recipe's metrics: ``[Dice(), KaggleDice(...), KaggleAccuracy(...)]``."""
     return [Dice(), KaggleDice(threshold, min_area), KaggleAccuracy(threshold, min_area)]
+
+
+def segmentation_compile_args(
+    model: keras.Model,
+    loss: str,
+    threshold: float,
+    min_area: int,
+    head_weight: float = 0.1,
+) -> dict[str, Any]:
+    """``model.compile`` keyword arguments for a segmentation model: the loss ``loss`` and
+    the recipe's metrics on the masks; with a presence head (``model.classification_head``)
+    also binary cross-entropy on ``presence``, weighted ``head_weight``, and no metric on
+    it (the masks' metrics, logged with an output prefix, are renamed back by
+    ``trainer.fit_resumable``)."""
+    if not has_presence_head(model):
+        return {"loss": get_loss(loss), "metrics": get_metrics(threshold, min_area)}
+    return {
+        "loss": {MASK_OUTPUT: get_loss(loss), PRESENCE_OUTPUT: keras.losses.BinaryCrossentropy()},
+        "loss_weights": {MASK_OUTPUT: 1.0, PRESENCE_OUTPUT: float(head_weight)},
+        "metrics": {MASK_OUTPUT: get_metrics(threshold, min_area)},
+    }
+
+
+def with_presence_targets(dataset: tf.data.Dataset, model: keras.Model) -> tf.data.Dataset:
+    """``dataset`` of (images, masks) batches, with the presence head's target added when
+    ``model`` has one: (images, {masks, presence}); presence is 1 where the (cropped,
+    augmented) mask of a class has any pixel above 0.5."""
+    if not has_presence_head(model):
+        return dataset
+
+    def split(images: tf.Tensor, masks: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+        present = tf.cast(tf.reduce_max(masks, axis=[1, 2]) > 0.5, tf.float32)
+        return images, {MASK_OUTPUT: masks, PRESENCE_OUTPUT: present}
+
+    return dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -24,6 +24,8 @@ ARCHITECTURES = ("Unet", "FPN", "Linknet", "PSPNet")
 DECODER_BLOCK_TYPES = ("upsampling", "transpose")  # segmentation-models' Unet decoders
 STRIDE = 32
 PSP_STRIDE = 48  # PSPNet with downsample_factor 8 needs sides divisible by 6 * 8
+MASK_OUTPUT = "prob"  # the model's (first) output: per-pixel class probabilities
+PRESENCE_OUTPUT = "presence"  # model.classification_head's output: per-class presence
 DECODER_PREFIXES = (
     "decoder_",
     "center_",
@@ -121,6 +123,7 @@ def build_segmentation_model(
     decoder_block_type: str = "upsampling",
     bn_momentum: float | None = None,
     decoder_filters: Sequence[int] | None = None,
+    classification_head: bool = False,
 ) -> keras.Model:
     """A sigmoid segmentation model: (N, H, W, 3) 0-255 RGB -> (N, H, W, n_classes) float32.
 
@@ -129,6 +132,9 @@ def build_segmentation_model(
     moving-average momentum of every BatchNormalization layer. ``decoder_filters``: the
     five decoder widths of a Unet or Linknet (None = segmentation-models' defaults); a
     narrow decoder is most of the speed-up on CPU at small inputs.
+    ``classification_head``: a second output, ``presence`` (N, n_classes) float32, a
+    sigmoid over a dense layer on the global average of the encoder's deepest features
+    (the input of the first decoder layer); the masks stay the first output, ``prob``.
     """
     if architecture not in ARCHITECTURES:
         raise ValueError(
@@ -182,10 +188,31 @@ def build_segmentation_model(
     matrix, offset = preprocessing_affine(backbone)
     inputs = keras.Input(shape=shape, name="image")
     x = ChannelAffine(matrix.tolist(), offset.tolist(), name="normalise")(inputs)
-    x = net(x)
-    # The sigmoid runs in float32 even under mixed precision, for stable probabilities.
-    outputs = keras.layers.Activation("sigmoid", dtype="float32", name="prob")(x)
-    return keras.Model(inputs, outputs, name=f"{architecture}_{backbone}")
+    name = f"{architecture}_{backbone}"
+    if not classification_head:
+        # The sigmoid runs in float32 even under mixed precision, for stable probabilities.
+        outputs = keras.layers.Activation("sigmoid", dtype="float32", name=MASK_OUTPUT)(net(x))
+        return keras.Model(inputs, outputs, name=name)
+    # The same layers with the encoder's deepest features as a second output.
+    trunk = keras.Model(net.input, [net.output, encoder_features(net)], name=net.name)
+    logits, features = trunk(x)
+    masks = keras.layers.Activation("sigmoid", dtype="float32", name=MASK_OUTPUT)(logits)
+    pooled = keras.layers.GlobalAveragePooling2D(name="presence_pool")(features)
+    scores = keras.layers.Dense(n_classes, name="presence_logits")(pooled)
+    presence = keras.layers.Activation("sigmoid", dtype="float32", name=PRESENCE_OUTPUT)(scores)
+    return keras.Model(inputs, [masks, presence], name=name)
+
+
+def encoder_features(net: keras.Model) -> Any:
+    """The encoder's deepest feature tensor of a segmentation-models network: the input of
+    its first decoder layer (stride 32; PSPNet's decoder starts at stride 8)."""
+    first = next(layer for layer in net.layers if layer.name.startswith(DECODER_PREFIXES))
+    return first.input
+
+
+def has_presence_head(model: keras.Model) -> bool:
+    """True for a model built with ``classification_head``: (masks, presence) outputs."""
+    return PRESENCE_OUTPUT in model.output_names
 
 
 def build_model(config: Config, n_classes: int, input_size: Sequence[int] | None = None) -> Any:
@@ -200,6 +227,7 @@ def build_model(config: Config, n_classes: int, input_size: Sequence[int] | None
         decoder_block_type=m.decoder_block_type,
         bn_momentum=m.bn_momentum,
         decoder_filters=m.decoder_filters,
+        classification_head=bool(m.classification_head),
     )
 
 

@@ -30,7 +30,7 @@ from pipeline.core.postprocess import PostprocessParams, postprocess_image
 from pipeline.core.probstore import ProbWriter, quantise_prob
 from pipeline.nn.classifier import build_classifier_from_config, predict_presence_tta
 from pipeline.nn.data import ImageCache, build_cache
-from pipeline.nn.inference import iter_batches, predict_tta
+from pipeline.nn.inference import iter_batches, predict_tta_outputs
 from pipeline.nn.keras_backend import keras
 from pipeline.nn.model import build_model
 from pipeline.nn.trainer import load_best_weights
@@ -59,11 +59,14 @@ def predict_folds(
     batch_size: int,
     accumulator: FoldAccumulator,
     clock: StageClock,
-) -> None:
+) -> np.ndarray | None:
     """Every fold's TTA prediction of ``images`` (N, H, W, 3) uint8, merged into ``accumulator``.
 
-    Folds outer, batches inner: each fold's weights are loaded once.
+    Folds outer, batches inner: each fold's weights are loaded once. Returns a presence
+    head's (N, C) float32 probabilities, the mean over folds and views, or None for a
+    model without one (``model.classification_head``).
     """
+    presence: np.ndarray | None = None
     for fold, path in enumerate(weights):
         with clock.stage("load_weights"):
             load_best_weights(model, path)
@@ -71,11 +74,16 @@ def predict_folds(
         for batch in iter_batches(len(images), batch_size):
             start, stop = int(batch[0]), int(batch[-1]) + 1
             with clock.stage("network"):
-                probs = predict_tta(model, np.asarray(images[start:stop]), views, how)
+                probs, head = predict_tta_outputs(model, np.asarray(images[start:stop]), views, how)
             with clock.stage("accumulate"):
                 accumulator.add(start, probs)
+                if head is not None:
+                    if presence is None:
+                        presence = np.zeros((len(images), head.shape[1]), dtype=np.float64)
+                    presence[start:stop] += head
         rate = len(images) / max(time.perf_counter() - started, 1e-9)
         log.info("fold %d: %d images predicted (%.2f images/s)", fold, len(images), rate)
+    return None if presence is None else (presence / len(weights)).astype(np.float32)
 
 
 def predict_presence(

@@ -169,6 +169,38 @@ class _NanGuard(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+class FirstOutputLogs(keras.callbacks.Callback):
+    """A multi-output model's logs under the single-output names: Keras prefixes the
+    metrics of output ``prob`` (``val_prob_dice``); this renames them back
+    (``val_dice``) so ``train.monitor``, the history and every callback after it read
+    the same keys with or without a presence head. The total ``loss`` stays as it is;
+    the outputs' own losses keep their prefixes (``prob_loss``, ``presence_loss``).
+    First in the callback list: the logs dict is shared by the callbacks after it."""
+
+    def __init__(self, output: str) -> None:
+        super().__init__()
+        self.prefixes = (f"{output}_", f"val_{output}_")
+
+    def _rename(self, logs: dict[str, Any] | None) -> None:
+        if not logs:
+            return
+        for key in list(logs):
+            for prefix in self.prefixes:
+                if key.startswith(prefix) and not key.endswith("_loss"):
+                    plain = ("val_" if prefix.startswith("val_") else "") + key[len(prefix) :]
+                    logs[plain] = logs.pop(key)
+                    break
+
+    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+        self._rename(logs)
+
+    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
+        self._rename(logs)
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        self._rename(logs)
+
+
 class _EpochState(keras.callbacks.Callback):
     """Publishes checkpoint, best weights, history and counters after every epoch."""
 
@@ -525,6 +557,8 @@ def fit_resumable(
         if average is not None:
             # First, so validation and the callbacks after it see the average.
             callbacks.insert(0, _AverageWeights(average))
+        if len(model.outputs) > 1:
+            callbacks.insert(0, FirstOutputLogs(model.output_names[0]))
         if settings.tensorboard:
             callbacks.append(keras.callbacks.TensorBoard(str(out_dir / TENSORBOARD)))
         first_epoch = max(start, state["epoch"])

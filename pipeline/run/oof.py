@@ -2,8 +2,9 @@
 
 - ``open_segmentation_oof``: every fold's prob store (``fold_K/oof/``), each checked to
   hold exactly the fold's validation images with the experiment's classes;
-- ``read_classifier_oof``: every classifier fold's ``oof_cls.csv`` that exists, checked
-  the same way plus columns, [0, 1] values and unique ids;
+- ``read_classifier_oof``: every classifier fold's ``oof_cls.csv`` that exists (or the
+  presence head's ``oof_presence.csv``, ``presence_source``), checked the same way plus
+  columns, [0, 1] values and unique ids; ``write_presence_oof`` writes either;
 - ``iter_oof``: the stores streamed as ``(image_id, fold, q, original size)``, checked to
   be at the submission size.
 
@@ -13,13 +14,15 @@ leakage): it is refused, naming the file.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from pipeline.core.config import Config
-from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS
+from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS, OOF_PRESENCE
 from pipeline.core.probstore import ProbReader
 from pipeline.run.experiment import Experiment
 from pipeline.run.fold_records import check_folds_finished
@@ -58,9 +61,34 @@ def open_segmentation_oof(config: Config, exp: Experiment) -> list[ProbReader]:
     return readers
 
 
-def read_classifier_oof(config: Config, exp: Experiment) -> tuple[pd.DataFrame | None, list[int]]:
-    """Classifier OOF probs: a frame ``image_id, fold, <classes>`` of the folds that have
-    an ``oof_cls.csv`` (None if none has), and the folds without one.
+PRESENCE_SOURCES = ("classifier", "head")
+
+
+def presence_oof_path(config: Config, fold: int, source: str = "classifier") -> Path:
+    """Fold ``fold``'s OOF presence table: the separate classifier's ``oof_cls.csv`` or
+    the segmentation model's presence head's ``oof_presence.csv``."""
+    if source not in PRESENCE_SOURCES:
+        raise ValueError(f"presence source must be one of {list(PRESENCE_SOURCES)}; got {source!r}")
+    if source == "head":
+        return config.fold_dir(fold) / OOF_PRESENCE
+    return config.fold_dir(fold, CLASSIFIER_STAGE) / OOF_CLS
+
+
+def presence_source(config: Config, exp: Experiment) -> str | None:
+    """Where the classifier gates' presence comes from: the separate classifier when any
+    of its folds has OOF probs (a dedicated model), else the presence head when the
+    model has one (``model.classification_head``), else nowhere (None)."""
+    if any(presence_oof_path(config, k).is_file() for k in range(exp.n_folds)):
+        return "classifier"
+    return "head" if config.model.classification_head else None
+
+
+def read_classifier_oof(
+    config: Config, exp: Experiment, source: str = "classifier"
+) -> tuple[pd.DataFrame | None, list[int]]:
+    """OOF presence probs of ``source`` (``presence_oof_path``): a frame
+    ``image_id, fold, <classes>`` of the folds that have their table (None if none has),
+    and the folds without one.
 
     Each file must have columns ``image_id`` then the classes in order, probabilities
     in [0, 1], each image once and exactly the fold's validation images.
@@ -68,7 +96,7 @@ def read_classifier_oof(config: Config, exp: Experiment) -> tuple[pd.DataFrame |
     frames, missing = [], []
     expected = ["image_id", *exp.classes]
     for k in range(exp.n_folds):
-        path = config.fold_dir(k, CLASSIFIER_STAGE) / OOF_CLS
+        path = presence_oof_path(config, k, source)
         if not path.is_file():
             missing.append(k)
             continue
@@ -121,3 +149,12 @@ def iter_oof(
                     f"(data.submission_size {size}): was the fold predicted with another config?"
                 )
             yield image_id, fold, q, original
+
+
+def write_presence_oof(frame: pd.DataFrame, path: Path) -> Path:
+    """Write an OOF presence table (``image_id`` then one column per class: a classifier's
+    ``oof_cls.csv`` or a presence head's ``oof_presence.csv``) atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False, float_format="%.6f")
+    os.replace(tmp, path)
+    return path

@@ -30,7 +30,6 @@ from pipeline.core.images import (
     resolve_image_path,
 )
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLD_METRICS
-from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
 from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import PREDICT as PREDICT_FILE
 from pipeline.core.masks import truth_masks
@@ -40,7 +39,12 @@ from pipeline.core.report_figures import overlay
 from pipeline.core.report_scores import ScoreAccumulator, WorstImages, predict_masks, presence_auc
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.json_files import read_json
-from pipeline.run.oof import open_segmentation_oof, read_classifier_oof
+from pipeline.run.oof import (
+    open_segmentation_oof,
+    presence_oof_path,
+    presence_source,
+    read_classifier_oof,
+)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +79,7 @@ class RunData:
     notes: list[str]
     rles: dict[str, list[str]]  # image_id -> per-class RLE at the image's own size
     sizes: dict[str, tuple[int, int]]  # image_id -> original (H, W), filled as needed
+    presence_source: str = "classifier"  # oof.presence_source: "classifier" or "head"
 
     def original_size(self, image_id: str) -> tuple[int, int]:
         """(H, W) of a training image: from the image cache's index, else from its file."""
@@ -153,33 +158,42 @@ def open_run(config: Config) -> RunData:
     exp = open_experiment(config)
     readers = open_segmentation_oof(config, exp)
     stages, extra = plan_stages(config, exp.classes)
-    classifier, missing = read_classifier_oof(config, exp)
+    # The presence tune gated with (recorded), else the one it would use now.
+    recorded = (extra or {}).get("gate_source") if (extra or {}).get("classifier_used") else None
+    source = recorded or presence_source(config, exp) or "classifier"
+    classifier, missing = read_classifier_oof(config, exp, source)
+    if source == "head" and classifier is None:
+        missing = []  # a model without a presence head: nothing to gate with, nothing owed
     notes = []
     if extra is None:
         notes.append(
             f"post-processing not available: run `python -m pipeline.tune --config "
             f"{config.source}` (only the plain threshold-0.5 stage is scored)"
         )
+    what, command = (
+        ("the presence head", f"pipeline.train --config {config.source} --all --force")
+        if source == "head"
+        else ("the classifier", f"pipeline.train_classifier --config {config.source} --all")
+    )
     if missing:
         notes.append(
-            f"classifier OOF probs missing for folds {missing}: run `python -m "
-            f"pipeline.train_classifier --config {config.source} --all`"
+            f"OOF presence probs of {what} missing for folds {missing}: run `python -m {command}`"
         )
     gated_by_classifier = [
         name for stage in stages for name, p in stage.params.items() if p.uses_classifier
     ]
     if gated_by_classifier and missing:
+        table = presence_oof_path(config, missing[0], source).name
         raise FileNotFoundError(
             f"{config.run_dir / POSTPROCESS_FILE} gates {sorted(set(gated_by_classifier))} with "
-            f"the classifier, but folds {missing} have no {CLASSIFIER_OOF}; run `python -m "
-            f"pipeline.train_classifier --config {config.source} --all`"
+            f"{what}, but folds {missing} have no {table}; run `python -m {command}`"
         )
     try:
         sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
     except FileNotFoundError:
         sizes = {}  # e.g. a run copied without its cache: sizes come from the image files
     return RunData(
-        config, exp, readers, stages, extra, classifier, missing, notes, exp.rles(), sizes
+        config, exp, readers, stages, extra, classifier, missing, notes, exp.rles(), sizes, source
     )
 
 

@@ -149,6 +149,11 @@ def classifier_section(run: RunData, auc: pd.DataFrame | None, out: Path) -> rep
     folds = auc[auc["fold"] != "pooled"]
     spread = {c: report.mean_std(folds[c].mean(), folds[c].std(ddof=0)) for c in classes}
     table = pd.concat([auc, pd.DataFrame([{"fold": "mean ± std", **spread}])], ignore_index=True)
+    if run.presence_source == "head":
+        section.paragraphs.append(
+            "presence from the segmentation model's presence head "
+            "(model.classification_head); no separate classifier was trained"
+        )
     section.tables.append(("ROC AUC of the OOF presence probs", table))
     presence = presence_matrix(run.exp.table, classes).set_index("image_id")
     truth = presence.loc[run.classifier["image_id"], classes].to_numpy(np.float64)

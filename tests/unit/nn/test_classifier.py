@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from pipeline.core.config import load_config
+from pipeline.core.metrics import score_presence
 from pipeline.nn.classifier import (
     ImageSampler,
     build_classifier,
@@ -22,7 +23,6 @@ from pipeline.nn.classifier import (
 )
 from pipeline.nn.data import ImageCache, build_augmentation
 from pipeline.nn.keras_backend import keras, sm
-from pipeline.train_classifier import score_presence
 
 
 def test_labels_are_one_where_the_rle_is_non_empty():

@@ -18,6 +18,7 @@ from pipeline.core import rle
 from pipeline.core.config import DEFAULT_CONFIG, load_config
 from pipeline.core.images import cache_path
 from pipeline.core.layout import OOF_CLS as CLASSIFIER_OOF
+from pipeline.core.layout import OOF_PRESENCE
 from pipeline.core.layout import POSTPROCESS as POSTPROCESS_FILE
 from pipeline.core.layout import POSTPROCESS_GRID as GRID_FILE
 from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
@@ -57,6 +58,7 @@ def make_experiment(
     classifier_folds: Sequence[int] = (0, 1, 2),
     unfinished: Sequence[int] = (),
     own_size: bool = False,
+    head: bool = False,
     **postprocess: object,
 ) -> Path:
     """Write a 3-fold experiment by hand; returns its config file.
@@ -64,7 +66,9 @@ def make_experiment(
     ``truth``: image_id -> (C, 4, 6) uint8 at submission size (stored at 8x12);
     ``probs``: image_id -> (C, 4, 6) uint8 out-of-fold probs; ``classifier``:
     image_id -> C presence probs, written for ``classifier_folds``. ``own_size``:
-    no submission size, the probs are stored upsampled to the images' 8x12.
+    no submission size, the probs are stored upsampled to the images' 8x12. ``head``:
+    ``classifier`` is a presence head's instead (``fold_K/oof_presence.csv``, with
+    ``model.classification_head`` on).
     """
     rows = [
         (f"{image_id}_{name}", rle.encode(mask))
@@ -93,6 +97,7 @@ def make_experiment(
                     "submission_size": None if own_size else list(SIZE),
                 },
                 "folds": {"n_splits": 3},
+                "model": {"classification_head": head},
                 "postprocess": {**POSTPROCESS, **postprocess},
             }
         )
@@ -113,8 +118,12 @@ def make_experiment(
         if fold not in unfinished:
             write_json(config.fold_dir(fold) / "metrics.json", {"fold": fold})
         if classifier is not None and fold in classifier_folds:
-            path = config.fold_dir(fold, "classifier") / CLASSIFIER_OOF
-            path.parent.mkdir(parents=True)
+            path = (
+                config.fold_dir(fold) / OOF_PRESENCE
+                if head
+                else config.fold_dir(fold, "classifier") / CLASSIFIER_OOF
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
             frame = pd.DataFrame([[i, *classifier[i]] for i in val_ids])
             frame.columns = ["image_id", *CLASSES]
             frame.to_csv(path, index=False)
@@ -260,6 +269,36 @@ def test_a_perfect_classifier_gate_wins(tmp_path: Path) -> None:
         "classifier": 1.0,
         "segmentation": 0.5,
     }
+
+
+def test_the_presence_head_gates_like_the_classifier(tmp_path: Path) -> None:
+    truth, probs, classifier = false_positive_case()
+    config = load_config(make_experiment(tmp_path, truth, probs, classifier, head=True))
+    output = tune(config)
+    fish = output.result.per_class["Fish"]
+    assert fish.params.gate == "classifier" and fish.score == 1.0 and fish.no_gate_score == 0.5
+    _, extra = load_postprocess(output.postprocess_path)
+    assert extra["classifier_used"] is True and extra["gate_source"] == "head"
+    # A separate classifier, when trained, is the presence source instead.
+    (tmp_path / "runs").rename(tmp_path / "head_runs")
+    config = load_config(make_experiment(tmp_path, truth, probs, classifier))
+    _, extra = load_postprocess(tune(config).postprocess_path)
+    assert extra["gate_source"] == "classifier"
+
+
+def test_a_head_missing_from_some_folds_names_the_retraining(tmp_path: Path) -> None:
+    truth, probs, classifier = random_case()
+    config = load_config(
+        make_experiment(tmp_path, truth, probs, classifier, classifier_folds=(0, 2), head=True)
+    )
+    with pytest.raises(FileNotFoundError, match=r"fold_1/oof_presence.csv is missing") as err:
+        tune(config)
+    assert "python -m pipeline.train --config" in str(err.value) and "--force" in str(err.value)
+    # Without the head's tables at all (e.g. trained before it was switched on): the same.
+    (tmp_path / "none").mkdir()
+    config = load_config(make_experiment(tmp_path / "none", truth, probs, None, head=True))
+    with pytest.raises(FileNotFoundError, match=r"fold_0/oof_presence.csv is missing"):
+        tune(config)
 
 
 def test_min_area_wins_and_a_missing_classifier_is_reported(
