@@ -156,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.set)
+    if config.model.classification_head:
+        parser.error(
+            "quality_factors compares the plain segmentation model: set "
+            "model.classification_head=false"
+        )
     exp = open_experiment(config)
     weights = config.fold_dir(args.fold) / BEST_WEIGHTS
     if not weights.is_file():

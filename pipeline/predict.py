@@ -1,4 +1,8 @@
-"""``python -m pipeline.predict``: folds x TTA -> classifier gate -> post-processing -> CSV.
+"""``python -m pipeline.predict``: folds x TTA -> presence gate -> post-processing -> CSV.
+
+The classifier gates' presence is the separate classifier's, or the presence head's
+(``model.classification_head``) from the same forward passes as the masks: whichever
+``postprocess.json`` was tuned with (``gate_source``).
 
 The test images are cached once at ``data.image_size``. One model is built and given
 each fold's ``best_weights.h5`` in turn; every batch of ``tta.batch_size`` images goes
@@ -44,7 +48,6 @@ from pipeline.core.layout import (
 )
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
-from pipeline.core.postprocess import load_postprocess
 from pipeline.core.probstore import ProbWriter
 from pipeline.nn.data import build_cache
 from pipeline.nn.devices import device_name as describe_device
@@ -75,6 +78,7 @@ from pipeline.run.prediction import (
     list_test_images,
     prediction_key,
     read_postprocess,
+    tuned_gate_source,
     write_outputs,
 )
 from pipeline.run.run_lock import hold_lock
@@ -97,24 +101,9 @@ def predict(
     weights = fold_weights(config)
     check_trained_config(config, force)
     if use_postprocess:
-        check_gate_source(config)
+        tuned_gate_source(config)  # a gate source this config lacks: stop before writing
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
         return _predict(config, weights, out, submissions_dir, use_postprocess)
-
-
-def check_gate_source(config: Config) -> None:
-    """A ``postprocess.json`` gated by the presence head needs a model with one (checked
-    before anything is written; ``check_trained_config`` catches it too, unless forced)."""
-    path = config.run_dir / POSTPROCESS
-    if config.model.classification_head or not path.is_file():
-        return
-    params, extra = load_postprocess(path)
-    gated = [name for name, p in params.items() if p.uses_classifier]
-    if gated and extra.get("gate_source") == "head":
-        raise ValueError(
-            f"{path} gates {gated} with the presence head, but model.classification_head "
-            "is false in this config: set it as the folds were trained, or tune again"
-        )
 
 
 def _predict(

@@ -11,10 +11,11 @@ with the tuned ``postprocess.json``; each class of a test image is
 - **absent** where its mask is empty and the presence probability is below
   ``pseudo_label.negative`` (0.05).
 
-The presence probability is the classifier's (mean over its folds) when the experiment
-has one, else the presence head's (``model.classification_head``: predict's
-``test_presence.csv``), else the segmentation's own top-k mean
-(``postprocess.topk_fraction``). An
+The presence probability is the one the gated classes were tuned with
+(``postprocess.json``'s ``gate_source``); without gated classes, the classifier's (mean
+over its folds) when the experiment has one, else the presence head's
+(``model.classification_head``: predict's ``test_presence.csv``), else the
+segmentation's own top-k mean (``postprocess.topk_fraction``). An
 image is kept only when every class is one or the other. The kept masks are resized to
 each test image's own size and written as an ``image_label`` table,
 ``runs/<exp>/pseudo_labels.csv`` (with ``pseudo_labels.json``: counts and thresholds).
@@ -65,7 +66,13 @@ from pipeline.run.cli import (
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
-from pipeline.run.prediction import fold_weights, fresh_test_probs, list_test_images
+from pipeline.run.oof import read_presence_table
+from pipeline.run.prediction import (
+    fold_weights,
+    fresh_test_probs,
+    list_test_images,
+    tuned_gate_source,
+)
 from pipeline.run.run_lock import hold_lock
 
 log = logging.getLogger(__name__)
@@ -102,20 +109,24 @@ def pseudo_label(config: Config) -> dict[str, Any]:
     at_least_one = at_least_one_applied(extra)
     settings = [params[name] for name in exp.classes]
     sizes = read_original_sizes(cache_path(exp.cache_dir, "test", config.data.image_size))
-    try:
-        fold_weights(config, CLASSIFIER_STAGE)
-        has_classifier = True
-    except FileNotFoundError:
-        has_classifier = False
+    # The presence the gated classes were tuned with; without gated classes, the
+    # classifier when trained, else the presence head, else the top-k mean.
+    tuned = tuned_gate_source(config)
+    if tuned is None:
+        try:
+            fold_weights(config, CLASSIFIER_STAGE)
+            tuned = "classifier"
+        except FileNotFoundError:
+            tuned = "head" if config.model.classification_head else None
     with hold_lock(config.run_dir, f"run {config.run_dir} (pseudo_label)"):
-        if has_classifier:
+        if tuned == "classifier":
             from pipeline.nn.predictor import predict_presence  # the Keras layer, only here
 
             presence = predict_presence(
                 config, image_ids, len(exp.classes), exp.cache_dir, StageClock()
             )
             source = "the classifier"
-        elif config.model.classification_head:
+        elif tuned == "head":
             presence = read_test_presence(config, exp, image_ids)
             source = "the presence head (mean over folds and views)"
         else:
@@ -179,11 +190,7 @@ def read_test_presence(config: Config, exp: Experiment, image_ids: Sequence[str]
             f"{path} not found: model.classification_head is on, so predict writes it; run "
             f"`python -m pipeline.predict --config {config.source or '<config>'}` again"
         )
-    frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
-    expected = ["image_id", *exp.classes]
-    if list(frame.columns) != expected:
-        raise ValueError(f"{path} must have columns {expected}; got {list(frame.columns)}")
-    frame = frame.set_index("image_id")
+    frame = read_presence_table(path, exp.classes).set_index("image_id")
     missing = [i for i in image_ids if i not in frame.index]
     if missing:
         raise ValueError(

@@ -114,10 +114,6 @@ def prepare(ctx: FoldContext) -> FoldParts:
     )
     sampler = CropSampler(source, t.crop_size, build_augmentation(config.augment), config.seed)
 
-    fixed = t.crop_size if config.model.architecture == "PSPNet" else None
-    with ctx.strategy.scope():
-        model = build_model(config, len(exp.classes), fixed)
-
     def train_data(epoch: int) -> tf.data.Dataset:
         stream = make_train_dataset(
             sampler,
@@ -130,12 +126,13 @@ def prepare(ctx: FoldContext) -> FoldParts:
         )
         return with_presence_targets(stream, model)
 
-    val_ds = with_presence_targets(
-        make_eval_dataset(
-            cache, cache.index_of(ctx.val_ids), global_batch, t.val_crop, ctx.replicas
-        ),
-        model,
+    val_ds = make_eval_dataset(
+        cache, cache.index_of(ctx.val_ids), global_batch, t.val_crop, ctx.replicas
     )
+    fixed = t.crop_size if config.model.architecture == "PSPNet" else None
+    with ctx.strategy.scope():
+        model = build_model(config, len(exp.classes), fixed)
+    val_ds = with_presence_targets(val_ds, model)
     phases = training_phases(
         t.epochs, config.model.encoder_freeze_epochs, config.model.unfreeze_schedule
     )
@@ -174,7 +171,10 @@ def prepare(ctx: FoldContext) -> FoldParts:
             "oof_kaggle_dice_050": oof["kaggle_dice"],
             "oof_kaggle_dice_050_per_class": oof["per_class"],
         }
-        if oof["presence"] is not None:
+        if oof["presence"] is None:
+            # A head's table from an earlier training of this fold would now be stale.
+            (ctx.fold_dir / OOF_PRESENCE).unlink(missing_ok=True)
+        else:
             write_presence_oof(oof["presence"], ctx.fold_dir / OOF_PRESENCE)
             truth = presence_labels(exp.table, exp.classes, ctx.val_ids)
             out["presence_head"] = score_presence(

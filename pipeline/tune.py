@@ -368,7 +368,8 @@ def _tune(config: Config) -> TuneOutput:
         else:
             log.warning(
                 "no classifier out-of-fold probs under %s: tuning without the classifier "
-                "gate (train it with python -m pipeline.train_classifier --all)",
+                "gate (train it with python -m pipeline.train_classifier --all, or train "
+                "the folds with model.classification_head=true)",
                 config.run_dir / CLASSIFIER_STAGE,
             )
     n_images = sum(len(reader) for reader in readers)

@@ -400,15 +400,18 @@ def segmentation_compile_args(
     loss: str,
     threshold: float,
     min_area: int,
-    head_weight: float = 0.1,
+    head_weight: float | None = None,
 ) -> dict[str, Any]:
     """``model.compile`` keyword arguments for a segmentation model: the loss ``loss`` and
     the recipe's metrics on the masks; with a presence head (``model.classification_head``)
     also binary cross-entropy on ``presence``, weighted ``head_weight``, and no metric on
     it (the masks' metrics, logged with an output prefix, are renamed back by
-    ``trainer.fit_resumable``)."""
+    ``trainer.fit_resumable``). ``head_weight`` is ``model.classification_head_weight``,
+    required with a head."""
     if not has_presence_head(model):
         return {"loss": get_loss(loss), "metrics": get_metrics(threshold, min_area)}
+    if head_weight is None:
+        raise ValueError("a model with a presence head needs model.classification_head_weight")
     return {
         "loss": {MASK_OUTPUT: get_loss(loss), PRESENCE_OUTPUT: keras.losses.BinaryCrossentropy()},
         "loss_weights": {MASK_OUTPUT: 1.0, PRESENCE_OUTPUT: float(head_weight)},

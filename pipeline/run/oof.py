@@ -83,6 +83,29 @@ def presence_source(config: Config, exp: Experiment) -> str | None:
     return "head" if config.model.classification_head else None
 
 
+def read_presence_table(path: Path, classes: Sequence[str]) -> pd.DataFrame:
+    """A presence table (``oof_cls.csv``, ``oof_presence.csv``, ``test_presence.csv``):
+    columns ``image_id`` then ``classes`` in order, probabilities in [0, 1] (read as
+    float64), each image once; ValueError names the file and the first bad row."""
+    expected = ["image_id", *classes]
+    frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
+    if list(frame.columns) != expected:
+        raise ValueError(f"{path} must have columns {expected}; got {list(frame.columns)}")
+    values = frame[list(classes)].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    bad = np.flatnonzero(~((values >= 0) & (values <= 1)).all(axis=1))
+    if len(bad):
+        row = int(bad[0])
+        raise ValueError(
+            f"{path} row {row + 2} (image_id {frame['image_id'].iloc[row]!r}): "
+            f"probabilities must be numbers in [0, 1]; got {values[row].tolist()}"
+        )
+    if frame["image_id"].duplicated().any():
+        duplicated = frame["image_id"][frame["image_id"].duplicated()].iloc[0]
+        raise ValueError(f"{path}: image_id {duplicated!r} appears more than once")
+    frame[list(classes)] = values
+    return frame
+
+
 def read_classifier_oof(
     config: Config, exp: Experiment, source: str = "classifier"
 ) -> tuple[pd.DataFrame | None, list[int]]:
@@ -94,28 +117,13 @@ def read_classifier_oof(
     in [0, 1], each image once and exactly the fold's validation images.
     """
     frames, missing = [], []
-    expected = ["image_id", *exp.classes]
     for k in range(exp.n_folds):
         path = presence_oof_path(config, k, source)
         if not path.is_file():
             missing.append(k)
             continue
-        frame = pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False)
-        if list(frame.columns) != expected:
-            raise ValueError(f"{path} must have columns {expected}; got {list(frame.columns)}")
-        values = frame[exp.classes].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
-        bad = np.flatnonzero(~((values >= 0) & (values <= 1)).all(axis=1))
-        if len(bad):
-            row = int(bad[0])
-            raise ValueError(
-                f"{path} row {row + 2} (image_id {frame['image_id'].iloc[row]!r}): "
-                f"probabilities must be numbers in [0, 1]; got {values[row].tolist()}"
-            )
-        if frame["image_id"].duplicated().any():
-            duplicated = frame["image_id"][frame["image_id"].duplicated()].iloc[0]
-            raise ValueError(f"{path}: image_id {duplicated!r} appears more than once")
+        frame = read_presence_table(path, exp.classes)
         check_fold_ids(frame["image_id"].tolist(), exp, k, str(path))
-        frame[exp.classes] = values
         frames.append(frame.assign(fold=k))
     if not frames:
         return None, missing

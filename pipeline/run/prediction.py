@@ -190,6 +190,32 @@ def read_postprocess(
     return params, float(scores["tuned"]), nested_score, at_least_one_applied(extra), source
 
 
+def tuned_gate_source(config: Config) -> str | None:
+    """Where ``postprocess.json``'s classifier-gated classes take their presence from
+    (``classifier`` or ``head``; ``classifier`` in a file from before the presence head),
+    or None when there is no such file or no class is gated. A head-gated file with a
+    config whose model has no presence head is a ValueError: the head's figures would be
+    missing, or stale ones from an earlier training."""
+    path = config.run_dir / POSTPROCESS
+    if not path.is_file():
+        return None
+    params, extra = load_postprocess(path)
+    gated = [name for name, p in params.items() if p.uses_classifier]
+    if not gated:
+        return None
+    source = str(extra.get("gate_source") or "classifier")
+    if source not in PRESENCE_SOURCES:
+        raise ValueError(
+            f"{path}: gate_source must be one of {list(PRESENCE_SOURCES)}; got {source!r}"
+        )
+    if source == "head" and not config.model.classification_head:
+        raise ValueError(
+            f"{path} gates {gated} with the presence head, but model.classification_head "
+            "is false in this config: set it as the folds were trained, or tune again"
+        )
+    return source
+
+
 def submission_path(submissions_dir: Path, experiment: str, now: datetime.datetime) -> Path:
     """``<dir>/<experiment>_<yyyymmdd-hhmm>.csv``, with ``-2``, ``-3``... if that exists."""
     stem = f"{experiment}_{now:%Y%m%d-%H%M}"

@@ -45,6 +45,7 @@ from pipeline.run.oof import (
     presence_source,
     read_classifier_oof,
 )
+from pipeline.run.prediction import tuned_gate_source
 
 log = logging.getLogger(__name__)
 
@@ -160,10 +161,9 @@ def open_run(config: Config) -> RunData:
     stages, extra = plan_stages(config, exp.classes)
     # The presence tune gated with (recorded), else the one it would use now.
     recorded = (extra or {}).get("gate_source") if (extra or {}).get("classifier_used") else None
+    tuned_gate_source(config)  # a head-gated tuning needs a model with the head
     source = recorded or presence_source(config, exp) or "classifier"
     classifier, missing = read_classifier_oof(config, exp, source)
-    if source == "head" and classifier is None:
-        missing = []  # a model without a presence head: nothing to gate with, nothing owed
     notes = []
     if extra is None:
         notes.append(

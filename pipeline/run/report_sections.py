@@ -143,7 +143,8 @@ def classifier_section(run: RunData, auc: pd.DataFrame | None, out: Path) -> rep
     if auc is None or run.classifier is None:
         section.paragraphs.append(
             "not available: run `python -m pipeline.train_classifier "
-            f"--config {run.config.source} --all`"
+            f"--config {run.config.source} --all`, or train the folds with "
+            "model.classification_head=true"
         )
         return section
     folds = auc[auc["fold"] != "pooled"]
@@ -162,7 +163,7 @@ def classifier_section(run: RunData, auc: pd.DataFrame | None, out: Path) -> rep
         ("ROC curves, folds pooled", report_figures.save_figure(figure, out / FIGURE_ROC))
     )
     if run.classifier_missing:
-        section.paragraphs.append(f"folds {run.classifier_missing} have no classifier OOF yet")
+        section.paragraphs.append(f"folds {run.classifier_missing} have no presence OOF yet")
     return section
 
 

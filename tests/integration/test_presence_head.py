@@ -94,6 +94,17 @@ def test_the_head_trains_gates_the_tuning_and_the_prediction(tmp_path, tiny_data
     done = run_cli("pipeline.lr_find", "--config", str(config), "--set", "lr_find.steps=6")
     assert done.returncode == 0, done.stderr[-3000:]
 
+    # Fold 0 retrained without the head: its head table goes (it would be stale), and the
+    # head-gated tuning can no longer be evaluated with that config, even forced.
+    no_head = ("--set", "model.classification_head=false")
+    done = run_cli("pipeline.train", "--config", str(config), "--fold", "0", "--force", *no_head)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (run / "fold_0" / "oof_presence.csv").exists()
+    assert (run / "fold_1" / "oof_presence.csv").exists()
+    done = run_cli("pipeline.evaluate", "--config", str(config), "--force", *no_head)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "gates" in done.stderr and "model.classification_head is false" in done.stderr
+
 
 def test_a_config_without_the_head_cannot_predict_a_head_gated_run(tmp_path, tiny_data):
     """A hand-written postprocess.json gated by the head, predicted by a config

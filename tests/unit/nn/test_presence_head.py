@@ -19,21 +19,28 @@ from pipeline.nn.trainer import FirstOutputLogs
 
 
 @pytest.mark.parametrize(
-    ("architecture", "channels"), [("Unet", 512), ("FPN", 512), ("Linknet", 512)]
+    ("architecture", "size", "features"),
+    [
+        ("Unet", (64, 96), (2, 3, 512)),  # stride 32
+        ("FPN", (64, 96), (2, 3, 512)),
+        ("Linknet", (64, 96), (2, 3, 512)),
+        ("PSPNet", (96, 96), (12, 12, 128)),  # its decoder starts at stride 8
+    ],
 )
-def test_the_head_sits_on_the_encoders_deepest_features(architecture, channels):
+def test_the_head_sits_on_the_encoders_deepest_features(architecture, size, features):
     model = build_segmentation_model(
-        architecture, "resnet18", 3, input_size=(64, 96), classification_head=True
+        architecture, "resnet18", 3, input_size=size, classification_head=True
     )
     assert has_presence_head(model)
     assert model.output_names == [MASK_OUTPUT, PRESENCE_OUTPUT]
-    masks, presence = model.predict_on_batch(np.zeros((2, 64, 96, 3), np.float32))
-    assert masks.shape == (2, 64, 96, 3) and presence.shape == (2, 3)
+    masks, presence = model.predict_on_batch(np.zeros((2, *size, 3), np.float32))
+    assert masks.shape == (2, *size, 3) and presence.shape == (2, 3)
     assert masks.dtype == presence.dtype == np.float32
     pool = model.get_layer("presence_pool")
-    assert tuple(pool.input.shape) == (None, 2, 3, channels)  # stride 32
+    assert tuple(pool.input.shape) == (None, *features)
+    channels = features[-1]
     # The head adds a pool and one dense layer; the encoder is the same layers.
-    plain = build_segmentation_model(architecture, "resnet18", 3, input_size=(64, 96))
+    plain = build_segmentation_model(architecture, "resnet18", 3, input_size=size)
     assert not has_presence_head(plain)
     assert model.count_params() - plain.count_params() == channels * 3 + 3
     # (Auto-named layers such as zero_padding2d_N differ between two builds.)
@@ -49,6 +56,9 @@ def test_without_the_head_the_model_is_unchanged():
     plain = build_segmentation_model("Unet", "resnet18", 2)
     assert plain.output_names == [MASK_OUTPUT]
     args = segmentation_compile_args(plain, "jaccard", 0.5, 0)
+    head = build_segmentation_model("Unet", "resnet18", 2, classification_head=True)
+    with pytest.raises(ValueError, match="model.classification_head_weight"):
+        segmentation_compile_args(head, "jaccard", 0.5, 0)
     assert set(args) == {"loss", "metrics"} and args["loss"].name == get_loss("jaccard").name
 
 

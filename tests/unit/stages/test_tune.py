@@ -29,6 +29,9 @@ from pipeline.core.streams import map_ahead, read_ahead
 from pipeline.core.truth import decode_truth
 from pipeline.run.experiment import open_experiment
 from pipeline.run.json_files import write_json
+from pipeline.run.oof import read_presence_table
+from pipeline.run.prediction import tuned_gate_source
+from pipeline.run.report_data import open_run
 from pipeline.tune import main, tune
 
 CLASSES = ["Fish", "Sugar"]
@@ -700,3 +703,39 @@ def test_a_searched_rule_decides_each_fold_on_the_other_folds(tmp_path: Path, ca
     assert np.mean([p["tuned_nested"] for p in per_class]) == pytest.approx(
         nested_total / pairs, abs=1e-12
     )
+
+
+def test_the_tuned_gate_source_is_what_predict_evaluate_and_pseudo_label_follow(
+    tmp_path: Path,
+) -> None:
+    truth, probs, classifier = false_positive_case()
+    path = make_experiment(tmp_path, truth, probs, classifier, head=True)
+    config = load_config(path)
+    assert tuned_gate_source(config) is None  # nothing tuned yet
+    tune(config)
+    assert tuned_gate_source(config) == "head"
+    # The same run read with a config whose model has no head: refused, named.
+    without = load_config(path, ["model.classification_head=false"])
+    with pytest.raises(ValueError, match="gates \\['Fish'\\] with the presence head"):
+        tuned_gate_source(without)
+    with pytest.raises(ValueError, match="model.classification_head is false"):
+        open_run(without)
+    # No class gated: no source to follow.
+    ungated = load_config(path, ["postprocess.gates=[none]"])
+    tune(ungated)
+    assert tuned_gate_source(ungated) is None and tuned_gate_source(without) is None
+
+
+def test_presence_tables_are_checked_row_by_row(tmp_path: Path) -> None:
+    path = tmp_path / "test_presence.csv"
+    path.write_text("image_id,Fish,Sugar\na,0.5,0.25\nb,1,0\n")
+    frame = read_presence_table(path, ["Fish", "Sugar"])
+    assert frame["Fish"].tolist() == [0.5, 1.0] and frame["Sugar"].dtype == np.float64
+    path.write_text("image_id,Fish,Sugar\na,0.5,0.25\nb,1.5,0\n")
+    with pytest.raises(ValueError, match=r"row 3 \(image_id 'b'\).*in \[0, 1\]"):
+        read_presence_table(path, ["Fish", "Sugar"])
+    path.write_text("image_id,Fish,Sugar\na,0.5,0.25\na,1,0\n")
+    with pytest.raises(ValueError, match="image_id 'a' appears more than once"):
+        read_presence_table(path, ["Fish", "Sugar"])
+    with pytest.raises(ValueError, match=r"must have columns \['image_id', 'Sugar', 'Fish'\]"):
+        read_presence_table(path, ["Sugar", "Fish"])
