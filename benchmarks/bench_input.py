@@ -35,7 +35,8 @@ from pipeline.nn.data import (
     make_train_dataset,
 )
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.losses import get_loss, get_metrics
+from pipeline.nn.losses import get_loss
+from pipeline.nn.metrics import get_metrics
 from pipeline.nn.model import build_model
 from pipeline.nn.optim import make_optimizer
 from pipeline.run.experiment import open_experiment

@@ -52,7 +52,8 @@ from benchmarks.common import compute_figures, describe_machine, format_compute,
 from pipeline.core.config import load_config
 from pipeline.core.precision import POLICIES
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.losses import get_loss, get_metrics
+from pipeline.nn.losses import get_loss
+from pipeline.nn.metrics import get_metrics
 from pipeline.nn.model import build_model
 from pipeline.nn.optim import make_optimizer
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.nn.data import training_cache
     from pipeline.nn.inference import iter_batches, predict_tta
     from pipeline.nn.predictor import build_prediction_model
-    from pipeline.nn.trainer import load_best_weights
+    from pipeline.nn.weights import load_best_weights
     from pipeline.run.experiment import open_experiment
     from pipeline.run.prediction import fold_weights
 

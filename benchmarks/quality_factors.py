@@ -51,7 +51,7 @@ from pipeline.nn.keras_backend import keras, sm, tf  # noqa: E402
 from pipeline.nn.losses import get_loss  # noqa: E402
 from pipeline.nn.model import build_model  # noqa: E402
 from pipeline.nn.optim import make_optimizer  # noqa: E402
-from pipeline.nn.trainer import load_best_weights  # noqa: E402
+from pipeline.nn.weights import load_best_weights  # noqa: E402
 from pipeline.run.experiment import open_experiment  # noqa: E402
 
 

@@ -41,7 +41,7 @@ from pipeline.nn.inference import iter_batches
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.model import build_model
 from pipeline.nn.optim import make_optimizer
-from pipeline.nn.trainer import load_best_weights
+from pipeline.nn.weights import load_best_weights
 from pipeline.run.cli import (
     add_config_arguments,
     config_from_args,

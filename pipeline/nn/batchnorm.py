@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 import numpy as np
 
 from pipeline.nn.keras_backend import keras
-from pipeline.nn.trainer import copy_model, copy_weights
+from pipeline.nn.weights import copy_model, copy_weights
 
 log = logging.getLogger(__name__)
 

@@ -36,13 +36,8 @@ from pipeline.nn.devices import (
     set_mixed_precision,
 )
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.trainer import (
-    FitSettings,
-    copy_model,
-    fit_resumable,
-    load_state,
-    save_weights_atomic,
-)
+from pipeline.nn.trainer import FitSettings, fit_resumable, load_state
+from pipeline.nn.weights import copy_model, save_weights_atomic
 from pipeline.run.cluster import WORKER_DIR_ENV, WORKER_KEY, WorkerRole, worker_role
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_jobs import FoldJob, run_fold_jobs, use_fold_jobs

@@ -1,9 +1,8 @@
-"""Keras losses and metrics for sigmoid segmentation, as reloadable Keras objects.
+"""Keras losses for sigmoid segmentation, as reloadable Keras objects, and what a
+segmentation model is compiled with (the masks' metrics live in ``nn.metrics``).
 
 Every tensor here is channels-last (N, H, W, C) with ``y_pred`` sigmoid probabilities;
-float16 predictions (mixed precision) are cast to float32 first. The metric formulas
-are defined once in ``pipeline.core.metrics`` (numpy); the Keras metrics below compute the
-same quantities with tf ops and are tested against them.
+float16 predictions (mixed precision) are cast to float32 first.
 
 The overlap losses follow segmentation_models' defaults (``per_image=False``,
 ``smooth=1e-5``): intersection and sums run over the batch and both spatial axes for
@@ -13,21 +12,16 @@ score is computed per image and class and averaged over both. Under
 the replicas' losses, as with segmentation_models' losses.
 """
 
-import abc
 from collections.abc import Callable
 from typing import Any
 
 from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.metrics import as_float32, get_metrics
 from pipeline.nn.model import MASK_OUTPUT, PRESENCE_OUTPUT, has_presence_head
 
 OVERLAP_SMOOTH = 1e-5
-DICE_METRIC_SMOOTH = 1.0
 
 _register = keras.utils.register_keras_serializable(package="foldseg")
-
-
-def _as_float32(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-    return tf.cast(y_true, tf.float32), tf.cast(y_pred, tf.float32)
 
 
 def _mean(x: tf.Tensor, empty: float = 0.0) -> tf.Tensor:
@@ -51,7 +45,7 @@ def soft_jaccard_score(
     ``(sum(t p) + smooth) / (sum(t) + sum(p) - sum(t p) + smooth)`` per class (and per
     image when ``per_image``), averaged; as segmentation_models' ``iou_score``.
     """
-    t, p = _as_float32(y_true, y_pred)
+    t, p = as_float32(y_true, y_pred)
     axes = _reduce_axes(per_image)
     intersection = tf.reduce_sum(t * p, axis=axes)
     union = tf.reduce_sum(t + p, axis=axes) - intersection
@@ -66,7 +60,7 @@ def soft_dice_score(
     ``(2 sum(t p) + smooth) / (sum(t) + sum(p) + smooth)`` per class (and per image when
     ``per_image``), averaged; as segmentation_models' ``f_score`` with beta 1.
     """
-    t, p = _as_float32(y_true, y_pred)
+    t, p = as_float32(y_true, y_pred)
     axes = _reduce_axes(per_image)
     intersection = tf.reduce_sum(t * p, axis=axes)
     total = tf.reduce_sum(t + p, axis=axes)
@@ -74,7 +68,7 @@ def soft_dice_score(
 
 
 def _binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, label_smoothing: float) -> tf.Tensor:
-    t, p = _as_float32(y_true, y_pred)
+    t, p = as_float32(y_true, y_pred)
     if label_smoothing:
         t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
     return _mean(keras.backend.binary_crossentropy(t, p))
@@ -82,7 +76,7 @@ def _binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, label_smoothing: 
 
 def _binary_focal(y_true: tf.Tensor, y_pred: tf.Tensor, gamma: float, alpha: float) -> tf.Tensor:
     # segmentation_models' binary_focal_loss: alpha weighs positives, 1 - alpha negatives.
-    t, p = _as_float32(y_true, y_pred)
+    t, p = as_float32(y_true, y_pred)
     eps = keras.backend.epsilon()
     p = tf.clip_by_value(p, eps, 1.0 - eps)
     positive = -t * alpha * tf.pow(1.0 - p, gamma) * tf.math.log(p)
@@ -209,7 +203,7 @@ def lovasz_hinge(y_true: tf.Tensor, y_pred: tf.Tensor, per_image: bool = True) -
     Lovász extension's gradient of the Jaccard loss, summed; rows are averaged. The
     logits are recovered from the probabilities (clipped to [1e-7, 1 - 1e-7]).
     """
-    t, p = _as_float32(y_true, y_pred)
+    t, p = as_float32(y_true, y_pred)
     eps = 1e-7
     p = tf.clip_by_value(p, eps, 1.0 - eps)
     logits = tf.math.log(p) - tf.math.log1p(-p)
@@ -259,140 +253,6 @@ def get_loss(name: str, **kwargs: Any) -> keras.losses.Loss:
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {sorted(LOSSES)}; got {name!r}")
     return LOSSES[name](**kwargs)
-
-
-def _predicted_masks(y_pred: tf.Tensor, threshold: float, min_area: int) -> tf.Tensor:
-    """float32 (N, H, W, C) {0, 1}: ``prob >= threshold`` (``metrics.above_threshold``),
-    masks under min_area emptied."""
-    pred = tf.cast(tf.cast(y_pred, tf.float32) >= threshold, tf.float32)
-    area = tf.reduce_sum(pred, axis=[1, 2], keepdims=True)
-    return pred * tf.cast(area >= float(min_area), tf.float32)
-
-
-def _truth_masks(y_true: tf.Tensor) -> tf.Tensor:
-    return tf.cast(tf.cast(y_true, tf.float32) > 0.5, tf.float32)
-
-
-def _reject_sample_weight(metric: keras.metrics.Metric, sample_weight: tf.Tensor | None) -> None:
-    if sample_weight is not None:
-        raise ValueError(f"{metric.name} does not support sample_weight; got {sample_weight}")
-
-
-class _SumMetric(keras.metrics.Metric):
-    """A metric whose state is float64 sums: exact enough over a whole epoch."""
-
-    def _add_sum(self, name: str) -> tf.Variable:
-        return self.add_weight(name=name, shape=(), initializer="zeros", dtype=tf.float64)
-
-
-@_register
-class Dice(_SumMetric):
-    """Soft Dice over everything seen since the last reset (``metrics.soft_dice``).
-
-    Accumulates ``sum(t p)`` and ``sum(t) + sum(p)`` over batches, so the epoch value
-    equals ``metrics.soft_dice`` of all the epoch's data concatenated.
-    """
-
-    def __init__(
-        self, smooth: float = DICE_METRIC_SMOOTH, name: str = "dice", dtype: Any = None
-    ) -> None:
-        super().__init__(name=name, dtype=dtype)
-        self.smooth = smooth
-        self.intersection = self._add_sum("intersection")
-        self.total = self._add_sum("total")
-
-    def update_state(
-        self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None
-    ) -> None:
-        _reject_sample_weight(self, sample_weight)
-        t, p = _as_float32(y_true, y_pred)
-        self.intersection.assign_add(tf.cast(tf.reduce_sum(t * p), tf.float64))
-        self.total.assign_add(tf.cast(tf.reduce_sum(t) + tf.reduce_sum(p), tf.float64))
-
-    def result(self) -> tf.Tensor:
-        smooth = tf.constant(self.smooth, tf.float64)
-        score = (2.0 * self.intersection + smooth) / (self.total + smooth)
-        return tf.cast(score, self.dtype)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "smooth": self.smooth}
-
-
-class _ThresholdMetric(_SumMetric):
-    """Mean of a per image-and-class score: accumulates the score sum and the count."""
-
-    def __init__(self, threshold: float, min_area: int, name: str, dtype: Any) -> None:
-        if min_area < 0:
-            raise ValueError(f"min_area must be >= 0; got {min_area}")
-        super().__init__(name=name, dtype=dtype)
-        self.threshold = threshold
-        self.min_area = min_area
-        self.score_sum = self._add_sum("score_sum")
-        self.count = self._add_sum("count")
-
-    @abc.abstractmethod
-    def _scores(self, truth: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
-        """(N, C) float32 scores of binary (N, H, W, C) truth and predicted masks."""
-
-    def update_state(
-        self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None
-    ) -> None:
-        _reject_sample_weight(self, sample_weight)
-        scores = self._scores(
-            _truth_masks(y_true), _predicted_masks(y_pred, self.threshold, self.min_area)
-        )
-        self.score_sum.assign_add(tf.reduce_sum(tf.cast(scores, tf.float64)))
-        self.count.assign_add(tf.cast(tf.size(scores), tf.float64))
-
-    def result(self) -> tf.Tensor:
-        return tf.cast(tf.math.divide_no_nan(self.score_sum, self.count), self.dtype)
-
-    def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "threshold": self.threshold, "min_area": self.min_area}
-
-
-@_register
-class KaggleDice(_ThresholdMetric):
-    """Mean Kaggle Dice over all images and classes seen (``metrics.kaggle_dice``)."""
-
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        min_area: int = 0,
-        name: str = "kaggle_dice",
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(threshold, min_area, name=name, dtype=dtype)
-
-    def _scores(self, truth: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
-        intersection = tf.reduce_sum(truth * pred, axis=[1, 2])
-        total = tf.reduce_sum(truth, axis=[1, 2]) + tf.reduce_sum(pred, axis=[1, 2])
-        # Empty prediction on empty truth scores 1 (the Kaggle rule).
-        return tf.where(total > 0, tf.math.divide_no_nan(2.0 * intersection, total), 1.0)
-
-
-@_register
-class KaggleAccuracy(_ThresholdMetric):
-    """Share of image-class pairs whose presence is right (``metrics.presence_accuracy``)."""
-
-    def __init__(
-        self,
-        threshold: float = 0.5,
-        min_area: int = 0,
-        name: str = "kaggle_accuracy",
-        dtype: Any = None,
-    ) -> None:
-        super().__init__(threshold, min_area, name=name, dtype=dtype)
-
-    def _scores(self, truth: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
-        truth_present = tf.reduce_max(truth, axis=[1, 2]) > 0
-        pred_present = tf.reduce_max(pred, axis=[1, 2]) > 0
-        return tf.cast(tf.equal(truth_present, pred_present), tf.float32)
-
-
-def get_metrics(threshold: float, min_area: int) -> list[keras.metrics.Metric]:
-    """The recipe's metrics: ``[Dice(), KaggleDice(...), KaggleAccuracy(...)]``."""
-    return [Dice(), KaggleDice(threshold, min_area), KaggleAccuracy(threshold, min_area)]
 
 
 def segmentation_compile_args(

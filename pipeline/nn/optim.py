@@ -25,7 +25,7 @@ a learning rate ``factor`` times the optimizer's; their decay scales with it, as
 PyTorch parameter group.
 
 Limits: gradient clipping and Keras' own EMA act on each micro-batch in tf_keras,
-so they are rejected when ``accumulation_steps > 1`` (``trainer.WeightAverage`` is
+so they are rejected when ``accumulation_steps > 1`` (``callbacks.WeightAverage`` is
 the EMA that works with accumulation). Under mixed precision the loss
 scale optimizer counts a skipped (non-finite) micro-batch in ``iterations``; that only
 shifts Adam's bias correction by one step. An accumulation that is still open at the

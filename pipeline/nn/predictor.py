@@ -33,7 +33,7 @@ from pipeline.nn.data import ImageCache, build_cache
 from pipeline.nn.inference import iter_batches, predict_tta_outputs
 from pipeline.nn.keras_backend import keras
 from pipeline.nn.model import build_model
-from pipeline.nn.trainer import load_best_weights
+from pipeline.nn.weights import load_best_weights
 from pipeline.run.prediction import fold_weights
 
 log = logging.getLogger(__name__)

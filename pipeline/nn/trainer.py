@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,13 @@ from pipeline.core.layout import (
     TENSORBOARD,
 )
 from pipeline.core.schedule import Phase
+from pipeline.nn.callbacks import AverageWeights, FirstOutputLogs, NanGuard, WeightAverage
 from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.weights import (
+    average_weight_files,
+    load_best_weights,
+    save_weights_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,136 +73,8 @@ class FitSettings:
     swa_select: str = "best"  # which epochs: the best by the monitor, or the last
 
 
-class WeightAverage(tf.Module):
-    """An exponential moving average (EMA) of every weight of a model.
-
-    ``update()`` runs after each applied optimizer step (not after each accumulated
-    micro-batch): ``shadow = d * shadow + (1 - d) * weight`` with
-    ``d = min(decay, (1 + n) / (10 + n))`` at the n-th update, so a short run is not
-    dominated by its initial weights (TensorFlow's ExponentialMovingAverage with
-    ``num_updates``). BatchNorm statistics are averaged with the rest. ``swap()``
-    exchanges the model's weights and the average; the checkpoint saves both.
-    """
-
-    def __init__(self, model: keras.Model, decay: float) -> None:
-        super().__init__(name="weight_average")
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"train.ema_decay must be in (0, 1) or null; got {decay}")
-        self.decay = float(decay)
-        # One fixed order whatever the layers' trainable flags (they change by phase).
-        with all_trainable(model):
-            self._weights = list(model.weights)
-        with model.distribute_strategy.scope():
-            self.shadow = [
-                tf.Variable(w.read_value(), trainable=False, name=f"ema_{i}")
-                for i, w in enumerate(self._weights)
-            ]
-            self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
-
-    @tf.function
-    def update(self) -> None:
-        """Move the average one step towards the current weights."""
-        self.updates.assign_add(1)
-        n = tf.cast(self.updates, tf.float32)
-        decay = tf.minimum(tf.constant(self.decay, tf.float32), (1.0 + n) / (10.0 + n))
-        for average, weight in zip(self.shadow, self._weights, strict=True):
-            d = tf.cast(decay, average.dtype)
-            average.assign(average * d + tf.cast(weight, average.dtype) * (1 - d))
-
-    @tf.function
-    def swap(self) -> None:
-        """Exchange the model's weights and the average."""
-        for average, weight in zip(self.shadow, self._weights, strict=True):
-            current = tf.identity(weight.read_value())
-            weight.assign(average.read_value())
-            average.assign(current)
-
-    @contextmanager
-    def swapped(self) -> Iterator[None]:
-        """The average in the model for the block, the trained weights back after."""
-        self.swap()
-        try:
-            yield
-        finally:
-            self.swap()
-
-
-class _AverageWeights(keras.callbacks.Callback):
-    """Updates a ``WeightAverage`` after each applied step; validates with the average."""
-
-    def __init__(self, average: WeightAverage) -> None:
-        super().__init__()
-        self.average = average
-        self.last_iteration = 0
-
-    def on_train_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self.last_iteration = int(self.model.optimizer.iterations.numpy())
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        iteration = int(self.model.optimizer.iterations.numpy())
-        if iteration != self.last_iteration:  # an accumulated micro-batch changes nothing
-            self.last_iteration = iteration
-            self.average.update()
-
-    def on_test_begin(self, logs: dict[str, Any] | None = None) -> None:
-        self.average.swap()
-
-    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        self.average.swap()
-
-
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-class _NanGuard(keras.callbacks.Callback):
-    """Stop at the first non-finite loss and remember where, for a clear error."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.where: str | None = None
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        loss = (logs or {}).get("loss")
-        if loss is not None and not math.isfinite(float(loss)):
-            self.where = f"epoch {self.epoch + 1}, batch {batch + 1} (loss={loss})"
-            self.model.stop_training = True
-
-
-class FirstOutputLogs(keras.callbacks.Callback):
-    """A multi-output model's logs under the single-output names: Keras prefixes the
-    metrics of output ``prob`` (``val_prob_dice``); this renames them back
-    (``val_dice``) so ``train.monitor``, the history and every callback after it read
-    the same keys with or without a presence head. The total ``loss`` stays as it is;
-    the outputs' own losses keep their prefixes (``prob_loss``, ``presence_loss``).
-    First in the callback list: the logs dict is shared by the callbacks after it."""
-
-    def __init__(self, output: str) -> None:
-        super().__init__()
-        self.prefixes = (f"{output}_", f"val_{output}_")
-
-    def _rename(self, logs: dict[str, Any] | None) -> None:
-        if not logs:
-            return
-        for key in list(logs):
-            for prefix in self.prefixes:
-                if key.startswith(prefix) and not key.endswith("_loss"):
-                    plain = ("val_" if prefix.startswith("val_") else "") + key[len(prefix) :]
-                    logs[plain] = logs.pop(key)
-                    break
-
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
-        self._rename(logs)
-
-    def on_test_end(self, logs: dict[str, Any] | None = None) -> None:
-        self._rename(logs)
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        self._rename(logs)
 
 
 class _EpochState(keras.callbacks.Callback):
@@ -324,83 +200,9 @@ def swa_path(out_dir: Path, epoch: int) -> Path:
     return out_dir / SWA / SWA_EPOCH.format(epoch=epoch)
 
 
-def average_weight_files(model: keras.Model, paths: Sequence[Path]) -> None:
-    """Set ``model``'s weights (BatchNorm statistics included) to the mean of the files'."""
-    total: list[Any] | None = None
-    for path in paths:
-        load_best_weights(model, path)
-        with all_trainable(model):
-            weights = model.get_weights()
-        total = weights if total is None else [a + w for a, w in zip(total, weights, strict=True)]
-    if total is None:
-        raise ValueError("no weights files to average")
-    with all_trainable(model):
-        model.set_weights([w / len(paths) for w in total])
-
-
 def _summary(row: dict[str, float]) -> str:
     parts = [f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "epoch_time")]
     return " ".join([*parts, f"lr={row['lr']:.3g}", f"time={row['epoch_time']:.1f}s"])
-
-
-@contextmanager
-def all_trainable(model: keras.Model) -> Iterator[None]:
-    """Every layer trainable for the duration, then each layer's own flag back.
-
-    The Keras-2 HDF5 layout stores a layer's weights as trainable + non-trainable, so the
-    order depends on what is frozen: a file saved mid-way through progressive
-    unfreezing would not load into a model frozen differently (or into the fully
-    trainable model that prediction builds). Saving and loading all-trainable makes the
-    order canonical. Flags are restored parents first (setting a parent's flag resets
-    its children's).
-    """
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
-    flags = [layer.trainable for layer in layers]
-    model.trainable = True
-    try:
-        yield
-    finally:
-        for layer, flag in zip(layers, flags, strict=True):
-            layer.trainable = flag
-
-
-def copy_weights(source: keras.Model, target: keras.Model) -> None:
-    """``source``'s weights into ``target`` (the same architecture, any strategy or
-    precision policy), both all-trainable so the weight lists share one order."""
-    with all_trainable(source), all_trainable(target):
-        target.set_weights(source.get_weights())
-
-
-def copy_model(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Model:
-    """A model from ``build()`` holding ``model``'s weights."""
-    copy = build()
-    copy_weights(model, copy)
-    return copy
-
-
-def save_weights_atomic(model: keras.Model, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("tmp." + path.name)
-    with all_trainable(model):
-        model.save_weights(str(tmp))
-    os.replace(tmp, path)
-
-
-def load_best_weights(model: keras.Model, path: Path) -> None:
-    """Load a file written by the trainer, whatever the model's frozen layers.
-
-    A missing, truncated or foreign file is a ValueError naming it and what to do.
-    """
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {path} does not exist; train that fold first")
-    try:
-        with all_trainable(model):
-            model.load_weights(str(path))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ValueError(
-            f"weights file {path} is damaged or from another model ({exc}); retrain its "
-            f"fold with --force"
-        ) from None
 
 
 def _checkpoint(
@@ -533,7 +335,7 @@ def fit_resumable(
             state.pop("_checkpoint")
             restored = True
         keras.backend.set_value(model.optimizer.learning_rate, current_lr)
-        nan_guard = _NanGuard()
+        nan_guard = NanGuard()
         plateau = keras.callbacks.ReduceLROnPlateau(
             monitor=settings.monitor,
             mode=settings.monitor_mode,
@@ -556,7 +358,7 @@ def fit_resumable(
         ]
         if average is not None:
             # First, so validation and the callbacks after it see the average.
-            callbacks.insert(0, _AverageWeights(average))
+            callbacks.insert(0, AverageWeights(average))
         if len(model.outputs) > 1:
             callbacks.insert(0, FirstOutputLogs(model.output_names[0]))
         if settings.tensorboard:

@@ -63,6 +63,12 @@ def open_segmentation_oof(config: Config, exp: Experiment) -> list[ProbReader]:
 
 PRESENCE_SOURCES = ("classifier", "head")
 
+# A streaming pass over the stores: images read ahead of the scoring (a Clouds image:
+# 0.7 MB; the store's read chunks, probstore.DEFAULT_BATCH_BYTES, bound the rest), and
+# threads computing per-image figures.
+READ_AHEAD_IMAGES = 32
+MAX_WORKERS = 4
+
 
 def presence_oof_path(config: Config, fold: int, source: str = "classifier") -> Path:
     """Fold ``fold``'s OOF presence table: the separate classifier's ``oof_cls.csv`` or

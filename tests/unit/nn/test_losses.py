@@ -11,6 +11,7 @@ import pytest
 
 from pipeline.core import metrics
 from pipeline.nn import losses
+from pipeline.nn import metrics as nn_metrics
 from pipeline.nn.keras_backend import keras, sm, tf
 
 REPO = Path(__file__).resolve().parents[3]
@@ -59,7 +60,7 @@ def test_keras_metrics_match_numpy_over_accumulated_batches(
     scores = metrics.kaggle_dice(truth, prob, threshold, min_area)
     assert (scores == 1.0).any() and (scores == 0.0).any()
 
-    dice, kaggle_dice, kaggle_accuracy = losses.get_metrics(threshold, min_area)
+    dice, kaggle_dice, kaggle_accuracy = nn_metrics.get_metrics(threshold, min_area)
     assert accumulate(dice, batches, graph) == pytest.approx(
         metrics.soft_dice(truth, prob), abs=1e-5
     )
@@ -70,7 +71,7 @@ def test_keras_metrics_match_numpy_over_accumulated_batches(
 
 
 def numpy_metrics(truth: np.ndarray, prob: np.ndarray, threshold: float, min_area: int) -> list:
-    """The numpy values that ``losses.get_metrics(threshold, min_area)`` must reproduce."""
+    """The numpy values that ``metrics.get_metrics(threshold, min_area)`` must reproduce."""
     prob = prob.astype(np.float32)
     return [
         metrics.soft_dice(truth, prob),
@@ -84,7 +85,7 @@ def test_keras_metrics_accept_float16_predictions_and_reset() -> None:
     all_seen = numpy_metrics(*concat(batches), 0.5, 10)
     first_only = numpy_metrics(*batches[0], 0.5, 10)
     for metric, expected, expected_first in zip(
-        losses.get_metrics(0.5, 10), all_seen, first_only, strict=True
+        nn_metrics.get_metrics(0.5, 10), all_seen, first_only, strict=True
     ):
         assert accumulate(metric, batches, graph=True) == pytest.approx(expected, abs=1e-5)
         metric.reset_state()
@@ -99,7 +100,7 @@ def test_keras_metrics_inside_model_evaluate_match_numpy() -> None:
     model = keras.Model(
         inputs, keras.layers.Conv2D(3, 3, padding="same", activation="sigmoid")(inputs)
     )
-    model.compile(loss=losses.get_loss("jaccard"), metrics=losses.get_metrics(0.5, 4))
+    model.compile(loss=losses.get_loss("jaccard"), metrics=nn_metrics.get_metrics(0.5, 4))
     truth, prob = concat(random_batches(seed=2, sizes=[7]))
     results = model.evaluate(prob, truth, batch_size=3, verbose=0, return_dict=True)
     predicted = model.predict(prob, batch_size=3, verbose=0)
@@ -113,18 +114,18 @@ def test_keras_metrics_inside_model_evaluate_match_numpy() -> None:
 
 
 def test_metric_config_round_trip() -> None:
-    for metric in losses.get_metrics(0.35, 123):
+    for metric in nn_metrics.get_metrics(0.35, 123):
         restored = keras.metrics.deserialize(keras.metrics.serialize(metric))
         assert type(restored) is type(metric)
         assert restored.get_config() == metric.get_config()
-    assert losses.KaggleDice(0.35, 123).get_config()["min_area"] == 123
+    assert nn_metrics.KaggleDice(0.35, 123).get_config()["min_area"] == 123
 
 
 def test_metric_rejects_negative_min_area_and_sample_weight() -> None:
     with pytest.raises(ValueError, match="min_area must be >= 0; got -3"):
-        losses.KaggleDice(min_area=-3)
+        nn_metrics.KaggleDice(min_area=-3)
     with pytest.raises(ValueError, match="kaggle_dice does not support sample_weight"):
-        losses.KaggleDice().update_state(np.ones((1, 2, 2, 1)), np.ones((1, 2, 2, 1)), [1.0])
+        nn_metrics.KaggleDice().update_state(np.ones((1, 2, 2, 1)), np.ones((1, 2, 2, 1)), [1.0])
 
 
 @pytest.mark.parametrize("name", LOSS_NAMES)
@@ -222,7 +223,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     with strategy.scope():
         inputs = keras.Input((8, 10, 3))
         model = keras.Model(inputs, keras.layers.Activation("linear")(inputs))
-        model.compile(loss=losses.get_loss("dice"), metrics=losses.get_metrics(0.5, 4))
+        model.compile(loss=losses.get_loss("dice"), metrics=nn_metrics.get_metrics(0.5, 4))
     data = tf.data.Dataset.from_tensor_slices((prob, truth.astype(np.float32))).batch(4)
     got = model.evaluate(data, verbose=0, return_dict=True)
     expected = {

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from pipeline.nn.callbacks import FirstOutputLogs
 from pipeline.nn.inference import predict_tta, predict_tta_outputs
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.losses import get_loss, segmentation_compile_args, with_presence_targets
@@ -15,7 +16,6 @@ from pipeline.nn.model import (
     set_encoder_fraction,
 )
 from pipeline.nn.optim import make_optimizer
-from pipeline.nn.trainer import FirstOutputLogs
 
 
 @pytest.mark.parametrize(

@@ -9,12 +9,8 @@ import pytest
 
 from pipeline.core.layout import BEST_WEIGHTS, SWA
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.trainer import (
-    average_weight_files,
-    load_best_weights,
-    save_weights_atomic,
-    swa_path,
-)
+from pipeline.nn.trainer import swa_path
+from pipeline.nn.weights import average_weight_files, load_best_weights, save_weights_atomic
 from tests.unit.nn.test_trainer_stream import LINEAR_INITIAL as INITIAL
 from tests.unit.nn.test_trainer_stream import fit_linear, linear_model
 

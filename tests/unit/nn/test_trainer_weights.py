@@ -3,7 +3,7 @@
 import numpy as np
 
 from pipeline.nn.model import build_segmentation_model, set_encoder_trainable
-from pipeline.nn.trainer import load_best_weights, save_weights_atomic
+from pipeline.nn.weights import load_best_weights, save_weights_atomic
 
 
 def test_weights_saved_with_a_frozen_encoder_load_into_a_trainable_model(tmp_path):

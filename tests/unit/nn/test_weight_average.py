@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pipeline.core.layout import BEST_WEIGHTS
+from pipeline.nn.callbacks import AverageWeights, WeightAverage
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.optim import make_optimizer
-from pipeline.nn.trainer import WeightAverage, _AverageWeights
 from tests.unit.nn.test_trainer_stream import (
     LINEAR_INITIAL as INITIAL,
 )
@@ -59,7 +59,7 @@ def test_the_average_moves_once_per_applied_step_and_validation_sees_it() -> Non
             seen.append(self.model.get_weights())
 
     data = tf.data.Dataset.from_tensor_slices((X, Y)).batch(4)
-    model.fit(data, epochs=2, validation_data=data, callbacks=[_AverageWeights(average), Probe()],
+    model.fit(data, epochs=2, validation_data=data, callbacks=[AverageWeights(average), Probe()],
               verbose=0)  # fmt: skip
     # 4 micro-batches per epoch, 2 per Adam step: 2 steps per epoch.
     assert int(model.optimizer.iterations) == 4 and int(average.updates) == 4
