@@ -28,18 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import compute_figures, describe_machine, format_compute, record
 from pipeline.core.config import load_config
 from pipeline.make_demo_data import make_demo_data
-from pipeline.nn.data import (
-    CropSampler,
-    build_augmentation,
-    build_cache,
-    make_train_dataset,
-)
+from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.losses import get_loss
 from pipeline.nn.metrics import get_metrics
 from pipeline.nn.model import build_model
 from pipeline.nn.optim import make_optimizer
 from pipeline.run.experiment import open_experiment
+from pipeline.run.image_cache import build_cache
 
 
 def time_fit(model: keras.Model, dataset: tf.data.Dataset, steps: int) -> float:

@@ -177,8 +177,8 @@ def run_pipeline(config: Config) -> tuple[list[str], np.ndarray, list[int]]:
 
 
 def _original_sizes(config: Config, image_ids: list[str]) -> dict[str, tuple[int, int]]:
-    from pipeline.nn.data import training_cache
     from pipeline.run.experiment import open_experiment
+    from pipeline.run.image_cache import training_cache
 
     exp = open_experiment(config)
     cache = training_cache(config, exp, config.data.image_size)

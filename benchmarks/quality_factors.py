@@ -45,7 +45,6 @@ from pipeline.core.masks import resize_probs, truth_masks  # noqa: E402
 from pipeline.core.metrics import kaggle_dice  # noqa: E402
 from pipeline.core.probstore import dequantise_prob, quantise_prob  # noqa: E402
 from pipeline.nn.batchnorm import recalibrate  # noqa: E402
-from pipeline.nn.data import training_cache  # noqa: E402
 from pipeline.nn.inference import predict_tta  # noqa: E402
 from pipeline.nn.keras_backend import keras, sm, tf  # noqa: E402
 from pipeline.nn.losses import get_loss  # noqa: E402
@@ -53,6 +52,7 @@ from pipeline.nn.model import build_model  # noqa: E402
 from pipeline.nn.optim import make_optimizer  # noqa: E402
 from pipeline.nn.weights import load_best_weights  # noqa: E402
 from pipeline.run.experiment import open_experiment  # noqa: E402
+from pipeline.run.image_cache import training_cache  # noqa: E402
 
 
 def optimizer_factor(config: Any, n_classes: int, size: tuple[int, int]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from pipeline.core.lr_range import (
     smooth_losses,
     suggest_lr,
 )
-from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset, training_cache
+from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset
 from pipeline.nn.devices import make_strategy, seed_everything, set_mixed_precision
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
@@ -51,6 +51,7 @@ from pipeline.run.cli import (
 )
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_fold_number
+from pipeline.run.image_cache import training_cache
 from pipeline.run.json_files import write_json
 
 __all__ = ["RangeTestCallback", "main", "plot_range_test", "resolve_lr", "run_lr_find"]

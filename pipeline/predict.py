@@ -49,7 +49,6 @@ from pipeline.core.layout import (
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.core.probstore import ProbWriter
-from pipeline.nn.data import build_cache
 from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import inference_precision, precision_policy, set_mixed_precision
 from pipeline.nn.model import check_input_size
@@ -70,6 +69,7 @@ from pipeline.run.cli import (
 )
 from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_records import check_trained_config
+from pipeline.run.image_cache import build_cache
 from pipeline.run.json_files import write_json
 from pipeline.run.oof import write_presence_oof
 from pipeline.run.prediction import (

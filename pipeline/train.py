@@ -26,16 +26,7 @@ from pipeline.core.sample_order import first_sample
 from pipeline.core.schedule import training_phases
 from pipeline.nn import fold_trainer
 from pipeline.nn.classifier import presence_labels
-from pipeline.nn.data import (
-    CropSampler,
-    ImageCache,
-    build_augmentation,
-    make_eval_dataset,
-    make_train_dataset,
-    pseudo_label_cache,
-    stack_caches,
-    training_cache,
-)
+from pipeline.nn.data import CropSampler, build_augmentation, make_eval_dataset, make_train_dataset
 from pipeline.nn.devices import split_cpu
 from pipeline.nn.fold_trainer import FoldContext, FoldParts, FoldStage, fit_settings
 from pipeline.nn.inference import iter_batches, predict_tta_outputs
@@ -61,6 +52,7 @@ from pipeline.run.cli import (
 from pipeline.run.cluster import WORKER_KEY, worker_summary
 from pipeline.run.experiment import Experiment, open_experiment, read_pseudo_labels
 from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
+from pipeline.run.image_cache import ImageCache, pseudo_label_cache, stack_caches, training_cache
 from pipeline.run.oof import write_presence_oof
 
 log = logging.getLogger(__name__)

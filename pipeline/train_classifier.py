@@ -34,7 +34,7 @@ from pipeline.nn.classifier import (
     predict_presence_tta,
     presence_labels,
 )
-from pipeline.nn.data import ImageCache, build_augmentation, training_cache
+from pipeline.nn.data import build_augmentation
 from pipeline.nn.devices import split_cpu
 from pipeline.nn.fold_trainer import FoldContext, FoldParts, FoldStage, fit_settings
 from pipeline.nn.inference import iter_batches
@@ -56,6 +56,7 @@ from pipeline.run.cluster import WORKER_KEY, worker_summary
 from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
 from pipeline.run.fold_records import check_fold_number
+from pipeline.run.image_cache import ImageCache, training_cache
 from pipeline.run.oof import write_presence_oof
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from pipeline.core.folds import presence_matrix
 from pipeline.core.layout import CLASSIFIER_STAGE as STAGE
 from pipeline.core.sample_order import SampleOrder
 from pipeline.core.tta import orientation_groups, stack_views, valid_views
-from pipeline.nn.data import ImageCache, batch_for_replicas, reseed_augmentation, sample_numbers
+from pipeline.nn.data import batch_for_replicas, reseed_augmentation, sample_numbers
 from pipeline.nn.inference import accepts_swapped, predict_on_replicas
 from pipeline.nn.keras_backend import keras, sm, tf
 from pipeline.nn.model import (
@@ -36,6 +36,7 @@ from pipeline.nn.model import (
     resolve_encoder_weights,
     set_bn_momentum,
 )
+from pipeline.run.image_cache import ImageCache
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,6 @@ from pipeline.core.config import Config
 from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS, SWA
 from pipeline.core.schedule import Phase
 from pipeline.nn.batchnorm import recalibrate_copy
-from pipeline.nn.data import training_cache
 from pipeline.nn.devices import (
     device_name,
     inference_precision,
@@ -48,6 +47,7 @@ from pipeline.run.fold_records import (
     read_fold_metrics,
     record_trained_config,
 )
+from pipeline.run.image_cache import training_cache
 from pipeline.run.json_files import write_json
 from pipeline.run.run_lock import hold_lock
 

@@ -29,11 +29,11 @@ from pipeline.core.masks import resize_probs
 from pipeline.core.postprocess import PostprocessParams, postprocess_image
 from pipeline.core.probstore import ProbWriter, quantise_prob
 from pipeline.nn.classifier import build_classifier_from_config, predict_presence_tta
-from pipeline.nn.data import ImageCache, build_cache
 from pipeline.nn.inference import iter_batches, predict_tta_outputs
 from pipeline.nn.keras_backend import keras
 from pipeline.nn.model import build_model
 from pipeline.nn.weights import load_best_weights
+from pipeline.run.image_cache import ImageCache, build_cache
 from pipeline.run.prediction import fold_weights
 
 log = logging.getLogger(__name__)

@@ -51,7 +51,7 @@ from pipeline.run.oof import PRESENCE_SOURCES
 
 
 class ImageSizes(Protocol):
-    """What ``write_outputs`` reads of the test images' cache (``nn.data.ImageCache``)."""
+    """What ``write_outputs`` reads of the test images' cache (``run.image_cache.ImageCache``)."""
 
     @property
     def image_ids(self) -> list[str]: ...
@@ -282,7 +282,7 @@ def write_outputs(
 ) -> dict[str, Any]:
     """Lay out, score (when ``data.test_truth`` is set), write and record the submission.
 
-    ``cache``: the test images' cache (``nn.data.ImageCache``), for their original sizes.
+    ``cache``: the test images' cache (``run.image_cache.ImageCache``), for their original sizes.
     """
     data = config.data
     sample = (

@@ -21,8 +21,9 @@ from pipeline.nn.classifier import (
     stage_outputs,
     stage_strides,
 )
-from pipeline.nn.data import ImageCache, build_augmentation
+from pipeline.nn.data import build_augmentation
 from pipeline.nn.keras_backend import keras, sm
+from pipeline.run.image_cache import ImageCache
 
 
 def test_labels_are_one_where_the_rle_is_non_empty():

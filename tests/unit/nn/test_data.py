@@ -9,13 +9,12 @@ import pytest
 from pipeline.core.rle import encode
 from pipeline.nn.data import (
     CropSampler,
-    ImageCache,
     batch_for_replicas,
     build_augmentation,
-    build_cache,
     make_eval_dataset,
     make_train_dataset,
 )
+from pipeline.run.image_cache import ImageCache, build_cache
 
 
 @pytest.fixture

@@ -94,7 +94,7 @@ def test_an_empty_image_folder_is_an_error(tmp_path):
 
 
 def test_an_edited_rle_changes_the_decoded_masks(tmp_path):
-    from pipeline.nn.data import build_cache
+    from pipeline.run.image_cache import build_cache
 
     config = load_config(severstal_set(tmp_path, DEFECTS))
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.nn.data import ImageCache, stack_caches
 from pipeline.pseudo_label import select
+from pipeline.run.image_cache import ImageCache, stack_caches
 
 
 def test_select_keeps_only_confident_agreement() -> None:
