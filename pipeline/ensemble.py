@@ -10,9 +10,10 @@ The ensemble's config is an ordinary config (``base: demo.yaml``, its own
       weight_step: 0.25
 
 The members must share one split (byte-identical ``folds.csv``), their classes and the
-submission size. One streaming pass over their out-of-fold stores scores, per class,
-every blend on the simplex grid of ``weight_step`` (``core.blend``) with every
-post-processing setting of ``postprocess`` (``core.threshold_search``): the blend and
+submission size (checked by ``run.ensemble_members``). One streaming pass over their
+out-of-fold stores scores, per class, every blend on the simplex grid of ``weight_step``
+(``core.blend``) with every post-processing setting of ``postprocess``
+(``core.threshold_search``): the blend and
 its post-processing are chosen together, and the nested figure scores each fold with
 the choice made on the other folds. Each member alone is one of the blends, so the
 report sets each member's own nested and in-sample scores beside the ensemble's.
@@ -46,12 +47,11 @@ import pandas as pd
 
 from pipeline.core import rle
 from pipeline.core.blend import blend_levels, one_hot_index, simplex_weights
-from pipeline.core.config import Config, load_config
+from pipeline.core.config import Config
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import (
     ENSEMBLE,
     ENSEMBLE_REPORT,
-    FOLDS,
     POSTPROCESS,
     PREDICT,
 )
@@ -68,8 +68,7 @@ from pipeline.run.cli import (
     report_interrupted,
     setup_logging,
 )
-from pipeline.run.experiment import Experiment, open_experiment
-from pipeline.run.fold_records import check_folds_finished
+from pipeline.run.ensemble_members import Member, open_members
 from pipeline.run.json_files import _write_text_atomic, write_json
 from pipeline.run.oof import open_segmentation_oof
 from pipeline.run.prediction import fresh_test_probs, list_test_images, write_outputs
@@ -82,19 +81,6 @@ MAX_BLENDS = 300
 
 
 @dataclass(frozen=True)
-class Member:
-    """One member experiment: its config (with the overrides named) and its experiment."""
-
-    config: Config
-    overrides: tuple[str, ...]
-    exp: Experiment
-
-    @property
-    def name(self) -> str:
-        return str(self.config.experiment)
-
-
-@dataclass(frozen=True)
 class EnsembleChoice:
     """The tuning outcome: the blend and its post-processing per class, and the scores."""
 
@@ -102,113 +88,6 @@ class EnsembleChoice:
     blend: TuneResult  # chosen over every blend (nested: chosen on the other folds)
     members: dict[str, TuneResult]  # member -> the same search on that member alone
     n_blends: int
-
-
-def parse_members(config: Config) -> list[tuple[Path, tuple[str, ...]]]:
-    """(config path, overrides) of each ``ensemble.members`` entry, checked."""
-    members = config.ensemble.members
-    if config.postprocess.at_least_one != "never":
-        raise ValueError(
-            "postprocess.at_least_one must be 'never' for an ensemble (the rule is tuned and "
-            f"scored per experiment by tune, not yet for blends); got "
-            f"{config.postprocess.at_least_one!r}"
-        )
-    if len(members) < 2:
-        raise ValueError(
-            f"ensemble.members must name at least two experiments; got {len(members)} "
-            "(each a config path, or {config: path, set: [KEY=VALUE, ...]})"
-        )
-    parsed: list[tuple[Path, tuple[str, ...]]] = []
-    for i, item in enumerate(members):
-        where = f"ensemble.members[{i}]"
-        if isinstance(item, str):
-            parsed.append((Path(item), ()))
-            continue
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("config"), str)
-            or set(item) - {"config", "set"}
-        ):
-            raise ValueError(
-                f"{where} must be a config path or {{config: path, set: [KEY=VALUE, ...]}}; "
-                f"got {item!r}"
-            )
-        overrides = item.get("set") or []
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            raise ValueError(f"{where}.set must be a list of KEY=VALUE strings; got {overrides!r}")
-        parsed.append((Path(str(item["config"])), tuple(overrides)))
-    return parsed
-
-
-def open_members(config: Config) -> list[Member]:
-    """Load every member and check that they can be blended (one split, one task)."""
-    members = []
-    for i, (path, overrides) in enumerate(parse_members(config)):
-        where = f"ensemble.members[{i}]"
-        if not path.is_file():
-            raise FileNotFoundError(f"{where}: config {str(path)!r} is not a file")
-        try:
-            member_config = load_config(path, list(overrides))
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-        # Before open_experiment, which would give an untrained member a run directory.
-        check_folds_finished(member_config)
-        members.append(Member(member_config, overrides, open_experiment(member_config)))
-    names = [m.name for m in members]
-    repeated = sorted({n for n in names if names.count(n) > 1})
-    if repeated:
-        raise ValueError(
-            f"ensemble members must be different experiments; {repeated[0]!r} is named twice "
-            "(give each its own experiment=... in its set)"
-        )
-    if config.experiment in names:
-        raise ValueError(
-            f"the ensemble's experiment {config.experiment!r} is also a member's; name it apart"
-        )
-    first = members[0]
-    for member in members[1:]:
-        if member.exp.classes != first.exp.classes:
-            raise ValueError(
-                f"ensemble members {first.name!r} and {member.name!r} have different classes: "
-                f"{first.exp.classes} and {member.exp.classes}"
-            )
-        if member.config.data.submission_size != first.config.data.submission_size:
-            raise ValueError(
-                f"ensemble members {first.name!r} and {member.name!r} store their probs at "
-                f"different sizes (data.submission_size {first.config.data.submission_size} "
-                f"and {member.config.data.submission_size})"
-            )
-    ours, theirs = config.to_dict()["data"], first.config.to_dict()["data"]
-    differing = [key for key in ours if ours[key] != theirs.get(key)]
-    if differing:
-        key = differing[0]
-        raise ValueError(
-            f"the ensemble's data.{key} ({ours[key]!r}) differs from its first member's "
-            f"({theirs.get(key)!r}): the ensemble predicts its members' data; make them equal"
-        )
-    test_ids = list_test_images(first.config, first.exp)
-    for member in members[1:]:
-        if list_test_images(member.config, member.exp) != test_ids:
-            raise ValueError(
-                f"ensemble members {first.name!r} and {member.name!r} have different test "
-                "images (data.test_images / data.sample_submission)"
-            )
-    splits = []
-    for member in members:
-        path = member.config.run_dir / FOLDS
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"ensemble member {member.name!r} has no split ({path}); train it first"
-            )
-        splits.append((path, path.read_bytes()))
-    base_path, base_bytes = splits[0]
-    for path, content in splits[1:]:
-        if content != base_bytes:
-            raise ValueError(
-                f"ensemble members must share one split: {path} differs from {base_path}; "
-                "train the members with the same data, folds and seed"
-            )
-    return members
 
 
 def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
