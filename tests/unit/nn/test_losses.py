@@ -215,6 +215,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from pipeline.nn import losses
+    from pipeline.nn import metrics as nn_metrics
     from pipeline.core import metrics
     from tests.unit.nn.test_losses import concat, random_batches
 
