@@ -100,10 +100,10 @@ def predict(
     """
     weights = fold_weights(config)
     check_trained_config(config, force)
-    if use_postprocess:
-        tuned_gate_source(config)  # a gate source this config lacks: stop before writing
+    # Refused here, before anything is written, where this config lacks the source.
+    gate_source = tuned_gate_source(config) if use_postprocess else None
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
-        return _predict(config, weights, out, submissions_dir, use_postprocess)
+        return _predict(config, weights, out, submissions_dir, use_postprocess, gate_source)
 
 
 def _predict(
@@ -112,12 +112,13 @@ def _predict(
     out: Path | None,
     submissions_dir: Path,
     use_postprocess: bool,
+    gate_source: str | None,
 ) -> dict[str, Any]:
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
     exp = open_experiment(config)
     inputs = inputs_key(config, use_postprocess)
-    params, oof_score, oof_nested, at_least_one, gate_source = read_postprocess(
+    params, oof_score, oof_nested, at_least_one = read_postprocess(
         config, exp.classes, use_postprocess
     )
     gated = [name for name, p in params.items() if p.uses_classifier]
@@ -139,7 +140,7 @@ def _predict(
     with precision_policy(precision):
         presence = (
             predict_presence(config, image_ids, len(exp.classes), exp.cache_dir, clock)
-            if gated and gate_source == "classifier"
+            if gate_source == "classifier"
             else None
         )
         with clock.stage("build_model"):
@@ -158,7 +159,7 @@ def _predict(
             accumulator,
             clock,
         )
-        if gated and gate_source == "head":
+        if gate_source == "head":
             presence = head
         with (
             clock.stage("postprocess"),
@@ -198,7 +199,7 @@ def _predict(
             "merge": config.tta.merge,
             "precision": precision,
             "classifier_gate": gated,
-            "gate_source": gate_source if gated else None,
+            "gate_source": gate_source,
             "at_least_one": at_least_one,
             "postprocess": POSTPROCESS if use_postprocess else "threshold 0.5",
             "device": describe_device(),

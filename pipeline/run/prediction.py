@@ -136,11 +136,9 @@ def fold_weights(config: Config, stage: str = "") -> list[Path]:
 
 def read_postprocess(
     config: Config, classes: Sequence[str], use_postprocess: bool
-) -> tuple[dict[str, PostprocessParams], float, float | None, bool, str]:
-    """Per-class post-processing, the OOF scores it reaches (in-sample and nested),
-    whether the at-least-one rule applies, and where the classifier gates' presence
-    comes from (``oof.presence_source``: ``classifier`` or ``head``; ``classifier`` in
-    a file from before the presence head).
+) -> tuple[dict[str, PostprocessParams], float, float | None, bool]:
+    """Per-class post-processing, the OOF scores it reaches (in-sample and nested) and
+    whether the at-least-one rule applies (the gates' presence: ``tuned_gate_source``).
 
     From ``postprocess.json`` (``extra.scores.tuned``: tuned and scored on the same OOF
     images; ``tuned_nested``: each fold scored with settings tuned on the others, None
@@ -160,7 +158,7 @@ def read_postprocess(
         n_val = sum(m["n_val"] for m in metrics)
         oof = sum(m["oof_kaggle_dice_050"] * m["n_val"] for m in metrics) / n_val
         plain = {name: PostprocessParams(threshold=0.5, min_area=0) for name in classes}
-        return plain, oof, oof, False, "classifier"
+        return plain, oof, oof, False
     path = config.run_dir / POSTPROCESS
     if not path.is_file():
         raise FileNotFoundError(
@@ -182,12 +180,7 @@ def read_postprocess(
         )
     nested = scores.get("tuned_nested")
     nested_score = float(nested) if nested is not None else None
-    source = extra.get("gate_source") or "classifier"
-    if source not in PRESENCE_SOURCES:
-        raise ValueError(
-            f"{path}: gate_source must be one of {list(PRESENCE_SOURCES)}; got {source!r}"
-        )
-    return params, float(scores["tuned"]), nested_score, at_least_one_applied(extra), source
+    return params, float(scores["tuned"]), nested_score, at_least_one_applied(extra)
 
 
 def tuned_gate_source(config: Config) -> str | None:
