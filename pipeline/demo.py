@@ -31,9 +31,10 @@ from pipeline.run.cli import (
 )
 from pipeline.run.fold_jobs import FoldJobFailed, use_fold_jobs
 from pipeline.run.prediction import previous_prediction
+from pipeline.run.tune_output import format_summary
 from pipeline.train import segmentation_jobs, train_folds
 from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
-from pipeline.tune import format_summary, tune
+from pipeline.tune import tune
 
 log = logging.getLogger(__name__)
 

@@ -26,6 +26,7 @@ from pipeline.core.config import Config
 from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS, SWA
 from pipeline.core.schedule import Phase
 from pipeline.nn.batchnorm import recalibrate_copy
+from pipeline.nn.checkpoint import load_state
 from pipeline.nn.devices import (
     device_name,
     inference_precision,
@@ -35,7 +36,7 @@ from pipeline.nn.devices import (
     set_mixed_precision,
 )
 from pipeline.nn.keras_backend import keras, tf
-from pipeline.nn.trainer import FitSettings, fit_resumable, load_state
+from pipeline.nn.trainer import FitSettings, fit_resumable
 from pipeline.nn.weights import copy_model, save_weights_atomic
 from pipeline.run.cluster import WORKER_DIR_ENV, WORKER_KEY, WorkerRole, worker_role
 from pipeline.run.experiment import Experiment, open_experiment

@@ -15,9 +15,7 @@ averaging over the best checkpoints); the caller re-estimates BatchNorm on it.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -27,19 +25,16 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.core.curves import plot_history
-from pipeline.core.layout import (
-    BEST_WEIGHTS,
-    CHECKPOINT,
-    CURVES,
-    HISTORY,
-    STATE,
-    SWA,
-    SWA_EPOCH,
-    TENSORBOARD,
-)
+from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, SWA, SWA_EPOCH, TENSORBOARD
 from pipeline.core.schedule import Phase
 from pipeline.nn.callbacks import AverageWeights, FirstOutputLogs, NanGuard, WeightAverage
+from pipeline.nn.checkpoint import (
+    draw_curves,
+    load_state,
+    publish_checkpoint,
+    restore_checkpoint,
+    write_history,
+)
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.weights import (
     average_weight_files,
@@ -149,13 +144,13 @@ class _EpochState(keras.callbacks.Callback):
                 "early_best": float(self.early.best),
             },
         )
-        _publish_checkpoint(self.model, self.out_dir, self.state, self.average)
+        publish_checkpoint(self.model, self.out_dir, self.state, self.average)
         for path in dropped:  # only once the published state no longer lists them
             path.unlink(missing_ok=True)
         # Drawing the curves costs ~0.7 s: at most every CURVES_EVERY_S, and at the end.
         now = time.monotonic()
         plot = self.plotted_at is None or now - self.plotted_at >= CURVES_EVERY_S
-        _write_history(history, self.out_dir, plot=plot)
+        write_history(history, self.out_dir, plot=plot)
         if plot:
             self.plotted_at = now
         self.unplotted = not plot
@@ -181,7 +176,7 @@ class _EpochState(keras.callbacks.Callback):
 
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self.unplotted:
-            _draw_curves(pd.DataFrame(self.state["history"]), self.out_dir)
+            draw_curves(pd.DataFrame(self.state["history"]), self.out_dir)
             self.unplotted = False
 
 
@@ -203,74 +198,6 @@ def swa_path(out_dir: Path, epoch: int) -> Path:
 def _summary(row: dict[str, float]) -> str:
     parts = [f"{k}={v:.4g}" for k, v in row.items() if k not in ("epoch", "lr", "epoch_time")]
     return " ".join([*parts, f"lr={row['lr']:.3g}", f"time={row['epoch_time']:.1f}s"])
-
-
-def _checkpoint(
-    model: keras.Model, average: WeightAverage | None = None, optimizer: bool = True
-) -> tf.train.Checkpoint:
-    parts: dict[str, Any] = {"model": model}
-    if optimizer:
-        parts["optimizer"] = model.optimizer
-    if average is not None:
-        parts["ema"] = average
-    return tf.train.Checkpoint(**parts)
-
-
-def _publish_checkpoint(
-    model: keras.Model,
-    out_dir: Path,
-    state: dict[str, Any],
-    average: WeightAverage | None = None,
-) -> None:
-    """Write checkpoint + state under a temporary name, then swap it in."""
-    final = out_dir / CHECKPOINT
-    tmp = out_dir / (CHECKPOINT + ".tmp")
-    old = out_dir / (CHECKPOINT + ".old")
-    for path in (tmp, old):
-        if path.exists():
-            shutil.rmtree(path)
-    tmp.mkdir(parents=True)
-    _checkpoint(model, average).write(str(tmp / "ckpt"))
-    (tmp / STATE).write_text(json.dumps(state, indent=1))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _write_history(history: list[dict[str, float]], out_dir: Path, plot: bool = True) -> None:
-    frame = pd.DataFrame(history)
-    tmp = out_dir / (HISTORY + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / HISTORY)
-    if plot:
-        _draw_curves(frame, out_dir)
-
-
-def _draw_curves(frame: pd.DataFrame, out_dir: Path) -> None:
-    try:
-        plot_history(frame, out_dir / CURVES, title=out_dir.name)
-    except (ValueError, RuntimeError) as exc:  # a plot must never cost a training run
-        log.warning("could not draw %s: %s", out_dir / CURVES, exc)
-
-
-def load_state(out_dir: Path) -> dict[str, Any] | None:
-    """The last published epoch state of a run directory, or None if there is none."""
-    # A crash between the two renames of _publish_checkpoint leaves only ".old".
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        path = out_dir / name / STATE
-        if path.is_file():
-            try:
-                state = json.loads(path.read_text())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ValueError(
-                    f"{path} is damaged ({exc}): resume cannot continue from it; "
-                    f"retrain the fold with --force"
-                ) from None
-            state["_checkpoint"] = str(out_dir / name / "ckpt")
-            return state
-    return None
 
 
 def fit_resumable(
@@ -331,7 +258,8 @@ def fit_resumable(
             current_lr = float(phase_lr)
         compile_phase(model, phase, current_lr)
         if not restored:
-            _restore(model, state, same_phase=state.get("phase") == phase, average=average)
+            same_phase = state.get("phase") == phase
+            restore_checkpoint(model, state, same_phase=same_phase, average=average)
             state.pop("_checkpoint")
             restored = True
         keras.backend.set_value(model.optimizer.learning_rate, current_lr)
@@ -383,7 +311,7 @@ def fit_resumable(
         if early.stopped_epoch > 0:
             stopped = True
             state["stopped"] = True
-            _publish_checkpoint(model, out_dir, state, average)
+            publish_checkpoint(model, out_dir, state, average)
     if state.get("best_epoch") is None:
         raise RuntimeError(f"no epoch completed in {out_dir}; nothing to load")
     # Chosen again from the kept list: a resumed run may have lowered swa_top.
@@ -410,25 +338,3 @@ def fit_resumable(
         out_dir / BEST_WEIGHTS,
     )
     return state
-
-
-def _restore(
-    model: keras.Model,
-    state: dict[str, Any],
-    same_phase: bool,
-    average: WeightAverage | None = None,
-) -> None:
-    """Load the saved model (and, within the same phase, optimizer) variables."""
-    try:
-        if same_phase:
-            # Create the optimizer's slots now so the checkpoint fills them immediately.
-            model.optimizer.build(model.trainable_variables)
-        checkpoint = _checkpoint(model, average, optimizer=same_phase)
-        checkpoint.read(state["_checkpoint"]).expect_partial()
-    except (tf.errors.OpError, OSError, ValueError, IndexError, KeyError) as exc:
-        directory = Path(state["_checkpoint"]).parent
-        raise ValueError(
-            f"checkpoint {directory} is damaged ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); retrain the fold with --force"
-        ) from None
-    log.info("resumed from epoch %d (%s)", state["epoch"], state["_checkpoint"])
