@@ -22,8 +22,15 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/python -m pipeline.demo --config $(DEMO) $(ARGS)
 
+# Then the Keras layer's tests and the stages' integration tests again on Keras 3.
+KERAS3_TESTS := tests/unit/nn tests/integration/test_train.py \
+	tests/integration/test_train_classifier.py tests/integration/test_tune_cli.py \
+	tests/integration/test_predict_cli.py
+
 test: setup
 	$(BIN)/python -m pytest -m "slow or not slow" -n 2 --dist loadfile --timeout=900 -q
+	FOLDSEG_FRAMEWORK=keras3 $(BIN)/python -m pytest -m "slow or not slow" -n 2 \
+		--dist loadfile --timeout=900 -q $(KERAS3_TESTS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q

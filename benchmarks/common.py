@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,12 @@ def compute_figures(
 
 
 def record(result: dict[str, Any], keep: bool = True) -> None:
-    """Print ``result`` as the last line; append it to results.jsonl if ``keep``."""
+    """Print ``result`` as the last line; append it to results.jsonl if ``keep``.
+
+    A benchmark that ran the Keras layer says which (``framework``: tf_keras | keras3).
+    """
+    if "pipeline.nn.keras_backend" in sys.modules and "framework" not in result:
+        result = {**result, "framework": sys.modules["pipeline.nn.keras_backend"].FRAMEWORK}
     if keep:
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(result) + "\n")

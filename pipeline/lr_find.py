@@ -39,7 +39,7 @@ from pipeline.core.lr_range import (
 )
 from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset
 from pipeline.nn.devices import make_strategy, seed_everything, set_mixed_precision
-from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.keras_backend import keras, set_value, tf
 from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
 from pipeline.nn.model import build_model, check_input_size
 from pipeline.nn.optim import make_optimizer
@@ -83,7 +83,7 @@ class RangeTestCallback(keras.callbacks.Callback):
     def on_train_batch_begin(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         # Keras logs the running mean of the epoch; a reset per batch makes it the batch loss.
         self.model.reset_metrics()
-        keras.backend.set_value(self.model.optimizer.learning_rate, self.lrs[batch])
+        set_value(self.model.optimizer.learning_rate, self.lrs[batch])
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         self.losses.append(float((logs or {}).get("loss", math.nan)))

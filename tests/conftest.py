@@ -9,6 +9,7 @@ import yaml
 
 from pipeline.core.config import CONFIG_DIR
 from pipeline.make_demo_data import make_demo_data
+from pipeline.run.cli import framework_of_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,6 +28,8 @@ def write_tiny_config(tmp_path: Path, data_dir: Path, /, **sections: dict) -> Pa
         "base": str(CONFIG_DIR / "demo.yaml"),
         "experiment": "tiny",
         "runs_dir": str(tmp_path / "runs"),
+        # The suite's Keras layer (make test runs part of it again on keras3).
+        "framework": framework_of_process(),
         "data": {
             "train_csv": str(data_dir / "train.csv"),
             "train_images": str(data_dir / "train_images"),

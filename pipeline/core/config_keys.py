@@ -12,6 +12,9 @@ from pipeline.core.postprocess import AT_LEAST_ONE_CHOICES, GATES
 from pipeline.core.precision import PRECISIONS
 from pipeline.core.tta import MERGES
 
+# The Keras layers pipeline.nn.keras_backend can run on (config key ``framework``).
+FRAMEWORKS: tuple[str, ...] = ("tf_keras", "keras3")
+
 # Keys whose value may be null as well as the type of their default.
 NULLABLE: frozenset[str] = frozenset(
     {
@@ -49,6 +52,7 @@ BELOW_ONE_KEYS: frozenset[str] = frozenset({"train.ema_decay"})
 # Choices owned by a pure module are taken from it; those of the Keras layer (which this
 # pure module cannot import) are checked against it by tests/unit/nn/test_choices.py.
 CHOICES: dict[str, tuple[str, ...]] = {
+    "framework": FRAMEWORKS,
     "data.layout": ("auto", "image_label", "image_class", "imageid_classid", "instances"),
     "folds.method": tuple(sorted(FOLD_METHODS)),
     "model.architecture": ("Unet", "FPN", "Linknet", "PSPNet"),

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from pipeline.nn.keras_backend import keras
+from pipeline.nn.keras_backend import all_layers, keras
 from pipeline.nn.weights import copy_model, copy_weights
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 def batchnorm_layers(model: keras.Model) -> list[keras.layers.BatchNormalization]:
     """Every BatchNormalization layer of ``model``, nested models included."""
-    return [m for m in model.submodules if isinstance(m, keras.layers.BatchNormalization)]
+    return [m for m in all_layers(model) if isinstance(m, keras.layers.BatchNormalization)]
 
 
 def recalibrate(model: keras.Model, batches: Iterable[np.ndarray]) -> int:

@@ -39,7 +39,7 @@ class WeightAverage(tf.Module):
             self._weights = list(model.weights)
         with model.distribute_strategy.scope():
             self.shadow = [
-                tf.Variable(w.read_value(), trainable=False, name=f"ema_{i}")
+                tf.Variable(tf.convert_to_tensor(w), trainable=False, name=f"ema_{i}")
                 for i, w in enumerate(self._weights)
             ]
             self.updates = tf.Variable(0, dtype=tf.int64, trainable=False, name="ema_updates")
@@ -58,8 +58,8 @@ class WeightAverage(tf.Module):
     def swap(self) -> None:
         """Exchange the model's weights and the average."""
         for average, weight in zip(self.shadow, self._weights, strict=True):
-            current = tf.identity(weight.read_value())
-            weight.assign(average.read_value())
+            current = tf.identity(tf.convert_to_tensor(weight))
+            weight.assign(tf.convert_to_tensor(average))
             average.assign(current)
 
     @contextmanager

@@ -28,7 +28,7 @@ from pipeline.core.sample_order import SampleOrder
 from pipeline.core.tta import orientation_groups, stack_views, valid_views
 from pipeline.nn.data import batch_for_replicas, reseed_augmentation, sample_numbers
 from pipeline.nn.inference import accepts_swapped, predict_on_replicas
-from pipeline.nn.keras_backend import keras, sm, tf
+from pipeline.nn.keras_backend import BACKBONE_MODULES, keras, producing_layer, sm, tf
 from pipeline.nn.model import (
     ChannelAffine,
     encoder_layers,
@@ -36,6 +36,7 @@ from pipeline.nn.model import (
     resolve_encoder_weights,
     set_bn_momentum,
 )
+from pipeline.nn.weights import load_weights_by_name
 from pipeline.run.image_cache import ImageCache
 
 log = logging.getLogger(__name__)
@@ -79,10 +80,7 @@ def _build_backbone(backbone: str, shape: tuple[int, int, int], weights: str | N
         input_shape=shape,
         weights=weights,
         include_top=False,
-        backend=keras.backend,
-        layers=keras.layers,
-        models=keras.models,
-        utils=keras.utils,
+        **BACKBONE_MODULES,
     )
 
 
@@ -124,7 +122,7 @@ def build_classifier(
     shape = (int(image_size[0]), int(image_size[1]), 3)
     base = _build_backbone(backbone, shape, named_weights)
     if local_file is not None:
-        base.load_weights(str(local_file), by_name=True, skip_mismatch=True)
+        load_weights_by_name(base, local_file)
         log.info("classifier backbone weights loaded by layer name from %s", local_file)
     matrix, offset = XCEPTION_AFFINE if backbone == XCEPTION else preprocessing_affine(backbone)
     inputs = keras.Input(shape=shape, name="image")
@@ -174,7 +172,7 @@ def _stride(size: tuple[int, int], input_size: tuple[int, int]) -> int | None:
 
 def _stage_layers(base: keras.Model) -> dict[int, keras.layers.Layer]:
     input_size = (int(base.inputs[0].shape[1]), int(base.inputs[0].shape[2]))
-    top = base.outputs[-1]._keras_history.layer
+    top = producing_layer(base.outputs[-1])
     last: dict[int, keras.layers.Layer] = {}
     deepest = 0
     for layer in base.layers:  # in topological order
@@ -203,7 +201,7 @@ def stage_outputs(base: keras.Model) -> dict[int, Any]:
     layers its decoders take as skip connections.
     """
     layers = _stage_layers(base)
-    if not layers or layers[max(layers)] is not base.outputs[-1]._keras_history.layer:
+    if not layers or layers[max(layers)] is not producing_layer(base.outputs[-1]):
         raise ValueError(
             f"backbone {base.name}: its output is not the last layer of its deepest stage"
         )
@@ -331,6 +329,7 @@ def make_presence_train_dataset(
     def load(n: Any) -> tuple[Any, Any]:
         image, index = tf.numpy_function(draw, [n], [tf.uint8, tf.int64])
         image.set_shape((height, width, 3))
+        index.set_shape(())  # Keras 3 wants every element's rank known
         return tf.cast(image, tf.float32), tf.gather(table, index)
 
     ds = sample_numbers(start).map(load, num_parallel_calls=num_parallel_calls, deterministic=True)

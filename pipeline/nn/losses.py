@@ -15,7 +15,7 @@ the replicas' losses, as with segmentation_models' losses.
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.keras_backend import LOSS_REDUCTION, binary_crossentropy, epsilon, keras, tf
 from pipeline.nn.metrics import as_float32, get_metrics
 from pipeline.nn.model import MASK_OUTPUT, PRESENCE_OUTPUT, has_presence_head
 
@@ -71,13 +71,13 @@ def _binary_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor, label_smoothing: 
     t, p = as_float32(y_true, y_pred)
     if label_smoothing:
         t = t * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    return _mean(keras.backend.binary_crossentropy(t, p))
+    return _mean(binary_crossentropy(t, p))
 
 
 def _binary_focal(y_true: tf.Tensor, y_pred: tf.Tensor, gamma: float, alpha: float) -> tf.Tensor:
     # segmentation_models' binary_focal_loss: alpha weighs positives, 1 - alpha negatives.
     t, p = as_float32(y_true, y_pred)
-    eps = keras.backend.epsilon()
+    eps = epsilon()
     p = tf.clip_by_value(p, eps, 1.0 - eps)
     positive = -t * alpha * tf.pow(1.0 - p, gamma) * tf.math.log(p)
     negative = -(1.0 - t) * (1.0 - alpha) * tf.pow(p, gamma) * tf.math.log(1.0 - p)
@@ -95,7 +95,7 @@ class _OverlapLoss(keras.losses.Loss):
         smooth: float = OVERLAP_SMOOTH,
         per_image: bool | None = None,
         name: str | None = None,
-        reduction: str = keras.losses.Reduction.AUTO,
+        reduction: str = LOSS_REDUCTION,
     ) -> None:
         super().__init__(name=name or self.default_name, reduction=reduction)
         self.smooth = smooth
@@ -134,7 +134,7 @@ class _BceOverlapLoss(_OverlapLoss):
         per_image: bool | None = None,
         label_smoothing: float = 0.0,
         name: str | None = None,
-        reduction: str = keras.losses.Reduction.AUTO,
+        reduction: str = LOSS_REDUCTION,
     ) -> None:
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing}")
@@ -180,7 +180,7 @@ class FocalDiceLoss(_OverlapLoss):
         gamma: float = 2.0,
         alpha: float = 0.25,
         name: str | None = None,
-        reduction: str = keras.losses.Reduction.AUTO,
+        reduction: str = LOSS_REDUCTION,
     ) -> None:
         super().__init__(smooth=smooth, per_image=per_image, name=name, reduction=reduction)
         self.gamma = gamma

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import Config
-from pipeline.nn.keras_backend import keras, sm, tf
+from pipeline.nn.keras_backend import all_layers, keras, sm, tf
+from pipeline.nn.weights import load_weights_by_name
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +182,7 @@ def build_segmentation_model(
     net = getattr(sm, architecture)(backbone, **kwargs)
     if local_file is not None:
         # by_name maps the encoder's layers, whose names the backbone file shares.
-        net.load_weights(str(local_file), by_name=True, skip_mismatch=True)
+        load_weights_by_name(net, local_file)
         log.info("encoder weights loaded by layer name from %s", local_file)
     if bn_momentum is not None:
         set_bn_momentum(net, bn_momentum)
@@ -235,7 +236,7 @@ def set_bn_momentum(model: keras.Model, momentum: float) -> None:
     """Set the moving-average momentum of every BatchNormalization layer (before compile)."""
     if not 0 <= momentum < 1:
         raise ValueError(f"model.bn_momentum must be in [0, 1); got {momentum}")
-    for layer in model.submodules:
+    for layer in all_layers(model):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.momentum = momentum
 

@@ -35,7 +35,7 @@ from pipeline.nn.checkpoint import (
     restore_checkpoint,
     write_history,
 )
-from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.keras_backend import get_value, keras, set_value, tf
 from pipeline.nn.weights import (
     average_weight_files,
     load_best_weights,
@@ -117,7 +117,8 @@ class _EpochState(keras.callbacks.Callback):
                 f"train.monitor {self.settings.monitor!r} is not logged; available: {sorted(logs)}"
             )
         row = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items()}}
-        row["lr"] = float(keras.backend.get_value(self.model.optimizer.learning_rate))
+        row.pop("learning_rate", None)  # Keras 3 logs it; the history keeps it as "lr"
+        row["lr"] = get_value(self.model.optimizer.learning_rate)
         row["epoch_time"] = round(time.monotonic() - self.started, 2)
         history = [*self.state.get("history", []), row]
         value = logs[self.settings.monitor]
@@ -262,7 +263,7 @@ def fit_resumable(
             restore_checkpoint(model, state, same_phase=same_phase, average=average)
             state.pop("_checkpoint")
             restored = True
-        keras.backend.set_value(model.optimizer.learning_rate, current_lr)
+        set_value(model.optimizer.learning_rate, current_lr)
         nan_guard = NanGuard()
         plateau = keras.callbacks.ReduceLROnPlateau(
             monitor=settings.monitor,
@@ -307,7 +308,7 @@ def fit_resumable(
                 f"lower train.lr or check the data (the last good epoch is kept in "
                 f"{out_dir / CHECKPOINT}, resume with --resume)"
             )
-        current_lr = float(keras.backend.get_value(model.optimizer.learning_rate))
+        current_lr = get_value(model.optimizer.learning_rate)
         if early.stopped_epoch > 0:
             stopped = True
             state["stopped"] = True

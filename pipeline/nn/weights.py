@@ -9,12 +9,19 @@ any model of the same architecture.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from pipeline.nn.keras_backend import keras
+import h5py
+
+from pipeline.nn.keras_backend import FRAMEWORK, KERAS3, all_layers, keras
+
+# Keras 3 saves and loads weights only under names ending in this; the run layout keeps
+# its own names (best_weights.h5), so the files are renamed (saving) or linked (loading).
+_KERAS3_SUFFIX = ".weights.h5"
 
 
 @contextmanager
@@ -28,7 +35,7 @@ def all_trainable(model: keras.Model) -> Iterator[None]:
     order canonical. Flags are restored parents first (setting a parent's flag resets
     its children's).
     """
-    layers = list(model._flatten_layers(include_self=True, recursive=True))
+    layers = [model, *all_layers(model)]
     flags = [layer.trainable for layer in layers]
     model.trainable = True
     try:
@@ -54,10 +61,64 @@ def copy_model(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Mo
 
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("tmp." + path.name)
+    tmp = path.with_name("tmp." + path.name + (_KERAS3_SUFFIX if KERAS3 else ""))
     with all_trainable(model):
         model.save_weights(str(tmp))
     os.replace(tmp, path)
+
+
+def file_framework(path: Path) -> str | None:
+    """Which Keras wrote a weights file: tf_keras (the Keras-2 HDF5 layout), keras3, or
+    None when the file is neither (damaged, or not HDF5)."""
+    try:
+        with h5py.File(path, "r") as f:
+            if "layer_names" in f.attrs or "model_weights" in f:
+                return "tf_keras"
+            if "vars" in f or "layers" in f:
+                return "keras3"
+    except OSError:
+        return None
+    return None
+
+
+def check_file_framework(path: Path) -> None:
+    """A clear error when ``path`` was written by the other Keras layer than this process's."""
+    written = file_framework(path)
+    if written is not None and written != FRAMEWORK:
+        raise ValueError(
+            f"weights file {path} was written by {written}, and this run uses {FRAMEWORK} "
+            f"(config key framework): set framework: {written} to use it, or retrain its "
+            f"fold with --force"
+        )
+
+
+def _load_weights(model: keras.Model, path: Path, **kwargs: Any) -> None:
+    if not KERAS3:
+        model.load_weights(str(path), **kwargs)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        link = Path(folder) / ("weights" + _KERAS3_SUFFIX)
+        link.symlink_to(Path(path).resolve())
+        model.load_weights(str(link), **kwargs)
+
+
+def load_weights_by_name(model: keras.Model, path: Path) -> None:
+    """A local encoder or backbone file into ``model``, layer by layer name; layers the
+    file lacks, or whose shapes differ, are skipped (``model.encoder_weights: <file>``).
+
+    tf_keras reads Keras-2 HDF5 files; Keras 3 reads its own ``.weights.h5`` files and,
+    through its legacy loader, Keras-2 ones (e.g. the keras-applications notop files).
+    """
+    if not KERAS3:
+        model.load_weights(str(path), by_name=True, skip_mismatch=True)
+    elif file_framework(Path(path)) == "tf_keras":
+        from keras.src.legacy.saving import legacy_h5_format
+
+        with h5py.File(path, "r") as f:
+            group = f.get("model_weights", f)
+            legacy_h5_format.load_weights_from_hdf5_group_by_name(group, model, skip_mismatch=True)
+    else:
+        _load_weights(model, Path(path), skip_mismatch=True)
 
 
 def load_best_weights(model: keras.Model, path: Path) -> None:
@@ -67,9 +128,10 @@ def load_best_weights(model: keras.Model, path: Path) -> None:
     """
     if not path.is_file():
         raise FileNotFoundError(f"weights file {path} does not exist; train that fold first")
+    check_file_framework(path)
     try:
         with all_trainable(model):
-            model.load_weights(str(path))
+            _load_weights(model, path)
     except (OSError, ValueError, KeyError) as exc:
         raise ValueError(
             f"weights file {path} is damaged or from another model ({exc}); retrain its "

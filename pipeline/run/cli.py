@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.core.config import DEFAULT_CONFIG, Config, load_config
+from pipeline.core.config_keys import FRAMEWORKS
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,8 +42,43 @@ def add_submission_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The validated config named by parsed ``--config``/``--set`` arguments."""
-    return load_config(args.config, args.overrides)
+    """The validated config named by parsed ``--config``/``--set`` arguments, with this
+    process on the config's Keras layer (``enter_framework``)."""
+    config = load_config(args.config, args.overrides)
+    enter_framework(config)
+    return config
+
+
+def enter_framework(config: Config) -> None:
+    """Run this process on the Keras layer the config names (key ``framework``).
+
+    The door module picks its Keras once, at its import (``FOLDSEG_FRAMEWORK``). Before
+    that import the variable is simply set; a stage command that has already imported
+    the other Keras restarts itself once with the variable set (its fold jobs inherit
+    it). A process that cannot restart (a library caller) gets a clear error instead.
+    """
+    wanted = str(config.framework)
+    if wanted == framework_of_process():
+        return
+    if _DOOR not in sys.modules:
+        os.environ[FRAMEWORK_ENV] = wanted
+        return
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if (
+        spec is not None
+        and spec.name.startswith("pipeline.")
+        and os.environ.get(FRAMEWORK_ENV) != wanted
+    ):
+        os.environ[FRAMEWORK_ENV] = wanted
+        logging.getLogger(__name__).info("framework %s: restarting on it", wanted)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, *sys.orig_argv[1:]])
+    raise ValueError(
+        f"{config.source or 'the config'}: framework {wanted!r}, but this process already "
+        f"runs {framework_of_process()!r}; set {FRAMEWORK_ENV}={wanted} before starting it"
+    )
 
 
 def add_force_argument(parser: argparse.ArgumentParser) -> None:
@@ -85,6 +121,19 @@ def parse_fold_arguments(
 # pipeline.nn.keras_backend).
 JOB_ENV = "FOLDSEG_JOB"
 THREADS_ENV = "FOLDSEG_THREADS"
+# The Keras layer of this process (pipeline.nn.keras_backend): tf_keras | keras3.
+FRAMEWORK_ENV = "FOLDSEG_FRAMEWORK"
+_DOOR = "pipeline.nn.keras_backend"
+
+
+def framework_of_process() -> str:
+    """The Keras layer this process runs (``FOLDSEG_FRAMEWORK``, default tf_keras)."""
+    name = os.environ.get(FRAMEWORK_ENV) or FRAMEWORKS[0]
+    if name not in FRAMEWORKS:
+        raise ValueError(f"{FRAMEWORK_ENV}={name!r}: expected one of {', '.join(FRAMEWORKS)}")
+    return name
+
+
 _PR_SET_PDEATHSIG = 1
 
 

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 # energy, ...) may change between stages.
 TRAINED_KEYS: tuple[str, ...] = (
     "seed",
+    "framework",
     "data.train_csv",
     "data.train_images",
     "data.layout",

@@ -3,7 +3,7 @@
 import numpy as np
 
 from pipeline.nn.batchnorm import batchnorm_layers, recalibrate, recalibrate_copy
-from pipeline.nn.keras_backend import keras
+from pipeline.nn.keras_backend import KERAS3, keras
 
 
 def tiny_model() -> keras.Model:
@@ -25,8 +25,10 @@ def test_moving_mean_becomes_the_mean_of_batch_means_and_momentum_is_restored():
     assert recalibrate(model, data) == 3
     bn0 = model.get_layer("bn0")
     expected_mean = np.mean([b.mean(axis=(0, 1, 2)) for b in data], axis=0)
-    # Keras keeps the unbiased (ddof 1) batch variance in the moving average.
-    expected_var = np.mean([b.reshape(-1, 3).var(axis=0, ddof=1) for b in data], axis=0)
+    # tf_keras keeps the unbiased (ddof 1) batch variance in the moving average, Keras 3
+    # the biased one (ddof 0).
+    ddof = 0 if KERAS3 else 1
+    expected_var = np.mean([b.reshape(-1, 3).var(axis=0, ddof=ddof) for b in data], axis=0)
     np.testing.assert_allclose(bn0.moving_mean.numpy(), expected_mean, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(bn0.moving_variance.numpy(), expected_var, rtol=1e-4, atol=1e-5)
     assert sorted(layer.momentum for layer in batchnorm_layers(model)) == [0.9, 0.99]

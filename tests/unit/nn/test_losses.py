@@ -12,7 +12,7 @@ import pytest
 from pipeline.core import metrics
 from pipeline.nn import losses
 from pipeline.nn import metrics as nn_metrics
-from pipeline.nn.keras_backend import keras, sm, tf
+from pipeline.nn.keras_backend import KERAS3, keras, sm, tf
 
 REPO = Path(__file__).resolve().parents[3]
 LOSS_NAMES = ["jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice", "lovasz"]
@@ -150,6 +150,9 @@ def test_loss_is_near_zero_for_perfect_prediction_and_positive_otherwise(name: s
     ],
 )
 def test_loss_matches_segmentation_models(name: str, reference: object) -> None:
+    if KERAS3 and name == "focal_dice":
+        # The same code is checked against segmentation-models 1.0.1 under tf_keras.
+        pytest.skip("segmodels-keras 0.1.0.dev13's focal loss calls keras.ops.epsilon (absent)")
     truth, prob = concat(random_batches(seed=4, sizes=[3]))
     t, p = tf.constant(truth, tf.float32), tf.constant(prob)
     assert float(losses.get_loss(name)(t, p)) == pytest.approx(float(reference(t, p)), rel=1e-5)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.nn.keras_backend import keras, sm
+from pipeline.nn.keras_backend import BACKBONE_MODULES, KERAS3, keras, sm
 from pipeline.nn.model import (
     ChannelAffine,
     build_segmentation_model,
@@ -12,6 +12,10 @@ from pipeline.nn.model import (
     preprocessing_affine,
     set_encoder_trainable,
 )
+
+# ResNet-18's first convolution: segmentation-models' name, and its Keras 3 fork's
+# (keras.applications' ResNet naming).
+FIRST_CONV = "conv1_conv" if KERAS3 else "conv0"
 
 
 def test_sizes_not_divisible_by_32_are_rejected_with_nearest_valid_sizes():
@@ -74,35 +78,29 @@ def test_channel_affine_round_trips_through_config():
 
 def test_local_encoder_weights_file_is_loaded_by_layer_name(tmp_path):
     backbone = sm.Backbones.get_backbone(
-        "resnet18",
-        input_shape=(None, None, 3),
-        weights=None,
-        include_top=False,
-        backend=keras.backend,
-        layers=keras.layers,
-        models=keras.models,
-        utils=keras.utils,
+        "resnet18", input_shape=(None, None, 3), weights=None, include_top=False, **BACKBONE_MODULES
     )
     for w in backbone.weights:
         w.assign(np.full(w.shape, 0.123, dtype=np.float32))
-    path = tmp_path / "resnet18_notop.h5"
+    # Each Keras writes its own format (Keras 3 only under a .weights.h5 name).
+    path = tmp_path / ("resnet18_notop" + (".weights.h5" if KERAS3 else ".h5"))
     backbone.save_weights(str(path))
     model = build_segmentation_model("Unet", "resnet18", 1, encoder_weights=str(path))
     net = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-    conv = net.get_layer("conv0")
+    conv = net.get_layer(FIRST_CONV)
     np.testing.assert_allclose(conv.get_weights()[0], 0.123)
 
 
 def test_encoder_freezing_touches_only_the_encoder():
     model = build_segmentation_model("Unet", "resnet18", 2)
     encoder = {layer.name for layer in encoder_layers(model)}
-    assert "conv0" in encoder and "decoder_stage0a_conv" not in encoder
+    assert FIRST_CONV in encoder and "decoder_stage0a_conv" not in encoder
     set_encoder_trainable(model, False)
     net = next(layer for layer in model.layers if isinstance(layer, keras.Model))
-    assert not net.get_layer("conv0").trainable
+    assert not net.get_layer(FIRST_CONV).trainable
     assert net.get_layer("decoder_stage0a_conv").trainable
     set_encoder_trainable(model, True)
-    assert net.get_layer("conv0").trainable
+    assert net.get_layer(FIRST_CONV).trainable
 
 
 def test_decoder_filters_narrow_the_decoder():

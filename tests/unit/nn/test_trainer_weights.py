@@ -15,8 +15,9 @@ def test_weights_saved_with_a_frozen_encoder_load_into_a_trainable_model(tmp_pat
     assert len(frozen.trainable_weights) == n_trainable  # flags restored
     fresh = build_segmentation_model("Unet", "resnet18", 2, decoder_filters=[16, 8, 8, 8, 8])
     load_best_weights(fresh, path)
-    want = {w.name: w.numpy() for w in frozen.weights}
+    # A weight's unique name: its path in Keras 3, its name in tf_keras.
+    want = {getattr(w, "path", w.name): w.numpy() for w in frozen.weights}
     for w in fresh.weights:
-        np.testing.assert_array_equal(w.numpy(), want[w.name])
+        np.testing.assert_array_equal(w.numpy(), want[getattr(w, "path", w.name)])
     x = np.random.default_rng(0).integers(0, 256, (1, 64, 64, 3)).astype(np.float32)
     np.testing.assert_allclose(fresh.predict_on_batch(x), frozen.predict_on_batch(x), atol=1e-6)

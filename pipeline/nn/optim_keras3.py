@@ -1,0 +1,80 @@
+"""``AccumAdam`` for Keras 3: its own gradient accumulation, our LR factors and decay.
+
+Keras 3's optimizers accumulate natively (``gradient_accumulation_steps``): each
+``apply`` adds the (replica-reduced) gradients to per-variable accumulators and, on
+every ``accumulation_steps``-th call, applies one step with their mean and clears them.
+``iterations`` then counts applied steps (the internal counter divided by the steps),
+so Adam's bias correction is that of training on the concatenated batch; the proof is
+the same test as for the tf_keras optimizer (tests/unit/nn/test_optim.py).
+
+On top of Keras' Adam this adds what ``nn.optim``'s tf_keras ``AccumAdam`` offers:
+``scale_lr`` (some variables, e.g. the encoder's, at a fraction of the learning rate,
+their decay scaled with it as in a PyTorch parameter group), decoupled weight decay
+applied once per applied step inside ``update_step``, and ``micro_step``.
+BatchNorm: accumulation sums gradients only; BatchNorm's moving statistics are updated
+by every forward pass in training mode, i.e. once per micro-batch of ``batch_size``.
+"""
+
+from typing import Any
+
+from pipeline.nn.keras_backend import keras, tf
+
+PER_MICRO_BATCH_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
+
+
+@keras.utils.register_keras_serializable(package="foldseg")
+class AccumAdam(keras.optimizers.Adam):
+    """Adam that applies one step per ``accumulation_steps`` calls, with the mean gradient."""
+
+    def __init__(
+        self,
+        learning_rate: float = 0.001,
+        accumulation_steps: int = 1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.999,
+        epsilon: float = 1e-7,
+        amsgrad: bool = False,
+        name: str = "AccumAdam",
+        **kwargs: Any,
+    ) -> None:
+        kwargs.pop("gradient_accumulation_steps", None)
+        super().__init__(
+            learning_rate=learning_rate,
+            beta_1=beta_1,
+            beta_2=beta_2,
+            epsilon=epsilon,
+            amsgrad=amsgrad,
+            name=name,
+            gradient_accumulation_steps=accumulation_steps if accumulation_steps > 1 else None,
+            **kwargs,
+        )
+        self.accumulation_steps = accumulation_steps
+        self._lr_factors: dict[str, float] = {}
+
+    @property
+    def micro_step(self) -> tf.Tensor:
+        """int64 scalar: micro-batches accumulated since the last Adam step."""
+        return tf.math.floormod(tf.cast(self._iterations, tf.int64), self.accumulation_steps)
+
+    def scale_lr(self, variables: list[Any], factor: float) -> None:
+        """Train ``variables`` at ``factor`` times the learning rate (and weight decay)."""
+        if not factor > 0:
+            raise ValueError(f"factor must be > 0; got {factor}")
+        for var in variables:
+            self._lr_factors[self._var_key(var)] = float(factor)
+
+    def _apply_weight_decay(self, variables: list[Any]) -> None:
+        """No-op: ``update_step`` decays each variable once per applied Adam step."""
+
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """Adam's step at this variable's learning rate, after its weight decay."""
+        factor = self._lr_factors.get(self._var_key(variable), 1.0)
+        lr = tf.cast(learning_rate, variable.dtype) * tf.cast(factor, variable.dtype)
+        if self.weight_decay and self._use_weight_decay(variable):
+            variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
+        super().update_step(gradient, variable, lr)
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("gradient_accumulation_steps", None)
+        return {**config, "accumulation_steps": self.accumulation_steps}
