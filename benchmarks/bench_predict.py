@@ -47,6 +47,7 @@ from pipeline.make_demo_data import make_demo_data
 from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import inference_precision, precision_policy
 from pipeline.nn.model import build_model
+from pipeline.nn.weights import save_weights_atomic
 from pipeline.predict import predict
 from pipeline.run.cli import setup_logging
 
@@ -83,7 +84,7 @@ def write_fake_run(config, model) -> None:
     for fold in range(FOLDS):
         fold_dir = config.fold_dir(fold)
         fold_dir.mkdir(parents=True, exist_ok=True)
-        model.save_weights(str(fold_dir / "best_weights.h5"))
+        save_weights_atomic(model, fold_dir / "best_weights.h5")
         (fold_dir / "metrics.json").write_text(json.dumps({"fold": fold}))
     # Settings of the shape the recipe tunes: a threshold and a minimum area per class.
     params = {

@@ -11,11 +11,18 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline.core.precision import POLICIES, choose_precision, cpu_flags
-from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.keras_backend import KERAS3, keras, tf
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
+# Measured with Keras 3.15 (TensorFlow backend): under MirroredStrategy its own gradient
+# accumulation calls merge_call inside a cond, and an uneven final batch fails in AddN.
+KERAS3_SINGLE_REPLICA = (
+    "train.strategy {name!r} needs framework tf_keras: multi-replica training on Keras 3 "
+    "fails under tf.distribute (its gradient accumulation and uneven final batches); "
+    "use train.strategy auto or one_device with framework keras3"
+)
 
 
 def split_cpu(n_devices: int) -> None:
@@ -48,9 +55,14 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     """
     if name not in STRATEGIES:
         raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}; got {name!r}")
+    if KERAS3 and name in ("mirrored", "multi_worker"):
+        raise ValueError(KERAS3_SINGLE_REPLICA.format(name=name))
     if name == "multi_worker":
         return _multi_worker()  # before anything (even listing devices) starts TensorFlow
     gpus = tf.config.list_logical_devices("GPU")
+    if KERAS3 and name == "auto" and len(gpus) > 1:
+        log.warning("framework keras3 trains on one device: %s", gpus[0].name)
+        return tf.distribute.OneDeviceStrategy(gpus[0].name)
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)

@@ -34,7 +34,7 @@ if KERAS3:
 else:
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
     os.environ["SM_FRAMEWORK"] = "tf.keras"
-    import segmentation_models as sm
+    import segmentation_models as sm  # type: ignore[no-redef]
     import tensorflow as tf
     import tf_keras as keras
 

@@ -119,6 +119,7 @@ def test_predict_writes_a_valid_scored_recorded_submission(tmp_path, trained_run
 
 def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_data):
     from pipeline.nn.classifier import build_classifier_from_config, classifier_fold_dir
+    from pipeline.nn.weights import save_weights_atomic
     from pipeline.predict import predict
 
     config_path = copy_run(trained_run, tmp_path, tiny_data, classifier={"image_size": [32, 64]})
@@ -131,7 +132,7 @@ def test_classifier_gate_blanks_the_gated_classes(tmp_path, trained_run, tiny_da
     for fold in range(2):
         fold_dir = classifier_fold_dir(config, fold)
         fold_dir.mkdir(parents=True)
-        classifier.save_weights(str(fold_dir / "best_weights.h5"))
+        save_weights_atomic(classifier, fold_dir / "best_weights.h5")
         (fold_dir / "metrics.json").write_text("{}")
     # Every pixel on; presence 0.5: gate 0 keeps, gate 1 blanks.
     on = {"threshold": 0.0, "min_area": 0}

@@ -3,7 +3,7 @@
 import pytest
 
 from pipeline.nn.devices import make_strategy
-from pipeline.nn.keras_backend import tf
+from pipeline.nn.keras_backend import KERAS3, tf
 
 
 def test_auto_without_gpus_is_the_default_strategy_not_a_wrapper():
@@ -44,3 +44,10 @@ def test_a_model_built_under_a_bfloat16_policy_predicts_float32_close_to_float32
     want, got = reference.predict_on_batch(images), fast.predict_on_batch(images)
     assert got.dtype == np.float32 and got.shape == want.shape
     assert 0 < np.abs(got - want).max() < 0.02  # bfloat16 arithmetic, close to float32
+
+
+@pytest.mark.skipif(not KERAS3, reason="the Keras 3 layer's limit")
+@pytest.mark.parametrize("name", ["mirrored", "multi_worker"])
+def test_keras3_refuses_multi_replica_strategies_with_a_clear_error(name):
+    with pytest.raises(ValueError, match=f"train.strategy '{name}' needs framework tf_keras"):
+        make_strategy(name)
