@@ -25,7 +25,8 @@ demo: setup
 # Then the Keras layer's tests and the stages' integration tests again on Keras 3.
 KERAS3_TESTS := tests/unit/nn tests/integration/test_train.py \
 	tests/integration/test_train_classifier.py tests/integration/test_tune_cli.py \
-	tests/integration/test_predict_cli.py
+	tests/integration/test_predict_cli.py tests/integration/test_lr_find.py \
+	tests/unit/run/test_framework.py
 
 test: setup
 	$(BIN)/python -m pytest -m "slow or not slow" -n 2 --dist loadfile --timeout=900 -q
