@@ -77,6 +77,14 @@ def producing_layer(tensor: Any) -> Any:
     return history.operation if KERAS3 else history.layer
 
 
+def load_legacy_weights_by_name(group: Any, model: Any) -> None:
+    """Keras 3: a Keras-2 HDF5 weights group (an h5py group) into ``model`` by layer
+    name, layers missing from it or of another shape skipped (tf_keras' ``by_name``)."""
+    from keras.src.legacy.saving import legacy_h5_format
+
+    legacy_h5_format.load_weights_from_hdf5_group_by_name(group, model, skip_mismatch=True)
+
+
 # What segmentation-models 1.0.1 is told its backbones are built with (its Keras 3 fork
 # imports Keras itself).
 BACKBONE_MODULES: dict[str, Any] = (
@@ -107,6 +115,7 @@ __all__ = [
     "epsilon",
     "get_value",
     "keras",
+    "load_legacy_weights_by_name",
     "producing_layer",
     "set_value",
     "sm",

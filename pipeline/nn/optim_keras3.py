@@ -18,12 +18,11 @@ by every forward pass in training mode, i.e. once per micro-batch of ``batch_siz
 from typing import Any
 
 from pipeline.nn.keras_backend import keras, tf
-
-PER_MICRO_BATCH_OPTIONS = ("clipnorm", "clipvalue", "global_clipnorm")
+from pipeline.nn.optim_factors import LrFactors
 
 
 @keras.utils.register_keras_serializable(package="foldseg")
-class AccumAdam(keras.optimizers.Adam):
+class AccumAdam(LrFactors, keras.optimizers.Adam):
     """Adam that applies one step per ``accumulation_steps`` calls, with the mean gradient."""
 
     def __init__(
@@ -56,23 +55,9 @@ class AccumAdam(keras.optimizers.Adam):
         """int64 scalar: micro-batches accumulated since the last Adam step."""
         return tf.math.floormod(tf.cast(self._iterations, tf.int64), self.accumulation_steps)
 
-    def scale_lr(self, variables: list[Any], factor: float) -> None:
-        """Train ``variables`` at ``factor`` times the learning rate (and weight decay)."""
-        if not factor > 0:
-            raise ValueError(f"factor must be > 0; got {factor}")
-        for var in variables:
-            self._lr_factors[self._var_key(var)] = float(factor)
-
-    def _apply_weight_decay(self, variables: list[Any]) -> None:
-        """No-op: ``update_step`` decays each variable once per applied Adam step."""
-
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Adam's step at this variable's learning rate, after its weight decay."""
-        factor = self._lr_factors.get(self._var_key(variable), 1.0)
-        lr = tf.cast(learning_rate, variable.dtype) * tf.cast(factor, variable.dtype)
-        if self.weight_decay and self._use_weight_decay(variable):
-            variable.assign_sub(variable * tf.cast(self.weight_decay, variable.dtype) * lr)
-        super().update_step(gradient, variable, lr)
+        super().update_step(gradient, variable, self._decayed_lr(variable, learning_rate))
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()

@@ -36,10 +36,11 @@ end of an epoch carries over into the next one.
 from typing import Any
 
 from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.optim_factors import LrFactors
 
 
 @keras.utils.register_keras_serializable(package="foldseg")
-class AccumAdam(keras.optimizers.Adam):
+class AccumAdam(LrFactors, keras.optimizers.Adam):
     """Adam that applies one step per ``accumulation_steps`` calls, with the mean gradient.
 
     Takes the arguments of ``keras.optimizers.Adam`` plus ``accumulation_steps``; with
@@ -79,24 +80,11 @@ class AccumAdam(keras.optimizers.Adam):
         """int64 scalar variable: micro-batches accumulated since the last Adam step."""
         return self._micro_step
 
-    def scale_lr(self, variables: list[tf.Variable], factor: float) -> None:
-        """Train ``variables`` at ``factor`` times the learning rate (and weight decay)."""
-        if not factor > 0:
-            raise ValueError(f"factor must be > 0; got {factor}")
-        for var in variables:
-            self._lr_factors[self._var_key(var)] = float(factor)
-
-    def _apply_weight_decay(self, variables: list[tf.Variable]) -> None:
-        """No-op: ``update_step`` decays each variable once per applied Adam step."""
-
     def update_step(self, gradient: Any, variable: tf.Variable) -> None:
         """Adam's dense step at this variable's learning rate, after its weight decay."""
-        factor = self._lr_factors.get(self._var_key(variable), 1.0)
         dtype = variable.dtype
         gradient = tf.convert_to_tensor(gradient)
-        lr = tf.cast(self.learning_rate, dtype) * tf.cast(factor, dtype)
-        if self.weight_decay and self._use_weight_decay(variable):
-            variable.assign_sub(variable * tf.cast(self.weight_decay, dtype) * lr)
+        lr = self._decayed_lr(variable, self.learning_rate)
         local_step = tf.cast(self.iterations + 1, dtype)
         beta_1_power = tf.pow(tf.cast(self.beta_1, dtype), local_step)
         beta_2_power = tf.pow(tf.cast(self.beta_2, dtype), local_step)

@@ -17,7 +17,13 @@ from typing import Any
 
 import h5py
 
-from pipeline.nn.keras_backend import FRAMEWORK, KERAS3, all_layers, keras
+from pipeline.nn.keras_backend import (
+    FRAMEWORK,
+    KERAS3,
+    all_layers,
+    keras,
+    load_legacy_weights_by_name,
+)
 
 # Keras 3 saves and loads weights only under names ending in this; the run layout keeps
 # its own names (best_weights.h5), so the files are renamed (saving) or linked (loading).
@@ -112,11 +118,8 @@ def load_weights_by_name(model: keras.Model, path: Path) -> None:
     if not KERAS3:
         model.load_weights(str(path), by_name=True, skip_mismatch=True)
     elif file_framework(Path(path)) == "tf_keras":
-        from keras.src.legacy.saving import legacy_h5_format
-
         with h5py.File(path, "r") as f:
-            group = f.get("model_weights", f)
-            legacy_h5_format.load_weights_from_hdf5_group_by_name(group, model, skip_mismatch=True)
+            load_legacy_weights_by_name(f.get("model_weights", f), model)
     else:
         _load_weights(model, Path(path), skip_mismatch=True)
 

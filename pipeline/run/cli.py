@@ -65,11 +65,7 @@ def enter_framework(config: Config) -> None:
         return
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)
-    if (
-        spec is not None
-        and spec.name.startswith("pipeline.")
-        and os.environ.get(FRAMEWORK_ENV) != wanted
-    ):
+    if spec is not None and spec.name.startswith("pipeline."):  # a stage command
         os.environ[FRAMEWORK_ENV] = wanted
         logging.getLogger(__name__).info("framework %s: restarting on it", wanted)
         sys.stdout.flush()
