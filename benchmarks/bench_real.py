@@ -1,7 +1,8 @@
 """Real-data benchmark: the whole pipeline on DSB 2018 and on a Severstal-layout copy.
 
 Usage: ``python benchmarks/bench_real.py [--data DIR] [--quick] [--images N]
-[--epochs E] [--size S] [--workdir DIR] [--layouts instances,image_class] [--no-record]``
+[--epochs E] [--size S] [--workdir DIR] [--layouts instances,image_class]
+[--framework tf_keras|keras3] [--no-record]``
 
 From ``../shared/data/dsb2018`` (664 microscopy images of nine sizes, one CSV row per
 nucleus) it builds, with a seeded 80/20 split into training images and a hold-out set
@@ -47,6 +48,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import describe_machine, record  # noqa: E402
 from pipeline.core import rle  # noqa: E402
 from pipeline.core.config import CONFIG_DIR, load_config  # noqa: E402
+from pipeline.core.config_keys import FRAMEWORKS  # noqa: E402
 from pipeline.core.images import read_image, resolve_image_path  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dsb2018"
@@ -140,6 +142,7 @@ def write_config(out: Path, layout: str, args: argparse.Namespace) -> Path:
     config = {
         "base": str(CONFIG_DIR / "demo.yaml"),
         "experiment": f"real_{layout}",
+        "framework": args.framework,
         "runs_dir": str(out / "runs"),
         "data": data,
         "folds": {"n_splits": 3},
@@ -158,13 +161,17 @@ def write_config(out: Path, layout: str, args: argparse.Namespace) -> Path:
 
 def run_layout(config_path: Path, out: Path) -> dict[str, Any]:
     """Every stage; the figures of one layout."""
+    from pipeline.run.cli import enter_framework
+
+    config = load_config(config_path)
+    enter_framework(config)  # before the stages below import the Keras layer
+
     from pipeline.predict import predict
     from pipeline.run.experiment import open_experiment
     from pipeline.train import train_folds
     from pipeline.train_classifier import train_classifier_folds
     from pipeline.tune import tune
 
-    config = load_config(config_path)
     exp = open_experiment(config)
     non_empty = exp.table["rle"] != ""
     with_mask = int(exp.table.loc[non_empty, "image_id"].nunique())
@@ -211,6 +218,8 @@ def main() -> int:
     parser.add_argument("--layouts", default=",".join(LAYOUTS))
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--quick", action="store_true", help="60 images, 2 epochs, 64 px")
+    parser.add_argument("--framework", choices=FRAMEWORKS, default=FRAMEWORKS[0],
+                        help="the Keras layer (config key framework)")  # fmt: skip
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if args.quick:

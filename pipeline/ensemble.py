@@ -11,19 +11,18 @@ The ensemble's config is an ordinary config (``base: demo.yaml``, its own
 
 The members must share one split (byte-identical ``folds.csv``), their classes and the
 submission size (checked by ``run.ensemble_members``). One streaming pass over their
-out-of-fold stores scores, per class, every blend on the simplex grid of ``weight_step``
-(``core.blend``) with every post-processing setting of ``postprocess``
-(``core.threshold_search``): the blend and
-its post-processing are chosen together, and the nested figure scores each fold with
-the choice made on the other folds. Each member alone is one of the blends, so the
-report sets each member's own nested and in-sample scores beside the ensemble's.
+out-of-fold stores chooses, per class, the blend and its post-processing together,
+nested and in-sample (``run.ensemble_choice``); each member alone is one of the blends,
+so the report sets each member's own scores beside the ensemble's. The classifier
+gates read the mean presence of the members that have one (a trained classifier or a
+presence head), and ``postprocess.at_least_one`` is resolved and scored as tune does.
 
 Then every member's fold-merged test probabilities are blended with the chosen
-weights, post-processed and written as a validated submission. A member's stored test
-probs (``runs/<member>/test_probs/``, written by ``python -m pipeline.predict``) are
-reused while what they were predicted from is unchanged; otherwise that member's
-predict runs first. The classifier gates are not searched for an ensemble (its members'
-classifiers are not blended); the segmentation-derived gate is.
+weights, post-processed (gates, the at-least-one rule) and written as a validated
+submission. A member's stored test outputs (``runs/<member>/test_probs/`` and its test
+presence, written by ``python -m pipeline.predict``) are reused while what they were
+predicted from is unchanged; otherwise that member's predict runs first (with
+``--with-classifier`` when the ensemble's gate needs its classifier).
 
 Writes ``runs/<experiment>/{postprocess.json, ensemble.json, ensemble.md,
 predict.json}``, the submission and its row in ``submissions/history.md``.
@@ -46,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle
-from pipeline.core.blend import blend_levels, one_hot_index, simplex_weights
+from pipeline.core.blend import blend_levels
 from pipeline.core.config import Config
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import (
@@ -55,12 +54,9 @@ from pipeline.core.layout import (
     POSTPROCESS,
     PREDICT,
 )
-from pipeline.core.postprocess import CLASSIFIER_GATES, save_postprocess
+from pipeline.core.postprocess import postprocess_image, resolve_at_least_one, save_postprocess
 from pipeline.core.probstore import ProbReader
-from pipeline.core.threshold_choice import GridSums
-from pipeline.core.threshold_search import GridAccumulator
-from pipeline.core.truth import decode_truth
-from pipeline.core.tune_result import TuneResult
+from pipeline.run.at_least_one import rule_scores
 from pipeline.run.cli import (
     add_config_arguments,
     add_submission_arguments,
@@ -68,85 +64,14 @@ from pipeline.run.cli import (
     report_interrupted,
     setup_logging,
 )
+from pipeline.run.ensemble_choice import EnsembleChoice, blend_grid, choose_blend
 from pipeline.run.ensemble_members import Member, open_members
 from pipeline.run.json_files import _write_text_atomic, write_json
-from pipeline.run.oof import open_segmentation_oof
-from pipeline.run.prediction import fresh_test_probs, list_test_images, write_outputs
+from pipeline.run.prediction import list_test_images, write_outputs
 from pipeline.run.run_lock import hold_lock
+from pipeline.run.stored_predictions import fresh_test_presence, fresh_test_probs
 
 log = logging.getLogger(__name__)
-
-# Blends per class one ensemble may score (each costs a pass of the grid search).
-MAX_BLENDS = 300
-
-
-@dataclass(frozen=True)
-class EnsembleChoice:
-    """The tuning outcome: the blend and its post-processing per class, and the scores."""
-
-    weights: dict[str, list[float]]  # class -> one weight per member
-    blend: TuneResult  # chosen over every blend (nested: chosen on the other folds)
-    members: dict[str, TuneResult]  # member -> the same search on that member alone
-    n_blends: int
-
-
-def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
-    """The one streaming pass over the members' OOF stores: every blend x every setting."""
-    grid = config.postprocess
-    first = members[0]
-    classes = first.exp.classes
-    weights = blend_grid(config, len(members))
-    gates = [g for g in grid.gates if g not in CLASSIFIER_GATES] or ["none"]
-    readers = [open_segmentation_oof(m.config, m.exp) for m in members]
-    accumulators = [
-        GridAccumulator(
-            classes,
-            grid.thresholds,
-            grid.min_areas,
-            grid.gate_thresholds,
-            first.exp.n_folds,
-            grid.topk_fraction,
-            gates=gates,
-            min_components=grid.min_components,
-        )
-        for _ in weights
-    ]
-    sizes = read_original_sizes(
-        cache_path(first.exp.cache_dir, "train", first.config.data.image_size)
-    )
-    rles = first.exp.rles()
-    for fold, fold_readers in enumerate(zip(*readers, strict=True)):
-        ids = fold_readers[0].image_ids
-        for member, reader in zip(members[1:], fold_readers[1:], strict=True):
-            if sorted(reader.image_ids) != sorted(ids):
-                raise ValueError(
-                    f"fold {fold}: {reader.directory} holds other images than "
-                    f"{fold_readers[0].directory} (member {member.name!r})"
-                )
-        for image_id, q in fold_readers[0].iter():
-            levels = [q, *(np.asarray(r.get(image_id)) for r in fold_readers[1:])]
-            truth = decode_truth(rles[image_id], sizes[image_id], q.shape[1:])
-            for accumulator, row in zip(accumulators, weights, strict=True):
-                accumulator.add(image_id, fold, blend_levels(levels, row), truth)
-    parts = [accumulator.sums() for accumulator in accumulators]
-    blend = GridSums.concat(parts).result()
-    per_blend = len(parts[0].thresholds)
-    chosen = {
-        name: weights[blend.per_class[name].setting // per_blend].tolist() for name in classes
-    }
-    alone = {m.name: parts[one_hot_index(weights, i)].result() for i, m in enumerate(members)}
-    return EnsembleChoice(chosen, blend, alone, len(weights))
-
-
-def blend_grid(config: Config, n_members: int) -> np.ndarray:
-    """The candidate blends of ``ensemble.weight_step`` (at most ``MAX_BLENDS``)."""
-    weights = simplex_weights(n_members, float(config.ensemble.weight_step))
-    if len(weights) > MAX_BLENDS:
-        raise ValueError(
-            f"ensemble.weight_step {config.ensemble.weight_step} gives {len(weights)} blends "
-            f"per class for {n_members} members (at most {MAX_BLENDS}); take a larger step"
-        )
-    return weights
 
 
 def comparison_table(choice: EnsembleChoice, classes: Sequence[str]) -> pd.DataFrame:
@@ -174,30 +99,42 @@ def format_table(table: pd.DataFrame) -> str:
     return table.to_string(index=False, float_format=lambda v: f"{v:.4f}")
 
 
-def member_test_probs(
-    member: Member, submissions_dir: Path, image_ids: Sequence[str]
-) -> ProbReader:
-    """The member's stored test probs, predicting them first when missing or stale."""
-    reader = fresh_test_probs(member.config, image_ids)
-    if reader is None:
-        log.info("member %s: predicting its test probs (python -m pipeline.predict)", member.name)
-        command = [sys.executable, "-m", "pipeline.predict", "--config", str(member.config.source)]
-        command += [arg for item in member.overrides for arg in ("--set", item)]
-        command += ["--submissions-dir", str(submissions_dir)]
-        if not (member.config.run_dir / POSTPROCESS).is_file():
-            command.append("--no-postprocess")
-        done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
-        if done.returncode != 0:
-            lines = (done.stderr or done.stdout).strip().splitlines()
-            errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
-            reason = errors[-1] if errors else (lines[-1] if lines else "no output")
-            raise RuntimeError(f"predicting member {member.name!r} failed: {reason}")
+def member_test_outputs(
+    member: Member, submissions_dir: Path, image_ids: Sequence[str], source: str | None
+) -> tuple[ProbReader, np.ndarray | None]:
+    """The member's stored test probs and, when ``source`` names its presence
+    (``classifier`` or ``head``), its stored test presence (N, C): predicting them first
+    when missing or stale."""
+    classes = member.exp.classes
+
+    def stored() -> tuple[ProbReader | None, np.ndarray | None]:
         reader = fresh_test_probs(member.config, image_ids)
-        if reader is None:
-            raise RuntimeError(f"member {member.name!r}: predict left no fresh test probs")
-    else:
-        log.info("member %s: reusing its test probs in %s", member.name, reader.directory)
-    return reader
+        if reader is None or source is None:
+            return reader, None
+        return reader, fresh_test_presence(member.config, classes, image_ids, source)
+
+    reader, presence = stored()
+    if reader is not None and (source is None or presence is not None):
+        log.info("member %s: reusing its test outputs in %s", member.name, reader.directory)
+        return reader, presence
+    log.info("member %s: predicting its test probs (python -m pipeline.predict)", member.name)
+    command = [sys.executable, "-m", "pipeline.predict", "--config", str(member.config.source)]
+    command += [arg for item in member.overrides for arg in ("--set", item)]
+    command += ["--submissions-dir", str(submissions_dir)]
+    if not (member.config.run_dir / POSTPROCESS).is_file():
+        command.append("--no-postprocess")
+    if source == "classifier":
+        command.append("--with-classifier")
+    done = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ))
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        errors = [line.split(" ERROR ", 1)[1] for line in lines if " ERROR " in line]
+        reason = errors[-1] if errors else (lines[-1] if lines else "no output")
+        raise RuntimeError(f"predicting member {member.name!r} failed: {reason}")
+    reader, presence = stored()
+    if reader is None or (source is not None and presence is None):
+        raise RuntimeError(f"member {member.name!r}: predict left no fresh test outputs")
+    return reader, presence
 
 
 @dataclass(frozen=True)
@@ -219,13 +156,24 @@ def predict_ensemble(
     first = members[0]
     classes = first.exp.classes
     image_ids = list_test_images(first.config, first.exp)
-    readers = [member_test_probs(m, submissions_dir, image_ids) for m in members]
+    gated = choice.uses_presence()
+    outputs = [
+        member_test_outputs(
+            m, submissions_dir, image_ids, choice.presence_members.get(m.name) if gated else None
+        )
+        for m in members
+    ]
+    readers = [reader for reader, _ in outputs]
+    tables = [presence for _, presence in outputs if presence is not None]
+    # The members' mean presence, as the gates were tuned on.
+    presence = np.mean(tables, axis=0) if tables else None
     weights = np.array([choice.weights[name] for name in classes])
     params = [choice.blend.per_class[name].params for name in classes]
+    rule = bool(choice.at_least_one.get("applied"))
     rows: list[tuple[str, str, str]] = []
-    for image_id in image_ids:
+    for i, image_id in enumerate(image_ids):
         q = blend_levels([np.asarray(r.get(image_id)) for r in readers], weights)
-        masks = (setting.apply(q[c]) for c, setting in enumerate(params))
+        masks = postprocess_image(q, params, None if presence is None else presence[i], rule)
         rows.extend(
             (image_id, name, text)
             for name, text in zip(classes, rle.encode_batch(masks), strict=True)
@@ -242,8 +190,8 @@ def predict_ensemble(
         test_sizes,
         out,
         submissions_dir,
-        choice.blend.score,
-        choice.blend.nested_score,
+        choice.scores()["in_sample"],
+        choice.scores()["nested"],
     )
 
 
@@ -259,6 +207,7 @@ def ensemble(
     members = open_members(config)
     classes = members[0].exp.classes
     n_blends = len(blend_grid(config, len(members)))
+    resolve_at_least_one(str(config.postprocess.at_least_one), False)  # a bad choice: refused
     with hold_lock(config.run_dir, f"run {config.run_dir} (ensemble)"):
         log.info(
             "ensemble of %s: scoring %d blends per class on their OOF stores",
@@ -279,16 +228,28 @@ def ensemble(
             "blends_per_class": choice.n_blends,
             "weights": choice.weights,
             "scores": {
-                label: {"nested": result.nested_score, "in_sample": result.score}
-                for label, result in {**choice.members, "ensemble": choice.blend}.items()
+                **{
+                    label: {"nested": result.nested_score, "in_sample": result.score}
+                    for label, result in choice.members.items()
+                },
+                "ensemble": choice.scores(),
             },
+            "presence": choice.presence_members,
+            "at_least_one": choice.at_least_one,
             "table": table.to_dict(orient="records"),
         }
-        save_postprocess(
-            run_dir / POSTPROCESS,
-            choice.blend.params_by_class(),
-            extra={**choice.blend.to_dict(), "ensemble": record},
-        )
+        extra: dict[str, Any] = {
+            **choice.blend.to_dict(),
+            "at_least_one": choice.at_least_one,
+            "gate_source": "members" if choice.presence_members else None,
+            "ensemble": record,
+        }
+        if "per_class" in choice.at_least_one:
+            # The OOF figures predict and evaluate read: the rule as applied (see tune).
+            extra["scores"] = {**extra["scores"], **rule_scores(choice.at_least_one)}
+            for name, figures in choice.at_least_one["per_class"].items():
+                extra["per_class"][name] = {**extra["per_class"][name], **figures}
+        save_postprocess(run_dir / POSTPROCESS, choice.blend.params_by_class(), extra=extra)
         write_json(run_dir / ENSEMBLE, record)
         _write_report(run_dir / ENSEMBLE_REPORT, members, choice, table)
         result.update(

@@ -15,7 +15,9 @@ out-of-fold store the post-processing was tuned on, post-processed and RLE-encod
 Writes ``submissions/<experiment>_<yyyymmdd-hhmm>.csv`` (validated, atomic), a row in
 ``submissions/history.md``, ``runs/<experiment>/predict.json`` (timings) and the
 fold-merged test probs as a uint8 store, ``runs/<experiment>/test_probs/`` (with
-``test_probs.json``, what they came from), which ``pipeline.ensemble`` blends.
+``test_probs.json``, what they came from), which ``pipeline.ensemble`` blends, and the
+test presence it computed: the presence head's (``test_presence.csv``) and the separate
+classifier's (``test_cls.csv``; ``--with-classifier`` runs it although no class is gated).
 ``--no-postprocess`` uses threshold 0.5 for every class instead of ``postprocess.json``.
 
 This module composes the stage; its parts live below it: ``core.fold_merge`` (the fold
@@ -34,17 +36,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.layout import (
+    CLASSIFIER_STAGE,
     FOLD_MERGE,
     POSTPROCESS,
-    TEST_PRESENCE,
     TEST_PROBS,
-    TEST_PROBS_KEY,
 )
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
@@ -71,17 +70,16 @@ from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_records import check_trained_config
 from pipeline.run.image_cache import build_cache
 from pipeline.run.json_files import write_json
-from pipeline.run.oof import write_presence_oof
 from pipeline.run.prediction import (
     fold_weights,
     inputs_key,
     list_test_images,
-    prediction_key,
     read_postprocess,
     tuned_gate_source,
     write_outputs,
 )
 from pipeline.run.run_lock import hold_lock
+from pipeline.run.stored_predictions import write_test_keys, write_test_presence
 
 log = logging.getLogger(__name__)
 
@@ -92,18 +90,26 @@ def predict(
     submissions_dir: Path = Path("submissions"),
     use_postprocess: bool = True,
     force: bool = False,
+    with_classifier: bool = False,
 ) -> dict[str, Any]:
     """Predict the test images, write and record the submission; return the run's figures.
 
     ``force``: go on although this config differs from the folds' training config in a
-    key that matters.
+    key that matters. ``with_classifier``: run the separate classifier on the test images
+    and store its probs (``TEST_CLS``) although no tuned class is gated by it (an
+    ensemble's classifier gate reads them).
     """
     weights = fold_weights(config)
     check_trained_config(config, force)
     # Refused here, before anything is written, where this config lacks the source.
     gate_source = tuned_gate_source(config) if use_postprocess else None
+    run_classifier = gate_source == "classifier" or with_classifier
+    if run_classifier:
+        fold_weights(config, CLASSIFIER_STAGE)  # every classifier fold trained, else refused
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
-        return _predict(config, weights, out, submissions_dir, use_postprocess, gate_source)
+        return _predict(
+            config, weights, out, submissions_dir, use_postprocess, gate_source, run_classifier
+        )
 
 
 def _predict(
@@ -113,6 +119,7 @@ def _predict(
     submissions_dir: Path,
     use_postprocess: bool,
     gate_source: str | None,
+    run_classifier: bool,
 ) -> dict[str, Any]:
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -138,9 +145,9 @@ def _predict(
             workers=CACHE_WORKERS,
         )
     with precision_policy(precision):
-        presence = (
+        classifier = (
             predict_presence(config, image_ids, len(exp.classes), exp.cache_dir, clock)
-            if gate_source == "classifier"
+            if run_classifier
             else None
         )
         with clock.stage("build_model"):
@@ -159,8 +166,7 @@ def _predict(
             accumulator,
             clock,
         )
-        if gate_source == "head":
-            presence = head
+        presence = head if gate_source == "head" else classifier
         with (
             clock.stage("postprocess"),
             ProbWriter(config.run_dir / TEST_PROBS, exp.classes, overwrite=True) as store,
@@ -176,13 +182,12 @@ def _predict(
                 store,
                 at_least_one,
             )
-        if head is not None:
-            # Beside the stored probs, for pseudo_label's presence.
-            frame = pd.DataFrame(head, columns=list(exp.classes))
-            frame.insert(0, "image_id", image_ids)
-            write_presence_oof(frame, config.run_dir / TEST_PRESENCE)
-        # What the stored test probs were predicted from: an ensemble reuses them while equal.
-        write_json(config.run_dir / TEST_PROBS_KEY, {"inputs_key": prediction_key(config)})
+        # Beside the stored probs, for pseudo_label's and an ensemble's presence.
+        for source, values in (("head", head), ("classifier", classifier)):
+            if values is not None:
+                write_test_presence(config, source, values, exp.classes, image_ids)
+        # What the stored test outputs came from: later stages reuse them while equal.
+        write_test_keys(config, classifier is not None)
     finally:
         accumulator.close()
         shutil.rmtree(work, ignore_errors=True)
@@ -223,13 +228,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="threshold 0.5 for every class instead of the tuned postprocess.json",
     )
+    parser.add_argument(
+        "--with-classifier",
+        action="store_true",
+        help="also run the separate classifier on the test images and store its probs "
+        "(test_cls.csv) although no tuned class is gated by it; pipeline.ensemble's "
+        "classifier gate reads them",
+    )
     add_force_argument(parser)
     args = parser.parse_args(argv)
     setup_logging()
     try:
         config = config_from_args(args)
         result = predict(
-            config, args.out, args.submissions_dir, not args.no_postprocess, args.force
+            config,
+            args.out,
+            args.submissions_dir,
+            not args.no_postprocess,
+            args.force,
+            args.with_classifier,
         )
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         log.error("%s", exc)

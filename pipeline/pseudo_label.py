@@ -66,14 +66,9 @@ from pipeline.run.cli import (
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
-from pipeline.run.oof import read_presence_table
-from pipeline.run.prediction import (
-    fold_weights,
-    fresh_test_probs,
-    list_test_images,
-    tuned_gate_source,
-)
+from pipeline.run.prediction import fold_weights, list_test_images, tuned_gate_source
 from pipeline.run.run_lock import hold_lock
+from pipeline.run.stored_predictions import fresh_test_presence, fresh_test_probs
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +115,14 @@ def pseudo_label(config: Config) -> dict[str, Any]:
             tuned = "head" if config.model.classification_head else None
     with hold_lock(config.run_dir, f"run {config.run_dir} (pseudo_label)"):
         if tuned == "classifier":
-            from pipeline.nn.predictor import predict_presence  # the Keras layer, only here
+            # As predict stored it when it ran the classifier, else run it here.
+            presence = fresh_test_presence(config, exp.classes, image_ids, "classifier")
+            if presence is None:
+                from pipeline.nn.predictor import predict_presence  # the Keras layer, only here
 
-            presence = predict_presence(
-                config, image_ids, len(exp.classes), exp.cache_dir, StageClock()
-            )
+                presence = predict_presence(
+                    config, image_ids, len(exp.classes), exp.cache_dir, StageClock()
+                )
             source = "the classifier"
         elif tuned == "head":
             presence = read_test_presence(config, exp, image_ids)
@@ -183,20 +181,15 @@ def pseudo_label(config: Config) -> dict[str, Any]:
 
 def read_test_presence(config: Config, exp: Experiment, image_ids: Sequence[str]) -> np.ndarray:
     """The presence head's test probs (N, C) float64 in the order of ``image_ids``, as
-    predict wrote them beside the stored test probs."""
-    path = config.run_dir / TEST_PRESENCE
-    if not path.is_file():
+    predict stored them beside the test probs."""
+    presence = fresh_test_presence(config, exp.classes, image_ids, "head")
+    if presence is None:
         raise FileNotFoundError(
-            f"{path} not found: model.classification_head is on, so predict writes it; run "
-            f"`python -m pipeline.predict --config {config.source or '<config>'}` again"
+            f"{config.run_dir / TEST_PRESENCE} is missing or older than the test probs: "
+            "model.classification_head is on, so predict writes it; run `python -m "
+            f"pipeline.predict --config {config.source or '<config>'}` again"
         )
-    frame = read_presence_table(path, exp.classes).set_index("image_id")
-    missing = [i for i in image_ids if i not in frame.index]
-    if missing:
-        raise ValueError(
-            f"{path} lacks {len(missing)} test images (first {missing[0]!r}): predict again"
-        )
-    return frame.loc[list(image_ids), list(exp.classes)].to_numpy(np.float64)
+    return presence
 
 
 def main(argv: Sequence[str] | None = None) -> int:

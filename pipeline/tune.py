@@ -63,9 +63,8 @@ from pipeline.run.oof import (
     READ_AHEAD_IMAGES,
     iter_oof,
     open_segmentation_oof,
-    presence_oof_path,
     presence_source,
-    read_classifier_oof,
+    read_classifier_probs,
 )
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.tune_output import TuneOutput, format_summary
@@ -78,40 +77,6 @@ log = logging.getLogger(__name__)
 _Scored = tuple[str, int, np.ndarray, int, np.ndarray | None]
 
 SCORE_BATCH = 64  # images summed into the grid at a time
-
-
-def read_classifier_probs(
-    config: Config, exp: Experiment, source: str = "classifier"
-) -> dict[str, np.ndarray] | None:
-    """image_id -> (C,) float64 presence probs of ``source`` (the separate classifier or
-    the presence head), or None if no fold has any.
-
-    Read by ``oof.read_classifier_oof``; either every fold has its table or none (a
-    partial classifier would gate some folds only).
-    """
-    frame, missing = read_classifier_oof(config, exp, source)
-    if frame is None and source == "classifier":
-        return None
-    if missing:
-        present = sorted(set(range(exp.n_folds)) - set(missing))
-        path = presence_oof_path(config, missing[0], source)
-        if source == "head":
-            raise FileNotFoundError(
-                f"model.classification_head is on, but {path} is missing (folds {missing} "
-                "were trained without the head); retrain them with `python -m "
-                f"pipeline.train --config {config.source} --fold {missing[0]} --force`, or "
-                "set model.classification_head=false"
-            )
-        raise FileNotFoundError(
-            f"classifier out-of-fold probs exist for folds {present} but not for folds "
-            f"{missing} ({path} not found); finish them with "
-            f"`python -m pipeline.train_classifier --config {config.source} --fold "
-            f"{missing[0]}`, or remove {config.run_dir / CLASSIFIER_STAGE} to tune "
-            "without the classifier gate"
-        )
-    assert frame is not None
-    values = frame[exp.classes].to_numpy(np.float64)
-    return dict(zip(frame["image_id"], values, strict=True))
 
 
 def search_postprocess(

@@ -8,7 +8,7 @@ reads the figures that predict reports and evaluate recomputes when it applies.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,8 @@ def score_at_least_one(
     result: TuneResult,
     classifier_probs: Mapping[str, np.ndarray] | None,
     search: bool,
+    items: Iterable[tuple[str, int, np.ndarray, tuple[int, int]]] | None = None,
+    probs_at: Callable[[np.ndarray, int], np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """The at-least-one rule's effect on the tuned OOF scores: one more streaming pass.
 
@@ -49,6 +51,11 @@ def score_at_least_one(
     own settings (``sum_j!=k gain[j][k] > 0``): a decision made without fold k, so
     the nested figure stays honest; the final decision is the in-sample gain's sign.
     Scores overall and per class: the mean over image-class pairs, as ``result``'s.
+
+    ``items`` replaces the stream of the ``readers``' stores (``oof.iter_oof``); then
+    ``probs_at(q, row)`` gives the (C, H, W) levels that fold ``row``'s settings (row
+    ``n_folds``: the chosen ones) post-process: an ensemble's items hold every member's
+    levels and each row blends them with its own weights.
     """
     classes = exp.classes
     n_folds = len(readers)
@@ -60,8 +67,8 @@ def score_at_least_one(
     def gains(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> tuple[int, np.ndarray]:
         """(fold, (n_folds + 1, C + 1)): per class the Dice gained, then 1 if the image
         changed, under each fold's settings (rows), then the chosen ones (last row)."""
-        image_id, fold, q, original = item
-        truth = decode_truth(rles[image_id], original, q.shape[1:])
+        image_id, fold, levels, original = item
+        truth = decode_truth(rles[image_id], original, levels.shape[-2:])
         presence = None if classifier_probs is None else classifier_probs.get(image_id)
         out = np.zeros((n_folds + 1, len(classes) + 1))
         rows = [*range(n_folds)] if search else [fold]
@@ -70,6 +77,7 @@ def score_at_least_one(
             params = [p for p in settings if p is not None]
             if len(params) < len(classes):  # a fold without images has no nested setting
                 continue
+            q = levels if probs_at is None else probs_at(levels, row)
             masks = postprocess_image(q, params, presence)
             ruled = keep_at_least_one(masks, q, params)
             if ruled is masks or not ruled.any():
@@ -80,7 +88,9 @@ def score_at_least_one(
             out[row, -1] = 1
         return fold, out
 
-    stream = read_ahead(iter_oof(config, readers, original_sizes), READ_AHEAD_IMAGES)
+    if items is None:
+        items = iter_oof(config, readers, original_sizes)
+    stream = read_ahead(items, READ_AHEAD_IMAGES)
     workers = max(1, min(MAX_WORKERS, os.cpu_count() or 1))
     # sums[j, k]: fold j's images under fold k's nested settings (k = n_folds: chosen).
     sums = np.zeros((n_folds, n_folds + 1, len(classes) + 1))

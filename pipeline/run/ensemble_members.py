@@ -33,12 +33,6 @@ class Member:
 def parse_members(config: Config) -> list[tuple[Path, tuple[str, ...]]]:
     """(config path, overrides) of each ``ensemble.members`` entry, checked."""
     members = config.ensemble.members
-    if config.postprocess.at_least_one != "never":
-        raise ValueError(
-            "postprocess.at_least_one must be 'never' for an ensemble (the rule is tuned and "
-            f"scored per experiment by tune, not yet for blends); got "
-            f"{config.postprocess.at_least_one!r}"
-        )
     if len(members) < 2:
         raise ValueError(
             f"ensemble.members must name at least two experiments; got {len(members)} "

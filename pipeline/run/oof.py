@@ -5,6 +5,8 @@
 - ``read_classifier_oof``: every classifier fold's ``oof_cls.csv`` that exists (or the
   presence head's ``oof_presence.csv``, ``presence_source``), checked the same way plus
   columns, [0, 1] values and unique ids; ``write_presence_oof`` writes either;
+- ``read_classifier_probs``: those tables as image_id -> (C,) presence probs, every
+  fold's or none;
 - ``iter_oof``: the stores streamed as ``(image_id, fold, q, original size)``, checked to
   be at the submission size.
 
@@ -163,6 +165,40 @@ def iter_oof(
                     f"(data.submission_size {size}): was the fold predicted with another config?"
                 )
             yield image_id, fold, q, original
+
+
+def read_classifier_probs(
+    config: Config, exp: Experiment, source: str = "classifier"
+) -> dict[str, np.ndarray] | None:
+    """image_id -> (C,) float64 presence probs of ``source`` (the separate classifier or
+    the presence head), or None if no fold has any.
+
+    Read by ``read_classifier_oof``; either every fold has its table or none (a
+    partial classifier would gate some folds only).
+    """
+    frame, missing = read_classifier_oof(config, exp, source)
+    if frame is None and source == "classifier":
+        return None
+    if missing:
+        present = sorted(set(range(exp.n_folds)) - set(missing))
+        path = presence_oof_path(config, missing[0], source)
+        if source == "head":
+            raise FileNotFoundError(
+                f"model.classification_head is on, but {path} is missing (folds {missing} "
+                "were trained without the head); retrain them with `python -m "
+                f"pipeline.train --config {config.source} --fold {missing[0]} --force`, or "
+                "set model.classification_head=false"
+            )
+        raise FileNotFoundError(
+            f"classifier out-of-fold probs exist for folds {present} but not for folds "
+            f"{missing} ({path} not found); finish them with "
+            f"`python -m pipeline.train_classifier --config {config.source} --fold "
+            f"{missing[0]}`, or remove {config.run_dir / CLASSIFIER_STAGE} to tune "
+            "without the classifier gate"
+        )
+    assert frame is not None
+    values = frame[exp.classes].to_numpy(np.float64)
+    return dict(zip(frame["image_id"], values, strict=True))
 
 
 def write_presence_oof(frame: pd.DataFrame, path: Path) -> Path:

@@ -36,14 +36,11 @@ from pipeline.core.layout import (
     CLASSIFIER_STAGE,
     POSTPROCESS,
     SUBMISSION_LOG,
-    TEST_PROBS,
-    TEST_PROBS_KEY,
 )
 from pipeline.core.layout import FOLD_METRICS as METRICS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.mask_csv import read_masks
 from pipeline.core.postprocess import PostprocessParams, at_least_one_applied, load_postprocess
-from pipeline.core.probstore import ProbReader
 from pipeline.run.experiment import Experiment
 from pipeline.run.fold_records import read_fold_metrics
 from pipeline.run.json_files import read_json
@@ -228,10 +225,10 @@ def inputs_key(config: Config, use_postprocess: bool = True) -> str:
     postprocess = config.run_dir / POSTPROCESS
     if use_postprocess and postprocess.is_file():
         parts.append(hashlib.sha256(postprocess.read_bytes()).hexdigest())
-    return _key(config, parts, ("", CLASSIFIER_STAGE))
+    return weights_key(config, parts, ("", CLASSIFIER_STAGE))
 
 
-def _key(config: Config, parts: list[Any], stages: Sequence[str]) -> str:
+def weights_key(config: Config, parts: list[Any], stages: Sequence[str]) -> str:
     """Hash of ``parts``, the fold weights of ``stages`` (path, size, modification time)
     and the test images' fingerprint."""
     parts = list(parts)
@@ -321,30 +318,3 @@ def write_outputs(
         "oof_score_nested": oof_nested,
         "test_score": test_score,
     }
-
-
-def prediction_key(config: Config) -> str:
-    """What predict's stored test probs depend on: the config sections predict reads for
-    them (data, model, TTA, inference precision, the folds), every segmentation fold's
-    weights (size and modification time) and the test images; not the post-processing,
-    the classifier or the keys of later stages (pseudo_label, ensemble)."""
-    whole = config.to_dict()
-    parts: list[Any] = [
-        {key: whole[key] for key in ("data", "model", "tta", "predict")},
-        [config.folds.n_splits, config.train.mixed_precision],
-    ]
-    return _key(config, parts, ("",))
-
-
-def fresh_test_probs(config: Config, image_ids: Sequence[str]) -> ProbReader | None:
-    """The experiment's stored test probs (``TEST_PROBS``, written by predict) when they
-    hold ``image_ids`` and nothing they were predicted from has changed since; else None."""
-    store = config.run_dir / TEST_PROBS
-    try:
-        key = read_json(config.run_dir / TEST_PROBS_KEY).get("inputs_key")
-    except (FileNotFoundError, ValueError, AttributeError):
-        return None
-    if key != prediction_key(config) or not store.is_dir():
-        return None
-    reader = ProbReader(store)
-    return reader if set(reader.image_ids) >= set(image_ids) else None

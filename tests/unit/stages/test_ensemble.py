@@ -13,13 +13,20 @@ import yaml
 from pipeline.core.blend import blend_levels
 from pipeline.core.config import load_config
 from pipeline.core.images import cache_path
-from pipeline.core.layout import ENSEMBLE, ENSEMBLE_REPORT, TEST_PROBS, TEST_PROBS_KEY
+from pipeline.core.layout import (
+    CLASSIFIER_STAGE,
+    ENSEMBLE,
+    ENSEMBLE_REPORT,
+    OOF_CLS,
+    TEST_PROBS,
+    TEST_PROBS_KEY,
+)
 from pipeline.core.masks import truth_masks
 from pipeline.core.probstore import ProbReader, ProbWriter
 from pipeline.ensemble import main
 from pipeline.run.experiment import open_experiment
 from pipeline.run.json_files import read_json, write_json
-from pipeline.run.prediction import prediction_key
+from pipeline.run.stored_predictions import prediction_key, write_test_keys, write_test_presence
 from pipeline.tune import tune
 from tests.unit.stages.test_tune import (
     CLASSES,
@@ -27,6 +34,7 @@ from tests.unit.stages.test_tune import (
     ORIGINAL,
     SIZE,
     block,
+    false_positive_case,
     make_experiment,
     random_case,
 )
@@ -221,3 +229,120 @@ def test_bad_ensembles_exit_2_and_write_nothing(
     assert main(["--config", str(path), "--out", str(tmp_path)]) == 2
     assert "is a directory; name the submission file" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def _twin(member_path: Path, probs: dict, classifier: dict | None = None) -> None:
+    """``member_b``: the hand-made member's exact twin (its probs and its classifier)."""
+    _member(member_path, "member_b", probs)
+    if classifier is None:
+        return
+    config = load_config(member_path, ["experiment=member_b"])
+    exp = open_experiment(config)
+    for fold in range(3):
+        val_ids = exp.members(fold)[1]
+        path = config.fold_dir(fold, CLASSIFIER_STAGE) / OOF_CLS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        frame = pd.DataFrame([[i, *classifier[i]] for i in val_ids], columns=["image_id", *CLASSES])
+        frame.to_csv(path, index=False)
+
+
+@pytest.mark.parametrize("rule", ["always", "search"])
+def test_twin_members_reproduce_tune_with_classifier_gates_and_the_rule(
+    tmp_path: Path, rule: str
+) -> None:
+    """Two identical members blend to themselves, and their mean presence is each one's:
+    the ensemble's choice, its scores and the at-least-one figures must be tune's."""
+    truth, probs, classifier = random_case(seed=4)
+    gates = ["none", "classifier", "segmentation", "fused"]
+    member_path = make_experiment(tmp_path, truth, probs, classifier, gates=gates,
+                                  at_least_one=rule)  # fmt: skip
+    _with_test_images(member_path, tmp_path)
+    _twin(member_path, probs, classifier)
+    own = tune(load_config(member_path))
+    assert own.classifier_used and "per_class" in own.at_least_one
+    config = load_config(
+        _ensemble_config(tmp_path, member_path, postprocess={"at_least_one": rule})
+    )
+    from pipeline.run.ensemble_choice import choose_blend
+    from pipeline.run.ensemble_members import open_members
+
+    choice = choose_blend(config, open_members(config))
+    assert choice.presence_members == {"handmade": "classifier", "member_b": "classifier"}
+    for name in CLASSES:
+        assert choice.blend.per_class[name].score == pytest.approx(
+            own.result.per_class[name].score, abs=1e-12
+        )
+        assert choice.blend.per_class[name].nested_score == pytest.approx(
+            own.result.per_class[name].nested_score, abs=1e-12
+        )
+        assert choice.blend.per_class[name].params == own.result.per_class[name].params
+    ours, theirs = choice.at_least_one, own.at_least_one
+    assert ours["applied"] == theirs["applied"]
+    for key in ("in_sample", "nested"):
+        for which, value in theirs[key].items():
+            assert ours[key][which] == pytest.approx(value, abs=1e-12), (key, which)
+    assert ours["images_changed"] == theirs["images_changed"]
+
+
+def _gated_stores(member_path: Path, presence: dict[str, list[float]]) -> None:
+    """Both members' stored test probs (a confident Fish block in every image) and their
+    stored classifier test presence, with fresh keys."""
+    fish = block(slice(0, 2), slice(0, 3), 230)
+    test = {i: np.stack([fish, np.zeros(SIZE, np.uint8)]) for i in TEST_IDS}
+    _test_stores(member_path, member_path.parent, {"handmade": test, "member_b": test})
+    for name in ("handmade", "member_b"):
+        config = load_config(member_path, [f"experiment={name}"])
+        values = np.array([presence[i] for i in TEST_IDS])
+        write_test_presence(config, "classifier", values, CLASSES, TEST_IDS)
+        write_test_keys(config, classifier_ran=True)
+
+
+def test_the_members_classifier_gate_removes_false_positives_in_the_submission(
+    tmp_path: Path,
+) -> None:
+    """Half the images have Fish, all predict it confidently: only the members' (perfect)
+    classifiers tell them apart. The ensemble gates Fish on their mean presence, and the
+    submission keeps Fish only where the stored test presence says so."""
+    truth, probs, classifier = false_positive_case()
+    gates = ["none", "classifier"]
+    member_path = make_experiment(tmp_path, truth, probs, classifier, gates=gates)
+    _with_test_images(member_path, tmp_path)
+    _twin(member_path, probs, classifier)
+    _gated_stores(member_path, {"t0.jpg": [0.9, 0.5], "t1.jpg": [0.1, 0.5]})
+    path = _ensemble_config(tmp_path, member_path, postprocess={"at_least_one": "never"})
+    out = tmp_path / "gated.csv"
+    assert main(["--config", str(path), "--out", str(out)]) == 0
+    config = load_config(path)
+    record = read_json(config.run_dir / ENSEMBLE)
+    assert record["presence"] == {"handmade": "classifier", "member_b": "classifier"}
+    params = read_json(config.run_dir / "postprocess.json")
+    assert params["classes"]["Fish"]["gate"] == "classifier"
+    assert record["scores"]["ensemble"]["in_sample"] == 1.0
+    rles = dict(pd.read_csv(out, keep_default_na=False).to_numpy())
+    assert rles["t0.jpg_Fish"] != "" and rles["t1.jpg_Fish"] == ""
+
+
+def test_the_rule_reaches_the_ensemble_submission(tmp_path: Path) -> None:
+    """Every training image has Sugar, at_least_one is auto and the minimum mask area (5
+    px) removes every 2x2 Sugar mask: the rule must give each test image its Sugar back."""
+    truth, probs, _ = random_case(seed=9)
+    for image_id in IMAGE_IDS:  # every image has Sugar
+        truth[image_id][1] = block(slice(0, 2), slice(0, 2))
+        probs[image_id][1] = np.maximum(probs[image_id][1], truth[image_id][1] * 220)
+    grid = {"gates": ["none"], "min_areas": [5], "at_least_one": "auto"}
+    member_path = make_experiment(tmp_path, truth, probs, **grid)
+    _with_test_images(member_path, tmp_path)
+    _twin(member_path, probs)
+    small = block(slice(0, 2), slice(0, 2), 230)  # 4 px: under the minimum area
+    test = {i: np.stack([np.zeros(SIZE, np.uint8), small]) for i in TEST_IDS}
+    _test_stores(member_path, tmp_path, {"handmade": test, "member_b": test})
+    path = _ensemble_config(tmp_path, member_path, postprocess=grid)
+    out = tmp_path / "rule.csv"
+    assert main(["--config", str(path), "--out", str(out)]) == 0
+    record = read_json(load_config(path).run_dir / ENSEMBLE)
+    assert record["at_least_one"]["applied"] is True
+    rule = record["at_least_one"]
+    assert rule["nested"]["with"] > rule["nested"]["without"]
+    assert record["scores"]["ensemble"]["nested"] == pytest.approx(rule["nested"]["with"])
+    rles = dict(pd.read_csv(out, keep_default_na=False).to_numpy())
+    assert all(rles[f"{i}_Sugar"] != "" for i in TEST_IDS)
