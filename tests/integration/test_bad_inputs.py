@@ -332,6 +332,11 @@ CASES: dict[str, Case] = {
         lambda t, d: ["--config", fake_trained_run(t, d, folds=(0,)), "--no-postprocess"],
         ("fold_1", "train it"),
     ),
+    "predict: --with-classifier without a trained classifier": Case(
+        "predict",
+        lambda t, d: ["--config", fake_trained_run(t, d), "--no-postprocess", "--with-classifier"],
+        ("classifier", "fold 0", "pipeline.train_classifier"),
+    ),
     # The report.
     "evaluate: no trained fold": Case(
         "evaluate", with_sets(fold=None), ("fold 0", "pipeline.train")
