@@ -22,6 +22,7 @@ from pipeline.core.config_keys import (
     AT_LEAST_TWO_KEYS,
     BELOW_ONE_KEYS,
     CHOICES,
+    BOOL_OR_CHOICE,
     FLOAT_OR_AUTO,
     INT_LIST_KEYS,
     LIST_CHOICES,
@@ -224,6 +225,11 @@ def _check(value: Any, default: Any, key: str) -> Any:
     if key in TRANSFORM_LIST_KEYS:
         return _check_transforms(value, key)
     if key in FLOAT_OR_AUTO and value == "auto":
+        return value
+    if key in BOOL_OR_CHOICE and not isinstance(value, bool):
+        if value not in BOOL_OR_CHOICE[key]:
+            words = ", ".join(BOOL_OR_CHOICE[key])
+            raise ConfigError(f"config key {key!r} must be true, false or {words}; got {value!r}")
         return value
     if key in SCHEDULE_KEYS:
         return _check_schedule(value, key)

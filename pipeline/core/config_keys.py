@@ -75,6 +75,9 @@ LIST_CHOICES: dict[str, tuple[str, ...]] = {"postprocess.gates": GATES}
 # Float keys that also accept the word "auto".
 FLOAT_OR_AUTO: frozenset[str] = frozenset({"train.lr"})
 
+# Boolean keys that also accept these words.
+BOOL_OR_CHOICE: dict[str, tuple[str, ...]] = {"train.mixed_precision": ("bfloat16",)}
+
 # [H, W] pairs of positive integers.
 SIZE_KEYS: frozenset[str] = frozenset(
     {

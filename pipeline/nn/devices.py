@@ -77,13 +77,30 @@ def _multi_worker() -> tf.distribute.Strategy:
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 
-def set_mixed_precision(enabled: bool) -> bool:
-    """Use ``mixed_float16`` when asked and a GPU is present; return whether it is on."""
-    if enabled and not tf.config.list_physical_devices("GPU"):
-        log.warning("train.mixed_precision is ignored: no GPU, training runs in float32")
-        enabled = False
-    keras.mixed_precision.set_global_policy("mixed_float16" if enabled else "float32")
-    return enabled
+def set_mixed_precision(setting: bool | str) -> str | None:
+    """The training policy of ``train.mixed_precision``; returns the mixed policy in use
+    (``mixed_float16`` or ``mixed_bfloat16``) or None for float32.
+
+    ``true``: ``mixed_float16`` on a GPU (with loss scaling), ignored on a CPU, which has
+    no fast float16. ``bfloat16``: ``mixed_bfloat16`` on any device (no loss scaling:
+    bfloat16 has float32's range); fast on CPUs with AVX512-BF16 or AMX and on recent GPUs.
+    """
+    policy = None
+    if setting == "bfloat16":
+        policy = "mixed_bfloat16"
+        if "avx512_bf16" not in cpu_flags() and "amx_bf16" not in cpu_flags():
+            if not tf.config.list_physical_devices("GPU"):
+                log.warning(
+                    "train.mixed_precision: bfloat16 on a CPU without AVX512-BF16 or AMX: "
+                    "emulated, likely slower than float32"
+                )
+    elif setting is True:
+        if tf.config.list_physical_devices("GPU"):
+            policy = "mixed_float16"
+        else:
+            log.warning("train.mixed_precision is ignored: no GPU, training runs in float32")
+    keras.mixed_precision.set_global_policy(policy or "float32")
+    return policy
 
 
 def inference_precision(requested: str) -> str:

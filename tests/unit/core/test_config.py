@@ -78,6 +78,10 @@ def test_overrides_are_parsed_and_typed():
             r"must be one of \['never', 'always', 'auto', 'search'\]; got True",
         ),
         ("train.swa_top=-1", r"'train.swa_top' must be a number >= 0"),
+        (
+            "train.mixed_precision=float16",
+            r"'train.mixed_precision' must be true, false or bfloat16; got 'float16'",
+        ),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -155,3 +159,9 @@ def test_classifier_pooling_is_a_choice():
     assert load_config(overrides=["classifier.pooling=avgmax"]).classifier.pooling == "avgmax"
     with pytest.raises(ConfigError, match=r"'classifier.pooling' must be one of \['avg', 'max'"):
         load_config(overrides=["classifier.pooling=sum"])
+
+
+@pytest.mark.parametrize("value", [True, False, "bfloat16"])
+def test_mixed_precision_takes_a_boolean_or_bfloat16(value):
+    text = {True: "true", False: "false"}.get(value, value)
+    assert load_config(overrides=[f"train.mixed_precision={text}"]).train.mixed_precision == value

@@ -51,3 +51,37 @@ def test_a_model_built_under_a_bfloat16_policy_predicts_float32_close_to_float32
 def test_keras3_refuses_multi_replica_strategies_with_a_clear_error(name):
     with pytest.raises(ValueError, match=f"train.strategy '{name}' needs framework tf_keras"):
         make_strategy(name)
+
+
+def test_bfloat16_training_policy_trains_float32_weights_with_the_accumulating_adam() -> None:
+    """train.mixed_precision: bfloat16 computes in bfloat16 on any device, keeps float32
+    weights and needs no loss scaling; two accumulated micro-steps apply one update."""
+    import numpy as np
+
+    from pipeline.nn.devices import set_mixed_precision
+    from pipeline.nn.keras_backend import keras
+    from pipeline.nn.optim import make_optimizer
+
+    try:
+        assert set_mixed_precision("bfloat16") == "mixed_bfloat16"
+        inputs = keras.Input((8, 8, 3))
+        x = keras.layers.Conv2D(4, 3, padding="same", activation="relu")(inputs)
+        x = keras.layers.Conv2D(1, 1)(x)
+        model = keras.Model(inputs, keras.layers.Activation("sigmoid", dtype="float32")(x))
+        assert model.layers[1].compute_dtype == "bfloat16"
+        assert all(w.dtype == "float32" for w in model.trainable_weights)
+        model.compile(make_optimizer(1e-2, 2), loss="binary_crossentropy")
+        assert not isinstance(model.optimizer, keras.mixed_precision.LossScaleOptimizer)
+        rng = np.random.default_rng(0)
+        images = rng.random((4, 8, 8, 3)).astype("float32")
+        masks = (rng.random((4, 8, 8, 1)) > 0.5).astype("float32")
+        before = [w.numpy().copy() for w in model.trainable_weights]
+        history = model.fit(images, masks, batch_size=2, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+        after = [w.numpy() for w in model.trainable_weights]
+        assert any(not np.array_equal(a, b) for a, b in zip(after, before, strict=True))
+    finally:
+        assert set_mixed_precision(False) is None
+    assert keras.mixed_precision.global_policy().name == "float32"
+    if not tf.config.list_physical_devices("GPU"):
+        assert set_mixed_precision(True) is None  # float16 has no fast path on a CPU
