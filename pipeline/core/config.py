@@ -21,8 +21,8 @@ from pipeline.core import layout
 from pipeline.core.config_keys import (
     AT_LEAST_TWO_KEYS,
     BELOW_ONE_KEYS,
-    CHOICES,
     BOOL_OR_CHOICE,
+    CHOICES,
     FLOAT_OR_AUTO,
     INT_LIST_KEYS,
     LIST_CHOICES,

@@ -88,12 +88,12 @@ def set_mixed_precision(setting: bool | str) -> str | None:
     policy = None
     if setting == "bfloat16":
         policy = "mixed_bfloat16"
-        if "avx512_bf16" not in cpu_flags() and "amx_bf16" not in cpu_flags():
-            if not tf.config.list_physical_devices("GPU"):
-                log.warning(
-                    "train.mixed_precision: bfloat16 on a CPU without AVX512-BF16 or AMX: "
-                    "emulated, likely slower than float32"
-                )
+        fast = {"avx512_bf16", "amx_bf16"} & cpu_flags()
+        if not fast and not tf.config.list_physical_devices("GPU"):
+            log.warning(
+                "train.mixed_precision: bfloat16 on a CPU without AVX512-BF16 or AMX: "
+                "emulated, likely slower than float32"
+            )
     elif setting is True:
         if tf.config.list_physical_devices("GPU"):
             policy = "mixed_float16"
