@@ -39,7 +39,7 @@ from pipeline.core.lr_range import (
 )
 from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset
 from pipeline.nn.devices import make_strategy, seed_everything, set_mixed_precision
-from pipeline.nn.keras_backend import keras, set_value, tf
+from pipeline.nn.keras_backend import check_framework, keras, set_value, tf
 from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
 from pipeline.nn.model import build_model, check_input_size
 from pipeline.nn.optim import make_optimizer
@@ -122,6 +122,7 @@ def _fold_training_input(
 
 def run_lr_find(config: Config, fold: int = 0) -> dict[str, Any]:
     """Run the range test on fold ``fold``; write csv, png and json; return the json."""
+    check_framework(str(config.framework), config.source or "the config")
     lf, t, m = config.lr_find, config.train, config.model
     lrs = exponential_lrs(lf.start_lr, lf.end_lr, lf.steps)
     find_divergence([], lf.smoothing, lf.diverge_factor)  # checks both settings up front

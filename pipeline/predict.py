@@ -50,6 +50,7 @@ from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.core.probstore import ProbWriter
 from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import inference_precision, precision_policy, set_mixed_precision
+from pipeline.nn.keras_backend import check_framework
 from pipeline.nn.model import check_input_size
 from pipeline.nn.predictor import (
     CACHE_WORKERS,
@@ -99,6 +100,7 @@ def predict(
     and store its probs (``TEST_CLS``) although no tuned class is gated by it (an
     ensemble's classifier gate reads them).
     """
+    check_framework(str(config.framework), config.source or "the config")
     weights = fold_weights(config)
     check_trained_config(config, force)
     # Refused here, before anything is written, where this config lacks the source.

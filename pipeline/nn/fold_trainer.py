@@ -35,7 +35,7 @@ from pipeline.nn.devices import (
     seed_everything,
     set_mixed_precision,
 )
-from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.keras_backend import check_framework, keras, tf
 from pipeline.nn.trainer import FitSettings, fit_resumable
 from pipeline.nn.weights import copy_model, save_weights_atomic
 from pipeline.run.cluster import WORKER_DIR_ENV, WORKER_KEY, WorkerRole, worker_role
@@ -150,6 +150,7 @@ def train_fold(
     (``cluster.WORKER_DIR_ENV``, else a temporary one removed at the end).
     """
     check_fold_number(config, fold)
+    check_framework(str(config.framework), config.source or "the config")
     fold_dir = stage.fold_dir(config, fold)
     role = worker_role(os.environ) if config.train.strategy == "multi_worker" else None
     if role is not None and not role.is_chief:

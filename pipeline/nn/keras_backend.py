@@ -46,6 +46,17 @@ if os.environ.get(THREADS_ENV):
     tf.config.threading.set_inter_op_parallelism_threads(_threads)
 
 
+def check_framework(wanted: str, source: str) -> None:
+    """Refuse a config whose ``framework`` is not this process's Keras (picked once, at
+    this module's import): a library caller would otherwise train or predict with the
+    other one silently. The stage commands switch by themselves (``run.cli``)."""
+    if wanted != FRAMEWORK:
+        raise ValueError(
+            f"{source}: framework {wanted!r}, but this process runs {FRAMEWORK!r} (the Keras "
+            f"is picked once per process); set {FRAMEWORK_ENV}={wanted} before starting it"
+        )
+
+
 def get_value(variable: Any) -> float:
     """A scalar variable's value, e.g. an optimizer's learning rate."""
     if KERAS3:

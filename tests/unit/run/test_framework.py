@@ -89,6 +89,27 @@ def test_a_library_caller_already_on_the_other_keras_gets_a_clear_error():
     assert "FOLDSEG_FRAMEWORK=keras3" in result.stdout
 
 
+def test_training_or_predicting_with_the_other_keras_in_process_is_refused(tmp_path):
+    """A library call (a benchmark, a notebook) that never went through a stage command
+    must not train or predict silently on the process's other Keras."""
+    result = run_python(
+        f"""
+        from pipeline.core.config import load_config
+        from pipeline.predict import predict
+        from pipeline.train import train_fold
+        config = load_config(overrides=["framework=keras3", "runs_dir={tmp_path}"])
+        for call in (lambda: train_fold(config, 0), lambda: predict(config)):
+            try:
+                call()
+            except ValueError as exc:
+                print(exc)
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("framework 'keras3', but this process runs 'tf_keras'") == 2
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_an_unknown_framework_in_the_environment_is_named():
     result = run_python("from pipeline.nn import keras_backend", env_framework="keras4")
     assert result.returncode != 0
