@@ -275,8 +275,30 @@ def _write_report(
         format_table(table),
         "```",
         "",
+        _presence_line(choice),
     ]
-    _write_text_atomic(path, "\n".join(lines))
+    rule = choice.at_least_one
+    if "per_class" in rule:
+        lines.append(
+            f"At-least-one rule ({rule['choice']}): "
+            f"{'applied' if rule['applied'] else 'not applied'}; nested "
+            f"{rule['nested']['without']:.4f} without, {rule['nested']['with']:.4f} with; "
+            f"in-sample {rule['in_sample']['without']:.4f} without, "
+            f"{rule['in_sample']['with']:.4f} with. The ensemble's figures: nested "
+            f"{choice.scores()['nested']:.4f}, in-sample {choice.scores()['in_sample']:.4f}."
+        )
+    _write_text_atomic(path, "\n".join([*lines, ""]))
+
+
+def _presence_line(choice: EnsembleChoice) -> str:
+    if not choice.presence_members:
+        return "Classifier gates: not searched (no member has presence probabilities)."
+    sources = ", ".join(f"{name}'s {source}" for name, source in choice.presence_members.items())
+    won = [c for c in choice.blend.classes if choice.blend.per_class[c].params.uses_classifier]
+    return (
+        f"Classifier gates searched on the mean presence of {sources}; chosen for "
+        f"{', '.join(won) if won else 'no class'}."
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -315,6 +315,10 @@ def test_the_members_classifier_gate_removes_false_positives_in_the_submission(
     config = load_config(path)
     record = read_json(config.run_dir / ENSEMBLE)
     assert record["presence"] == {"handmade": "classifier", "member_b": "classifier"}
+    report = (config.run_dir / ENSEMBLE_REPORT).read_text()
+    assert (
+        "mean presence of handmade's classifier, member_b's classifier; chosen for Fish" in report
+    )
     params = read_json(config.run_dir / "postprocess.json")
     assert params["classes"]["Fish"]["gate"] == "classifier"
     assert record["scores"]["ensemble"]["in_sample"] == 1.0
@@ -344,5 +348,9 @@ def test_the_rule_reaches_the_ensemble_submission(tmp_path: Path) -> None:
     rule = record["at_least_one"]
     assert rule["nested"]["with"] > rule["nested"]["without"]
     assert record["scores"]["ensemble"]["nested"] == pytest.approx(rule["nested"]["with"])
+    assert (
+        "At-least-one rule (auto): applied"
+        in (load_config(path).run_dir / ENSEMBLE_REPORT).read_text()
+    )
     rles = dict(pd.read_csv(out, keep_default_na=False).to_numpy())
     assert all(rles[f"{i}_Sugar"] != "" for i in TEST_IDS)
