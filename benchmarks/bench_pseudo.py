@@ -59,7 +59,7 @@ def run_round(config: Path, sets: list[str], workdir: Path, experiment: str) -> 
     run("pipeline.train", config, sets, log, "--all", "--resume")
     run("pipeline.tune", config, sets, log)
     run("pipeline.predict", config, sets, log, "--submissions-dir", str(workdir / "subs"))
-    run_dir = workdir / experiment
+    run_dir = load_config(config, sets).run_dir
     scores = json.loads((run_dir / POSTPROCESS).read_text())["extra"]["scores"]
     test = json.loads((run_dir / PREDICT).read_text()).get("test_score")
     return {
@@ -108,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             kept.append(0)
             rounds["round 1"].append(dict(rounds["round 0"][-1]))
         else:
-            summary = json.loads((args.workdir / first / PSEUDO_LABELS_JSON).read_text())
+            first_dir = load_config(args.config, labelled).run_dir
+            summary = json.loads((first_dir / PSEUDO_LABELS_JSON).read_text())
             kept.append(int(summary["kept_images"]))
-            table = args.workdir / first / PSEUDO_LABELS
+            table = first_dir / PSEUDO_LABELS
             second = [*sets, f"data.pseudo_labels={table}"]
             rounds["round 1"].append(
                 run_round(args.config, second, args.workdir, f"{stem}_pl1_s{seed}")

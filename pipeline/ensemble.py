@@ -269,7 +269,8 @@ def _write_report(
         f"{choice.n_blends} blends per class (weights in the order of the members), each "
         "with every post-processing setting; nested = each fold scored with the blend and "
         "setting chosen on the other folds (the honest CV), in-sample = chosen and scored on "
-        "the same images (optimistic). A member's columns are the same search on it alone.",
+        "the same images (optimistic). A member's columns are the same search on it alone "
+        "(its classifier gates on the ensemble's presence).",
         "",
         "```",
         format_table(table),

@@ -134,7 +134,7 @@ def _predict(
     image_ids = list_test_images(config, exp)
     data = config.data
     check_input_size(data.image_size, "data.image_size (the prediction input)")
-    set_mixed_precision(config.train.mixed_precision)
+    set_mixed_precision(False)  # the models below are built under ``precision`` alone
     precision = inference_precision(config.predict.precision)
     log.info("inference in %s (predict.precision: %s)", precision, config.predict.precision)
     with clock.stage("cache"):

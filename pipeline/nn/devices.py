@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from pipeline.core.precision import POLICIES, choose_precision, cpu_flags
+from pipeline.core.precision import BF16_CPU_FLAGS, POLICIES, choose_precision, cpu_flags
 from pipeline.nn.keras_backend import KERAS3, keras, tf
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ def set_mixed_precision(setting: bool | str) -> str | None:
     policy = None
     if setting == "bfloat16":
         policy = "mixed_bfloat16"
-        fast = {"avx512_bf16", "amx_bf16"} & cpu_flags()
+        fast = BF16_CPU_FLAGS & cpu_flags()
         if not fast and not tf.config.list_physical_devices("GPU"):
             log.warning(
                 "train.mixed_precision: bfloat16 on a CPU without AVX512-BF16 or AMX: "

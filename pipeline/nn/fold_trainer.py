@@ -240,7 +240,9 @@ def _train_fold(
         )
         return {"fold": fold, WORKER_KEY: role.name, "best_epoch": state["best_epoch"]}
     precision = inference_precision(config.predict.precision)
-    if precision != "float32" and parts.build_plain is not None:
+    # The OOF is predicted as predict will predict the test images: at ``precision``, not
+    # under the training policy (a mixed one included).
+    if (precision != "float32" or mixed) and parts.build_plain is not None:
         with precision_policy(precision):
             model = copy_model(model, parts.build_plain)
     outputs = parts.finish(model)

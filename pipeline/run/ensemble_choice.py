@@ -6,7 +6,9 @@ class, every blend on the simplex grid of ``ensemble.weight_step`` (``core.blend
 every post-processing setting of ``postprocess`` (``core.threshold_search``): the blend
 and its post-processing are chosen together, and the nested figure scores each fold
 with the choice made on the other folds. Each member alone is one of the blends, so
-each member's own nested and in-sample scores come from the same pass.
+each member's own nested and in-sample scores come from the same pass (their classifier
+gates read the ensemble's presence too, so a member without a classifier is scored
+with the others').
 
 The classifier gates (``classifier``, ``fused``) read the members' presence: the mean
 of the presence probabilities of every member that has one (its separate classifier's
@@ -114,9 +116,18 @@ def ensemble_presence(
         return None, {}
     tables: dict[str, dict[str, np.ndarray]] = {}
     sources: dict[str, str] = {}
-    for member in members:
+    for i, member in enumerate(members):
         source = presence_source(member.config, member.exp)
-        probs = None if source is None else read_classifier_probs(member.config, member.exp, source)
+        try:
+            probs = (
+                None if source is None else read_classifier_probs(member.config, member.exp, source)
+            )
+        except FileNotFoundError as err:
+            sets = "".join(f" --set {item}" for item in member.overrides)
+            raise FileNotFoundError(
+                f"ensemble.members[{i}] ({member.name}; its commands take{sets or ' no --set'}): "
+                f"{err}"
+            ) from None
         if probs is not None and source is not None:
             tables[member.name], sources[member.name] = probs, source
     if not tables:
@@ -169,7 +180,7 @@ def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
         raise ValueError(
             f"postprocess.gates {list(grid.gates)} leaves nothing to search without the "
             "members' presence probs; add 'none' or 'segmentation', or train a member's "
-            "classifier (python -m pipeline.train_classifier --all)"
+            "classifier (python -m pipeline.train_classifier --config <member config> --all)"
         )
     readers = [open_segmentation_oof(m.config, m.exp) for m in members]
     accumulators = [

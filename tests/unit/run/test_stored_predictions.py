@@ -54,6 +54,13 @@ def test_the_classifier_presence_is_fresh_until_its_weights_change(config) -> No
     # A later predict that did not run the classifier keeps its still-current key...
     write_test_keys(config, classifier_ran=False)
     assert fresh_test_presence(config, CLASSES, IDS, "classifier") is not None
+    # ...also when the segmentation folds were retrained (the test probs' key changes):
+    for fold in range(config.folds.n_splits):
+        path = config.fold_dir(fold) / BEST_WEIGHTS
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"segmentation")
+    write_test_keys(config, classifier_ran=False)
+    assert fresh_test_presence(config, CLASSES, IDS, "classifier") is not None
     # ...but retrained classifier folds make the stored table stale, and it stays so.
     _classifier_weights(config, b"retrained")
     assert fresh_test_presence(config, CLASSES, IDS, "classifier") is None

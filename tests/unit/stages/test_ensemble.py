@@ -284,15 +284,16 @@ def test_twin_members_reproduce_tune_with_classifier_gates_and_the_rule(
     assert ours["images_changed"] == theirs["images_changed"]
 
 
-def _gated_stores(member_path: Path, presence: dict[str, list[float]]) -> None:
-    """Both members' stored test probs (a confident Fish block in every image) and their
-    stored classifier test presence, with fresh keys."""
+def _gated_stores(member_path: Path, presence: dict[str, dict[str, list[float]]]) -> None:
+    """Both members' stored test probs (a confident Fish block in every image) and each
+    member's stored classifier test presence (member -> image -> per class), with fresh
+    keys."""
     fish = block(slice(0, 2), slice(0, 3), 230)
     test = {i: np.stack([fish, np.zeros(SIZE, np.uint8)]) for i in TEST_IDS}
     _test_stores(member_path, member_path.parent, {"handmade": test, "member_b": test})
-    for name in ("handmade", "member_b"):
+    for name, by_image in presence.items():
         config = load_config(member_path, [f"experiment={name}"])
-        values = np.array([presence[i] for i in TEST_IDS])
+        values = np.array([by_image[i] for i in TEST_IDS])
         write_test_presence(config, "classifier", values, CLASSES, TEST_IDS)
         write_test_keys(config, classifier_ran=True)
 
@@ -302,25 +303,37 @@ def test_the_members_classifier_gate_removes_false_positives_in_the_submission(
 ) -> None:
     """Half the images have Fish, all predict it confidently: only the members' (perfect)
     classifiers tell them apart. The ensemble gates Fish on their mean presence, and the
-    submission keeps Fish only where the stored test presence says so."""
+    submission keeps Fish only where the members' mean stored test presence clears the
+    tuned gate threshold (one member alone would keep t1 as well)."""
+    from pipeline.run.ensemble_choice import choose_blend
+    from pipeline.run.ensemble_members import open_members
+
     truth, probs, classifier = false_positive_case()
     gates = ["none", "classifier"]
     member_path = make_experiment(tmp_path, truth, probs, classifier, gates=gates)
     _with_test_images(member_path, tmp_path)
     _twin(member_path, probs, classifier)
-    _gated_stores(member_path, {"t0.jpg": [0.9, 0.5], "t1.jpg": [0.1, 0.5]})
     path = _ensemble_config(tmp_path, member_path, postprocess={"at_least_one": "never"})
+    config = load_config(path)
+    gate = choose_blend(config, open_members(config)).blend.per_class["Fish"].params
+    assert gate.gate == "classifier" and gate.gate_threshold is not None
+    g = float(gate.gate_threshold)
+    high = min(1.0, 2 * g - 0.01)  # t1: above the gate alone, under it in the mean with 0
+    _gated_stores(
+        member_path,
+        {
+            "handmade": {"t0.jpg": [1.0, 0.5], "t1.jpg": [high, 0.5]},
+            "member_b": {"t0.jpg": [1.0, 0.5], "t1.jpg": [0.0, 0.5]},
+        },
+    )
     out = tmp_path / "gated.csv"
     assert main(["--config", str(path), "--out", str(out)]) == 0
-    config = load_config(path)
     record = read_json(config.run_dir / ENSEMBLE)
     assert record["presence"] == {"handmade": "classifier", "member_b": "classifier"}
     report = (config.run_dir / ENSEMBLE_REPORT).read_text()
     assert (
         "mean presence of handmade's classifier, member_b's classifier; chosen for Fish" in report
     )
-    params = read_json(config.run_dir / "postprocess.json")
-    assert params["classes"]["Fish"]["gate"] == "classifier"
     assert record["scores"]["ensemble"]["in_sample"] == 1.0
     rles = dict(pd.read_csv(out, keep_default_na=False).to_numpy())
     assert rles["t0.jpg_Fish"] != "" and rles["t1.jpg_Fish"] == ""
@@ -354,3 +367,51 @@ def test_the_rule_reaches_the_ensemble_submission(tmp_path: Path) -> None:
     )
     rles = dict(pd.read_csv(out, keep_default_na=False).to_numpy())
     assert all(rles[f"{i}_Sugar"] != "" for i in TEST_IDS)
+
+
+def test_the_rule_on_different_members_matches_a_brute_force_nested_recomputation(
+    tmp_path: Path,
+) -> None:
+    """Two different members, every mask removed by the minimum area: the rule restores
+    one class per image. Its nested figure must be each fold's images blended with the
+    weights chosen without that fold, post-processed with that fold's settings."""
+    from pipeline.core.postprocess import postprocess_image
+    from pipeline.run.ensemble_choice import choose_blend
+    from pipeline.run.ensemble_members import open_members
+
+    truth, probs_a, _ = random_case(seed=5)
+    _, probs_b, _ = random_case(seed=6)
+    grid = {"gates": ["none"], "min_areas": [0, 5], "at_least_one": "always"}
+    member_path = make_experiment(tmp_path, truth, probs_a, **grid)
+    _with_test_images(member_path, tmp_path)
+    _member(member_path, "member_b", probs_b)
+    config = load_config(_ensemble_config(tmp_path, member_path, postprocess=grid))
+    members = open_members(config)
+    choice = choose_blend(config, members)
+    readers = [[ProbReader(m.config.fold_dir(k) / "oof") for k in range(3)] for m in members]
+
+    def dice(mask: np.ndarray, target: np.ndarray) -> float:
+        total = mask.sum() + target.sum()
+        return 1.0 if total == 0 else 2 * float((mask & target).sum()) / float(total)
+
+    nested, in_sample = [], []
+    for k in range(3):
+        weights = choice.row_weights(k)
+        settings = [choice.blend.per_class[c].nested_params[k] for c in CLASSES]
+        chosen = [choice.blend.per_class[c].params for c in CLASSES]
+        for image_id in readers[0][k].image_ids:
+            levels = [r[k].get(image_id) for r in readers]
+            ruled = postprocess_image(blend_levels(levels, weights), settings, None, True)
+            nested += [dice(ruled[c], truth[image_id][c]) for c in range(len(CLASSES))]
+            q = blend_levels(levels, choice.row_weights(None))
+            ruled = postprocess_image(q, chosen, None, True)
+            in_sample += [dice(ruled[c], truth[image_id][c]) for c in range(len(CLASSES))]
+    rule = choice.at_least_one
+    assert rule["images_changed"]["nested"] > 0  # the rule did something to check
+    assert rule["nested"]["with"] == pytest.approx(np.mean(nested), abs=1e-12)
+    assert rule["in_sample"]["with"] == pytest.approx(np.mean(in_sample), abs=1e-12)
+    # A fold's nested blend differs from the chosen one (fold 0's Sugar): the check
+    # tells the nested weights from the chosen ones.
+    assert any(
+        not np.array_equal(choice.row_weights(k), choice.row_weights(None)) for k in range(3)
+    )
