@@ -42,6 +42,7 @@ from pipeline.core.postprocess import (
     CLASSIFIER_GATES,
     resolve_at_least_one,
     save_postprocess,
+    searchable_gates,
 )
 from pipeline.core.probstore import ProbReader
 from pipeline.core.streams import map_ahead, read_ahead
@@ -91,13 +92,12 @@ def search_postprocess(
     ``postprocess.gates`` lists it.
     """
     grid = config.postprocess
-    gates = [g for g in grid.gates if classifier_probs is not None or g not in CLASSIFIER_GATES]
-    if not gates:
-        raise ValueError(
-            f"postprocess.gates {list(grid.gates)} leaves nothing to search without "
-            "classifier out-of-fold probs; add 'none' or 'segmentation', or train the "
-            "classifier (python -m pipeline.train_classifier --all)"
-        )
+    gates = searchable_gates(
+        grid.gates,
+        classifier_probs is not None,
+        "classifier out-of-fold probs",
+        "train the classifier (python -m pipeline.train_classifier --all)",
+    )
     accumulator = GridAccumulator(
         exp.classes,
         grid.thresholds,

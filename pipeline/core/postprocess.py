@@ -153,6 +153,21 @@ def postprocess_mask(
     return apply_gate(mask, 0.0 if gate_score is None else gate_score, gate_threshold)
 
 
+def searchable_gates(
+    gates: Sequence[str], with_presence: bool, missing: str, hint: str
+) -> list[str]:
+    """``postprocess.gates`` as searched: the classifier gates only ``with_presence``
+    probabilities; ValueError when nothing is left (``missing`` names the absent
+    presence, ``hint`` how to get it)."""
+    searched = [g for g in gates if with_presence or g not in CLASSIFIER_GATES]
+    if not searched:
+        raise ValueError(
+            f"postprocess.gates {list(gates)} leaves nothing to search without {missing}; "
+            f"add 'none' or 'segmentation', or {hint}"
+        )
+    return searched
+
+
 def resolve_at_least_one(choice: str, every_image_has_a_class: bool) -> bool:
     """Whether the at-least-one rule applies: ``choice`` is one of ``AT_LEAST_ONE_CHOICES``
     (``search``: not before tune has scored it, so False here)."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from pipeline.core.blend import blend_levels, one_hot_index, simplex_weights
 from pipeline.core.config import Config
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.images import cache_path, read_original_sizes
-from pipeline.core.postprocess import CLASSIFIER_GATES, resolve_at_least_one
+from pipeline.core.postprocess import CLASSIFIER_GATES, resolve_at_least_one, searchable_gates
 from pipeline.core.probstore import ProbReader
 from pipeline.core.threshold_choice import GridSums
 from pipeline.core.threshold_search import GridAccumulator
@@ -175,13 +175,13 @@ def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
     classes = first.exp.classes
     weights = blend_grid(config, len(members))
     presence, sources = ensemble_presence(config, members)
-    gates = [g for g in grid.gates if presence is not None or g not in CLASSIFIER_GATES]
-    if not gates:
-        raise ValueError(
-            f"postprocess.gates {list(grid.gates)} leaves nothing to search without the "
-            "members' presence probs; add 'none' or 'segmentation', or train a member's "
-            "classifier (python -m pipeline.train_classifier --config <member config> --all)"
-        )
+    gates = searchable_gates(
+        grid.gates,
+        presence is not None,
+        "the members' presence probs",
+        "train a member's classifier "
+        "(python -m pipeline.train_classifier --config <member config> --all)",
+    )
     readers = [open_segmentation_oof(m.config, m.exp) for m in members]
     accumulators = [
         GridAccumulator(
@@ -210,8 +210,7 @@ def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
     }
     alone = {m.name: parts[one_hot_index(weights, i)].result() for i, m in enumerate(members)}
     choice = EnsembleChoice(chosen, blend, alone, len(weights), weights, sources)
-    rule = score_rule(config, members, readers, choice, presence)
-    return EnsembleChoice(chosen, blend, alone, len(weights), weights, sources, rule)
+    return replace(choice, at_least_one=score_rule(config, members, readers, choice, presence))
 
 
 def score_rule(
