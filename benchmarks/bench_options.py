@@ -49,8 +49,14 @@ OPTIONS: dict[str, list[str]] = {
     # trains no separate classifier, so its tuning has no classifier gate).
     "head": ["model.classification_head=true"],
 }
-# Options that change only the tuning reuse the baseline's trained folds.
-TUNE_ONLY = frozenset({"min_components", "fused_gate", "at_least_one"})
+# Options that change only the tuning reuse another run's trained folds, and are compared
+# with that run's own tuning: the baseline's, or the head's for the fused gate (the
+# baseline has no presence probability, so its tuning would drop the fused gate).
+TUNE_ONLY: dict[str, str] = {
+    "min_components": "baseline",
+    "at_least_one": "baseline",
+    "fused_gate": "head",
+}
 
 
 def run_option(
@@ -98,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [o for o in options if o not in OPTIONS]
     if unknown:
         parser.error(f"unknown option {unknown[0]!r}; choose from {', '.join(OPTIONS)}")
+    for option in options:
+        source = TUNE_ONLY.get(option, "baseline")
+        if source != "baseline" and source not in options[: options.index(option)]:
+            parser.error(f"option {option!r} is tuned on the folds of {source!r}: list it first")
     base = list(args.set)
     if args.quick:
         args.seeds = 1
@@ -116,23 +126,26 @@ def main(argv: list[str] | None = None) -> int:
         for option in options:
             overrides = [*base, f"seed={seed}", *OPTIONS[option]]
             if option in TUNE_ONLY:
-                # Tuned on a copy of the baseline's folds (tune writes into the run).
-                experiment = names["baseline"]
+                # Tuned on another run's folds, with that run's overrides too; its
+                # postprocess.json is put back afterwards (tune writes into the run).
+                reference = TUNE_ONLY[option]
+                experiment = names[reference]
+                if reference != "baseline":
+                    overrides = [*base, f"seed={seed}", *OPTIONS[reference], *OPTIONS[option]]
                 source = args.workdir / experiment / POSTPROCESS
                 kept = source.read_bytes()
                 scores = run_option(args.config, overrides, experiment, args.workdir, False)
                 source.write_bytes(kept)
             else:
-                scores = run_option(
-                    args.config, overrides, f"{stem}_{option}_s{seed}", args.workdir, True
-                )
+                names[option] = f"{stem}_{option}_s{seed}"
+                scores = run_option(args.config, overrides, names[option], args.workdir, True)
             results[option].append(scores)
         print(f"seed {seed}: " + ", ".join(
             f"{name} {r[-1]['plain']:.4f}/{r[-1]['nested']:.4f}" for name, r in results.items()
         ), flush=True)  # fmt: skip
     table: dict[str, Any] = {}
     print("option           OOF at 0.5 (mean ± std)   nested tuned (mean ± std)   "
-          "paired nested diff vs baseline (wins)")  # fmt: skip
+          "paired nested diff vs baseline or the run it reuses (wins)")  # fmt: skip
     for name, runs in results.items():
         plain = [r["plain"] for r in runs]
         nested = [r["nested"] for r in runs]
@@ -142,8 +155,10 @@ def main(argv: list[str] | None = None) -> int:
             f"{np.mean(nested):.4f} ± {np.std(nested):.4f}"
         )
         if name != "baseline":
-            base_plain = [r["plain"] for r in results["baseline"]]
-            base_nested = [r["nested"] for r in results["baseline"]]
+            reference = TUNE_ONLY.get(name, "baseline")
+            base_plain = [r["plain"] for r in results[reference]]
+            base_nested = [r["nested"] for r in results[reference]]
+            row["compared_with"] = reference
             diff_plain = np.subtract(plain, base_plain)
             diff = np.subtract(nested, base_nested)
             row["paired_plain_diff"] = summarise(diff_plain.tolist())
@@ -151,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             row["nested_wins"] = int((diff > 0).sum())
             wins = f"{int((diff > 0).sum())}/{len(diff)}"
             line += f"        {diff.mean():+.4f} ± {diff.std():.4f} ({wins})"
+            line += f" vs {reference}" if reference != "baseline" else ""
         print(line)
         table[name] = row
     result = {

@@ -35,6 +35,7 @@ from pipeline.nn.model import (
     preprocessing_affine,
     resolve_encoder_weights,
     set_bn_momentum,
+    set_imagenet_statistics,
 )
 from pipeline.nn.weights import load_weights_by_name
 from pipeline.run.image_cache import ImageCache
@@ -124,6 +125,8 @@ def build_classifier(
     if local_file is not None:
         load_weights_by_name(base, local_file)
         log.info("classifier backbone weights loaded by layer name from %s", local_file)
+    if named_weights != "imagenet":
+        set_imagenet_statistics(base)
     matrix, offset = XCEPTION_AFFINE if backbone == XCEPTION else preprocessing_affine(backbone)
     inputs = keras.Input(shape=shape, name="image")
     x = ChannelAffine(matrix.tolist(), offset.tolist(), name="normalise")(inputs)

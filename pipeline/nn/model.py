@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.config import Config
-from pipeline.nn.keras_backend import all_layers, keras, sm, tf
+from pipeline.nn.keras_backend import KERAS3, all_layers, keras, sm, tf
 from pipeline.nn.weights import load_weights_by_name
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,41 @@ def preprocessing_affine(backbone: str) -> tuple[np.ndarray, np.ndarray]:
     if not np.allclose(probe(check), check @ matrix + offset, atol=1e-3):
         raise ValueError(f"preprocessing of backbone {backbone!r} is not affine in the channels")
     return matrix, offset
+
+
+# The ImageNet statistics of RGB in [0, 1] ("torch" preprocessing).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def set_imagenet_statistics(encoder: keras.Model) -> int:
+    """Give the encoder's in-model Normalization layers the ImageNet statistics; their count.
+
+    Keras 3's EfficientNet (B0-B7, which segmodels-keras uses) normalises inside the
+    encoder, ``Rescaling(1/255)`` then a ``Normalization`` whose mean and variance arrive
+    with its ImageNet weights. Built without them (``encoder_weights: null`` or a local
+    file) that layer is the identity and the encoder sees [0, 1] pixels, where
+    segmentation-models' EfficientNet on tf_keras sees ImageNet-standardised ones. Setting
+    mean and variance = std ** 2 gives ``(x / 255 - mean) / std``: the same inputs as
+    tf_keras, and what ImageNet weights expect (Keras' own files store the standard
+    deviation as the variance and rescale after the layer). Call it after a local file
+    is loaded, since such a file may carry that layer's statistics. tf_keras' encoders
+    normalise outside the model (``ChannelAffine``): nothing to do there.
+    """
+    if not KERAS3:
+        return 0
+    layers = [
+        layer
+        for layer in all_layers(encoder)
+        if isinstance(layer, keras.layers.Normalization) and hasattr(layer, "adapt_mean")
+    ]
+    for layer in layers:
+        if tuple(layer.adapt_mean.shape) != (3,):
+            raise ValueError(f"encoder layer {layer.name} does not normalise 3 channels")
+        layer.adapt_mean.assign(np.asarray(IMAGENET_MEAN, np.float32))
+        layer.adapt_variance.assign(np.square(np.asarray(IMAGENET_STD, np.float32)))
+        layer.finalize_state()
+    return len(layers)
 
 
 def resolve_encoder_weights(
@@ -184,6 +219,8 @@ def build_segmentation_model(
         # by_name maps the encoder's layers, whose names the backbone file shares.
         load_weights_by_name(net, local_file)
         log.info("encoder weights loaded by layer name from %s", local_file)
+    if sm_weights != "imagenet":
+        set_imagenet_statistics(net)
     if bn_momentum is not None:
         set_bn_momentum(net, bn_momentum)
     matrix, offset = preprocessing_affine(backbone)

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from pipeline.nn.classifier import build_classifier
 from pipeline.nn.keras_backend import BACKBONE_MODULES, KERAS3, keras, sm
 from pipeline.nn.model import (
     ChannelAffine,
@@ -115,3 +116,36 @@ def test_decoder_filters_narrow_the_decoder():
         build_segmentation_model("FPN", "resnet18", 2, decoder_filters=[8] * 5)
     with pytest.raises(ValueError, match="must be 5 positive integers"):
         build_segmentation_model("Unet", "resnet18", 2, decoder_filters=[8] * 4)
+
+
+def stem_input(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """What the EfficientNet encoder's first convolution receives for 0-255 pixels ``x``."""
+    net = next(layer for layer in model.layers if isinstance(layer, keras.Model))
+    probe = keras.Model(net.input, net.get_layer("stem_conv").input)
+    seen = np.asarray(probe(model.get_layer("normalise")(x)))
+    return seen[:, : x.shape[1], : x.shape[2]]  # Keras 3 pads the stem's bottom and right
+
+
+@pytest.mark.parametrize("local_file", [False, True])
+def test_efficientnet_encoder_sees_imagenet_standardised_pixels(tmp_path, local_file):
+    # segmentation-models normalises outside the encoder, Keras 3's EfficientNet inside it
+    # with statistics that come with its ImageNet weights: without them both frameworks'
+    # encoders must still see (x / 255 - mean) / std, as ImageNet weights expect.
+    weights = None
+    if local_file:
+        backbone = sm.Backbones.get_backbone(
+            "efficientnetb0", input_shape=(None, None, 3), weights=None, include_top=False,
+            **BACKBONE_MODULES,
+        )  # fmt: skip
+        if KERAS3:  # Keras' own ImageNet files store the std as the variance
+            norm = next(w for w in backbone.layers if isinstance(w, keras.layers.Normalization))
+            norm.adapt_mean.assign([0.485, 0.456, 0.406])
+            norm.adapt_variance.assign([0.229, 0.224, 0.225])
+        weights = str(tmp_path / ("b0_notop" + (".weights.h5" if KERAS3 else ".h5")))
+        backbone.save_weights(weights)
+    model = build_segmentation_model("Unet", "efficientnetb0", 1, encoder_weights=weights)
+    classifier = build_classifier("efficientnetb0", 1, (32, 64), weights=weights)
+    x = np.random.default_rng(2).integers(0, 256, (1, 32, 64, 3)).astype(np.float32)
+    expected = (x / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    for built in (model, classifier):
+        np.testing.assert_allclose(stem_input(built, x), expected, rtol=1e-4, atol=1e-4)
