@@ -4,6 +4,7 @@ over an image cache (``run.image_cache``).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import warnings
@@ -14,7 +15,7 @@ import albumentations as A
 import numpy as np
 
 from pipeline.core.sample_order import SampleOrder
-from pipeline.nn.keras_backend import tf
+from pipeline.nn.keras_backend import KERAS3, tf
 from pipeline.run.image_cache import ImageCache
 
 log = logging.getLogger(__name__)
@@ -142,28 +143,57 @@ def make_train_dataset(
     return ds.prefetch(prefetch)
 
 
-def batch_for_replicas(
-    ds: tf.data.Dataset, n: int, batch_size: int, replicas: int
-) -> tf.data.Dataset:
-    """``ds.batch(batch_size)`` over ``n`` elements, with no batch smaller than ``replicas``.
+def replica_batch_sizes(n: int, batch_size: int, replicas: int) -> list[int]:
+    """The sizes of ``n`` elements' evaluation batches, ``batch_size`` where possible.
 
-    A distribution strategy splits each global batch over its replicas; a final batch
-    of fewer elements than replicas leaves a replica an empty slice. TensorFlow's
-    oneDNN convolution (on by default on CPUs with AVX-512/AMX) returns its *input* for
+    A distribution strategy splits each global batch over its replicas. No batch is
+    smaller than ``replicas``: a replica with an empty slice breaks TensorFlow's oneDNN
+    convolution (on by default on CPUs with AVX-512/AMX), which returns its *input* for
     an empty batch, so the next BatchNorm fails ("scale must have the same number of
-    elements as the channels of x, got 64 and 3"). Such a remainder is merged into the
-    batch before it, so every image is still seen exactly once.
+    elements as the channels of x, got 64 and 3"). Such a remainder takes ``replicas``
+    elements from the batch before it (or joins it, when that batch is too small).
+    And the first batch splits evenly whenever ``n`` allows it: Keras 3 reduces the
+    first batch of every evaluation across the replicas to build the model, which fails
+    on unequal slices ("Inputs to operation AddN must have the same size and shape").
     """
     if n < replicas:
         raise ValueError(
             f"{n} evaluation image(s) cannot be split over {replicas} replicas; use fewer "
             f"devices (train.strategy) or more images per fold (folds.n_splits)"
         )
-    remainder = n % batch_size
-    if remainder == 0 or remainder >= replicas:
-        return ds.batch(batch_size)
-    head = n - batch_size - remainder
-    return ds.take(head).batch(batch_size).concatenate(ds.skip(head).batch(batch_size + remainder))
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if replicas == 1:
+        return sizes
+    if sizes[-1] < replicas:
+        if sizes[-2] - replicas >= replicas:
+            sizes[-2:] = [sizes[-2] - replicas, sizes[-1] + replicas]
+        else:
+            sizes[-2:] = [sizes[-2] + sizes[-1]]
+    if sizes[0] % replicas and len(sizes) == 1 and n >= 2 * replicas:
+        first = replicas * (n // replicas - 1)
+        sizes = [first, n - first]
+    return sizes
+
+
+def batch_for_replicas(
+    ds: tf.data.Dataset, n: int, batch_size: int, replicas: int
+) -> tf.data.Dataset:
+    """``ds.batch(batch_size)`` over ``n`` elements, in ``replica_batch_sizes``: every
+    element once, in order, no replica ever empty."""
+    sizes = replica_batch_sizes(n, batch_size, replicas)
+    if KERAS3 and sizes[0] % replicas:
+        raise ValueError(
+            f"{n} evaluation images cannot be split evenly over {replicas} replicas, which "
+            f"Keras 3 needs for the first batch; use at least {2 * replicas} images per "
+            f"fold (folds.n_splits) or fewer devices (train.strategy)"
+        )
+    batched, start = None, 0
+    for size, run in itertools.groupby(sizes):
+        count = len(list(run))
+        part = ds.skip(start).take(size * count).batch(size)
+        batched = part if batched is None else batched.concatenate(part)
+        start += size * count
+    return batched
 
 
 def make_eval_dataset(

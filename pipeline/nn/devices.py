@@ -16,12 +16,11 @@ from pipeline.nn.keras_backend import KERAS3, keras, tf
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
-# Measured with Keras 3.15 (TensorFlow backend): under MirroredStrategy its own gradient
-# accumulation calls merge_call inside a cond, and an uneven final batch fails in AddN.
-KERAS3_SINGLE_REPLICA = (
-    "train.strategy {name!r} needs framework tf_keras: multi-replica training on Keras 3 "
-    "fails under tf.distribute (its gradient accumulation and uneven final batches); "
-    "use train.strategy auto or one_device with framework keras3"
+# Measured with Keras 3.15 (TensorFlow backend): two workers on one machine never finish
+# their first epoch (tests/integration/test_multi_worker.py under keras3).
+KERAS3_MULTI_WORKER = (
+    "train.strategy 'multi_worker' needs framework tf_keras: on Keras 3 two workers hang "
+    "in their first epoch; use train.strategy mirrored (one machine) or framework tf_keras"
 )
 
 
@@ -44,6 +43,14 @@ def split_cpu(n_devices: int) -> None:
         ) from exc
 
 
+def check_strategy(name: str) -> None:
+    """ValueError unless ``train.strategy`` ``name`` can run on this process's Keras."""
+    if name not in STRATEGIES:
+        raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}; got {name!r}")
+    if KERAS3 and name == "multi_worker":
+        raise ValueError(KERAS3_MULTI_WORKER)
+
+
 def make_strategy(name: str) -> tf.distribute.Strategy:
     """The ``train.strategy`` of config.
 
@@ -53,16 +60,10 @@ def make_strategy(name: str) -> tf.distribute.Strategy:
     the CPU. mirrored: all GPUs, or all logical CPUs when
     there is no GPU. multi_worker: MultiWorkerMirroredStrategy (cluster from TF_CONFIG).
     """
-    if name not in STRATEGIES:
-        raise ValueError(f"train.strategy must be one of {list(STRATEGIES)}; got {name!r}")
-    if KERAS3 and name in ("mirrored", "multi_worker"):
-        raise ValueError(KERAS3_SINGLE_REPLICA.format(name=name))
+    check_strategy(name)
     if name == "multi_worker":
         return _multi_worker()  # before anything (even listing devices) starts TensorFlow
     gpus = tf.config.list_logical_devices("GPU")
-    if KERAS3 and name == "auto" and len(gpus) > 1:
-        log.warning("framework keras3 trains on one device: %s", gpus[0].name)
-        return tf.distribute.OneDeviceStrategy(gpus[0].name)
     if name == "mirrored" or (name == "auto" and len(gpus) > 1):
         devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
         return tf.distribute.MirroredStrategy(devices=devices)

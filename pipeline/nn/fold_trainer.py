@@ -28,6 +28,7 @@ from pipeline.core.schedule import Phase
 from pipeline.nn.batchnorm import recalibrate_copy
 from pipeline.nn.checkpoint import load_state
 from pipeline.nn.devices import (
+    check_strategy,
     device_name,
     inference_precision,
     make_strategy,
@@ -151,6 +152,7 @@ def train_fold(
     """
     check_fold_number(config, fold)
     check_framework(str(config.framework), config.source or "the config")
+    check_strategy(config.train.strategy)
     fold_dir = stage.fold_dir(config, fold)
     role = worker_role(os.environ) if config.train.strategy == "multi_worker" else None
     if role is not None and not role.is_chief:

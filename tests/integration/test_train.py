@@ -15,7 +15,6 @@ import pytest
 
 from pipeline.core.layout import FOLD_METRICS
 from pipeline.core.probstore import ProbReader
-from pipeline.run.cli import framework_of_process
 from tests.conftest import REPO, write_tiny_config
 
 pytestmark = pytest.mark.slow
@@ -211,7 +210,6 @@ def test_killed_run_resumes_where_it_stopped(tmp_path, tiny_data):
     assert json.loads((fold_dir / "metrics.json").read_text())["epochs_run"] == 8
 
 
-@pytest.mark.skipif(framework_of_process() == "keras3", reason="multi-replica needs tf_keras")
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
     """9 validation images in global batches of 8: a final batch of one would leave a
     replica an empty slice, which oneDNN's convolution (default on AVX-512/AMX CPUs,
@@ -242,6 +240,24 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
     assert "2 replica(s) x batch 4, 2 accumulated -> 16 images per Adam step" in out.stderr
     history = pd.read_csv(tmp_path / "runs/tiny/fold_0/history.csv")
     assert np.isfinite(history["loss"]).all()
+    # The classifier trains on the same two replicas.
+    out = run_cli(
+        "pipeline.train_classifier",
+        "--config",
+        str(config),
+        "--fold",
+        "0",
+        "--logical-cpus",
+        "2",
+        "--set",
+        "classifier.epochs=1",
+        "--set",
+        "classifier.image_size=[32,64]",
+        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"},
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs/tiny/classifier/fold_0/metrics.json").read_text())
+    assert metrics["replicas"] == 2 and np.isfinite(metrics["oof_auc"])
 
 
 def test_progressive_unfreezing_changes_phase_and_lr(tmp_path, tiny_data):

@@ -13,6 +13,7 @@ from pipeline.nn.data import (
     build_augmentation,
     make_eval_dataset,
     make_train_dataset,
+    replica_batch_sizes,
 )
 from pipeline.run.image_cache import ImageCache, build_cache
 
@@ -98,17 +99,26 @@ def test_eval_dataset_covers_each_image_once_in_order(tmp_path, image_set):
 @pytest.mark.parametrize(
     ("n", "batch", "replicas", "sizes"),
     [
-        (9, 8, 2, [9]),  # a remainder of 1 < 2 replicas joins the batch before it
-        (17, 8, 2, [8, 9]),
+        (9, 8, 2, [6, 3]),  # a remainder of 1 < 2 replicas takes 2 from the batch before
+        (17, 8, 2, [8, 6, 3]),
+        (33, 8, 4, [8, 8, 8, 4, 5]),
+        (5, 4, 2, [2, 3]),
+        (7, 2, 2, [2, 2, 3]),  # the batch before is too small to give: joined
         (10, 8, 2, [8, 2]),  # a remainder of 2 gives each replica one image
         (16, 8, 2, [8, 8]),
         (9, 8, 1, [8, 1]),  # one replica: plain batching
-        (3, 8, 2, [3]),
+        (9, 16, 2, [6, 3]),  # one uneven batch: the first is made even (Keras 3 needs it)
+        (3, 8, 2, [3]),  # cannot be: fewer than 2 x replicas
     ],
 )
 def test_no_eval_batch_leaves_a_replica_empty(n, batch, replicas, sizes):
-    from pipeline.nn.keras_backend import tf
+    from pipeline.nn.keras_backend import KERAS3, tf
 
+    assert replica_batch_sizes(n, batch, replicas) == sizes
+    if KERAS3 and sizes[0] % replicas:
+        with pytest.raises(ValueError, match=f"{n} evaluation images cannot be split evenly"):
+            batch_for_replicas(tf.data.Dataset.range(n), n, batch, replicas)
+        return
     ds = batch_for_replicas(tf.data.Dataset.range(n), n, batch, replicas)
     batches = [b.numpy().tolist() for b in ds]
     assert [len(b) for b in batches] == sizes

@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 
-from pipeline.nn.keras_backend import KERAS3
 from tests.conftest import REPO
 
 SCRIPT = textwrap.dedent(
@@ -42,7 +41,6 @@ SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(KERAS3, reason="multi-replica strategies need tf_keras")
 def test_a_single_image_predicts_under_two_replicas():
     env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
     out = subprocess.run(

@@ -241,7 +241,6 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(KERAS3, reason="multi-replica strategies need tf_keras")
 def test_keras_metrics_under_mirrored_strategy_match_numpy() -> None:
     result = subprocess.run(
         [sys.executable, "-c", MIRRORED_SCRIPT],

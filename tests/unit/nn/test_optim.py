@@ -284,7 +284,6 @@ MIRRORED_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(KERAS3, reason="multi-replica strategies need tf_keras")
 def test_mirrored_accumulation_equals_single_device_big_batch() -> None:
     result = subprocess.run(
         [sys.executable, "-c", MIRRORED_SCRIPT],
