@@ -11,7 +11,12 @@ command) and ``logs/<experiment>.log`` (each run's output).
 
 Each seed has its own split (and initialisation); every setting of one seed shares
 that split, so settings are compared on identical folds and the comparison of the two
-best is paired by seed. This module never imports TensorFlow.
+best is paired by seed. ``--tune`` also runs ``python -m pipeline.tune`` on every
+finished experiment (again only where its ``postprocess.json`` is missing or older than
+its folds) and ranks and pairs the settings by the nested tuned CV, the honest figure
+of a tuned pipeline; the in-sample tuned figure is shown beside it. A ``postprocess.*``
+key is then compared as the pipeline would use it, though each of its settings trains
+its own folds. This module never imports TensorFlow.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ import pandas as pd
 
 from pipeline.core.config import Config, load_config
 from pipeline.core.grid_tables import (
+    IN_SAMPLE,
+    NESTED,
     GridRun,
     PairedVerdict,
     compare_top_two,
@@ -43,7 +50,7 @@ from pipeline.core.grid_tables import (
     parse_grid_spec,
     summarise_grid,
 )
-from pipeline.core.layout import CACHE, GRID
+from pipeline.core.layout import CACHE, GRID, POSTPROCESS
 from pipeline.core.layout import FOLD_METRICS as METRICS
 from pipeline.core.layout import GRID_RESULTS as RESULTS
 from pipeline.core.layout import GRID_SUMMARY as SUMMARY
@@ -88,6 +95,30 @@ def read_fold_scores(config: Config, folds: Sequence[int]) -> dict[int, float]:
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"{path} is damaged ({exc!r}); retrain that fold") from None
     return scores
+
+
+def read_tuned_scores(config: Config, folds: Sequence[int]) -> dict[str, float] | None:
+    """The run's tuned scores (``postprocess.json``'s ``extra.scores``); None when it was
+    not tuned, or was tuned before one of its folds last finished training."""
+    path = config.run_dir / POSTPROCESS
+    trained = [config.fold_dir(f) / METRICS for f in folds]
+    if not path.is_file() or any(
+        m.is_file() and m.stat().st_mtime > path.stat().st_mtime for m in trained
+    ):
+        return None
+    try:
+        scores = json.loads(path.read_text())["extra"]["scores"]
+        return {key: float(value) for key, value in scores.items() if not isinstance(value, list)}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc!r}); delete it to tune again") from None
+
+
+def tune_command(config_path: str, overrides: Sequence[str]) -> list[str]:
+    """The ``pipeline.tune`` command line of one experiment."""
+    command = [sys.executable, "-m", "pipeline.tune", "--config", config_path]
+    for item in overrides:
+        command += ["--set", item]
+    return command
 
 
 def train_commands(
@@ -142,7 +173,9 @@ def _train_on_ray(
     }
 
 
-def _train_run(run: GridRun, commands: list[list[str]], log_path: Path, position: str) -> str:
+def _train_run(
+    run: GridRun, commands: list[list[str]], log_path: Path, position: str, what: str = ""
+) -> str:
     """Run the commands of one experiment in turn; return its status."""
     started = time.monotonic()
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,9 +185,9 @@ def _train_run(run: GridRun, commands: list[list[str]], log_path: Path, position
             sink.flush()
             code = subprocess.call(command, stdout=sink, stderr=subprocess.STDOUT)
         if code != 0:
-            log.error("%s %s: FAILED (exit %d); see %s", position, run.name, code, log_path)
-            return f"failed (exit {code})"
-    log.info("%s %s: done in %.0fs", position, run.name, time.monotonic() - started)
+            log.error("%s %s: %sFAILED (exit %d); see %s", position, run.name, what, code, log_path)
+            return f"{what}failed (exit {code})"
+    log.info("%s %s: %sdone in %.0fs", position, run.name, what, time.monotonic() - started)
     return "done"
 
 
@@ -165,14 +198,20 @@ def run_grid(
     n_seeds: int = 1,
     folds_text: str | None = None,
     dry_run: bool = False,
+    tune: bool = False,
 ) -> GridOutcome:
-    """Train every missing fold of every experiment of the grid; write and return tables."""
+    """Train every missing fold of every experiment of the grid (and with ``tune`` tune
+    every experiment not tuned since); write and return tables."""
     base = load_config(config_path, base_overrides)
     grid = [parse_grid_spec(spec, base) for spec in specs]
     keys = [key for key, _ in grid]
     if any(k.startswith(("folds.", "data.")) for k in keys):
         log.warning("the grid varies folds.* or data.* keys: settings do not share a split")
     folds = parse_folds(folds_text, base.folds.n_splits)
+    if tune and len(folds) < base.folds.n_splits:
+        raise ValueError(
+            f"--tune needs every fold (tuning reads the whole OOF); drop --folds {folds_text}"
+        )
     runs = expand_grid(base.experiment, grid, grid_seeds(base.seed, n_seeds))
     directory = grid_dir(base)
     shared = _shared_overrides(base, keys, directory)
@@ -194,6 +233,7 @@ def run_grid(
                 "grid": list(specs),
                 "seeds": n_seeds,
                 "folds": folds,
+                "tune": tune,
                 "experiments": [run.name for run in runs],
             },
         )
@@ -231,13 +271,53 @@ def run_grid(
     for run in runs:
         if status[run.name] == "done" and len(scores[run.name]) < len(folds):
             status[run.name] = "incomplete"
-    results = make_results_table(runs, scores, folds, status)
+    tuned = None
+    if tune:
+        overrides = [*base_overrides, *shared]
+        tuned = _tune_runs(config_path, overrides, runs, configs, folds, scores, status, directory,
+                           dry_run)  # fmt: skip
+    results = make_results_table(runs, scores, folds, status, tuned)
     summary = summarise_grid(results, keys)
     if not dry_run:
         _write_csv(results, directory / RESULTS)
         _write_csv(summary, directory / SUMMARY)
     failed = [name for name, s in status.items() if s.startswith("failed") or s == "incomplete"]
     return GridOutcome(directory, results, summary, compare_top_two(results, summary), failed)
+
+
+def _tune_runs(
+    config_path: str,
+    overrides: Sequence[str],
+    runs: Sequence[GridRun],
+    configs: dict[str, Config],
+    folds: Sequence[int],
+    scores: dict[str, dict[int, float]],
+    status: dict[str, str],
+    directory: Path,
+    dry_run: bool,
+) -> dict[str, dict[str, float]]:
+    """Tune every fully trained run whose tuning is missing or stale (updating its
+    ``status`` when tuning fails); return each tuned run's scores."""
+    tuned: dict[str, dict[str, float]] = {}
+    for i, run in enumerate(runs):
+        position = f"[{i + 1}/{len(runs)}]"
+        if len(scores[run.name]) < len(folds):
+            continue
+        got = read_tuned_scores(configs[run.name], folds)
+        if got is None and dry_run:
+            log.info("%s %s: would tune", position, run.name)
+        elif got is None:
+            log_path = directory / "logs" / f"{run.name}.log"
+            log.info("%s %s: tuning (log: %s)", position, run.name, log_path)
+            command = tune_command(config_path, [*overrides, *run.overrides()])
+            outcome = _train_run(run, [command], log_path, position, "tune ")
+            if outcome != "done":
+                status[run.name] = outcome
+                continue
+            got = read_tuned_scores(configs[run.name], folds)
+        if got is not None:
+            tuned[run.name] = got
+    return tuned
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
@@ -273,12 +353,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--dry-run", action="store_true", help="list the experiments; train nothing"
     )
+    parser.add_argument(
+        "--tune",
+        action="store_true",
+        help="also tune each experiment (python -m pipeline.tune) and rank and pair the "
+        "settings by the nested tuned CV",
+    )
     args = parser.parse_args(argv)
     setup_logging()
     try:
         outcome = run_grid(
-            args.config, args.overrides, args.grid, args.seeds, args.folds, args.dry_run
-        )
+            args.config, args.overrides, args.grid, args.seeds, args.folds, args.dry_run,
+            args.tune,
+        )  # fmt: skip
     except (ValueError, FileNotFoundError, KeyError) as exc:
         log.error("%s", exc)
         return 2
@@ -290,6 +377,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"results: {outcome.directory / RESULTS}")
     print(f"summary: {outcome.directory / SUMMARY}")
     print("mean_cv: mean over seeds of each run's mean OOF Kaggle Dice (at 0.5) over its folds")
+    if NESTED in outcome.results.columns:
+        print(
+            f"mean_nested: mean over seeds of each run's {NESTED}, its post-processing tuned "
+            "on the other folds and scored on each (the honest figure, and the ranking); "
+            f"mean_tuned_in_sample: of {IN_SAMPLE}, tuned and scored on the same OOF "
+            "(optimistic)"
+        )
     print(format_summary(outcome.summary))
     if outcome.verdict is not None:
         print(outcome.verdict.describe())

@@ -185,15 +185,24 @@ def fold_column(fold: int) -> str:
     return f"fold_{fold}"
 
 
+# With --tune: each run's tuned scores from its postprocess.json (``extra.scores``).
+NESTED = "nested_cv"  # tuned on the other folds, scored on each (the honest figure)
+IN_SAMPLE = "tuned_cv_in_sample"  # tuned and scored on the same OOF (optimistic)
+TUNED_SCORES = {NESTED: "tuned_nested", IN_SAMPLE: "tuned"}
+
+
 def make_results_table(
     runs: Sequence[GridRun],
     scores: Mapping[str, Mapping[int, float]],
     folds: Sequence[int],
     status: Mapping[str, str],
+    tuned: Mapping[str, Mapping[str, float]] | None = None,
 ) -> pd.DataFrame:
     """One row per experiment: ``experiment``, ``setting``, each grid key, ``seed``,
     ``status``, ``fold_<k>`` (its OOF score, NaN if missing) and ``cv_mean`` (mean over
-    ``folds``; NaN unless every one of them finished)."""
+    ``folds``; NaN unless every one of them finished). With ``tuned`` (run name -> its
+    postprocess.json scores), also ``nested_cv`` and ``tuned_cv_in_sample`` (NaN where
+    the run was not tuned)."""
     rows = []
     for run in runs:
         fold_scores = scores.get(run.name, {})
@@ -204,8 +213,18 @@ def make_results_table(
         values = [float(fold_scores.get(f, np.nan)) for f in folds]
         row.update({fold_column(f): v for f, v in zip(folds, values, strict=True)})
         row["cv_mean"] = float(np.mean(values)) if np.all(np.isfinite(values)) else np.nan
+        if tuned is not None:
+            got = tuned.get(run.name, {})
+            for column, key in TUNED_SCORES.items():
+                row[column] = float(got[key]) if key in got else np.nan
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+def ranking(results: pd.DataFrame) -> tuple[str, str]:
+    """(per-run column, summary column) the grid ranks and pairs by: the nested tuned
+    CV when the runs were tuned, else the OOF score at 0.5."""
+    return (NESTED, "mean_nested") if NESTED in results.columns else ("cv_mean", "mean_cv")
 
 
 def _fold_matrix(results: pd.DataFrame) -> np.ndarray:
@@ -231,6 +250,8 @@ def summarise_grid(results: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     runs' CV means), ``mean_all`` (mean of every finished fold of every run),
     ``std_folds`` (across folds within a run, pooled), ``std_seeds`` (of the CV means
     across seeds, ddof 1), ``n_runs`` (complete runs), ``n_folds`` (finished folds).
+    Tuned runs add ``mean_nested``, ``std_seeds_nested`` and ``mean_tuned_in_sample``,
+    and the order is by ``mean_nested``.
     """
     rows = []
     for label, group in results.groupby("setting", sort=False):
@@ -244,9 +265,16 @@ def summarise_grid(results: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
         row["std_seeds"] = float(complete.std(ddof=1)) if len(complete) >= 2 else np.nan
         row["n_runs"] = len(complete)
         row["n_folds"] = int(np.isfinite(matrix).sum())
+        if NESTED in group:
+            nested = group[NESTED].dropna()
+            row["mean_nested"] = float(nested.mean()) if len(nested) else np.nan
+            row["std_seeds_nested"] = float(nested.std(ddof=1)) if len(nested) >= 2 else np.nan
+            in_sample = group[IN_SAMPLE].dropna()
+            row["mean_tuned_in_sample"] = float(in_sample.mean()) if len(in_sample) else np.nan
         rows.append(row)
     summary = pd.DataFrame(rows)
-    return summary.sort_values("mean_cv", ascending=False, na_position="last", kind="stable")
+    order = ranking(results)[1]
+    return summary.sort_values(order, ascending=False, na_position="last", kind="stable")
 
 
 @dataclass(frozen=True)
@@ -259,10 +287,11 @@ class PairedVerdict:
     standard_error: float
     n_pairs: int
     verdict: str
+    measure: str = "OOF Kaggle Dice at 0.5"
 
     def describe(self) -> str:
         """A few lines for the console."""
-        head = f"best: {self.best}\nrunner-up: {self.runner_up}\n"
+        head = f"best: {self.best}\nrunner-up: {self.runner_up}\ncompared on: {self.measure}\n"
         if self.n_pairs == 0:
             return head + self.verdict
         if self.n_pairs == 1:
@@ -276,14 +305,17 @@ class PairedVerdict:
 def compare_top_two(results: pd.DataFrame, summary: pd.DataFrame) -> PairedVerdict | None:
     """Paired comparison of the summary's first two settings; None with fewer than two.
 
-    For each seed where both settings completed, ``d = cv_best - cv_runner_up``; the
-    verdict is "likely real" when ``|mean d| > 2 x std(d) / sqrt(n)``, "within noise"
-    otherwise, and "cannot judge" with fewer than two such seeds.
+    For each seed where both settings completed, ``d = cv_best - cv_runner_up`` (the
+    nested tuned CV when the runs were tuned); the verdict is "likely real" when
+    ``|mean d| > 2 x std(d) / sqrt(n)``, "within noise" otherwise, and "cannot judge"
+    with fewer than two such seeds.
     """
     if len(summary) < 2:
         return None
+    column = ranking(results)[0]
+    measure = "nested tuned CV" if column == NESTED else "OOF Kaggle Dice at 0.5"
     best, runner_up = summary["setting"].iloc[0], summary["setting"].iloc[1]
-    by_seed = results.pivot_table(index="seed", columns="setting", values="cv_mean")
+    by_seed = results.pivot_table(index="seed", columns="setting", values=column)
     if best not in by_seed or runner_up not in by_seed:
         diffs = np.array([])
     else:
@@ -292,11 +324,11 @@ def compare_top_two(results: pd.DataFrame, summary: pd.DataFrame) -> PairedVerdi
     mean = float(diffs.mean()) if n else float("nan")
     if n < 2:
         verdict = "cannot judge: needs at least 2 seeds finished for both (use --seeds 2 or more)"
-        return PairedVerdict(best, runner_up, mean, float("nan"), n, verdict)
+        return PairedVerdict(best, runner_up, mean, float("nan"), n, verdict, measure)
     se = float(diffs.std(ddof=1) / np.sqrt(n))
     real = abs(mean) > VERDICT_STANDARD_ERRORS * se if se > 0 else mean != 0
     if real:
         verdict = f"likely real (more than {VERDICT_STANDARD_ERRORS:g} standard errors)"
     else:
         verdict = f"within noise (not more than {VERDICT_STANDARD_ERRORS:g} standard errors)"
-    return PairedVerdict(best, runner_up, mean, se, n, verdict)
+    return PairedVerdict(best, runner_up, mean, se, n, verdict, measure)

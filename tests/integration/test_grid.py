@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -97,3 +98,28 @@ def test_grid_points_run_side_by_side_as_ray_tasks(tmp_path, tiny_data):
     assert results.loc[bad, "status"] == "failed (exit 2)"
     assert "divisible by 32" in (grid / "logs" / f"{bad}.fold0.log").read_text()
     assert "--fold 0 --resume" in (grid / "logs" / f"{good}.fold0.log").read_text()
+
+
+def test_grid_tunes_each_run_and_ranks_by_the_nested_figure(tmp_path, tiny_data):
+    config = write_tiny_config(tmp_path, tiny_data, train={"epochs": 1})
+    args = ("--config", str(config), "--grid", "postprocess.min_components=[[0],[0,100]]", "--tune")
+    refused = run_grid(*args, "--folds", "0")
+    assert refused.returncode == 2 and "--tune needs every fold" in refused.stderr
+    out = run_grid(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("tuning (log") == 2
+    runs = tmp_path / "runs"
+    results = pd.read_csv(runs / "tiny__grid" / "results.csv")
+    searched = []
+    for _, row in results.iterrows():
+        saved = json.loads((runs / row["experiment"] / "postprocess.json").read_text())
+        assert row["nested_cv"] == pytest.approx(saved["extra"]["scores"]["tuned_nested"])
+        assert row["tuned_cv_in_sample"] == pytest.approx(saved["extra"]["scores"]["tuned"])
+        searched.append(saved["extra"]["grid"]["min_components"])
+    assert sorted(searched) == [[0], [0, 100]]  # each run tuned with its own setting
+    summary = pd.read_csv(runs / "tiny__grid" / "summary.csv")
+    assert summary["mean_nested"].is_monotonic_decreasing
+    assert "compared on: nested tuned CV" in out.stdout and "mean_nested:" in out.stdout
+    again = run_grid(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "tuning (log" not in again.stderr  # tuned since the folds finished: kept

@@ -328,3 +328,33 @@ def test_paired_verdict_needs_two_seeds():
     assert "difference +0.1000 on one seed" in verdict.describe()
     assert compare_top_two(results, summary.iloc[:1]) is None
     assert isinstance(results, pd.DataFrame) and isinstance(runs[0], GridRun)
+
+
+def test_tuned_runs_are_ranked_and_paired_by_the_nested_figure():
+    """With --tune the nested tuned CV decides: here A has the better OOF at 0.5 on every
+    seed but B the better nested figure, on every seed."""
+    runs = expand_grid("demo", [("postprocess.min_components", [0, 100])], [1, 2, 3])
+    a, b = runs[:3], runs[3:]
+    scores = {r.name: {0: 0.6, 1: 0.6} for r in a} | {r.name: {0: 0.5, 1: 0.5} for r in b}
+    nested = dict(zip([r.name for r in runs], [0.70, 0.71, 0.69, 0.75, 0.78, 0.72], strict=True))
+    tuned = {name: {"tuned_nested": value, "tuned": value + 0.05} for name, value in nested.items()}
+    del tuned[b[2].name]  # one run not tuned: NaN, left out of the means and the pairs
+    results = make_results_table(runs, scores, [0, 1], {}, tuned)
+    assert list(results.columns[-3:]) == ["cv_mean", "nested_cv", "tuned_cv_in_sample"]
+    assert math.isnan(results.iloc[5]["nested_cv"])
+    summary = summarise_grid(results, ["postprocess.min_components"])
+    assert summary["setting"].tolist() == [
+        "postprocess.min_components=100",
+        "postprocess.min_components=0",
+    ]  # by mean_nested, although mean_cv says the opposite
+    best = summary.iloc[0]
+    assert best["mean_nested"] == pytest.approx(0.765)
+    assert best["mean_tuned_in_sample"] == pytest.approx(0.815)
+    assert best["std_seeds_nested"] == pytest.approx(np.std([0.75, 0.78], ddof=1))
+    verdict = compare_top_two(results, summary)
+    assert verdict.n_pairs == 2 and verdict.measure == "nested tuned CV"
+    assert verdict.difference == pytest.approx((0.05 + 0.07) / 2)
+    assert "compared on: nested tuned CV" in verdict.describe()
+    untuned = make_results_table(runs, scores, [0, 1], {})
+    assert "nested_cv" not in untuned.columns
+    assert compare_top_two(untuned, summarise_grid(untuned, [])).measure.startswith("OOF")
