@@ -16,11 +16,14 @@ from pipeline.nn.keras_backend import KERAS3, keras, tf
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker")
-# Measured with Keras 3.15 (TensorFlow backend): two workers on one machine never finish
-# their first epoch (tests/integration/test_multi_worker.py under keras3).
+# Measured with Keras 3.15 (TensorFlow backend): fit() reduces its first batch across the
+# replicas to build the model (Trainer._maybe_symbolic_build), which fails under
+# MultiWorkerMirroredStrategy ("Attempt to convert a value (PerReplica...) to a Tensor"),
+# and the other workers then wait for the dead one.
 KERAS3_MULTI_WORKER = (
-    "train.strategy 'multi_worker' needs framework tf_keras: on Keras 3 two workers hang "
-    "in their first epoch; use train.strategy mirrored (one machine) or framework tf_keras"
+    "train.strategy 'multi_worker' needs framework tf_keras: Keras 3 fails at a worker's "
+    "first batch under MultiWorkerMirroredStrategy; use train.strategy mirrored (the "
+    "devices of one machine) or framework tf_keras"
 )
 
 
