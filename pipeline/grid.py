@@ -12,9 +12,10 @@ command) and ``logs/<experiment>.log`` (each run's output).
 Each seed has its own split (and initialisation); every setting of one seed shares
 that split, so settings are compared on identical folds and the comparison of the two
 best is paired by seed. ``--tune`` also runs ``python -m pipeline.tune`` on every
-finished experiment (again only where its ``postprocess.json`` is missing or older than
-its folds) and ranks and pairs the settings by the nested tuned CV, the honest figure
-of a tuned pipeline; the in-sample tuned figure is shown beside it. A ``postprocess.*``
+finished experiment (again only when its resolved config or a fold changed since; the
+scores are kept in ``tuned/<experiment>.json``) and ranks and pairs the settings by the
+nested tuned CV, the honest figure of a tuned pipeline; the in-sample tuned figure is
+shown beside it. A ``postprocess.*``
 key is then compared as the pipeline would use it, though each of its settings trains
 its own folds. This module never imports TensorFlow.
 """
@@ -22,6 +23,7 @@ its own folds. This module never imports TensorFlow.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -54,6 +56,7 @@ from pipeline.core.layout import CACHE, GRID, POSTPROCESS
 from pipeline.core.layout import FOLD_METRICS as METRICS
 from pipeline.core.layout import GRID_RESULTS as RESULTS
 from pipeline.core.layout import GRID_SUMMARY as SUMMARY
+from pipeline.core.layout import GRID_TUNED as TUNED
 from pipeline.run.cli import add_config_arguments, report_interrupted, setup_logging
 from pipeline.run.json_files import write_json
 
@@ -97,20 +100,45 @@ def read_fold_scores(config: Config, folds: Sequence[int]) -> dict[int, float]:
     return scores
 
 
-def read_tuned_scores(config: Config, folds: Sequence[int]) -> dict[str, float] | None:
-    """The run's tuned scores (``postprocess.json``'s ``extra.scores``); None when it was
-    not tuned, or was tuned before one of its folds last finished training."""
-    path = config.run_dir / POSTPROCESS
-    trained = [config.fold_dir(f) / METRICS for f in folds]
-    if not path.is_file() or any(
-        m.is_file() and m.stat().st_mtime > path.stat().st_mtime for m in trained
-    ):
+def tuning_key(config: Config, folds: Sequence[int]) -> str:
+    """What a run's tuning depends on: its whole resolved config and when each of its
+    segmentation and classifier folds last finished training."""
+    stamps = {
+        str(path): path.stat().st_mtime_ns if path.is_file() else None
+        for fold in folds
+        for path in (config.fold_dir(fold) / METRICS, config.fold_dir(fold, "classifier") / METRICS)
+    }
+    text = json.dumps({"config": config.to_dict(), "folds": stamps}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def tuned_record(directory: Path, run: GridRun) -> Path:
+    """Where the grid keeps a run's tuned scores and their key."""
+    return directory / TUNED / f"{run.name}.json"
+
+
+def read_tuned_scores(record: Path, key: str) -> dict[str, float] | None:
+    """The tuned scores of ``record`` when its key is ``key``; None when the run was not
+    tuned by the grid, or was tuned before its config or one of its folds changed."""
+    if not record.is_file():
         return None
+    try:
+        saved = json.loads(record.read_text())
+        if saved["key"] != key:
+            return None
+        return {name: float(value) for name, value in saved["scores"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{record} is damaged ({exc!r}); delete it to tune again") from None
+
+
+def postprocess_scores(config: Config) -> dict[str, float]:
+    """The scalar scores of the run's ``postprocess.json`` (``extra.scores``)."""
+    path = config.run_dir / POSTPROCESS
     try:
         scores = json.loads(path.read_text())["extra"]["scores"]
         return {key: float(value) for key, value in scores.items() if not isinstance(value, list)}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is damaged ({exc!r}); delete it to tune again") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path} cannot be read after tuning ({exc!r})") from None
 
 
 def tune_command(config_path: str, overrides: Sequence[str]) -> list[str]:
@@ -281,7 +309,7 @@ def run_grid(
     if not dry_run:
         _write_csv(results, directory / RESULTS)
         _write_csv(summary, directory / SUMMARY)
-    failed = [name for name, s in status.items() if s.startswith("failed") or s == "incomplete"]
+    failed = [name for name, s in status.items() if "failed" in s or s == "incomplete"]
     return GridOutcome(directory, results, summary, compare_top_two(results, summary), failed)
 
 
@@ -296,14 +324,16 @@ def _tune_runs(
     directory: Path,
     dry_run: bool,
 ) -> dict[str, dict[str, float]]:
-    """Tune every fully trained run whose tuning is missing or stale (updating its
-    ``status`` when tuning fails); return each tuned run's scores."""
+    """Tune every fully trained run not tuned since its config or folds changed
+    (updating its ``status`` when tuning fails); return each tuned run's scores."""
     tuned: dict[str, dict[str, float]] = {}
     for i, run in enumerate(runs):
         position = f"[{i + 1}/{len(runs)}]"
         if len(scores[run.name]) < len(folds):
             continue
-        got = read_tuned_scores(configs[run.name], folds)
+        config, record = configs[run.name], tuned_record(directory, run)
+        key = tuning_key(config, folds)
+        got = read_tuned_scores(record, key)
         if got is None and dry_run:
             log.info("%s %s: would tune", position, run.name)
         elif got is None:
@@ -314,7 +344,10 @@ def _tune_runs(
             if outcome != "done":
                 status[run.name] = outcome
                 continue
-            got = read_tuned_scores(configs[run.name], folds)
+            got = postprocess_scores(config)
+            write_json(record, {"key": key, "scores": got})
+        else:
+            log.info("%s %s: already tuned", position, run.name)
         if got is not None:
             tuned[run.name] = got
     return tuned

@@ -88,6 +88,7 @@ FIGURE_WORST = "worst.png"
 GRID = "grid.json"
 GRID_RESULTS = "results.csv"
 GRID_SUMMARY = "summary.csv"
+GRID_TUNED = "tuned"  # tuned/<experiment>.json: the scores --tune read, and their key
 
 # Submissions
 SUBMISSION_LOG = "history.md"

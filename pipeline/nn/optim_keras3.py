@@ -19,7 +19,8 @@ all-reduces the gradients through a ``merge_call`` inside its ``cond`` (update o
 accumulate), which tf.distribute refuses. ``_backend_apply_gradients`` then does the
 same arithmetic in the other order: all-reduce in the replica context, then one
 ``merge_call`` whose cross-replica function holds the ``cond`` and updates every
-replica's variables and accumulators with ``extended.update``.
+replica's variables and accumulators with ``extended.update`` (clipping and Keras'
+EMA, which ``optim.make_optimizer`` refuses with accumulation, are not applied there).
 """
 
 from typing import Any
@@ -77,10 +78,6 @@ class AccumAdam(LrFactors, keras.optimizers.Adam):
         if not self.gradient_accumulation_steps or context is None or replicas == 1:
             super()._backend_apply_gradients(grads, trainable_variables)
             return
-        if self.use_ema:
-            raise ValueError(
-                "Keras' optimizer EMA is not supported with multi-replica accumulation"
-            )
         reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, list(grads))
         accumulators = [
             self._accumulated_gradients[self._get_variable_index(v)] for v in trainable_variables

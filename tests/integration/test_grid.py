@@ -122,4 +122,10 @@ def test_grid_tunes_each_run_and_ranks_by_the_nested_figure(tmp_path, tiny_data)
     assert "compared on: nested tuned CV" in out.stdout and "mean_nested:" in out.stdout
     again = run_grid(*args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "tuning (log" not in again.stderr  # tuned since the folds finished: kept
+    assert "tuning (log" not in again.stderr and again.stderr.count("already tuned") == 2
+    kept = pd.read_csv(runs / "tiny__grid" / "results.csv")
+    assert kept.drop(columns="status").equals(results.drop(columns="status"))
+    # Another tuning setting: the same trained folds, tuned again.
+    changed = run_grid(*args, "--set", "postprocess.thresholds=[0.3,0.5]")
+    assert changed.returncode == 0, changed.stderr[-3000:]
+    assert changed.stderr.count("tuning (log") == 2 and "epoch 1/" not in changed.stderr
