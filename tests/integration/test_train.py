@@ -220,16 +220,9 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
         tiny_data,
         train={"epochs": 1, "strategy": "mirrored", "bn_recalibration": True},
     )
-    out = run_cli(
-        "pipeline.train",
-        "--config",
-        str(config),
-        "--fold",
-        "0",
-        "--logical-cpus",
-        "2",
-        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"},
-    )
+    two_cpus = ("--config", str(config), "--fold", "0", "--logical-cpus", "2")
+    onednn = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"}
+    out = run_cli("pipeline.train", *two_cpus, env=onednn)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs/tiny/fold_0/metrics.json").read_text())
     assert metrics["replicas"] == 2
@@ -243,17 +236,12 @@ def test_mirrored_strategy_on_two_logical_cpus(tmp_path, tiny_data):
     # The classifier trains on the same two replicas.
     out = run_cli(
         "pipeline.train_classifier",
-        "--config",
-        str(config),
-        "--fold",
-        "0",
-        "--logical-cpus",
-        "2",
+        *two_cpus,
         "--set",
         "classifier.epochs=1",
         "--set",
         "classifier.image_size=[32,64]",
-        env={**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1"},
+        env=onednn,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "runs/tiny/classifier/fold_0/metrics.json").read_text())
