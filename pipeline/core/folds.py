@@ -12,6 +12,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -20,7 +21,8 @@ from sklearn.model_selection import KFold
 
 logger = logging.getLogger(__name__)
 
-FOLD_METHODS = ("multilabel_stratified", "kfold")
+FoldMethod = Literal["multilabel_stratified", "kfold"]
+FOLD_METHODS: tuple[str, ...] = get_args(FoldMethod)
 NO_MASK_COLUMN = "no_mask"
 _TABLE_COLUMNS = ("image_id", "class_name", "rle")
 _FOLD_COLUMNS = ["image_id", "fold"]

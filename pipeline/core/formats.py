@@ -14,10 +14,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import pandas as pd
 
-LAYOUTS: tuple[str, ...] = ("image_label", "image_class", "imageid_classid", "instances")
+Layout = Literal["image_label", "image_class", "imageid_classid", "instances"]
+LAYOUTS: tuple[str, ...] = get_args(Layout)
 LAYOUT_COLUMNS: dict[str, tuple[str, ...]] = {
     "image_label": ("Image_Label", "EncodedPixels"),
     "image_class": ("ImageId", "ClassId", "EncodedPixels"),

@@ -37,7 +37,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -45,13 +45,15 @@ import numpy as np
 from pipeline.core.metrics import above_threshold
 from pipeline.core.probstore import QUANTISATION, quantise_prob
 
-GATES: tuple[str, ...] = ("none", "classifier", "segmentation", "fused")
+Gate = Literal["none", "classifier", "segmentation", "fused"]
+GATES: tuple[str, ...] = get_args(Gate)
 # The gates that read the classifier's probability, and those that read the top-k mean.
 CLASSIFIER_GATES: frozenset[str] = frozenset({"classifier", "fused"})
 TOPK_GATES: frozenset[str] = frozenset({"segmentation", "fused"})
 # postprocess.at_least_one: never, always, where every training image has a class, or
 # where it raises the tuned OOF score (tune decides, nested-honestly).
-AT_LEAST_ONE_CHOICES: tuple[str, ...] = ("never", "always", "auto", "search")
+AtLeastOne = Literal["never", "always", "auto", "search"]
+AT_LEAST_ONE_CHOICES: tuple[str, ...] = get_args(AtLeastOne)
 # The top-k fraction of the score that picks the class the rule keeps.
 AT_LEAST_ONE_TOPK = 0.01
 # Slack (in quantisation levels) for float error when a threshold lands on a level.

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal, get_args
 
-PRECISIONS = ("auto", "float32", "bfloat16", "float16")
+Precision = Literal["auto", "float32", "bfloat16", "float16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Keras mixed-precision policy per precision.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 # /proc/cpuinfo flags of native bfloat16 arithmetic.

@@ -15,6 +15,7 @@ import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -32,7 +33,8 @@ _GEOMETRIC: dict[str, tuple[int, bool, bool, bool]] = {
     "transpose": (0, False, False, True),
 }
 VIEWS: tuple[str, ...] = tuple(_GEOMETRIC)
-MERGES: tuple[str, ...] = ("mean", "gmean", "max")
+Merge = Literal["mean", "gmean", "max"]
+MERGES: tuple[str, ...] = get_args(Merge)
 # Floor applied before the log of a geometric mean, so a zero probability stays finite.
 GMEAN_EPS = 1e-7
 
