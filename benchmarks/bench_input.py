@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import compute_figures, describe_machine, format_compute, record
 from pipeline.core.config import load_config
+from pipeline.core.lr_range import resolve_lr
 from pipeline.make_demo_data import make_demo_data
 from pipeline.nn.data import CropSampler, build_augmentation, make_train_dataset
 from pipeline.nn.keras_backend import keras, tf
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     model = build_model(config, len(exp.classes))
     model.compile(
-        optimizer=make_optimizer(t.lr, 1),
+        optimizer=make_optimizer(resolve_lr(config), 1),
         loss=get_loss(t.loss),
         metrics=get_metrics(t.metric_threshold, t.metric_min_area),
     )

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 size = target or (height, width)
                 per_class = test_rles[image_id]
                 # Kaggle's test truth is encoded at the submission size (Clouds: 350x525).
-                t = truth_masks(per_class, size, size)
+                t = truth_masks(per_class, (size[0], size[1]), size)
                 values.append(kaggle_dice(t[None], resize_probs(probs_all[i], size)[None], 0.5)[0])
             test_scores[name] = float(np.mean(values))
         result["test_kaggle_dice_050"] = {k: round(v, 4) for k, v in test_scores.items()}

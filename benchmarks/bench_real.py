@@ -48,8 +48,8 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import describe_machine, record  # noqa: E402
 from pipeline.core import rle  # noqa: E402
 from pipeline.core.config import CONFIG_DIR, load_config  # noqa: E402
-from pipeline.core.config_keys import FRAMEWORKS  # noqa: E402
 from pipeline.core.images import read_image, resolve_image_path  # noqa: E402
+from pipeline.core.schema import FRAMEWORKS  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dsb2018"
 LAYOUTS = ("instances", "image_class")

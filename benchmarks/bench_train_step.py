@@ -50,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import compute_figures, describe_machine, format_compute, record
 from pipeline.core.config import load_config
+from pipeline.core.lr_range import resolve_lr
 from pipeline.core.precision import POLICIES
 from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.losses import get_loss
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build_model(config, args.classes)
     metrics = get_metrics(t.metric_threshold, t.metric_min_area)
     gradients_now = [tf.zeros_like(v) + 1e-3 for v in model.trainable_variables]
-    single, accumulating = make_optimizer(t.lr, 1), make_optimizer(t.lr, ACCUMULATION)
+    lr = resolve_lr(config)
+    single, accumulating = make_optimizer(lr, 1), make_optimizer(lr, ACCUMULATION)
 
     @tf.function
     def forward() -> tf.Tensor:
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         """Compile ``model`` as the variant asks, take one (traced, untimed) step, then
         return the call that runs ``steps`` more."""
         model.compile(
-            optimizer=make_optimizer(t.lr, steps if steps == ACCUMULATION else 1),
+            optimizer=make_optimizer(lr, steps if steps == ACCUMULATION else 1),
             loss=get_loss(t.loss),
             metrics=get_metrics(t.metric_threshold, t.metric_min_area) if with_metrics else None,
         )

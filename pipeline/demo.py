@@ -50,6 +50,10 @@ def run_demo(config: Config, submissions_dir: Path = Path("submissions")) -> dic
         log.info("demo stage %s took %.0f s", name, timings[name])
         return result
 
+    if config.data.submission_size is None:
+        raise ValueError(
+            "the demo makes its test truth at data.submission_size, so it must be [H, W]; got null"
+        )
     height, width = config.data.submission_size
     out = Path(config.data.train_csv).parent
     code = timed(

@@ -100,7 +100,7 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     cv = cv_scores(run.tune_extra)
     auc = classifier_auc(run)
     runs, energy_notes = timed_runs(config, run.exp.n_folds)
-    energy = energy_table(runs, config.energy)
+    energy = energy_table(runs, config.energy.to_dict())
     sections = [
         overview_section(run),
         cv_section(run),

@@ -90,9 +90,6 @@ def pseudo_label(config: Config) -> dict[str, Any]:
     check_folds_finished(config)  # before open_experiment, which writes into the run
     exp = open_experiment(config)
     p = config.pseudo_label
-    for key in ("positive", "negative"):
-        if not 0.0 <= float(p[key]) <= 1.0:
-            raise ValueError(f"pseudo_label.{key} must be in [0, 1]; got {p[key]}")
     image_ids = list_test_images(config, exp)
     reader = fresh_test_probs(config, image_ids)
     if reader is None:

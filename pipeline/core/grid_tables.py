@@ -36,10 +36,10 @@ GRID_RESERVED_KEYS = ("experiment", "runs_dir", "seed")
 
 def config_value(config: Config, key: str) -> Any:
     """The value of dotted ``key`` in ``config`` (KeyError naming it when unknown)."""
-    node: Any = config
+    node: Any = config.to_dict()
     for part in key.split("."):
         node = node[part]
-    return node.to_dict() if hasattr(node, "to_dict") else node
+    return node
 
 
 def parse_grid_spec(text: str, config: Config) -> tuple[str, list[Any]]:

@@ -8,7 +8,7 @@ import itertools
 import logging
 import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import albumentations as A
@@ -21,7 +21,7 @@ from pipeline.run.image_cache import ImageCache
 log = logging.getLogger(__name__)
 
 
-def build_augmentation(specs: Sequence[dict[str, Any]]) -> A.Compose:
+def build_augmentation(specs: Sequence[Mapping[str, Any]]) -> A.Compose:
     """An albumentations pipeline from config specs ``[{name, params}]``."""
     transforms = []
     for i, spec in enumerate(specs):

@@ -25,6 +25,7 @@ import numpy as np
 from pipeline.core.config import Config
 from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS, SWA
 from pipeline.core.schedule import Phase
+from pipeline.core.schema import FitConfig, TrainConfig
 from pipeline.nn.batchnorm import recalibrate_copy
 from pipeline.nn.checkpoint import load_state
 from pipeline.nn.devices import (
@@ -56,22 +57,27 @@ from pipeline.run.run_lock import hold_lock
 log = logging.getLogger(__name__)
 
 
-def fit_settings(section: Any, epochs: int | None = None, **overrides: Any) -> FitSettings:
-    """FitSettings from a ``train``-like config section (``overrides`` replace fields)."""
-    values = {
-        "epochs": int(epochs if epochs is not None else section.epochs),
+def fit_settings(section: FitConfig, epochs: int | None = None, **overrides: Any) -> FitSettings:
+    """FitSettings from a fitted section (``train`` or ``classifier``); ``overrides``
+    replace fields. The segmenter's own keys (progress output, weight averaging) come
+    from ``train``; the classifier takes their defaults unless overridden."""
+    values: dict[str, Any] = {
+        "epochs": epochs if epochs is not None else section.epochs,
         "monitor": section.monitor,
         "monitor_mode": section.monitor_mode,
         "reduce_lr_factor": section.reduce_lr_factor,
         "reduce_lr_patience": section.reduce_lr_patience,
         "min_lr": section.min_lr,
         "early_stopping_patience": section.early_stopping_patience,
-        "tensorboard": section.get("tensorboard", False),
-        "verbose": section.get("verbose", 1),
-        "ema_decay": section.get("ema_decay"),
-        "swa_top": int(section.get("swa_top", 0)),
-        "swa_select": section.get("swa_select", "best"),
     }
+    if isinstance(section, TrainConfig):
+        values |= {
+            "tensorboard": section.tensorboard,
+            "verbose": section.verbose,
+            "ema_decay": section.ema_decay,
+            "swa_top": section.swa_top,
+            "swa_select": section.swa_select,
+        }
     values.update(overrides)
     return FitSettings(**values)
 

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.core.config import DEFAULT_CONFIG, Config, load_config
-from pipeline.core.config_keys import FRAMEWORKS
+from pipeline.core.schema import FRAMEWORKS
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:

@@ -31,7 +31,8 @@ class Member:
 
 
 def parse_members(config: Config) -> list[tuple[Path, tuple[str, ...]]]:
-    """(config path, overrides) of each ``ensemble.members`` entry, checked."""
+    """(config path, overrides) of each ``ensemble.members`` entry (their form is the
+    schema's to check); at least two are needed."""
     members = config.ensemble.members
     if len(members) < 2:
         raise ValueError(
@@ -39,24 +40,11 @@ def parse_members(config: Config) -> list[tuple[Path, tuple[str, ...]]]:
             "(each a config path, or {config: path, set: [KEY=VALUE, ...]})"
         )
     parsed: list[tuple[Path, tuple[str, ...]]] = []
-    for i, item in enumerate(members):
-        where = f"ensemble.members[{i}]"
+    for item in members:
         if isinstance(item, str):
             parsed.append((Path(item), ()))
-            continue
-        if (
-            not isinstance(item, dict)
-            or not isinstance(item.get("config"), str)
-            or set(item) - {"config", "set"}
-        ):
-            raise ValueError(
-                f"{where} must be a config path or {{config: path, set: [KEY=VALUE, ...]}}; "
-                f"got {item!r}"
-            )
-        overrides = item.get("set") or []
-        if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-            raise ValueError(f"{where}.set must be a list of KEY=VALUE strings; got {overrides!r}")
-        parsed.append((Path(str(item["config"])), tuple(overrides)))
+        else:
+            parsed.append((Path(item["config"]), tuple(item["set"])))
     return parsed
 
 

@@ -264,6 +264,8 @@ def read_pseudo_labels(config: Config, exp: Experiment) -> MaskTable:
     """The table of ``data.pseudo_labels`` (``image_label`` layout, as
     ``python -m pipeline.pseudo_label`` writes it), checked: a readable file with at
     least one image, none of them a training image."""
+    if config.data.pseudo_labels is None:
+        raise ValueError("data.pseudo_labels is null: there is no pseudo-label table to read")
     path = Path(config.data.pseudo_labels)
     if not path.is_file():
         raise FileNotFoundError(f"data.pseudo_labels {str(path)!r} is not a file")

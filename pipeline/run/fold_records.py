@@ -11,9 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.core.config import DEFAULT_CONFIG, Config, load_yaml, save_config
+from pipeline.core.config import Config, read_run_config, save_config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLD_METRICS, TRAINED_CONFIG
 from pipeline.run.json_files import read_json
 
@@ -80,16 +78,14 @@ def record_trained_config(config: Config, fold_dir: Path) -> None:
     save_config(config, config.run_dir / TRAINED_CONFIG)
 
 
-def _walk(data: dict[str, Any], dotted: str) -> tuple[bool, Any]:
-    """``(found, value)`` of the dotted key (a path key resolved to an absolute path)."""
+def _walk(data: dict[str, Any], dotted: str) -> Any:
+    """The value of the dotted key (a path key resolved to an absolute path)."""
     value: Any = data
     for part in dotted.split("."):
-        if not isinstance(value, dict) or part not in value:
-            return False, None
         value = value[part]
     if dotted in _PATH_KEYS and isinstance(value, str):
-        return True, str(Path(value).resolve())
-    return True, value
+        return str(Path(value).resolve())
+    return value
 
 
 def _leaf_differences(key: str, old: Any, new: Any) -> dict[str, tuple[Any, Any]]:
@@ -105,27 +101,19 @@ def _leaf_differences(key: str, old: Any, new: Any) -> dict[str, tuple[Any, Any]
 def trained_config_differences(config: Config) -> list[str]:
     """Every key that matters (``TRAINED_KEYS``; ``CLASSIFIER_KEYS`` for classifier
     folds) whose value differs from a trained fold's recorded config: one line each,
-    naming the key, the fold's file, its value then and now."""
+    naming the key, the fold's file, its value then and now. A fold recorded by an
+    earlier version is read as that version meant it (``config.read_run_config``: keys
+    renamed since are migrated, keys added since had their defaults)."""
     now = config.to_dict()
-    defaults = load_yaml(DEFAULT_CONFIG)
     lines = []
     for stage, keys in (("", TRAINED_KEYS), (CLASSIFIER_STAGE, TRAINED_KEYS + CLASSIFIER_KEYS)):
-        for fold in range(int(config.folds.n_splits)):
+        for fold in range(config.folds.n_splits):
             path = config.fold_dir(fold, stage) / TRAINED_CONFIG
             if not path.is_file():
                 continue
-            try:
-                then = yaml.safe_load(path.read_text())
-            except (OSError, yaml.YAMLError) as exc:
-                raise ValueError(f"{path} is not a readable config: {exc}") from exc
-            if not isinstance(then, dict):
-                raise ValueError(f"{path} must hold a mapping; got {type(then).__name__}")
+            then = read_run_config(path).to_dict()
             for key in keys:
-                # A key added after the fold was trained had its default value then.
-                found, old = _walk(then, key)
-                if not found:
-                    old = _walk(defaults, key)[1]
-                new = _walk(now, key)[1]
+                old, new = _walk(then, key), _walk(now, key)
                 for leaf, (was, is_now) in _leaf_differences(key, old, new).items():
                     lines.append(f"{leaf}: {was!r} in {path}, {is_now!r} now")
     return lines

@@ -274,8 +274,9 @@ def pseudo_label_cache(config: Config, exp: Experiment, size: Sequence[int]) -> 
     images), at ``size``. Its images must not be training images."""
     from pipeline.run.experiment import read_pseudo_labels  # the run layer above
 
-    path = Path(config.data.pseudo_labels)
     table = read_pseudo_labels(config, exp).table
+    assert config.data.pseudo_labels is not None  # read_pseudo_labels refuses null
+    path = Path(config.data.pseudo_labels)
     ids = sorted(table["image_id"].unique())
     folder = Path(config.data.pseudo_images or config.data.test_images)
     return build_cache(

@@ -197,7 +197,9 @@ CASES: dict[str, Case] = {
         "train", with_sets("train.lr"), ("override must look like key.path=value",)
     ),
     "train: wrong type": Case(
-        "train", with_sets("train.epochs=many"), ("'train.epochs' must be int", "many")
+        "train",
+        with_sets("train.epochs=many"),
+        ("'train.epochs' must be an integer >= 1; got 'many'",),
     ),
     "train: batch_size 0": Case(
         "train", with_sets("train.batch_size=0"), ("'train.batch_size' must be an integer >= 1",)

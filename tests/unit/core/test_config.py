@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from pipeline.core.config import CONFIG_DIR, ConfigError, load_config, save_config
 
@@ -57,17 +58,25 @@ def test_overrides_are_parsed_and_typed():
     [
         ("train.lrr=1", r"unknown config key 'train.lrr'; valid keys here: .*lr"),
         ("trian.lr=1", r"unknown config key 'trian'"),
-        ("train.lr=fast", r"'train.lr' must be float; got str 'fast'"),
-        ("train.epochs=1.5", r"'train.epochs' must be int"),
+        ("train.lr=fast", r"'train.lr' must be a number > 0 or auto; got 'fast'"),
+        ("train.epochs=1.5", r"'train.epochs' must be an integer >= 1; got 1.5"),
+        ("train.batch_size=0", r"config key 'train.batch_size' must be an integer >= 1; got 0"),
+        ("train.batch_size=true", r"'train.batch_size' must be an integer >= 1; got True"),
+        ("train.epochs='5'", r"'train.epochs' must be an integer >= 1; got '5'"),
+        ("experiment=5", r"'experiment' must be a string; got 5"),
+        ("train.lr=-1", r"'train.lr' must be a number > 0 or auto; got -1"),
         ("train.tensorboard=1", r"must be true or false"),
         ("train.loss=mse", r"must be one of \['jaccard'"),
         ("data.image_size=[384]", r"\[H, W\] positive integers"),
-        ("train.batch_size=null", r"may not be null"),
+        (
+            "train.batch_size=null",
+            r"'train.batch_size' may not be null; it must be an integer >= 1",
+        ),
         ("train.lr", r"key.path=value"),
-        ("train.weight_decay=.nan", r"'train.weight_decay' must be a finite number"),
+        ("train.weight_decay=.nan", r"'train.weight_decay' must be a finite number >= 0; got nan"),
         ("train.encoder_lr_factor=.inf", r"'train.encoder_lr_factor' must be a finite number"),
         ("train.encoder_lr_factor=0", r"'train.encoder_lr_factor' must be a number > 0"),
-        ("train.ema_decay=1", r"'train.ema_decay' must be below 1"),
+        ("train.ema_decay=1", r"'train.ema_decay' must be null or a number > 0 and < 1; got 1"),
         ("train.ema_decay=0", r"'train.ema_decay' must be null or a number > 0"),
         ("postprocess.gates=[[none]]", r"'postprocess.gates' must be a non-empty list of"),
         ("postprocess.gates=[]", r"'postprocess.gates' must be a non-empty list of"),
@@ -77,7 +86,15 @@ def test_overrides_are_parsed_and_typed():
             "postprocess.at_least_one=yes",
             r"must be one of \['never', 'always', 'auto', 'search'\]; got True",
         ),
-        ("train.swa_top=-1", r"'train.swa_top' must be a number >= 0"),
+        ("train.swa_top=-1", r"'train.swa_top' must be an integer >= 0; got -1"),
+        ("train.reduce_lr_factor=1", r"'train.reduce_lr_factor' must be a number > 0 and < 1"),
+        ("classifier.epochs=0", r"'classifier.epochs' must be an integer >= 1; got 0"),
+        (
+            "data.classes=[a, true]",
+            r"'data.classes' must be null or a list of class names \(strings or integers\); "
+            r"got \['a', True\]",
+        ),
+        ("train=3", r"config key 'train' must be a mapping \(a section\); got 3"),
         (
             "train.mixed_precision=float16",
             r"'train.mixed_precision' must be true, false or bfloat16; got 'float16'",
@@ -95,10 +112,32 @@ def test_unknown_key_in_file_lists_valid_keys(tmp_path):
         load_config(path)
 
 
+def test_unknown_top_level_key_in_file(tmp_path):
+    path = write(tmp_path / "x.yaml", {"trian": {"lr": 0.1}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'trian'; valid keys at top level: "):
+        load_config(path)
+
+
 def test_bad_augment_entry(tmp_path):
     path = write(tmp_path / "x.yaml", {"augment": [{"transform": "HorizontalFlip"}]})
-    with pytest.raises(ConfigError, match=r"augment\[0\]"):
+    with pytest.raises(ConfigError, match=r"'augment\[0\]' must be \{name: a string, params"):
         load_config(path)
+
+
+def test_augment_params_default_to_none_given():
+    c = load_config(overrides=["augment=[{name: HorizontalFlip}, {name: Blur, params: null}]"])
+    assert c.augment == [
+        {"name": "HorizontalFlip", "params": {}},
+        {"name": "Blur", "params": {}},
+    ]
+
+
+def test_several_wrong_keys_are_all_named(tmp_path):
+    path = write(tmp_path / "x.yaml", {"train": {"epochs": 0, "lr": "fast"}, "seed": -1})
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value).startswith("config key 'seed' must be an integer >= 0; got -1")
+    assert "also wrong: 'train.epochs', 'train.lr'" in str(err.value)
 
 
 def test_missing_config_file(tmp_path):
@@ -106,10 +145,14 @@ def test_missing_config_file(tmp_path):
         load_config(tmp_path / "nope.yaml")
 
 
-def test_strict_attribute_access():
+def test_the_config_is_typed_and_frozen():
     c = load_config()
-    with pytest.raises(KeyError, match="unknown config key 'train.lrr'"):
-        _ = c.train.lrr
+    with pytest.raises(AttributeError, match="lrr"):
+        _ = c.train.lrr  # type: ignore[attr-defined]
+    with pytest.raises(ValidationError, match="frozen"):
+        c.train.lr = 0.5  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        _ = c["train"]  # type: ignore[index]
 
 
 def test_save_and_reload_round_trip(tmp_path):
@@ -119,19 +162,31 @@ def test_save_and_reload_round_trip(tmp_path):
     assert again.to_dict() == c.to_dict()
 
 
+def test_integer_class_names_are_names():
+    assert load_config(overrides=["data.classes=[4, 3, '2', 1]"]).data.classes == [
+        "4",
+        "3",
+        "2",
+        "1",
+    ]
+
+
 def test_lr_may_be_auto_but_no_other_word():
     assert load_config(overrides=["train.lr=auto"]).train.lr == "auto"
-    with pytest.raises(ConfigError, match="'train.lr' must be float"):
+    with pytest.raises(ConfigError, match="'train.lr' must be a number > 0 or auto"):
         load_config(overrides=["train.lr=fast"])
+    with pytest.raises(ConfigError, match="'classifier.lr' must be a number > 0; got 'auto'"):
+        load_config(overrides=["classifier.lr=auto"])
 
 
 @pytest.mark.parametrize(
     ("schedule", "message"),
     [
-        ("[{epoch: 2, fraction: 1.5}]", r"fraction must be in \(0, 1\]"),
-        ("[{epoch: -1, fraction: 0.5}]", r"epoch must be an integer >= 0"),
+        ("[{epoch: 2, fraction: 1.5}]", r"\[0\].fraction' must be a number > 0 and <= 1; got 1.5"),
+        ("[{epoch: -1, fraction: 0.5}]", r"\[0\].epoch' must be an integer >= 0; got -1"),
         ("[{epoch: 2, fraction: 0.5}, {epoch: 2, fraction: 1.0}]", r"epoch must increase"),
-        ("[{epoch: 2, blocks: 3}]", r"unfreeze_schedule\[0\] must be"),
+        ("[{epoch: 2, blocks: 3}]", r"unfreeze_schedule\[0\]' must be \{epoch: an integer"),
+        ("[{epoch: 2, fraction: 0.5, lr: 0}]", r"\[0\].lr' must be null or a number > 0; got 0"),
     ],
 )
 def test_unfreeze_schedule_is_validated(schedule, message):
@@ -150,7 +205,7 @@ def test_decoder_filters_are_null_or_five_positive_integers():
     assert c.model.decoder_filters == [128, 64, 32, 16, 8]
     for bad in ("[128, 64, 32, 16]", "[128, 64, 32, 16, 0]", "[128, 64, 32, 16, 8.5]", "wide"):
         with pytest.raises(
-            ConfigError, match="'model.decoder_filters' must be 5 positive integers"
+            ConfigError, match="'model.decoder_filters' must be null or 5 positive integers; got "
         ):
             load_config(overrides=[f"model.decoder_filters={bad}"])
 

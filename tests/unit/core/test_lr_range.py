@@ -192,7 +192,7 @@ def test_grid_spec_values_are_yaml_normalised_by_the_config(base):
 def test_grid_spec_errors(base):
     with pytest.raises(ConfigError, match=r"unknown config key 'train.lrr'"):
         parse_grid_spec("train.lrr=[1, 2]", base)
-    with pytest.raises(ConfigError, match=r"'train.batch_size' must be int"):
+    with pytest.raises(ConfigError, match=r"'train.batch_size' must be an integer >= 1; got 'big'"):
         parse_grid_spec("train.batch_size=[8, big]", base)
     with pytest.raises(ValueError, match=r"non-empty YAML list like train.lr=\[a, b\]; got '1e-3'"):
         parse_grid_spec("train.lr=1e-3", base)

@@ -1,12 +1,14 @@
-"""``config.CHOICES`` agrees with the constants of the modules that own each choice.
+"""The schema's choices agree with the constants of the modules that own each choice.
 
-The pure ones (folds, TTA merges) are derived from their modules; the Keras layer's
-cannot be imported by the pure config, so they are checked here.
+The pure ones (folds, TTA merges, ...) are the owners' own ``Literal`` types; the Keras
+layer's cannot be imported by the pure schema, so they are checked here.
 """
 
-from pipeline.core.config import CHOICES
 from pipeline.core.folds import FOLD_METHODS
 from pipeline.core.formats import LAYOUTS
+from pipeline.core.postprocess import AT_LEAST_ONE_CHOICES, GATES
+from pipeline.core.precision import PRECISIONS
+from pipeline.core.schema import choices
 from pipeline.core.tta import MERGES
 from pipeline.nn.classifier import POOLINGS
 from pipeline.nn.devices import STRATEGIES
@@ -23,9 +25,12 @@ def test_every_choice_matches_its_owner():
         "train.loss": tuple(LOSSES),
         "train.strategy": STRATEGIES,
         "tta.merge": MERGES,
+        "predict.precision": PRECISIONS,
         "classifier.pooling": POOLINGS,
+        "postprocess.at_least_one": AT_LEAST_ONE_CHOICES,
     }
     for key, owned in owners.items():
-        assert set(CHOICES[key]) == set(owned), key
+        assert set(choices(key)) == set(owned), key
     for key in ("train.monitor_mode", "classifier.monitor_mode"):
-        assert set(CHOICES[key]) == {"min", "max"}
+        assert set(choices(key)) == {"min", "max"}
+    assert set(GATES) == {"none", "classifier", "segmentation", "fused"}

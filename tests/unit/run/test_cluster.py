@@ -64,7 +64,7 @@ def test_the_jobs_section_is_checked() -> None:
         ("jobs.cpus_per_job=0", "'jobs.cpus_per_job' must be null or a number > 0"),
         ("jobs.cpus_per_job=many", "'jobs.cpus_per_job' must be null or a number > 0"),
         ("jobs.gpus_per_job=-1", "'jobs.gpus_per_job' must be a number >= 0"),
-        ("jobs.address=[1]", "'jobs.address' must be null or str"),
+        ("jobs.address=[1]", "'jobs.address' must be null or a string; got \\[1\\]"),
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(DEFAULT_CONFIG, [override])

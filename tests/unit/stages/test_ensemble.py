@@ -212,7 +212,7 @@ def test_bad_ensembles_exit_2_and_write_nothing(
     bad.write_text(yaml.safe_dump({"base": str(member_path), "experiment": "blend",
                                    "ensemble": {"members": members}}))  # fmt: skip
     assert main(["--config", str(bad)]) == 2
-    assert "ensemble.members[1] must be a config path" in capsys.readouterr().err
+    assert "'ensemble.members[1]' must be a config path" in capsys.readouterr().err
     fine = tmp_path / "fine.yaml"
     fine.write_text(yaml.safe_dump({"base": str(path), "ensemble": {"weight_step": 0.001}}))
     assert main(["--config", str(fine)]) == 2

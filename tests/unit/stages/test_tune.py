@@ -557,7 +557,8 @@ def test_component_sizes_are_searched_through_the_cli(
     grid = pd.read_csv(config.run_dir / GRID_FILE)
     assert sorted(grid["min_component"].unique()) == [0, 2]
     assert main(["--config", str(path), "--set", "postprocess.min_components=[0,-3]"]) == 2
-    assert "min_components must be integers >= 0" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'postprocess.min_components' must be a non-empty list of integers >= 0" in err
 
 
 def _brute_force_scores(
