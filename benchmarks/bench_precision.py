@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     target = config.data.submission_size
     test = None
     if config.data.test_truth:
-        truth = read_masks(config.data.test_truth, exp.layout, exp.classes)
+        truth = read_masks(config.data.test_truth, exp.csv_format, exp.classes)
         wide = truth.table.pivot(index="image_id", columns="class_name", values="rle")
         test_rles = {str(i): [str(r) for r in row] for i, row in wide[exp.classes].iterrows()}
         test_ids = sorted(test_rles)

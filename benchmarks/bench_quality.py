@@ -19,7 +19,7 @@ line is one JSON object, also appended to ``benchmarks/results.jsonl``.
 
 Sets: ``dsb`` (../shared/data/dsb2018, one class, every image holds nuclei), ``dsb_sparse``
 (the same images as two size classes with a fifth of them made clean, Severstal's
-layout: the absent-class calibration case), ``demo`` (the embedded demo, 4 classes),
+CSV format: the absent-class calibration case), ``demo`` (the embedded demo, 4 classes),
 and ``--config C`` (any experiment a user points it at; its settings are used as they
 are, with the loss, augmentation and crop made equal to the script's).
 ``--set KEY=VALUE`` overrides the pipeline's config only: one factor at a time.
@@ -123,7 +123,7 @@ def build_set(name: str, args: argparse.Namespace) -> Path:
             "test_images": str(out / "test_images"),
             "sample_submission": None,
             "test_truth": None,
-            "layout": "instances" if name == "dsb" else "image_class",
+            "csv_format": "instances" if name == "dsb" else "image_class",
             "submission_size": None,
         }
         if name == "dsb":

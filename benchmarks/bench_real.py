@@ -1,28 +1,28 @@
-"""Real-data benchmark: the whole pipeline on DSB 2018 and on a Severstal-layout copy.
+"""Real-data benchmark: the whole pipeline on DSB 2018 and on a Severstal-format copy.
 
 Usage: ``python benchmarks/bench_real.py [--data DIR] [--quick] [--images N]
-[--epochs E] [--size S] [--workdir DIR] [--layouts instances,image_class]
+[--epochs E] [--size S] [--workdir DIR] [--csv-formats instances,image_class]
 [--framework tf_keras|keras3] [--no-record]``
 
 From ``../shared/data/dsb2018`` (664 microscopy images of nine sizes, one CSV row per
 nucleus) it builds, with a seeded 80/20 split into training images and a hold-out set
 whose truth the pipeline never sees:
 
-- ``instances``: the competition's own layout (``ImageId,EncodedPixels``, one row per
+- ``instances``: the competition's own CSV format (``ImageId,EncodedPixels``, one row per
   nucleus); every image holds nuclei, so the presence classifier has nothing to learn
   and is skipped; the submission has one row per predicted object.
-- ``image_class``: Severstal's final layout (``ImageId,ClassId,EncodedPixels``, rows
+- ``image_class``: Severstal's final CSV format (``ImageId,ClassId,EncodedPixels``, rows
   only for non-empty masks) with two classes, nuclei smaller (1) or larger (2) than the
   median nucleus; a fifth of the images are made clean (their nuclei inpainted away)
   and have no row at all, as Severstal's defect-free images. The image folders are
-  symlinks into the data set (the DVC / git-annex layout), except the clean images.
+  symlinks into the data set (as DVC or git-annex keep files), except the clean images.
 
-Each layout runs every stage on 2 CPU cores at a CPU-sized config (U-Net /
+Each CSV format runs every stage on 2 CPU cores at a CPU-sized config (U-Net /
 EfficientNet-B0 from scratch at ``--size`` pixels, flips, ``--epochs`` epochs, 3 folds,
 2 at a time): segmentation folds, classifier folds, tuning, prediction of the hold-out
 images with the tuned post-processing and at plain threshold 0.5, each scored against
 the hold-out truth (Kaggle Dice; for instances on the union of the objects). It prints
-the image counts and, per layout, the OOF Kaggle Dice at 0.5 (plain), after tuning
+the image counts and, per CSV format, the OOF Kaggle Dice at 0.5 (plain), after tuning
 in-sample and nested, and the hold-out scores, with the wall time of each stage. The
 last line is one JSON object, also appended to ``benchmarks/results.jsonl``.
 """
@@ -52,8 +52,8 @@ from pipeline.core.images import read_image, resolve_image_path  # noqa: E402
 from pipeline.core.schema import FRAMEWORKS  # noqa: E402
 
 DEFAULT_DATA = REPO.parent / "shared" / "data" / "dsb2018"
-LAYOUTS = ("instances", "image_class")
-CLEAN_FRACTION = 0.2  # Severstal layout: images made defect-free (no rows)
+CSV_FORMATS = ("instances", "image_class")
+CLEAN_FRACTION = 0.2  # Severstal format: images made defect-free (no rows)
 HOLDOUT_FRACTION = 0.2
 
 
@@ -75,7 +75,7 @@ def link_images(source: Path, ids: list[str], folder: Path) -> None:
 
 def build_instances(source: Path, rows: pd.DataFrame, train: list[str], hold: list[str],
                     out: Path) -> None:  # fmt: skip
-    """DSB's own layout: symlinked folders, one row per nucleus."""
+    """DSB's own CSV format: symlinked folders, one row per nucleus."""
     link_images(source / "images", train, out / "train_images")
     link_images(source / "images", hold, out / "test_images")
     rows[rows["ImageId"].isin(train)].to_csv(out / "train.csv", index=False)
@@ -123,7 +123,7 @@ def build_severstal(source: Path, rows: pd.DataFrame, train: list[str], hold: li
     return {"clean_images": len(clean), "clean_train_images": len(clean & set(train))}
 
 
-def write_config(out: Path, layout: str, args: argparse.Namespace) -> Path:
+def write_config(out: Path, csv_format: str, args: argparse.Namespace) -> Path:
     size = [args.size, args.size]
     data: dict[str, Any] = {
         "train_csv": str(out / "train.csv"),
@@ -131,17 +131,17 @@ def write_config(out: Path, layout: str, args: argparse.Namespace) -> Path:
         "test_images": str(out / "test_images"),
         "sample_submission": None,
         "test_truth": str(out / "test_truth.csv"),
-        "layout": layout,
+        "csv_format": csv_format,
         "image_size": size,
         "submission_size": None,
     }
-    if layout == "instances":
+    if csv_format == "instances":
         data["instance_class"] = "nucleus"
     else:
         data["classes"] = ["1", "2"]
     config = {
         "base": str(CONFIG_DIR / "demo.yaml"),
-        "experiment": f"real_{layout}",
+        "experiment": f"real_{csv_format}",
         "framework": args.framework,
         "runs_dir": str(out / "runs"),
         "data": data,
@@ -159,8 +159,8 @@ def write_config(out: Path, layout: str, args: argparse.Namespace) -> Path:
     return path
 
 
-def run_layout(config_path: Path, out: Path) -> dict[str, Any]:
-    """Every stage; the figures of one layout."""
+def run_csv_format(config_path: Path, out: Path) -> dict[str, Any]:
+    """Every stage; the figures of one CSV format."""
     from pipeline.run.cli import enter_framework
 
     config = load_config(config_path)
@@ -215,7 +215,10 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=0, help="use the first N images (0: all)")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--size", type=int, default=96, help="image side (multiple of 32)")
-    parser.add_argument("--layouts", default=",".join(LAYOUTS))
+    # --layouts: its name before the CSV formats were renamed; older commands still run.
+    parser.add_argument(
+        "--csv-formats", "--layouts", dest="csv_formats", default=",".join(CSV_FORMATS)
+    )
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--quick", action="store_true", help="60 images, 2 epochs, 64 px")
     parser.add_argument("--framework", choices=FRAMEWORKS, default=FRAMEWORKS[0],
@@ -228,10 +231,13 @@ def main() -> int:
     if not csv.is_file():
         print(f"bench_real: no DSB 2018 data at {args.data} ({csv} missing)", file=sys.stderr)
         return 2
-    layouts = [name for name in args.layouts.split(",") if name]
-    unknown = [name for name in layouts if name not in LAYOUTS]
+    csv_formats = [name for name in args.csv_formats.split(",") if name]
+    unknown = [name for name in csv_formats if name not in CSV_FORMATS]
     if unknown:
-        print(f"bench_real: --layouts must name {list(LAYOUTS)}; got {unknown}", file=sys.stderr)
+        print(
+            f"bench_real: --csv-formats must name {list(CSV_FORMATS)}; got {unknown}",
+            file=sys.stderr,
+        )
         return 2
     rows = pd.read_csv(csv, dtype=str, keep_default_na=False)
     ids = sorted(rows["ImageId"].unique())
@@ -241,20 +247,20 @@ def main() -> int:
     train, hold = split_ids(ids, HOLDOUT_FRACTION, args.seed)
     started = time.perf_counter()
     results: dict[str, Any] = {}
-    for layout in layouts:
-        out = args.workdir / layout
+    for csv_format in csv_formats:
+        out = args.workdir / csv_format
         out.mkdir(parents=True, exist_ok=True)
         for stale in out.iterdir():  # the data is rebuilt; finished folds in runs/ are kept
             if stale.name != "runs":
                 shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         extra = {}
-        if layout == "instances":
+        if csv_format == "instances":
             build_instances(args.data, rows, train, hold, out)
         else:
             extra = build_severstal(args.data, rows, train, hold, out, args.seed)
-        figures = run_layout(write_config(out, layout, args), out)
-        results[layout] = {**extra, **figures}
-        print(f"{layout}: {json.dumps(results[layout])}", flush=True)
+        figures = run_csv_format(write_config(out, csv_format, args), out)
+        results[csv_format] = {**extra, **figures}
+        print(f"{csv_format}: {json.dumps(results[csv_format])}", flush=True)
     result = {
         "benchmark": "real",
         "machine": describe_machine(),
@@ -269,7 +275,7 @@ def main() -> int:
             "folds": 3,
             "quick": args.quick,
         },
-        "layouts": results,
+        "layouts": results,  # the key its recorded history (results.jsonl) uses
         "total_s": round(time.perf_counter() - started, 1),
     }
     record(result, keep=not args.no_record)

@@ -5,7 +5,7 @@
 - ``train.csv`` (``Image_Label,EncodedPixels``, one row per image and class, as in
   Understanding Clouds) and ``train_images/*.jpg``;
 - ``test_images/*.jpg``, ``sample_submission.csv`` (every test image x class, ``1 1``);
-- ``test_truth.csv``: the hidden truth of the test images, in the train.csv layout, at
+- ``test_truth.csv``: the hidden truth of the test images, in the train.csv format, at
   the submission size (masks resized with nearest neighbour);
 - ``demo_meta.json``: the parameters, so a second run with the same ones is a no-op.
 
@@ -159,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """CLI: ``python -m pipeline.make_demo_data [--out data/demo] [--force] ...``."""
     parser = argparse.ArgumentParser(
         prog="python -m pipeline.make_demo_data",
-        description="Write the embedded Clouds-like demo data set (Kaggle image_label layout).",
+        description="Write the embedded Clouds-like demo data set (Kaggle image_label CSV format).",
     )
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder")
     parser.add_argument("--n-train", type=int, help="training images (default 300)")

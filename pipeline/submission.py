@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.core.formats import detect_layout
+from pipeline.core.formats import detect_csv_format
 from pipeline.core.images import read_image_size, resolve_image_path
 from pipeline.core.submission import score_submission
 from pipeline.core.submission_check import (
@@ -50,41 +50,45 @@ def _cli_shapes(args: argparse.Namespace, images: list[str]) -> Shapes:
     }
 
 
-def _keys_of(frame: pd.DataFrame, layout: str, where: str) -> tuple[list[str], list[str]]:
+def _keys_of(frame: pd.DataFrame, csv_format: str, where: str) -> tuple[list[str], list[str]]:
     """Image ids and class names of a reference file, in order of first appearance."""
-    images, names = _split_keys(frame, layout, where)
+    images, names = _split_keys(frame, csv_format, where)
     return list(pd.unique(images)), list(pd.unique(names))
 
 
 def _run_check(args: argparse.Namespace) -> None:
     """``check``: validate FILE against the sample's images and classes; print rates."""
     frame = read_submission(args.file)
-    layout = _detect(frame, args.file)
-    images, classes = _keys_of(read_submission(args.sample), layout, f"sample {str(args.sample)!r}")
-    if layout == "instances":
+    csv_format = _detect(frame, args.file)
+    images, classes = _keys_of(
+        read_submission(args.sample), csv_format, f"sample {str(args.sample)!r}"
+    )
+    if csv_format == "instances":
         classes = ["object"]
     if args.classes:
         classes = args.classes.split(",")
     shapes = _cli_shapes(args, images)
-    validate_submission(frame, layout, classes, images, shapes, f"submission {str(args.file)!r}")
-    print(f"{args.file}: valid {layout} submission, {len(frame)} rows, {len(images)} images")
-    for name, rate in positive_rates(frame, layout, classes).items():
+    validate_submission(
+        frame, csv_format, classes, images, shapes, f"submission {str(args.file)!r}"
+    )
+    print(f"{args.file}: valid {csv_format} submission, {len(frame)} rows, {len(images)} images")
+    for name, rate in positive_rates(frame, csv_format, classes).items():
         print(f"positive rate {name}: {rate:.4f}")
 
 
 def _run_score(args: argparse.Namespace) -> None:
     """``score``: Kaggle Dice of FILE against TRUTH; print per class and overall."""
     frame = read_submission(args.file)
-    layout = _detect(frame, args.file)
+    csv_format = _detect(frame, args.file)
     truth = read_submission(args.truth)
-    images, classes = _keys_of(truth, layout, f"truth {str(args.truth)!r}")
-    if layout == "instances":
+    images, classes = _keys_of(truth, csv_format, f"truth {str(args.truth)!r}")
+    if csv_format == "instances":
         classes = ["object"]
     shapes = _cli_shapes(args, images)
     result = score_submission(
         frame,
         truth,
-        layout,
+        csv_format,
         classes,
         shapes,
         f"submission {str(args.file)!r}",
@@ -96,9 +100,9 @@ def _run_score(args: argparse.Namespace) -> None:
 
 
 def _detect(frame: pd.DataFrame, path: Path) -> str:
-    """The layout named by a file's header."""
+    """The CSV format named by a file's header."""
     try:
-        return detect_layout([str(column) for column in frame.columns])
+        return detect_csv_format([str(column) for column in frame.columns])
     except ValueError as error:
         raise SubmissionError(f"submission {str(path)!r} row 1 (header): {error}") from None
 
@@ -115,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("--classes", help="comma-separated class names (default: the sample's)")
     score = commands.add_parser("score", help="Kaggle Dice of a submission against a truth file")
     score.add_argument("file", type=Path)
-    score.add_argument("--truth", type=Path, required=True, help="truth CSV, same layout")
+    score.add_argument("--truth", type=Path, required=True, help="truth CSV, same CSV format")
     subparsers = {"check": check, "score": score}
     for sub in subparsers.values():
         sub.add_argument("--shape", type=_parse_size, help="fixed mask size HxW, e.g. 350x525")
@@ -126,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         subparsers[args.command].error(
             "give exactly one of --shape HxW (a fixed submission size) or --images DIR "
             "(each image's own size): RLE runs cannot be checked against the image "
-            "bounds without the mask size, which no CSV layout records"
+            "bounds without the mask size, which no CSV format records"
         )
     setup_logging(args.verbose)
     try:

@@ -1,7 +1,7 @@
-"""The Kaggle CSV layouts of RLE masks, and the one canonical table they map to.
+"""The Kaggle CSV formats of RLE masks, and the one canonical table they map to.
 
-The layouts' column facts and header detection, the canonical ``MaskTable``, and
-``write_submission``, which lays a canonical table out as a layout's CSV. Reading a CSV
+The formats' column facts and header detection, the canonical ``MaskTable``, and
+``write_submission``, which lays a canonical table out as a format's CSV. Reading a CSV
 into the table is ``mask_csv.read_masks``.
 
 The canonical table has the columns ``image_id``, ``class_name`` and ``rle``: exactly
@@ -18,19 +18,19 @@ from typing import Literal, get_args
 
 import pandas as pd
 
-Layout = Literal["image_label", "image_class", "imageid_classid", "instances"]
-LAYOUTS: tuple[str, ...] = get_args(Layout)
-LAYOUT_COLUMNS: dict[str, tuple[str, ...]] = {
+CsvFormat = Literal["image_label", "image_class", "imageid_classid", "instances"]
+CSV_FORMATS: tuple[str, ...] = get_args(CsvFormat)
+CSV_FORMAT_COLUMNS: dict[str, tuple[str, ...]] = {
     "image_label": ("Image_Label", "EncodedPixels"),
     "image_class": ("ImageId", "ClassId", "EncodedPixels"),
     "imageid_classid": ("ImageId_ClassId", "EncodedPixels"),
     "instances": ("ImageId", "EncodedPixels"),
 }
 CANONICAL_COLUMNS: tuple[str, ...] = ("image_id", "class_name", "rle")
-# Layouts whose class names are integers (Severstal's ClassId) and sort numerically.
-_NUMERIC_CLASS_LAYOUTS = ("image_class", "imageid_classid")
-# Layouts that join image and class with "_" and split at the last one on reading.
-_JOINED_LAYOUTS = ("image_label", "imageid_classid")
+# Formats whose class names are integers (Severstal's ClassId) and sort numerically.
+_NUMERIC_CLASS_FORMATS = ("image_class", "imageid_classid")
+# Formats that join image and class with "_" and split at the last one on reading.
+_JOINED_FORMATS = ("image_label", "imageid_classid")
 
 
 @dataclass(frozen=True)
@@ -41,73 +41,73 @@ class MaskTable:
         table: columns ``image_id``, ``class_name``, ``rle`` (all str; ``""`` = empty),
             sorted by image id, then by the order of ``classes``.
         classes: class names in their canonical order.
-        layout: the CSV layout the table was read from, one of ``LAYOUTS``.
+        csv_format: the CSV format the table was read from, one of ``CSV_FORMATS``.
     """
 
     table: pd.DataFrame
     classes: list[str]
-    layout: str
+    csv_format: str
 
 
-def detect_layout(columns: Sequence[str]) -> str:
-    """Name the CSV layout that a header matches.
+def detect_csv_format(columns: Sequence[str]) -> str:
+    """Name the CSV format that a header matches.
 
-    Extra columns are allowed; when several layouts match, the one that uses the most
+    Extra columns are allowed; when several formats match, the one that uses the most
     columns wins (``ImageId,ClassId,EncodedPixels`` is image_class, not instances).
 
     Args:
         columns: the CSV header.
 
     Returns:
-        One of ``LAYOUTS``.
+        One of ``CSV_FORMATS``.
 
     Raises:
-        ValueError: no layout matches, or two equally specific layouts do.
+        ValueError: no format matches, or two equally specific formats do.
     """
     present = set(columns)
-    matches = [name for name in LAYOUTS if set(LAYOUT_COLUMNS[name]) <= present]
+    matches = [name for name in CSV_FORMATS if set(CSV_FORMAT_COLUMNS[name]) <= present]
     if not matches:
         raise ValueError(
-            f"CSV columns {list(columns)} match no known layout; expected one of "
-            + "; ".join(f"{name}: {','.join(LAYOUT_COLUMNS[name])}" for name in LAYOUTS)
+            f"CSV columns {list(columns)} match no known CSV format; expected one of "
+            + "; ".join(f"{name}: {','.join(CSV_FORMAT_COLUMNS[name])}" for name in CSV_FORMATS)
         )
-    widest = max(len(LAYOUT_COLUMNS[name]) for name in matches)
-    best = [name for name in matches if len(LAYOUT_COLUMNS[name]) == widest]
+    widest = max(len(CSV_FORMAT_COLUMNS[name]) for name in matches)
+    best = [name for name in matches if len(CSV_FORMAT_COLUMNS[name]) == widest]
     if len(best) > 1:
         raise ValueError(
-            f"CSV columns {list(columns)} match several layouts ({', '.join(best)}); "
-            "pass the layout explicitly"
+            f"CSV columns {list(columns)} match several CSV formats ({', '.join(best)}); "
+            "name the format explicitly (config key data.csv_format)"
         )
     return best[0]
 
 
-def write_submission(table: pd.DataFrame, layout: str, classes: Sequence[str]) -> pd.DataFrame:
+def write_submission(table: pd.DataFrame, csv_format: str, classes: Sequence[str]) -> pd.DataFrame:
     """Lay out a canonical table as a competition CSV.
 
     Args:
         table: columns ``image_id``, ``class_name``, ``rle``; exactly one row per image
             and class of ``classes``; ``""``, NaN or ``None`` for an empty mask.
-        layout: one of ``LAYOUTS``.
+        csv_format: one of ``CSV_FORMATS``.
         classes: the class names in order (one name for instances).
 
     Returns:
-        A DataFrame with the layout's columns (e.g. ``Image_Label,EncodedPixels``), one
+        A DataFrame with the format's columns (e.g. ``Image_Label,EncodedPixels``), one
         row per image and class (per image for instances), sorted by image id then
         class order, empty masks as ``""``; ready for ``to_csv(index=False)``.
 
     Raises:
-        ValueError: unknown layout, missing columns, a class not in ``classes``, a
-            missing or duplicate (image, class) pair, or class names the layout cannot
-            hold (not integers for Severstal layouts, containing "_" for joined ids,
+        ValueError: unknown CSV format, missing columns, a class not in ``classes``, a
+            missing or duplicate (image, class) pair, or class names the format cannot
+            hold (not integers for Severstal formats, containing "_" for joined ids,
             more than one class for instances).
     """
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {list(LAYOUTS)}; got {layout!r}")
+    if csv_format not in CSV_FORMATS:
+        raise ValueError(f"csv_format must be one of {list(CSV_FORMATS)}; got {csv_format!r}")
     class_order = _check_names(classes, "classes")
     missing = [column for column in CANONICAL_COLUMNS if column not in table.columns]
     if missing:
         raise ValueError(f"table must have columns {list(CANONICAL_COLUMNS)}; missing {missing}")
-    _check_writable_classes(layout, class_order)
+    _check_writable_classes(csv_format, class_order)
     frame = table.loc[:, list(CANONICAL_COLUMNS)].copy()
     frame["rle"] = frame["rle"].astype(object).where(frame["rle"].notna(), "")
     _check_complete(frame, class_order)
@@ -118,15 +118,15 @@ def write_submission(table: pd.DataFrame, layout: str, classes: Sequence[str]) -
     names = frame["class_name"].astype(str)
     rles = frame["rle"].astype(str).tolist()
     columns: dict[str, list[str] | list[int]]
-    if layout == "image_label":
+    if csv_format == "image_label":
         columns = {"Image_Label": (images + "_" + names).tolist(), "EncodedPixels": rles}
-    elif layout == "image_class":
+    elif csv_format == "image_class":
         columns = {
             "ImageId": images.tolist(),
             "ClassId": names.astype(int).tolist(),
             "EncodedPixels": rles,
         }
-    elif layout == "imageid_classid":
+    elif csv_format == "imageid_classid":
         columns = {"ImageId_ClassId": (images + "_" + names).tolist(), "EncodedPixels": rles}
     else:
         columns = {"ImageId": images.tolist(), "EncodedPixels": rles}
@@ -152,22 +152,23 @@ def _check_names(names: Sequence[str], argument: str) -> list[str]:
     return result
 
 
-def _check_writable_classes(layout: str, classes: list[str]) -> None:
-    """Class names that the layout can hold and read back unchanged."""
-    if layout == "instances" and len(classes) != 1:
-        raise ValueError(f"the instances layout holds one class; got classes {classes}")
-    if layout in _NUMERIC_CLASS_LAYOUTS:
+def _check_writable_classes(csv_format: str, classes: list[str]) -> None:
+    """Class names that the format can hold and read back unchanged."""
+    if csv_format == "instances" and len(classes) != 1:
+        raise ValueError(f"the instances format holds one class; got classes {classes}")
+    if csv_format in _NUMERIC_CLASS_FORMATS:
         bad = [name for name in classes if not (name.isascii() and name.isdigit())]
         bad += [name for name in classes if name != name.lstrip("0") and name != "0"]
         if bad:
             raise ValueError(
-                f"layout {layout!r} needs integer class names without leading zeros; got {bad}"
+                f"CSV format {csv_format!r} needs integer class names without leading "
+                f"zeros; got {bad}"
             )
-    if layout in _JOINED_LAYOUTS:
+    if csv_format in _JOINED_FORMATS:
         bad = [name for name in classes if "_" in name]
         if bad:
             raise ValueError(
-                f"layout {layout!r} joins image and class with '_', so class names "
+                f"CSV format {csv_format!r} joins image and class with '_', so class names "
                 f"must not contain '_'; got {bad}"
             )
 

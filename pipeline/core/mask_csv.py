@@ -1,6 +1,6 @@
-"""Reading a Kaggle mask CSV, in any of the ``formats.LAYOUTS``, into a ``MaskTable``.
+"""Reading a Kaggle mask CSV, in any of the ``formats.CSV_FORMATS``, into a ``MaskTable``.
 
-Every cell is checked as it is read (layout columns, joined ids, class ids, image ids
+Every cell is checked as it is read (the format's columns, joined ids, class ids, image ids
 against the data set, duplicate rows, RLE syntax), and every error names the file and
 the 1-based row as a spreadsheet shows it. Instance rows (one row per object) are
 unioned into one mask per image. RLE strings are checked for syntax here but decoded
@@ -18,14 +18,14 @@ import pandas as pd
 from pipeline.core import rle as rle_codec
 from pipeline.core import rle_check
 from pipeline.core.formats import (
-    _JOINED_LAYOUTS,
-    _NUMERIC_CLASS_LAYOUTS,
+    _JOINED_FORMATS,
+    _NUMERIC_CLASS_FORMATS,
     CANONICAL_COLUMNS,
-    LAYOUT_COLUMNS,
-    LAYOUTS,
+    CSV_FORMAT_COLUMNS,
+    CSV_FORMATS,
     MaskTable,
     _check_names,
-    detect_layout,
+    detect_csv_format,
     read_kaggle_csv,
 )
 
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 def read_masks(
     path: str | Path,
-    layout: str = "auto",
+    csv_format: str = "auto",
     classes: Sequence[str] | None = None,
     instance_class: str = "object",
     image_ids: Sequence[str] | None = None,
@@ -44,12 +44,12 @@ def read_masks(
 
     Args:
         path: the CSV file.
-        layout: one of ``LAYOUTS``, or ``"auto"`` to detect it from the header.
+        csv_format: one of ``CSV_FORMATS``, or ``"auto"`` to detect it from the header.
         classes: the class names in order; a class in the file that is not listed is an
             error. When ``None``: order of first appearance (image_label), numeric
             order (image_class, imageid_classid) or ``[instance_class]`` (instances).
             For instances a given list must hold exactly one name, which is used.
-        instance_class: the class name of the instances layout when ``classes`` is
+        instance_class: the class name of the instances format when ``classes`` is
             ``None``.
         image_ids: images to include even if the CSV has no row for them (their masks
             are empty).
@@ -62,7 +62,7 @@ def read_masks(
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: unknown layout, missing column, malformed ``Image_Label`` or
+        ValueError: unknown CSV format, missing column, malformed ``Image_Label`` or
             ``ImageId_ClassId``, non-integer ClassId, empty image id, unknown class,
             duplicate (image, class) rows, a malformed RLE string, or a row whose
             image is not in ``known_images``; the message names the file and the
@@ -72,20 +72,20 @@ def read_masks(
     if not path.is_file():
         raise FileNotFoundError(f"mask CSV {str(path)!r} does not exist")
     frame = _read_csv(path)
-    layout = _resolve_layout(path, frame, layout)
-    logger.info("%s: layout %s, %d rows", path, layout, len(frame))
-    if layout == "instances":
+    csv_format = _resolve_csv_format(path, frame, csv_format)
+    logger.info("%s: CSV format %s, %d rows", path, csv_format, len(frame))
+    if csv_format == "instances":
         class_order = [_instance_class_name(classes, instance_class)]
-        long = _to_long(path, frame, layout, class_order[0])
+        long = _to_long(path, frame, csv_format, class_order[0])
     else:
-        long = _to_long(path, frame, layout, instance_class)
-        class_order = _resolve_classes(path, long, layout, classes)
+        long = _to_long(path, frame, csv_format, instance_class)
+        class_order = _resolve_classes(path, long, csv_format, classes)
     _check_image_ids(path, long)
     if known_images is not None:
         known = _check_names(known_images, "known_images") if len(known_images) else []
         _check_known_images(path, long, set(known))
         image_ids = [*(image_ids or []), *known]
-    if layout == "instances":
+    if csv_format == "instances":
         long = _union_instances(path, long)
     else:
         _check_rles(path, long)
@@ -98,7 +98,7 @@ def read_masks(
     )
     observed = long.set_index(["image_id", "class_name"])["rle"]
     table = observed.reindex(index, fill_value="").reset_index()
-    return MaskTable(table=table, classes=class_order, layout=layout)
+    return MaskTable(table=table, classes=class_order, csv_format=csv_format)
 
 
 def _read_csv(path: Path) -> pd.DataFrame:
@@ -112,31 +112,33 @@ def _read_csv(path: Path) -> pd.DataFrame:
     return frame.loc[~blank]
 
 
-def _resolve_layout(path: Path, frame: pd.DataFrame, layout: str) -> str:
-    """The requested layout, checked against the header, or the detected one."""
-    if layout == "auto":
+def _resolve_csv_format(path: Path, frame: pd.DataFrame, csv_format: str) -> str:
+    """The requested csv_format, checked against the header, or the detected one."""
+    if csv_format == "auto":
         try:
-            return detect_layout(list(frame.columns))
+            return detect_csv_format(list(frame.columns))
         except ValueError as error:
             raise ValueError(f"mask CSV {str(path)!r}: {error}") from error
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be 'auto' or one of {list(LAYOUTS)}; got {layout!r}")
-    missing = [column for column in LAYOUT_COLUMNS[layout] if column not in frame.columns]
+    if csv_format not in CSV_FORMATS:
+        raise ValueError(
+            f"csv_format must be 'auto' or one of {list(CSV_FORMATS)}; got {csv_format!r}"
+        )
+    missing = [column for column in CSV_FORMAT_COLUMNS[csv_format] if column not in frame.columns]
     if missing:
         raise ValueError(
-            f"mask CSV {str(path)!r} lacks column(s) {missing} of layout {layout!r} "
-            f"({','.join(LAYOUT_COLUMNS[layout])}); its columns are {list(frame.columns)}"
+            f"mask CSV {str(path)!r} lacks column(s) {missing} of CSV format {csv_format!r} "
+            f"({','.join(CSV_FORMAT_COLUMNS[csv_format])}); its columns are {list(frame.columns)}"
         )
-    return layout
+    return csv_format
 
 
-def _to_long(path: Path, frame: pd.DataFrame, layout: str, instance_class: str) -> pd.DataFrame:
+def _to_long(path: Path, frame: pd.DataFrame, csv_format: str, instance_class: str) -> pd.DataFrame:
     """Columns image_id, class_name, rle, indexed by CSV row number."""
     if frame.empty:  # a header without rows: no masks at all
         return pd.DataFrame({column: pd.Series(dtype=str) for column in CANONICAL_COLUMNS})
     rles = frame["EncodedPixels"].str.strip()
-    if layout in _JOINED_LAYOUTS:
-        column = LAYOUT_COLUMNS[layout][0]
+    if csv_format in _JOINED_FORMATS:
+        column = CSV_FORMAT_COLUMNS[csv_format][0]
         parts = frame[column].str.rpartition("_")
         bad = (parts[1] == "") | (parts[0] == "") | (parts[2] == "")
         if bad.any():
@@ -146,22 +148,22 @@ def _to_long(path: Path, frame: pd.DataFrame, layout: str, instance_class: str) 
                 f"'<image>_<class>'; got {frame.at[row, column]!r}"
             )
         images, names = parts[0], parts[2]
-    elif layout == "image_class":
+    elif csv_format == "image_class":
         images, names = frame["ImageId"], frame["ClassId"]
     else:
         images = frame["ImageId"]
         names = pd.Series(instance_class, index=frame.index)
-    if layout in _NUMERIC_CLASS_LAYOUTS:
-        names = _normalise_class_ids(path, names.str.strip(), layout)
+    if csv_format in _NUMERIC_CLASS_FORMATS:
+        names = _normalise_class_ids(path, names.str.strip(), csv_format)
     return pd.DataFrame({"image_id": images, "class_name": names, "rle": rles})
 
 
-def _normalise_class_ids(path: Path, names: pd.Series, layout: str) -> pd.Series:
+def _normalise_class_ids(path: Path, names: pd.Series, csv_format: str) -> pd.Series:
     """Integer class ids as canonical decimal strings ("01" -> "1")."""
     bad = ~names.str.fullmatch(r"[0-9]+")
     if bad.any():
         row = bad.idxmax()
-        column = "ClassId" if layout == "image_class" else "class part of ImageId_ClassId"
+        column = "ClassId" if csv_format == "image_class" else "class part of ImageId_ClassId"
         raise ValueError(
             f"mask CSV {str(path)!r} row {row}: {column} must be a non-negative "
             f"integer; got {names.at[row]!r}"
@@ -190,12 +192,12 @@ def _check_known_images(path: Path, long: pd.DataFrame, known: set[str]) -> None
 
 
 def _instance_class_name(classes: Sequence[str] | None, instance_class: str) -> str:
-    """The one class name of the instances layout."""
+    """The one class name of the instances format."""
     if classes is None:
         return _check_names([instance_class], "instance_class")[0]
     given = _check_names(classes, "classes")
     if len(given) != 1:
-        raise ValueError(f"classes must hold one name for the instances layout; got {given}")
+        raise ValueError(f"classes must hold one name for the instances format; got {given}")
     if instance_class not in ("object", given[0]):
         raise ValueError(
             f"classes {given} and instance_class {instance_class!r} disagree; give one of them"
@@ -204,12 +206,12 @@ def _instance_class_name(classes: Sequence[str] | None, instance_class: str) -> 
 
 
 def _resolve_classes(
-    path: Path, long: pd.DataFrame, layout: str, classes: Sequence[str] | None
+    path: Path, long: pd.DataFrame, csv_format: str, classes: Sequence[str] | None
 ) -> list[str]:
     """The class order; rows whose class is not in a given ``classes`` are errors."""
     if classes is None:
         found = long["class_name"].drop_duplicates().tolist()
-        if layout in _NUMERIC_CLASS_LAYOUTS:
+        if csv_format in _NUMERIC_CLASS_FORMATS:
             return sorted(found, key=int)
         return found
     given = _check_names(classes, "classes")

@@ -40,7 +40,7 @@ from pipeline.core.config_types import (
     unwrap,
 )
 from pipeline.core.folds import FoldMethod
-from pipeline.core.formats import Layout
+from pipeline.core.formats import CsvFormat
 from pipeline.core.postprocess import AtLeastOne, Gate
 from pipeline.core.precision import Precision
 from pipeline.core.tta import Merge
@@ -61,7 +61,7 @@ Executor = Literal["local", "ray"]
 # Keys renamed since run directories were first written: old dotted key -> new one.
 # Saved run configs are migrated silently; a user config naming an old key is refused
 # with the new name.
-RENAMED_KEYS: dict[str, str] = {}
+RENAMED_KEYS: dict[str, str] = {"data.layout": "data.csv_format"}
 
 
 def _name_from_int(value: object) -> object:
@@ -157,8 +157,8 @@ class DataConfig(Section):
         None,
         description="a truth CSV for the test images, when one exists: predict scores against it",
     )
-    layout: Literal["auto", Layout] = Field(
-        "auto", description="the mask CSV's columns; auto detects them from the header"
+    csv_format: Literal["auto", CsvFormat] = Field(
+        "auto", description="the mask CSV's format (its columns); auto detects it from the header"
     )
     classes: (
         Annotated[
@@ -167,7 +167,7 @@ class DataConfig(Section):
         | None
     ) = Field(None, description="ordered class names; null: as found in the CSV")
     instance_class: Str = Field(
-        "object", description="the class name of the instances layout (one class)"
+        "object", description="the class name of the instances format (one class)"
     )
     image_size: Size = Field(
         [384, 576], description="every image is resized to this, once, and cached"

@@ -43,21 +43,21 @@ README_HEADER = (
 
 
 def make_submission_frame(
-    table: pd.DataFrame, layout: str, classes: Sequence[str], sample: pd.DataFrame | None
+    table: pd.DataFrame, csv_format: str, classes: Sequence[str], sample: pd.DataFrame | None
 ) -> pd.DataFrame:
     """Lay out a canonical mask table as the competition CSV, in the sample's order.
 
     Args:
         table: canonical table (``image_id``, ``class_name``, ``rle``), one row per
             image and class.
-        layout: one of ``formats.LAYOUTS``.
+        csv_format: one of ``formats.CSV_FORMATS``.
         classes: the class names in order.
         sample: the competition's ``sample_submission.csv`` (e.g. from
             ``read_submission``), or None to keep ``formats.write_submission``'s order
             (image id, then class order).
 
     Returns:
-        The frame with the layout's columns; rows follow the sample's rows (instances,
+        The frame with the format's columns; rows follow the sample's rows (instances,
         and image_class samples that list each image once: the sample's image order,
         then class order).
 
@@ -65,11 +65,11 @@ def make_submission_frame(
         SubmissionError: a sample row has no prediction, or a prediction's image
             (or pair) is absent from the sample.
     """
-    frame = write_submission(table, layout, classes)
+    frame = write_submission(table, csv_format, classes)
     if sample is None:
         return frame
-    images, names = _split_keys(frame, layout, "predictions")
-    sample_images, sample_names = _split_keys(sample, layout, "sample")
+    images, names = _split_keys(frame, csv_format, "predictions")
+    sample_images, sample_names = _split_keys(sample, csv_format, "sample")
     unpredicted = ~pd.Index(sample_images).isin(images)
     if unpredicted.any():
         position = int(np.argmax(unpredicted))
@@ -83,7 +83,7 @@ def make_submission_frame(
             f"predictions hold image {predicted_images[absent][0]!r}, which the sample "
             f"does not list ({int(absent.sum())} such image(s))"
         )
-    by_image = layout == "instances"
+    by_image = csv_format == "instances"
     if not by_image:
         sample_keys = pd.Index(sample_images + "\x00" + sample_names)
         _check_sample_unique(sample_keys, sample_images, sample_names)
@@ -97,7 +97,7 @@ def make_submission_frame(
             )
         rank = sample_keys.get_indexer(predicted)
         if (rank < 0).any():
-            if layout != "image_class":
+            if csv_format != "image_class":
                 position = int(np.argmax(rank < 0))
                 raise SubmissionError(
                     f"prediction for image {images[position]!r}, class {names[position]!r} "
@@ -115,14 +115,14 @@ def split_instances(frame: pd.DataFrame, shapes: Shapes) -> pd.DataFrame:
     """One row per object: each image's mask split into its connected components.
 
     Instance competitions (DSB 2018, Airbus ships) score objects, so a union mask per
-    image would count as one object. ``frame`` is an instances-layout submission
+    image would count as one object. ``frame`` is an instances-format submission
     (``ImageId,EncodedPixels``, one union row per image); each non-empty mask becomes
     one row per 8-connected component, in label order (top-left first), the
     components disjoint by construction; an image without objects keeps its single
     empty row. Row order follows the images' order in ``frame``.
 
     Args:
-        frame: instances-layout frame, e.g. from ``make_submission_frame``.
+        frame: instances-format frame, e.g. from ``make_submission_frame``.
         shapes: ``(H, W)`` of every mask, or a mapping image_id -> ``(H, W)``.
 
     Returns:
@@ -147,7 +147,7 @@ def split_instances(frame: pd.DataFrame, shapes: Shapes) -> pd.DataFrame:
 def write_submission_file(
     frame: pd.DataFrame,
     path: str | Path,
-    layout: str,
+    csv_format: str,
     classes: Sequence[str],
     image_ids: Sequence[str],
     shapes: Shapes,
@@ -162,7 +162,7 @@ def write_submission_file(
         ``path`` as a ``Path``.
     """
     path = Path(path)
-    validate_submission(frame, layout, classes, image_ids, shapes, f"submission {str(path)!r}")
+    validate_submission(frame, csv_format, classes, image_ids, shapes, f"submission {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     _replace_atomically(path, lambda handle: frame.to_csv(handle, index=False))
     logger.info("wrote %s (%d rows)", path, len(frame))
@@ -213,13 +213,13 @@ def record_submission(
 def score_submission(
     frame: pd.DataFrame,
     truth_frame: pd.DataFrame,
-    layout: str,
+    csv_format: str,
     classes: Sequence[str],
     shapes: Shapes,
     where: str = "submission",
     truth_where: str = "truth",
 ) -> dict[str, Any]:
-    """Kaggle Dice of a submission against a truth file in the same layout.
+    """Kaggle Dice of a submission against a truth file in the same CSV format.
 
     Both frames are validated first (same images, the truth's, and ``classes``;
     ``where`` and ``truth_where`` name them in messages). The score is computed from
@@ -232,14 +232,14 @@ def score_submission(
     Raises:
         SubmissionError: either frame is invalid, or they cover different images.
     """
-    truth_images = list(pd.unique(_split_keys(truth_frame, layout, truth_where)[0]))
-    validate_submission(truth_frame, layout, classes, truth_images, shapes, truth_where)
-    validate_submission(frame, layout, classes, truth_images, shapes, where)
+    truth_images = list(pd.unique(_split_keys(truth_frame, csv_format, truth_where)[0]))
+    validate_submission(truth_frame, csv_format, classes, truth_images, shapes, truth_where)
+    validate_submission(frame, csv_format, classes, truth_images, shapes, where)
     n_classes = len(classes)
     n_pairs = len(truth_images) * n_classes
     stride = int(_pixel_counts(truth_images, shapes).max()) + 1
-    truth = _global_runs(truth_frame, layout, classes, truth_images, stride)
-    pred = _global_runs(frame, layout, classes, truth_images, stride)
+    truth = _global_runs(truth_frame, csv_format, classes, truth_images, stride)
+    pred = _global_runs(frame, csv_format, classes, truth_images, stride)
     inter = _overlap_per_pair(pred, truth, n_pairs)
     area = np.bincount(pred[2], pred[1], n_pairs) + np.bincount(truth[2], truth[1], n_pairs)
     scores = np.ones(n_pairs)
@@ -253,14 +253,14 @@ def score_submission(
 
 
 def _global_runs(
-    frame: pd.DataFrame, layout: str, classes: Sequence[str], images: list[str], stride: int
+    frame: pd.DataFrame, csv_format: str, classes: Sequence[str], images: list[str], stride: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """0-based starts in one pixel line where pair ``p`` owns ``[p*stride, (p+1)*stride)``,
     sorted, with lengths and pair codes (image * C + class). Instances are unioned."""
-    image_names, class_names = _split_keys(frame, layout, "submission")
+    image_names, class_names = _split_keys(frame, csv_format, "submission")
     image_code = pd.Index(images).get_indexer(pd.Index(image_names))
     rles = frame[_RLE_COLUMN].tolist()
-    if layout == "instances":
+    if csv_format == "instances":
         rles = list(rle_codec.union_rles_grouped(rles, image_code, len(images)))
         pair = np.arange(len(images), dtype=np.int64)
     else:

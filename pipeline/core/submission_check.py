@@ -15,9 +15,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle_check
-from pipeline.core.formats import LAYOUT_COLUMNS, LAYOUTS, read_kaggle_csv
+from pipeline.core.formats import CSV_FORMAT_COLUMNS, CSV_FORMATS, read_kaggle_csv
 
-_JOINED_LAYOUTS = ("image_label", "imageid_classid")
+_JOINED_FORMATS = ("image_label", "imageid_classid")
 
 _RLE_COLUMN = "EncodedPixels"
 
@@ -55,7 +55,7 @@ def read_submission(path: str | Path) -> pd.DataFrame:
 
 def validate_submission(
     frame: pd.DataFrame,
-    layout: str,
+    csv_format: str,
     classes: Sequence[str],
     image_ids: Sequence[str],
     shapes: Shapes,
@@ -63,7 +63,7 @@ def validate_submission(
 ) -> None:
     """Check a submission frame against the competition's format.
 
-    Checks the header (exactly the layout's columns, in order), that every (image,
+    Checks the header (exactly the format's columns, in order), that every (image,
     class) pair of ``image_ids`` x ``classes`` has exactly one row (instances: every
     image at least one row, and instance masks of one image do not overlap), and that
     every RLE string is well formed (integer ``start length`` pairs, sorted,
@@ -73,7 +73,7 @@ def validate_submission(
         frame: the submission, e.g. from ``read_submission`` or
             ``make_submission_frame``; ``EncodedPixels`` cells are str, ``""``, NaN or
             None (empty masks).
-        layout: one of ``formats.LAYOUTS``.
+        csv_format: one of ``formats.CSV_FORMATS``.
         classes: the class names (one name for instances).
         image_ids: the images the submission must cover, e.g. the sample's.
         shapes: ``(H, W)`` of every mask (a fixed submission size), or a mapping
@@ -82,21 +82,21 @@ def validate_submission(
 
     Raises:
         SubmissionError: the first problem found, naming row, column and cause.
-        ValueError: bad arguments (unknown layout, repeated names, missing shape).
+        ValueError: bad arguments (unknown CSV format, repeated names, missing shape).
     """
-    class_names, images = _check_arguments(layout, classes, image_ids)
-    expected = list(LAYOUT_COLUMNS[layout])
+    class_names, images = _check_arguments(csv_format, classes, image_ids)
+    expected = list(CSV_FORMAT_COLUMNS[csv_format])
     got = [str(column) for column in frame.columns]
     if got != expected:
         raise SubmissionError(
             f"{where} row 1 (header): expected exactly the columns {','.join(expected)} "
-            f"of layout {layout!r}; got {','.join(got) or '(none)'}"
+            f"of CSV format {csv_format!r}; got {','.join(got) or '(none)'}"
         )
     n_pixels = _pixel_counts(images, shapes)
-    keys_image, keys_class = _split_keys(frame, layout, where)
-    image_code = _codes(keys_image, images, where, "image", layout)
-    class_code = _codes(keys_class, class_names, where, "class", layout)
-    if layout == "instances":
+    keys_image, keys_class = _split_keys(frame, csv_format, where)
+    image_code = _codes(keys_image, images, where, "image", csv_format)
+    class_code = _codes(keys_class, class_names, where, "class", csv_format)
+    if csv_format == "instances":
         _check_every_image(image_code, images, where)
     else:
         _check_pairs(image_code * len(class_names) + class_code, images, class_names, where)
@@ -107,19 +107,21 @@ def validate_submission(
     except ValueError as error:
         raise SubmissionError(str(error)) from None
     _check_bounds(rles, image_code, images, n_pixels, shapes, where)
-    if layout == "instances":
+    if csv_format == "instances":
         _check_no_overlap(rles, image_code, images, where)
 
 
-def positive_rates(frame: pd.DataFrame, layout: str, classes: Sequence[str]) -> dict[str, float]:
+def positive_rates(
+    frame: pd.DataFrame, csv_format: str, classes: Sequence[str]
+) -> dict[str, float]:
     """Share of non-empty masks per class (instances: of images with any object).
 
-    ``frame`` is a submission in ``layout``; a class with no row gets NaN.
+    ``frame`` is a submission in ``csv_format``; a class with no row gets NaN.
     """
-    images, names = _split_keys(frame, layout, "submission")
-    class_code = _codes(names, list(classes), "submission", "class", layout)
+    images, names = _split_keys(frame, csv_format, "submission")
+    class_code = _codes(names, list(classes), "submission", "class", csv_format)
     filled = np.array([_is_filled(value) for value in frame[_RLE_COLUMN].tolist()], dtype=bool)
-    if layout == "instances":
+    if csv_format == "instances":
         per_image = pd.Series(filled).groupby(images).any()
         return {classes[0]: float(per_image.mean()) if len(per_image) else float("nan")}
     counts = np.bincount(class_code, minlength=len(classes))
@@ -131,20 +133,22 @@ def positive_rates(frame: pd.DataFrame, layout: str, classes: Sequence[str]) -> 
 
 
 def _check_arguments(
-    layout: str, classes: Sequence[str], image_ids: Sequence[str]
+    csv_format: str, classes: Sequence[str], image_ids: Sequence[str]
 ) -> tuple[list[str], list[str]]:
     """Class names and image ids as lists of distinct non-empty strings."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {list(LAYOUTS)}; got {layout!r}")
+    if csv_format not in CSV_FORMATS:
+        raise ValueError(f"csv_format must be one of {list(CSV_FORMATS)}; got {csv_format!r}")
     class_names = [str(name) for name in classes]
     images = [str(image_id) for image_id in image_ids]
     for argument, names in (("classes", class_names), ("image_ids", images)):
         if not names or "" in names or len(set(names)) != len(names):
             raise ValueError(f"{argument} must be distinct non-empty strings; got {names[:10]}")
-    if layout == "instances" and len(class_names) != 1:
-        raise ValueError(f"the instances layout has one class; got classes {class_names}")
-    if layout in _JOINED_LAYOUTS and any("_" in name for name in class_names):
-        raise ValueError(f"layout {layout!r} joins with '_'; class names {class_names} hold '_'")
+    if csv_format == "instances" and len(class_names) != 1:
+        raise ValueError(f"the instances format has one class; got classes {class_names}")
+    if csv_format in _JOINED_FORMATS and any("_" in name for name in class_names):
+        raise ValueError(
+            f"CSV format {csv_format!r} joins with '_'; class names {class_names} hold '_'"
+        )
     return class_names, images
 
 
@@ -175,19 +179,19 @@ def _check_shape(shape: object, image_id: str) -> tuple[int, int]:
     return int(shape[0]), int(shape[1])
 
 
-def _split_keys(frame: pd.DataFrame, layout: str, where: str) -> tuple[np.ndarray, np.ndarray]:
+def _split_keys(frame: pd.DataFrame, csv_format: str, where: str) -> tuple[np.ndarray, np.ndarray]:
     """Image id and class name of every row, as object arrays of str."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout must be one of {list(LAYOUTS)}; got {layout!r}")
-    keys = [column for column in LAYOUT_COLUMNS[layout] if column != _RLE_COLUMN]
+    if csv_format not in CSV_FORMATS:
+        raise ValueError(f"csv_format must be one of {list(CSV_FORMATS)}; got {csv_format!r}")
+    keys = [column for column in CSV_FORMAT_COLUMNS[csv_format] if column != _RLE_COLUMN]
     missing = [column for column in (*keys, _RLE_COLUMN) if column not in frame.columns]
     if missing:
         raise SubmissionError(
-            f"{where} row 1 (header): lacks column(s) {missing} of layout {layout!r}; "
+            f"{where} row 1 (header): lacks column(s) {missing} of CSV format {csv_format!r}; "
             f"got {[str(column) for column in frame.columns]}"
         )
     first = frame[keys[0]].fillna("").astype(str)
-    if layout in _JOINED_LAYOUTS:
+    if csv_format in _JOINED_FORMATS:
         parts = first.str.rpartition("_")
         bad = ((parts[0] == "") | (parts[1] == "") | (parts[2] == "")).to_numpy()
         if bad.any():
@@ -203,22 +207,24 @@ def _split_keys(frame: pd.DataFrame, layout: str, where: str) -> tuple[np.ndarra
         raise SubmissionError(
             f"{where} row {int(np.argmax(empty)) + 2}, column {keys[0]}: the image id is empty"
         )
-    if layout == "image_class":
+    if csv_format == "image_class":
         names = frame["ClassId"].fillna("").astype(str).str.strip().to_numpy(dtype=object)
         return images, names
     return images, np.full(len(frame), "", dtype=object)
 
 
-def _codes(values: np.ndarray, known: list[str], where: str, what: str, layout: str) -> np.ndarray:
+def _codes(
+    values: np.ndarray, known: list[str], where: str, what: str, csv_format: str
+) -> np.ndarray:
     """Position of every value in ``known``; an unknown value is an error naming its row."""
-    if what == "class" and layout == "instances":
+    if what == "class" and csv_format == "instances":
         return np.zeros(len(values), dtype=np.int64)
     codes = pd.Index(known).get_indexer(pd.Index(values))
     unknown = codes < 0
     if unknown.any():
         position = int(np.argmax(unknown))
-        is_class_id = what == "class" and layout == "image_class"
-        column = "ClassId" if is_class_id else LAYOUT_COLUMNS[layout][0]
+        is_class_id = what == "class" and csv_format == "image_class"
+        column = "ClassId" if is_class_id else CSV_FORMAT_COLUMNS[csv_format][0]
         shown = known if len(known) <= 10 else [*known[:10], "..."]
         raise SubmissionError(
             f"{where} row {position + 2}, column {column}: unknown {what} "

@@ -10,7 +10,7 @@ levels (over all pixels and over truth pixels; ``level_counts``) gives, by rever
 cumulative sums, the predicted area and the intersection at every threshold level. From
 these the Dice of every (t, a) is computed at once; a gate that fails turns the
 prediction empty (Dice 1 if the truth is empty, else 0). Component sizes other than 0
-need the pixels' layout, not only their counts: each image is labelled once per class
+need where the pixels are, not only their counts: each image is labelled once per class
 and threshold (``level_counts.component_counts``), and the (threshold, size) pairs
 form one axis of B = M * T binarisation settings. Per class and fold, the Dice is
 summed into arrays of shape (n_folds, B, A) and (gate kinds, n_folds, B, A, G),

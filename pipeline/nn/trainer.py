@@ -44,7 +44,7 @@ from pipeline.nn.weights import (
 
 log = logging.getLogger(__name__)
 
-# Keras-2 HDF5 layout (not the ``.weights.h5`` one): the v3 loader hands h5py datasets
+# Keras-2 HDF5 format (not the ``.weights.h5`` one): the v3 loader hands h5py datasets
 # to ``assign``, which breaks on the BatchNorm statistics of a MirroredStrategy model.
 # curves.png is redrawn at most this often during training (and always at its end).
 CURVES_EVERY_S = 60.0

@@ -1,6 +1,6 @@
 """A model's weights as files and copies, in one canonical order (framework layer).
 
-The Keras-2 HDF5 layout stores a layer's weights as trainable + non-trainable, so
+The Keras-2 HDF5 format stores a layer's weights as trainable + non-trainable, so
 every save, load and copy here runs with the whole model trainable
 (``all_trainable``): a file written mid-way through progressive unfreezing loads into
 any model of the same architecture.
@@ -34,7 +34,7 @@ _KERAS3_SUFFIX = ".weights.h5"
 def all_trainable(model: keras.Model) -> Iterator[None]:
     """Every layer trainable for the duration, then each layer's own flag back.
 
-    The Keras-2 HDF5 layout stores a layer's weights as trainable + non-trainable, so the
+    The Keras-2 HDF5 format stores a layer's weights as trainable + non-trainable, so the
     order depends on what is frozen: a file saved mid-way through progressive
     unfreezing would not load into a model frozen differently (or into the fully
     trainable model that prediction builds). Saving and loading all-trainable makes the
@@ -74,7 +74,7 @@ def save_weights_atomic(model: keras.Model, path: Path) -> None:
 
 
 def file_framework(path: Path) -> str | None:
-    """Which Keras wrote a weights file: tf_keras (the Keras-2 HDF5 layout), keras3, or
+    """Which Keras wrote a weights file: tf_keras (the Keras-2 HDF5 format), keras3, or
     None when the file is neither (damaged, or not HDF5)."""
     try:
         with h5py.File(path, "r") as f:

@@ -37,7 +37,7 @@ class Experiment:
     config: Config
     table: pd.DataFrame
     classes: list[str]
-    layout: str
+    csv_format: str
     image_ids: list[str]
     folds: pd.DataFrame
     data_key: str  # what the masks depend on (``data_key``): keys the decoded masks
@@ -103,7 +103,7 @@ def file_sha256(path: Path, memo_dir: Path | None = None, remember: bool = False
 
 def data_key(config: Config, image_ids: list[str]) -> str:
     """What the masks of an experiment depend on: the CSV's bytes, the reading options
-    (layout, class order, instance class) and the image folder's files (names, sizes,
+    (CSV format, class order, instance class) and the image folder's files (names, sizes,
     modification times). The mask table cache and the decoded masks are keyed by it,
     so an edited CSV, reordered classes or a replaced image invalidate both together."""
     data = config.data
@@ -111,7 +111,8 @@ def data_key(config: Config, image_ids: list[str]) -> str:
     parts = {
         "version": MASK_CACHE_VERSION,
         "csv_sha256": file_sha256(csv, experiment_cache_dir(config) / "masks"),
-        "layout": data.layout,
+        # Keyed "layout", its name before data.csv_format: existing runs' caches stay valid.
+        "layout": data.csv_format,
         "classes": data.classes,
         "instance_class": data.instance_class,
         "images": files_fingerprint(Path(data.train_images), image_ids),
@@ -136,12 +137,14 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
         try:
             saved = json.loads(cache.read_text())
             table = pd.DataFrame({name: saved[name] for name in CANONICAL_COLUMNS}, dtype=str)
-            return MaskTable(table=table, classes=list(saved["classes"]), layout=saved["layout"])
+            return MaskTable(
+                table=table, classes=list(saved["classes"]), csv_format=saved["layout"]
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable mask table cache %s: %s", cache, exc)
     mask_table = read_masks(
         path,
-        layout=data.layout,
+        csv_format=data.csv_format,
         classes=data.classes,
         instance_class=data.instance_class,
         known_images=known_images,
@@ -152,7 +155,7 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
         stale.unlink(missing_ok=True)
     saved = {
         "classes": mask_table.classes,
-        "layout": mask_table.layout,
+        "layout": mask_table.csv_format,  # the name data_key's parts keep too
         **{name: mask_table.table[name].tolist() for name in CANONICAL_COLUMNS},
     }
     _write_text_atomic(cache, json.dumps(saved))
@@ -218,8 +221,10 @@ def open_experiment(config: Config) -> Experiment:
         seed=config.seed,
         method=config.folds.method,
     )
-    log_data_set(config, table, mask_table.classes, mask_table.layout)
-    return Experiment(config, table, mask_table.classes, mask_table.layout, image_ids, folds, key)
+    log_data_set(config, table, mask_table.classes, mask_table.csv_format)
+    return Experiment(
+        config, table, mask_table.classes, mask_table.csv_format, image_ids, folds, key
+    )
 
 
 def _check_has_masks(config: Config, table: pd.DataFrame, n_images: int) -> None:
@@ -233,21 +238,21 @@ def _check_has_masks(config: Config, table: pd.DataFrame, n_images: int) -> None
         )
 
 
-def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], layout: str) -> None:
+def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], csv_format: str) -> None:
     """Images on disk, with and without any mask, and images per class."""
     non_empty = table["rle"] != ""
     with_mask = table.loc[non_empty, "image_id"].nunique()
     n_images = table["image_id"].nunique()
     per_class = table.loc[non_empty, "class_name"].value_counts()
     log.info(
-        "experiment %s: %d images in %s (%d with a mask, %d without any), layout %s, "
+        "experiment %s: %d images in %s (%d with a mask, %d without any), CSV format %s, "
         "%d folds; images per class %s",
         config.experiment,
         n_images,
         config.data.train_images,
         with_mask,
         n_images - with_mask,
-        layout,
+        csv_format,
         config.folds.n_splits,
         {name: int(per_class.get(name, 0)) for name in classes},
     )
@@ -261,7 +266,7 @@ def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], layout
 
 
 def read_pseudo_labels(config: Config, exp: Experiment) -> MaskTable:
-    """The table of ``data.pseudo_labels`` (``image_label`` layout, as
+    """The table of ``data.pseudo_labels`` (``image_label`` format, as
     ``python -m pipeline.pseudo_label`` writes it), checked: a readable file with at
     least one image, none of them a training image."""
     if config.data.pseudo_labels is None:
@@ -269,7 +274,7 @@ def read_pseudo_labels(config: Config, exp: Experiment) -> MaskTable:
     path = Path(config.data.pseudo_labels)
     if not path.is_file():
         raise FileNotFoundError(f"data.pseudo_labels {str(path)!r} is not a file")
-    table = read_masks(path, layout="image_label", classes=exp.classes)
+    table = read_masks(path, csv_format="image_label", classes=exp.classes)
     ids = set(table.table["image_id"])
     if not ids:
         raise ValueError(f"data.pseudo_labels {str(path)!r} labels no image")

@@ -28,7 +28,7 @@ TRAINED_KEYS: tuple[str, ...] = (
     "framework",
     "data.train_csv",
     "data.train_images",
-    "data.layout",
+    "data.csv_format",
     "data.classes",
     "data.instance_class",
     "data.image_size",

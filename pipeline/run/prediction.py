@@ -64,7 +64,7 @@ def list_test_images(config: Config, exp: Experiment) -> list[str]:
     if data.sample_submission is not None:
         sample = read_masks(
             data.sample_submission,
-            layout=exp.layout,
+            csv_format=exp.csv_format,
             classes=exp.classes,
             instance_class=data.instance_class,
         )
@@ -280,7 +280,7 @@ def write_outputs(
         if data.sample_submission is not None
         else None
     )
-    frame = submission.make_submission_frame(table, exp.layout, exp.classes, sample)
+    frame = submission.make_submission_frame(table, exp.csv_format, exp.classes, sample)
     shapes: submission.Shapes = (
         (int(data.submission_size[0]), int(data.submission_size[1]))
         if data.submission_size is not None
@@ -289,20 +289,26 @@ def write_outputs(
             for i, (h, w) in zip(cache.image_ids, cache.original_sizes, strict=True)
         }
     )
-    if exp.layout == "instances":
+    if exp.csv_format == "instances":
         # Objects are scored one by one: one row per connected component.
         frame = submission.split_instances(frame, shapes)
     test_score = None
     if data.test_truth is not None:
         truth = submission_check.read_submission(data.test_truth)
         scored = submission.score_submission(
-            frame, truth, exp.layout, exp.classes, shapes, "predictions", f"truth {data.test_truth}"
+            frame,
+            truth,
+            exp.csv_format,
+            exp.classes,
+            shapes,
+            "predictions",
+            f"truth {data.test_truth}",
         )
         test_score = scored["overall"]
     path = Path(out) if out is not None else None
     if path is None:
         path = submission_path(submissions_dir, config.experiment, datetime.datetime.now())
-    submission.write_submission_file(frame, path, exp.layout, exp.classes, image_ids, shapes)
+    submission.write_submission_file(frame, path, exp.csv_format, exp.classes, image_ids, shapes)
     inside = path.resolve().parent == submissions_dir.resolve()
     submission.record_submission(
         submissions_dir / SUBMISSION_LOG,

@@ -259,7 +259,7 @@ CASES: dict[str, Case] = {
     "train: unknown columns": Case(
         "train",
         csv_change(lambda f: f.rename(columns={"Image_Label": "Name"})),
-        ("match no known layout",),
+        ("match no known CSV format",),
     ),
     "train: duplicate rows": Case(
         "train",

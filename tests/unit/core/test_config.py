@@ -118,6 +118,15 @@ def test_unknown_top_level_key_in_file(tmp_path):
         load_config(path)
 
 
+def test_a_renamed_key_is_refused_with_its_new_name(tmp_path):
+    path = write(tmp_path / "x.yaml", {"data": {"layout": "instances"}})
+    with pytest.raises(ConfigError, match=r"'data.layout' is now 'data.csv_format'.* in .*x.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match=r"'data.layout' is now 'data.csv_format'"):
+        load_config(overrides=["data.layout=instances"])
+    assert load_config(overrides=["data.csv_format=instances"]).data.csv_format == "instances"
+
+
 def test_bad_augment_entry(tmp_path):
     path = write(tmp_path / "x.yaml", {"augment": [{"transform": "HorizontalFlip"}]})
     with pytest.raises(ConfigError, match=r"'augment\[0\]' must be \{name: a string, params"):

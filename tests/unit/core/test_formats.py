@@ -1,4 +1,4 @@
-"""The four Kaggle CSV layouts: detection, reading, writing, round trips and errors."""
+"""The four Kaggle CSV formats: detection, reading, writing, round trips and errors."""
 
 from pathlib import Path
 
@@ -16,16 +16,16 @@ def write_csv(path: Path, rows: list[list[object]], columns: list[str]) -> Path:
     return path
 
 
-def round_trip(path: Path, layout: str, **kwargs: object) -> formats.MaskTable:
+def round_trip(path: Path, csv_format: str, **kwargs: object) -> formats.MaskTable:
     """Read, write back, read again; the two tables must be identical."""
     first = mask_csv.read_masks(path, **kwargs)  # type: ignore[arg-type]
-    assert first.layout == layout
+    assert first.csv_format == csv_format
     again = path.with_name("again.csv")
-    formats.write_submission(first.table, layout, first.classes).to_csv(again, index=False)
+    formats.write_submission(first.table, csv_format, first.classes).to_csv(again, index=False)
     second = mask_csv.read_masks(again, **kwargs)  # type: ignore[arg-type]
     pd.testing.assert_frame_equal(first.table, second.table)
     assert first.classes == second.classes
-    assert second.layout == layout
+    assert second.csv_format == csv_format
     return first
 
 
@@ -33,7 +33,7 @@ def as_tuples(table: pd.DataFrame) -> list[tuple[str, str, str]]:
     return list(table.itertuples(index=False, name=None))
 
 
-def test_image_label_layout(tmp_path: Path) -> None:
+def test_image_label_format(tmp_path: Path) -> None:
     path = write_csv(
         tmp_path / "train.csv",
         [
@@ -56,7 +56,7 @@ def test_image_label_layout(tmp_path: Path) -> None:
     assert list(masks.table.columns) == ["image_id", "class_name", "rle"]
 
 
-def test_image_class_layout_fills_absent_rows(tmp_path: Path) -> None:
+def test_image_class_format_fills_absent_rows(tmp_path: Path) -> None:
     path = write_csv(
         tmp_path / "train.csv",
         [["x.jpg", 3, "5 1"], ["w.jpg", 1, "1 1"], ["x.jpg", 10, "7 2"]],
@@ -85,7 +85,7 @@ def test_image_class_written_with_every_row(tmp_path: Path) -> None:
     assert written.values.tolist() == [["a", 1, ""], ["a", 2, "1 1"]]
 
 
-def test_imageid_classid_layout(tmp_path: Path) -> None:
+def test_imageid_classid_format(tmp_path: Path) -> None:
     path = write_csv(
         tmp_path / "train.csv",
         [["0002cc93b.jpg_1", "29102 12"], ["0002cc93b.jpg_2", ""], ["0007a71bf.jpg_02", "1 3"]],
@@ -101,7 +101,7 @@ def test_imageid_classid_layout(tmp_path: Path) -> None:
     ]
 
 
-def test_instances_layout_unions_objects(tmp_path: Path) -> None:
+def test_instances_format_unions_objects(tmp_path: Path) -> None:
     path = write_csv(
         tmp_path / "train.csv",
         [["img2", "5 2"], ["img1", "10 3"], ["img1", "1 2 12 4"], ["ship0", ""]],
@@ -124,7 +124,7 @@ def test_instances_class_from_classes_argument(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", [["a", "1 1"]], ["ImageId", "EncodedPixels"])
     assert mask_csv.read_masks(path, classes=["ship"]).classes == ["ship"]
     assert mask_csv.read_masks(path).classes == ["object"]
-    with pytest.raises(ValueError, match="one name for the instances layout"):
+    with pytest.raises(ValueError, match="one name for the instances format"):
         mask_csv.read_masks(path, classes=["a", "b"])
     with pytest.raises(ValueError, match="disagree"):
         mask_csv.read_masks(path, classes=["ship"], instance_class="nucleus")
@@ -145,7 +145,7 @@ def test_given_classes_fix_order_and_reject_unknown(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("columns", "layout"),
+    ("columns", "csv_format"),
     [
         (["Image_Label", "EncodedPixels"], "image_label"),
         (["ImageId", "ClassId", "EncodedPixels"], "image_class"),
@@ -154,27 +154,29 @@ def test_given_classes_fix_order_and_reject_unknown(tmp_path: Path) -> None:
         (["EncodedPixels", "ImageId", "Width"], "instances"),
     ],
 )
-def test_detect_layout(columns: list[str], layout: str) -> None:
-    assert formats.detect_layout(columns) == layout
+def test_detect_csv_format(columns: list[str], csv_format: str) -> None:
+    assert formats.detect_csv_format(columns) == csv_format
 
 
-def test_detect_layout_unknown_lists_known_layouts() -> None:
-    with pytest.raises(ValueError, match=r"\['id', 'rle'\] match no known layout.*image_label: "):
-        formats.detect_layout(["id", "rle"])
-    with pytest.raises(ValueError, match="match several layouts"):
-        formats.detect_layout(["Image_Label", "ImageId_ClassId", "EncodedPixels"])
+def test_detect_csv_format_unknown_lists_known_formats() -> None:
+    with pytest.raises(
+        ValueError, match=r"\['id', 'rle'\] match no known CSV format.*image_label: "
+    ):
+        formats.detect_csv_format(["id", "rle"])
+    with pytest.raises(ValueError, match="match several CSV formats"):
+        formats.detect_csv_format(["Image_Label", "ImageId_ClassId", "EncodedPixels"])
 
 
-def test_explicit_layout_checks_columns(tmp_path: Path) -> None:
+def test_explicit_csv_format_checks_columns(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", [["a", "1 1"]], ["ImageId", "EncodedPixels"])
     with pytest.raises(
-        ValueError, match=r"lacks column\(s\) \['ClassId'\] of layout 'image_class'"
+        ValueError, match=r"lacks column\(s\) \['ClassId'\] of CSV format 'image_class'"
     ):
-        mask_csv.read_masks(path, layout="image_class")
-    with pytest.raises(ValueError, match="layout must be 'auto' or one of"):
-        mask_csv.read_masks(path, layout="coco")
+        mask_csv.read_masks(path, csv_format="image_class")
+    with pytest.raises(ValueError, match="csv_format must be 'auto' or one of"):
+        mask_csv.read_masks(path, csv_format="coco")
     bad = write_csv(tmp_path / "bad.csv", [["a", "1 1"]], ["Id", "EncodedPixels"])
-    with pytest.raises(ValueError, match=r"bad\.csv.*match no known layout"):
+    with pytest.raises(ValueError, match=r"bad\.csv.*match no known CSV format"):
         mask_csv.read_masks(bad)
 
 
@@ -238,7 +240,7 @@ def test_write_submission_validates_table() -> None:
         formats.write_submission(table, "image_class", ["1", "2"])
     with pytest.raises(ValueError, match="table class '2' is not one of classes"):
         formats.write_submission(table, "image_label", ["1"])
-    with pytest.raises(ValueError, match="layout must be one of"):
+    with pytest.raises(ValueError, match="csv_format must be one of"):
         formats.write_submission(table, "auto", ["1", "2"])
     with pytest.raises(ValueError, match=r"missing \['rle'\]"):
         formats.write_submission(table.drop(columns="rle"), "image_label", ["1", "2"])
@@ -246,7 +248,7 @@ def test_write_submission_validates_table() -> None:
         formats.write_submission(table, "image_class", ["Fish", "2"])
     with pytest.raises(ValueError, match="must not contain '_'"):
         formats.write_submission(table, "image_label", ["a_b"])
-    with pytest.raises(ValueError, match="instances layout holds one class"):
+    with pytest.raises(ValueError, match="instances format holds one class"):
         formats.write_submission(table, "instances", ["1", "2"])
     doubled = pd.concat([table, table.iloc[:1]])
     with pytest.raises(ValueError, match="several rows for image 'a', class '1'"):
@@ -270,12 +272,12 @@ def test_write_submission_orders_rows_and_blanks_missing_rle() -> None:
     ]
 
 
-def test_dsb2018_through_the_instances_layout() -> None:
+def test_dsb2018_through_the_instances_format() -> None:
     csv = DSB2018 / "train.csv"
     if not csv.is_file():
         pytest.skip(f"dsb2018 data set not found at {DSB2018}; it lives outside the repository")
     masks = mask_csv.read_masks(csv, instance_class="nucleus")
-    assert masks.layout == "instances"
+    assert masks.csv_format == "instances"
     assert masks.classes == ["nucleus"]
     assert len(masks.table) == 664
     assert (masks.table["rle"] != "").all()

@@ -60,3 +60,26 @@ def test_folds_recorded_by_057f31a_are_compared_as_they_were_trained(tmp_path):
     assert trained_config_differences(config) == []
     changed = config.with_overrides(["model.backbone=resnet18"])
     assert len(trained_config_differences(changed)) == config.folds.n_splits
+
+
+def test_keys_renamed_since_are_migrated(tmp_path):
+    data = yaml.safe_load(OLD_RUN_CONFIG.read_text())
+    assert data["data"]["layout"] == "auto"  # data.csv_format's name at 057f31a
+    data["data"]["layout"] = "image_label"
+    config = read_run_config(write(tmp_path / "config.yaml", data))
+    assert config.data.csv_format == "image_label"
+    assert "layout" not in config.to_dict()["data"]
+
+
+def test_a_fold_trained_under_the_old_key_name_compares_by_its_value(tmp_path):
+    from pipeline.run.fold_records import trained_config_differences
+
+    config = load_config(CONFIG_DIR / "demo.yaml", [f"runs_dir={tmp_path}", "folds.n_splits=2"])
+    data = yaml.safe_load(OLD_RUN_CONFIG.read_text())
+    data["data"]["layout"], data["folds"]["n_splits"] = "image_label", 2
+    for fold in range(2):
+        config.fold_dir(fold).mkdir(parents=True)
+        write(config.fold_dir(fold) / "config.yaml", data)
+    assert trained_config_differences(config.with_overrides(["data.csv_format=image_label"])) == []
+    lines = trained_config_differences(config)
+    assert lines[0].startswith("data.csv_format: 'image_label' in ") and "'auto' now" in lines[0]

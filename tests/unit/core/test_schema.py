@@ -90,7 +90,7 @@ def test_fit_settings_are_declared_once_for_both_trainers():
 
 def test_choices_of_a_key():
     assert schema.choices("tta.merge") == ("mean", "gmean", "max")
-    assert "auto" in schema.choices("data.layout")
+    assert "auto" in schema.choices("data.csv_format")
     with pytest.raises(ValueError, match="'train.lr' is not a choice"):
         schema.choices("train.lr")
 

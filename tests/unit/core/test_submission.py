@@ -36,10 +36,10 @@ def clouds_frame(rles: dict[str, str] | None = None) -> pd.DataFrame:
 VALID = {"a.jpg_x": "1 3 10 2", "b.jpg_y": "18 3"}
 
 
-def check(frame: pd.DataFrame, layout: str = "image_label", **kwargs: object) -> None:
+def check(frame: pd.DataFrame, csv_format: str = "image_label", **kwargs: object) -> None:
     arguments: dict[str, object] = {"classes": CLASSES, "image_ids": IMAGES, "shapes": SHAPE}
     arguments.update(kwargs)
-    validate_submission(frame, layout, **arguments)  # type: ignore[arg-type]
+    validate_submission(frame, csv_format, **arguments)  # type: ignore[arg-type]
 
 
 def test_valid_submission_passes() -> None:
@@ -102,7 +102,7 @@ def test_wrong_header() -> None:
     with pytest.raises(
         SubmissionError,
         match=r"row 1 \(header\): expected exactly the columns Image_Label,EncodedPixels of "
-        r"layout 'image_label'; got Image_Label,Pixels",
+        r"CSV format 'image_label'; got Image_Label,Pixels",
     ):
         check(frame)
     with pytest.raises(SubmissionError, match="got Image_Label,EncodedPixels,extra"):
@@ -134,7 +134,7 @@ def test_blank_line_keeps_row_numbers(tmp_path: Path) -> None:
         check(read_submission(path))
 
 
-def test_image_class_and_imageid_classid_layouts() -> None:
+def test_image_class_and_imageid_classid_formats() -> None:
     frame = pd.DataFrame(
         {"ImageId": ["a", "a", "b", "b"], "ClassId": [1, 2, 1, 2], "EncodedPixels": ["1 2"] * 4}
     )
@@ -146,7 +146,7 @@ def test_image_class_and_imageid_classid_layouts() -> None:
     check(joined, "imageid_classid", classes=["1", "2"], image_ids=["a"])
 
 
-def test_instances_layout() -> None:
+def test_instances_format() -> None:
     frame = pd.DataFrame({"ImageId": ["a", "a", "b"], "EncodedPixels": ["1 2", "5 2", ""]})
     check(frame, "instances", classes=["object"], image_ids=["a", "b"])
     with pytest.raises(SubmissionError, match=r"no row for image 'c'"):

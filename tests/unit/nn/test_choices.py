@@ -5,7 +5,7 @@ layer's cannot be imported by the pure schema, so they are checked here.
 """
 
 from pipeline.core.folds import FOLD_METHODS
-from pipeline.core.formats import LAYOUTS
+from pipeline.core.formats import CSV_FORMATS
 from pipeline.core.postprocess import AT_LEAST_ONE_CHOICES, GATES
 from pipeline.core.precision import PRECISIONS
 from pipeline.core.schema import choices
@@ -18,7 +18,7 @@ from pipeline.nn.model import ARCHITECTURES, DECODER_BLOCK_TYPES
 
 def test_every_choice_matches_its_owner():
     owners = {
-        "data.layout": ("auto", *LAYOUTS),
+        "data.csv_format": ("auto", *CSV_FORMATS),
         "folds.method": FOLD_METHODS,
         "model.architecture": ARCHITECTURES,
         "model.decoder_block_type": DECODER_BLOCK_TYPES,

@@ -166,7 +166,7 @@ def test_writes_every_file_and_no_temporaries(tiny_set: Path) -> None:
 
 def test_train_csv_reads_back_to_the_drawn_masks(tiny_set: Path) -> None:
     masks = read_masks(tiny_set / "train.csv")
-    assert masks.layout == "image_label"
+    assert masks.csv_format == "image_label"
     assert masks.classes == list(CLASSES)
     assert len(masks.table) == TINY["n_train"] * len(CLASSES)
     train_ids, _ = draw_image_ids(TINY["seed"], TINY["n_train"], TINY["n_test"])
@@ -188,7 +188,7 @@ def test_images_are_the_drawn_rgb_images(tiny_set: Path) -> None:
 
 def test_test_truth_is_at_the_truth_size(tiny_set: Path) -> None:
     truth = read_masks(tiny_set / "test_truth.csv")
-    assert truth.layout == "image_label" and truth.classes == list(CLASSES)
+    assert truth.csv_format == "image_label" and truth.classes == list(CLASSES)
     _, test_ids = draw_image_ids(TINY["seed"], TINY["n_train"], TINY["n_test"])
     assert sorted(truth.table["image_id"].unique()) == sorted(test_ids)
     for index, image_id in enumerate(test_ids):
