@@ -24,7 +24,7 @@ from pydantic.fields import FieldInfo
 from typing_extensions import is_typeddict
 
 from pipeline.core.config_types import expectation, union_members, unwrap
-from pipeline.core.schema import RENAMED_KEYS, RootConfig
+from pipeline.core.schema import RENAMED_KEYS, FitConfig, RootConfig
 
 REGENERATE = "python -m pipeline.core.config_docs"
 # Where the generated files live, relative to the repository root.
@@ -54,10 +54,13 @@ schema, not this page. The defaults are the reference recipe, `configs/default.y
 - Keys are strict: an unknown key is an error that lists the valid ones, and a wrong
   value names the key, what it must be and what it got. Numbers written `1e-3` (which
   YAML reads as text) are numbers; `true`/`false` are never numbers.
+- `train` and `classifier` share their fit settings, declared once, each section with
+  its own defaults: {{shared}}.
 - A run records its resolved config (`runs/<experiment>/config.yaml` and each fold's
   `config.yaml`); later stages compare theirs with it. Runs recorded by earlier
   versions still load: keys added since take their defaults and renamed keys (below)
   are migrated.
+- The measurements behind some defaults and advice: [history-notes.md](history-notes.md).
 """
 
 
@@ -219,7 +222,9 @@ def render_config_doc(root: type[BaseModel] = RootConfig) -> str:
     """``docs/config.md``: one reference table per section of ``root``."""
     defaults = root().model_dump(mode="python")
     top = {k: v for k, v in root.model_fields.items() if _section_model(v) is None}
-    lines = [_DOC_HEADER.rstrip("\n"), "", "## Top level", "", *_TABLE_HEAD]
+    shared = ", ".join(f"`{key}`" for key in FitConfig.model_fields)
+    header = _DOC_HEADER.replace("{shared}", shared)
+    lines = [header.rstrip("\n"), "", "## Top level", "", *_TABLE_HEAD]
     for key, info in top.items():
         lines.append(_row(key, info.annotation, info, defaults[key]))
         typed = _typed_dict_items(info.annotation)
@@ -256,20 +261,23 @@ def generated_files(repo: Path) -> dict[Path, str]:
     return {repo / DEFAULT_YAML: render_default_yaml(), repo / CONFIG_DOC: render_config_doc()}
 
 
-def stale_files(repo: Path) -> list[Path]:
-    """The generated files under ``repo`` that are missing or differ from the schema."""
-    return [
-        path
+def _stale(repo: Path) -> dict[Path, str]:
+    return {
+        path: text
         for path, text in generated_files(repo).items()
         if not path.is_file() or path.read_text() != text
-    ]
+    }
+
+
+def stale_files(repo: Path) -> list[Path]:
+    """The generated files under ``repo`` that are missing or differ from the schema."""
+    return list(_stale(repo))
 
 
 def write_config_docs(repo: Path) -> list[Path]:
-    """Rewrite the stale generated files under ``repo``; returns the ones written."""
+    """Rewrite the stale generated files under ``repo`` (atomically); returns them."""
     written = []
-    for path in stale_files(repo):
-        text = generated_files(repo)[path]
+    for path, text in _stale(repo).items():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text)
