@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.core import report
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.energy import energy_table
 from pipeline.core.layout import REPORT as REPORT_DIR
@@ -41,13 +42,7 @@ from pipeline.core.layout import (
     SCORES_SUMMARY,
 )
 from pipeline.core.report_scores import ALL_CLASSES, METRIC_COLUMNS, score_table, summarise_folds
-from pipeline.run.cli import (
-    add_config_arguments,
-    add_force_argument,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
+from pipeline.run.command import Command, add_force_argument, config_from_args, run_command
 from pipeline.run.fold_records import check_folds_finished, check_trained_config
 from pipeline.run.json_files import read_json, write_json
 from pipeline.run.report_data import (
@@ -151,7 +146,7 @@ def load_report(config: Config, refresh: bool = False) -> dict[str, Any]:
     path = config.run_dir / REPORT_DIR / REPORT_METRICS
     if refresh or not path.is_file():
         return evaluate(config)
-    return read_json(path, "make it with python -m pipeline.evaluate")
+    return read_json(path, f"make it with {command_line('evaluate', config=config.source)}")
 
 
 def _nested_summary(scores: Scores) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
@@ -191,9 +186,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__)
-    add_config_arguments(parser)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worst",
         type=int,
@@ -201,17 +194,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how many of the worst OOF images to draw (default: %(default)s)",
     )
     add_force_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        metrics = evaluate(config_from_args(args), n_worst=args.worst, force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.evaluate")
+
+
+def _run(args: argparse.Namespace) -> int:
+    metrics = evaluate(config_from_args(args), n_worst=args.worst, force=args.force)
     print(format_summary(metrics))
     return 0
+
+
+COMMAND = Command(
+    stage="evaluate",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=("--config configs/demo.yaml", "--config configs/demo.yaml --worst 24"),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg evaluate`` / ``python -m pipeline.evaluate``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

@@ -43,12 +43,7 @@ from pipeline.nn.keras_backend import check_framework, keras, set_value, tf
 from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
 from pipeline.nn.model import build_model, check_input_size
 from pipeline.nn.optim import make_optimizer
-from pipeline.run.cli import (
-    add_config_arguments,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
+from pipeline.run.command import Command, config_from_args, run_command
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_fold_number
 from pipeline.run.image_cache import training_cache
@@ -301,20 +296,13 @@ def plot_range_test(
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.lr_find", description=__doc__)
-    add_config_arguments(parser)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, default=0, help="fold whose training images to use")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        config = config_from_args(args)
-        result = run_lr_find(config, args.fold)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.lr_find")
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = run_lr_find(config, args.fold)
     steep = result["steep_lr"]
     print(f"suggested lr: {result['suggested_lr']:.3g} ({result['rule']})")
     print(
@@ -338,6 +326,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{LR_FIND_JSON}}}"
     )
     return 0
+
+
+COMMAND = Command(
+    stage="lr-find",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=("--config configs/demo.yaml", "--config configs/demo.yaml --fold 1"),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg lr-find`` / ``python -m pipeline.lr_find``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from pipeline.core.demo_data import (
     make_image_rng,
 )
 from pipeline.core.rle import encode_batch
-from pipeline.run.cli import setup_logging
+from pipeline.run.command import Command, parse_size, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +56,13 @@ _CLOUDS_PRESET: dict[str, Any] = {
     "width": 2100,
     "truth_size": (350, 525),
 }
-_DEFAULTS: dict[str, Any] = {
+DEFAULTS: dict[str, Any] = {
     "n_train": 300,
     "n_test": 100,
     "height": 160,
     "width": 240,
     "truth_size": (80, 120),
+    "seed": 12345,
 }
 
 
@@ -155,21 +156,18 @@ def make_demo_data(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m pipeline.make_demo_data [--out data/demo] [--force] ...``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.make_demo_data",
-        description="Write the embedded Clouds-like demo data set (Kaggle image_label layout).",
-    )
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder")
     parser.add_argument("--n-train", type=int, help="training images (default 300)")
     parser.add_argument("--n-test", type=int, help="test images (default 100)")
     parser.add_argument("--height", type=int, help="image height (default 160)")
     parser.add_argument("--width", type=int, help="image width (default 240)")
     parser.add_argument(
-        "--truth-size", type=_parse_size, help="HxW of test_truth.csv masks (default 80x120)"
+        "--truth-size", type=parse_size, help="HxW of test_truth.csv masks (default 80x120)"
     )
-    parser.add_argument("--seed", type=int, default=12345, help="seed (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS["seed"], help="seed (default %(default)s)"
+    )
     parser.add_argument(
         "--clouds-size",
         action="store_true",
@@ -183,9 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="processes drawing images (default 1; use the core count for --clouds-size)",
     )
-    args = parser.parse_args(argv)
-    setup_logging()
-    preset = _CLOUDS_PRESET if args.clouds_size else _DEFAULTS
+
+
+def _run(args: argparse.Namespace) -> int:
+    preset = _CLOUDS_PRESET if args.clouds_size else DEFAULTS
 
     def pick(key: str) -> Any:
         value = getattr(args, key)
@@ -203,14 +202,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             force=args.force,
             workers=args.workers,
         )
-    except ValueError as error:
-        logger.error("%s", error)
-        return 2
     except OSError as error:  # e.g. a read-only or special file system under --out
-        logger.error("cannot write the demo data to %s: %s", args.out, error)
-        return 2
+        raise ValueError(f"cannot write the demo data to {args.out}: {error}") from None
     print(f"demo data in {out}")
     return 0
+
+
+COMMAND = Command(
+    stage="demo-data",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=("", "--out data/demo --force"),
+    uses_config=False,
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg demo-data`` / ``python -m pipeline.make_demo_data``."""
+    return run_command(COMMAND, argv, prog)
 
 
 def _check_output_folder(out: Path) -> None:
@@ -382,16 +392,6 @@ def _is_complete(out: Path) -> bool:
     """True when every CSV of a finished run is present."""
     names = ("train.csv", "test_truth.csv", "sample_submission.csv", META_FILE)
     return all((out / name).is_file() for name in names)
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    """Parse ``"HxW"`` (e.g. ``80x120``) for argparse."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(
-            f"expected HxW with positive integers, e.g. 80x120; got {text!r}"
-        )
-    return int(parts[0]), int(parts[1])
 
 
 if __name__ == "__main__":

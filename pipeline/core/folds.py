@@ -18,6 +18,8 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import KFold
 
+from pipeline.core.commands import command_line
+
 logger = logging.getLogger(__name__)
 
 FOLD_METHODS = ("multilabel_stratified", "kfold")
@@ -210,7 +212,7 @@ def load_folds(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the split is made by the first training run; "
-            "run `python -m pipeline.train --config <config>` for this experiment first"
+            f"run `{command_line('train', '--all', config='<config>')}` for this experiment first"
         )
     # Everything is read as text so ids such as "NA" or "0012" survive and a bad fold
     # value is reported as written.

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS, OOF_PRESENCE
 from pipeline.core.probstore import ProbReader
@@ -154,7 +155,7 @@ def iter_oof(
             if image_id not in original_sizes:
                 raise ValueError(
                     f"image_id {image_id!r} of {reader.directory} has no original size in the "
-                    "training image cache index; rebuild it with python -m pipeline.train"
+                    f"training image cache index; rebuild it with {command_line('train')}"
                 )
             original = original_sizes[image_id]
             target = (int(size[0]), int(size[1])) if size is not None else original
@@ -185,15 +186,15 @@ def read_classifier_probs(
         if source == "head":
             raise FileNotFoundError(
                 f"model.classification_head is on, but {path} is missing (folds {missing} "
-                "were trained without the head); retrain them with `python -m "
-                f"pipeline.train --config {config.source} --fold {missing[0]} --force`, or "
-                "set model.classification_head=false"
+                "were trained without the head); retrain them with "
+                f"`{command_line('train', f'--fold {missing[0]} --force', config=config.source)}`"
+                ", or set model.classification_head=false"
             )
         raise FileNotFoundError(
             f"classifier out-of-fold probs exist for folds {present} but not for folds "
             f"{missing} ({path} not found); finish them with "
-            f"`python -m pipeline.train_classifier --config {config.source} --fold "
-            f"{missing[0]}`, or remove {config.run_dir / CLASSIFIER_STAGE} to tune "
+            f"`{command_line('train-classifier', f'--fold {missing[0]}', config=config.source)}`"
+            f", or remove {config.run_dir / CLASSIFIER_STAGE} to tune "
             "without the classifier gate"
         )
     assert frame is not None

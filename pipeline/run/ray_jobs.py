@@ -27,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.run.cli import JOB_ENV, THREADS_ENV
-from pipeline.run.fold_jobs import JobExit, signal_group
+from pipeline.run.executor import JobExit, signal_group
+from pipeline.run.process import JOB_ENV, THREADS_ENV
 
 log = logging.getLogger(__name__)
 
