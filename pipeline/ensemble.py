@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle
+from pipeline.core.atomic import write_text
 from pipeline.core.blend import blend_levels
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
@@ -61,7 +62,7 @@ from pipeline.run.at_least_one import rule_scores
 from pipeline.run.command import Command, add_submission_arguments, config_from_args, run_command
 from pipeline.run.ensemble_choice import EnsembleChoice, blend_grid, choose_blend
 from pipeline.run.ensemble_members import Member, open_members
-from pipeline.run.json_files import _write_text_atomic, write_json
+from pipeline.run.json_files import write_json
 from pipeline.run.prediction import list_test_images, write_outputs
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.stored_predictions import fresh_test_presence, fresh_test_probs
@@ -283,7 +284,7 @@ def _write_report(
             f"{rule['in_sample']['with']:.4f} with. The ensemble's figures: nested "
             f"{choice.scores()['nested']:.4f}, in-sample {choice.scores()['in_sample']:.4f}."
         )
-    _write_text_atomic(path, "\n".join([*lines, ""]))
+    write_text(path, "\n".join([*lines, ""]))
 
 
 def _presence_line(choice: EnsembleChoice) -> str:

@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from pipeline.core import report
+from pipeline.core.atomic import write_csv, write_text
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.energy import energy_table
@@ -88,8 +87,8 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     by_fold = score_table(counts)
     pooled = score_table(counts, pooled=True)
     scores = Scores(by_fold, pooled, summarise_folds(by_fold), worst)
-    by_fold.to_csv(out / SCORES_BY_FOLD, index=False)
-    scores.summary.to_csv(out / SCORES_SUMMARY, index=False)
+    write_csv(out / SCORES_BY_FOLD, by_fold)
+    write_csv(out / SCORES_SUMMARY, scores.summary)
     notes = list(run.notes)
     check = tune_check(run, pooled)
     cv = cv_scores(run.tune_extra)
@@ -109,8 +108,8 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     if notes:
         sections.append(report.Section("Notes", paragraphs=notes))
     title = f"CV report: {config.experiment}"
-    _write_text(out / REPORT_MD, report.render_markdown(title, sections))
-    _write_text(out / REPORT_HTML, report.render_html(title, sections))
+    write_text(out / REPORT_MD, report.render_markdown(title, sections))
+    write_text(out / REPORT_HTML, report.render_html(title, sections))
     metrics = report.json_ready(
         {
             "experiment": config.experiment,
@@ -160,13 +159,6 @@ def _nested_summary(scores: Scores) -> dict[str, dict[str, dict[str, dict[str, f
             for m in METRIC_COLUMNS
         }
     return out
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def format_summary(metrics: Mapping[str, Any]) -> str:

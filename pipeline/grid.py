@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.core.atomic import write_csv
 from pipeline.core.config import Config, load_config
 from pipeline.core.grid_tables import (
     IN_SAMPLE,
@@ -308,8 +308,8 @@ def run_grid(
     results = make_results_table(runs, scores, folds, status, tuned)
     summary = summarise_grid(results, keys)
     if not dry_run:
-        _write_csv(results, directory / RESULTS)
-        _write_csv(summary, directory / SUMMARY)
+        write_csv(directory / RESULTS, results)
+        write_csv(directory / SUMMARY, summary)
     failed = [name for name, s in status.items() if "failed" in s or s == "incomplete"]
     return GridOutcome(directory, results, summary, compare_top_two(results, summary), failed)
 
@@ -352,13 +352,6 @@ def _tune_runs(
         if got is not None:
             tuned[run.name] = got
     return tuned
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 def format_summary(summary: pd.DataFrame) -> str:

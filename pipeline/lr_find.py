@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from pipeline.core.atomic import atomic_path, write_csv
 from pipeline.core.config import Config
 from pipeline.core.layout import LR_FIND_CSV, LR_FIND_DIR, LR_FIND_JSON, LR_FIND_PNG
 from pipeline.core.lr_range import (
@@ -160,7 +160,7 @@ def run_lr_find(config: Config, fold: int = 0) -> dict[str, Any]:
     frame = range_test_frame(lrs[: recorded.size], recorded, lf.smoothing)
     out_dir = config.run_dir / LR_FIND_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(frame, out_dir / LR_FIND_CSV)
+    write_csv(out_dir / LR_FIND_CSV, frame)
     title = f"{config.experiment} fold {fold}: batch {global_batch}, {len(frame)} steps"
     plot_range_test(frame, suggestion, out_dir / LR_FIND_PNG, title)
     result = {
@@ -231,12 +231,6 @@ def batch_note(lr: float, images_per_step: int, accumulation_steps: int) -> str:
     )
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def plot_range_test(
     frame: pd.DataFrame, suggestion: LrSuggestion, path: Path, title: str = ""
 ) -> Path:
@@ -290,9 +284,8 @@ def plot_range_test(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=90)
     return path
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.core.atomic import atomic_path, write_bytes, write_text
 from pipeline.core.demo_data import (
     CLASSES,
     GENERATOR_VERSION,
@@ -127,7 +128,7 @@ def make_demo_data(
     for name in ("train.csv", "sample_submission.csv", "test_truth.csv"):
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     # Images left by an earlier generation are only deleted where that generation was
     # ours (a meta file existed), never in a folder of someone else's images.
     remove_stale = saved is not None
@@ -136,12 +137,15 @@ def make_demo_data(
     train_ids, test_ids = draw_image_ids(seed, n_train, n_test)
     sizes = (height, width, truth_size)
     options = (remove_stale, workers)
-    tmp_train = _write_split(out, "train", train_ids, sizes, seed, options)
-    tmp_truth = _write_split(out, "test", test_ids, sizes, seed, options)
-    tmp_sample = _write_sample_submission(out, test_ids)
-    os.replace(tmp_truth, out / "test_truth.csv")
-    os.replace(tmp_sample, out / "sample_submission.csv")
-    os.replace(tmp_train, train_csv)
+    # Renamed into place in reverse order as the blocks end: train.csv last.
+    with (
+        atomic_path(train_csv) as tmp_train,
+        atomic_path(out / "test_truth.csv") as tmp_truth,
+        atomic_path(out / "sample_submission.csv") as tmp_sample,
+    ):
+        _write_split(out, "train", train_ids, sizes, seed, options, tmp_train)
+        _write_split(out, "test", test_ids, sizes, seed, options, tmp_truth)
+        _write_sample_submission(test_ids, tmp_sample)
     elapsed = time.perf_counter() - start
     logger.info(
         "wrote %d train + %d test images (%dx%d) to %s in %.1f s (%.1f images/s)",
@@ -255,8 +259,9 @@ def _write_split(
     sizes: tuple[int, int, tuple[int, int]],
     seed: int,
     options: tuple[bool, int],
-) -> Path:
-    """Write a split's images and stream its label CSV to a ``.tmp`` file; return that file.
+    tmp_csv: Path,
+) -> None:
+    """Write a split's images and stream its label CSV to ``tmp_csv`` (a temporary file).
 
     Rows are in image-id order, classes in ``CLASSES`` order, as in the Kaggle files. The
     train CSV holds image-size masks; the test one (the truth) holds ``truth_size`` masks.
@@ -266,7 +271,6 @@ def _write_split(
     remove_stale, workers = options
     image_dir = out / f"{split}_images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    tmp_csv = out / ("train.csv.tmp" if split == "train" else "test_truth.csv.tmp")
     job = _SplitJob(seed, split, image_dir, height, width, truth_size if split == "test" else None)
     order = sorted(range(len(image_ids)), key=image_ids.__getitem__)
     tasks = [(job, index, image_ids[index]) for index in order]
@@ -287,7 +291,6 @@ def _write_split(
                 logger.info("%s: %d/%d images (%.1f/s)", split, done, len(tasks), rate)
     if remove_stale:
         _remove_stale_images(image_dir, set(image_ids))
-    return tmp_csv
 
 
 def _render_image(task: tuple[_SplitJob, int, str]) -> str:
@@ -304,12 +307,10 @@ def _render_image(task: tuple[_SplitJob, int, str]) -> str:
     return "".join(f"{image_id}_{name},{rle}\n" for name, rle in zip(CLASSES, rles, strict=True))
 
 
-def _write_sample_submission(out: Path, test_ids: list[str]) -> Path:
-    """Kaggle-style sample submission (every test image x class, ``1 1``) to a ``.tmp``."""
-    tmp = out / "sample_submission.csv.tmp"
+def _write_sample_submission(test_ids: list[str], tmp: Path) -> None:
+    """Kaggle-style sample submission (every test image x class, ``1 1``) to ``tmp``."""
     rows = [f"{image_id}_{name},1 1\n" for image_id in sorted(test_ids) for name in CLASSES]
     tmp.write_text(CSV_HEADER + "".join(rows))
-    return tmp
 
 
 def _write_jpeg(path: Path, image: np.ndarray) -> None:
@@ -318,16 +319,7 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
         ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
     )
     assert ok, "OpenCV failed to encode an in-memory uint8 image"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.tobytes())
-    os.replace(tmp, path)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes(path, data.tobytes())
 
 
 def _remove_stale_images(image_dir: Path, keep: set[str]) -> None:

@@ -40,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle
+from pipeline.core.atomic import write_csv
 from pipeline.core.clock import StageClock
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
@@ -157,10 +158,7 @@ def pseudo_label(config: Config) -> dict[str, Any]:
             )
         table = pd.DataFrame(rows, columns=["image_id", "class_name", "rle"])
         frame = make_submission_frame(table, "image_label", exp.classes, None)
-        out = config.run_dir / PSEUDO_LABELS
-        tmp = out.with_name(out.name + ".tmp")
-        frame.to_csv(tmp, index=False, lineterminator="\n")
-        tmp.replace(out)
+        out = write_csv(config.run_dir / PSEUDO_LABELS, frame)
         summary = {
             "test_images": len(image_ids),
             "kept_images": kept,

@@ -24,12 +24,11 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from pipeline.core.atomic import write_csv
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.folds import classifier_skip_reason
@@ -244,8 +243,8 @@ def _tune(config: Config) -> TuneOutput:
     table = result.summary().astype({"min_area": "Int64", "min_component": "Int64"})
     for kind in ("none", *result.gate_tables):
         table[f"best_{kind}"] = [comparison[name][kind] for name in result.classes] + [np.nan]
-    table_path = _write_csv(table, run_dir / TABLE_FILE)
-    grid_path = _write_csv(result.table_frame(), run_dir / GRID_FILE)
+    table_path = write_csv(run_dir / TABLE_FILE, table)
+    grid_path = write_csv(run_dir / GRID_FILE, result.table_frame())
     log.info("wrote %s, %s and %s", postprocess_path, table_path.name, grid_path.name)
     return TuneOutput(
         result,
@@ -257,13 +256,6 @@ def _tune(config: Config) -> TuneOutput:
         search_seconds,
         at_least_one,
     )
-
-
-def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
-    return path
 
 
 def _run(args: argparse.Namespace) -> int:

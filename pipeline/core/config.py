@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import yaml
 
 from pipeline.core import layout
+from pipeline.core.atomic import write_text
 from pipeline.core.config_keys import (
     AT_LEAST_TWO_KEYS,
     BELOW_ONE_KEYS,
@@ -374,9 +374,4 @@ def _join(prefix: str, name: str) -> str:
 
 def save_config(config: Config, path: str | Path) -> Path:
     """Write the merged config as YAML atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

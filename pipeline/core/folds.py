@@ -9,7 +9,6 @@ so training, tuning and evaluation all see the same out-of-fold images.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import KFold
 
+from pipeline.core.atomic import write_csv
 from pipeline.core.commands import command_line
 
 logger = logging.getLogger(__name__)
@@ -193,11 +193,8 @@ def ensure_folds(
             "(which invalidates every fold already trained in this experiment)"
         )
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of this process's own: two workers may write the same split at once.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    folds.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
+    # Two workers may write the same split at once: each has its own temporary name.
+    write_csv(path, folds)
     logger.info("wrote %s (%d images, %d folds, %s)", path, len(folds), n_splits, method)
     return folds
 

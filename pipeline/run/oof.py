@@ -16,13 +16,13 @@ leakage): it is refused, naming the file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline.core.atomic import write_csv
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS, OOF_PRESENCE
@@ -205,7 +205,5 @@ def read_classifier_probs(
 def write_presence_oof(frame: pd.DataFrame, path: Path) -> Path:
     """Write an OOF presence table (``image_id`` then one column per class: a classifier's
     ``oof_cls.csv`` or a presence head's ``oof_presence.csv``) atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
+    write_csv(path, frame, float_format="%.6f")
     return path
