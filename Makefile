@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml $(LOCK)
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/python -m pipeline.demo --config $(DEMO) $(ARGS)
+	$(BIN)/foldseg run --config $(DEMO) $(ARGS)
 
 # Then the Keras layer's tests and the stages' integration tests again on Keras 3.
 KERAS3_TESTS := tests/unit/nn tests/integration/test_train.py \

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.epochs, args.trivial = 2, 6
-    from pipeline.run.cli import setup_logging
+    from pipeline.run.command import setup_logging
 
     setup_logging()
     overhead = {e: trivial_jobs(args.workdir / f"trivial_{e}", e, args.trivial) for e in EXECUTORS}

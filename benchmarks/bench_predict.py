@@ -49,7 +49,7 @@ from pipeline.nn.devices import inference_precision, precision_policy
 from pipeline.nn.model import build_model
 from pipeline.nn.weights import save_weights_atomic
 from pipeline.predict import predict
-from pipeline.run.cli import setup_logging
+from pipeline.run.command import setup_logging
 
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 FOLDS = 3

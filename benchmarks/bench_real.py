@@ -161,7 +161,7 @@ def write_config(out: Path, csv_format: str, args: argparse.Namespace) -> Path:
 
 def run_csv_format(config_path: Path, out: Path) -> dict[str, Any]:
     """Every stage; the figures of one CSV format."""
-    from pipeline.run.cli import enter_framework
+    from pipeline.run.process import enter_framework
 
     config = load_config(config_path)
     enter_framework(config)  # before the stages below import the Keras layer

@@ -45,7 +45,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle
+from pipeline.core.atomic import write_text
 from pipeline.core.blend import blend_levels
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import (
@@ -57,16 +59,10 @@ from pipeline.core.layout import (
 from pipeline.core.postprocess import postprocess_image, resolve_at_least_one, save_postprocess
 from pipeline.core.probstore import ProbReader
 from pipeline.run.at_least_one import rule_scores
-from pipeline.run.cli import (
-    add_config_arguments,
-    add_submission_arguments,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
+from pipeline.run.command import Command, add_submission_arguments, config_from_args, run_command
 from pipeline.run.ensemble_choice import EnsembleChoice, blend_grid, choose_blend
 from pipeline.run.ensemble_members import Member, open_members
-from pipeline.run.json_files import _write_text_atomic, write_json
+from pipeline.run.json_files import write_json
 from pipeline.run.prediction import list_test_images, write_outputs
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.stored_predictions import fresh_test_presence, fresh_test_probs
@@ -117,7 +113,7 @@ def member_test_outputs(
     if reader is not None and (source is None or presence is not None):
         log.info("member %s: reusing its test outputs in %s", member.name, reader.directory)
         return reader, presence
-    log.info("member %s: predicting its test probs (python -m pipeline.predict)", member.name)
+    log.info("member %s: predicting its test probs (%s)", member.name, command_line("predict"))
     command = [sys.executable, "-m", "pipeline.predict", "--config", str(member.config.source)]
     command += [arg for item in member.overrides for arg in ("--set", item)]
     command += ["--submissions-dir", str(submissions_dir)]
@@ -288,7 +284,7 @@ def _write_report(
             f"{rule['in_sample']['with']:.4f} with. The ensemble's figures: nested "
             f"{choice.scores()['nested']:.4f}, in-sample {choice.scores()['in_sample']:.4f}."
         )
-    _write_text_atomic(path, "\n".join([*lines, ""]))
+    write_text(path, "\n".join([*lines, ""]))
 
 
 def _presence_line(choice: EnsembleChoice) -> str:
@@ -302,19 +298,8 @@ def _presence_line(choice: EnsembleChoice) -> str:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.ensemble", description=__doc__)
-    add_config_arguments(parser)
-    add_submission_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        result = ensemble(config_from_args(args), args.out, args.submissions_dir)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError, RuntimeError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.ensemble")
+def _run(args: argparse.Namespace) -> int:
+    result = ensemble(config_from_args(args), args.out, args.submissions_dir)
     print(format_table(result["table"]))
     scores = result["ensemble"]["ensemble"]
     print(
@@ -325,6 +310,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"test Kaggle Dice: {'-' if test is None else f'{test:.4f}'}")
     print(f"submission: {result['submission']}")
     return 0
+
+
+COMMAND = Command(
+    stage="ensemble",
+    description=__doc__,
+    add_arguments=add_submission_arguments,
+    run=_run,
+    examples=("--config configs/demo_ensemble.yaml",),
+    bad_input=(RuntimeError,),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg ensemble`` / ``python -m pipeline.ensemble``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

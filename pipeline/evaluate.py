@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from pipeline.core import report
+from pipeline.core.atomic import write_csv, write_text
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.energy import energy_table
 from pipeline.core.layout import REPORT as REPORT_DIR
@@ -41,13 +41,7 @@ from pipeline.core.layout import (
     SCORES_SUMMARY,
 )
 from pipeline.core.report_scores import ALL_CLASSES, METRIC_COLUMNS, score_table, summarise_folds
-from pipeline.run.cli import (
-    add_config_arguments,
-    add_force_argument,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
+from pipeline.run.command import Command, add_force_argument, config_from_args, run_command
 from pipeline.run.fold_records import check_folds_finished, check_trained_config
 from pipeline.run.json_files import read_json, write_json
 from pipeline.run.report_data import (
@@ -93,8 +87,8 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     by_fold = score_table(counts)
     pooled = score_table(counts, pooled=True)
     scores = Scores(by_fold, pooled, summarise_folds(by_fold), worst)
-    by_fold.to_csv(out / SCORES_BY_FOLD, index=False)
-    scores.summary.to_csv(out / SCORES_SUMMARY, index=False)
+    write_csv(out / SCORES_BY_FOLD, by_fold)
+    write_csv(out / SCORES_SUMMARY, scores.summary)
     notes = list(run.notes)
     check = tune_check(run, pooled)
     cv = cv_scores(run.tune_extra)
@@ -114,8 +108,8 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     if notes:
         sections.append(report.Section("Notes", paragraphs=notes))
     title = f"CV report: {config.experiment}"
-    _write_text(out / REPORT_MD, report.render_markdown(title, sections))
-    _write_text(out / REPORT_HTML, report.render_html(title, sections))
+    write_text(out / REPORT_MD, report.render_markdown(title, sections))
+    write_text(out / REPORT_HTML, report.render_html(title, sections))
     metrics = report.json_ready(
         {
             "experiment": config.experiment,
@@ -151,7 +145,7 @@ def load_report(config: Config, refresh: bool = False) -> dict[str, Any]:
     path = config.run_dir / REPORT_DIR / REPORT_METRICS
     if refresh or not path.is_file():
         return evaluate(config)
-    return read_json(path, "make it with python -m pipeline.evaluate")
+    return read_json(path, f"make it with {command_line('evaluate', config=config.source)}")
 
 
 def _nested_summary(scores: Scores) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
@@ -165,13 +159,6 @@ def _nested_summary(scores: Scores) -> dict[str, dict[str, dict[str, dict[str, f
             for m in METRIC_COLUMNS
         }
     return out
-
-
-def _write_text(path: Path, text: str) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 def format_summary(metrics: Mapping[str, Any]) -> str:
@@ -191,9 +178,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.evaluate", description=__doc__)
-    add_config_arguments(parser)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--worst",
         type=int,
@@ -201,17 +186,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="how many of the worst OOF images to draw (default: %(default)s)",
     )
     add_force_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        metrics = evaluate(config_from_args(args), n_worst=args.worst, force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.evaluate")
+
+
+def _run(args: argparse.Namespace) -> int:
+    metrics = evaluate(config_from_args(args), n_worst=args.worst, force=args.force)
     print(format_summary(metrics))
     return 0
+
+
+COMMAND = Command(
+    stage="evaluate",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=("--config configs/demo.yaml", "--config configs/demo.yaml --worst 24"),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg evaluate`` / ``python -m pipeline.evaluate``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

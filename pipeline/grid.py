@@ -26,7 +26,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.core.atomic import write_csv
 from pipeline.core.config import Config, load_config
 from pipeline.core.grid_tables import (
     IN_SAMPLE,
@@ -57,7 +57,7 @@ from pipeline.core.layout import FOLD_METRICS as METRICS
 from pipeline.core.layout import GRID_RESULTS as RESULTS
 from pipeline.core.layout import GRID_SUMMARY as SUMMARY
 from pipeline.core.layout import GRID_TUNED as TUNED
-from pipeline.run.cli import add_config_arguments, report_interrupted, setup_logging
+from pipeline.run.command import Command, run_command
 from pipeline.run.json_files import write_json
 
 log = logging.getLogger(__name__)
@@ -175,7 +175,8 @@ def _train_on_ray(
     """Every ``(fold, command)`` of every planned run as a Ray task, as many at once as
     the cluster holds; return each run's status. A failed fold does not stop the others.
     Each fold's output goes to ``logs/<experiment>.fold<K>.log``."""
-    from pipeline.run.fold_jobs import JobExit, make_executor, run_commands
+    from pipeline.run.executor import JobExit
+    from pipeline.run.fold_jobs import make_executor, run_commands
 
     tasks = [
         (name, fold, command, directory / "logs" / f"{name}.fold{fold}.log")
@@ -307,8 +308,8 @@ def run_grid(
     results = make_results_table(runs, scores, folds, status, tuned)
     summary = summarise_grid(results, keys)
     if not dry_run:
-        _write_csv(results, directory / RESULTS)
-        _write_csv(summary, directory / SUMMARY)
+        write_csv(directory / RESULTS, results)
+        write_csv(directory / SUMMARY, summary)
     failed = [name for name, s in status.items() if "failed" in s or s == "incomplete"]
     return GridOutcome(directory, results, summary, compare_top_two(results, summary), failed)
 
@@ -353,13 +354,6 @@ def _tune_runs(
     return tuned
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def format_summary(summary: pd.DataFrame) -> str:
     """The summary table as fixed-width text (scores to 4 decimals)."""
     shown = summary.drop(columns=[c for c in summary.columns if c != "setting" and "." in c])
@@ -370,9 +364,7 @@ def format_summary(summary: pd.DataFrame) -> str:
     return shown.to_string(index=False, float_format=number, na_rep="-")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.grid", description=__doc__)
-    add_config_arguments(parser)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--grid",
         action="append",
@@ -389,21 +381,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--tune",
         action="store_true",
-        help="also tune each experiment (python -m pipeline.tune) and rank and pair the "
+        help="also tune each experiment (the tune stage) and rank and pair the "
         "settings by the nested tuned CV",
     )
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        outcome = run_grid(
-            args.config, args.overrides, args.grid, args.seeds, args.folds, args.dry_run,
-            args.tune,
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.grid")
+
+
+def _run(args: argparse.Namespace) -> int:
+    outcome = run_grid(
+        args.config, args.overrides, args.grid, args.seeds, args.folds, args.dry_run, args.tune
+    )
     if args.dry_run:
         print("\n".join(outcome.results["experiment"]))
         return 0
@@ -425,6 +411,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{len(outcome.failed)} experiment(s) failed or incomplete: {outcome.failed}")
         return 1
     return 0
+
+
+COMMAND = Command(
+    stage="grid",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=(
+        "--config configs/demo.yaml --grid 'train.lr=[0.001,0.003]' --seeds 3",
+        "--config configs/demo.yaml --grid 'train.swa_top=[0,3]' --seeds 3 --tune",
+    ),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg grid`` / ``python -m pipeline.grid``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

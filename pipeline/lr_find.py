@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from pipeline.core.atomic import atomic_path, write_csv
 from pipeline.core.config import Config
 from pipeline.core.layout import LR_FIND_CSV, LR_FIND_DIR, LR_FIND_JSON, LR_FIND_PNG
 from pipeline.core.lr_range import (
@@ -43,12 +43,7 @@ from pipeline.nn.keras_backend import check_framework, keras, set_value, tf
 from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
 from pipeline.nn.model import build_model, check_input_size
 from pipeline.nn.optim import make_optimizer
-from pipeline.run.cli import (
-    add_config_arguments,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
+from pipeline.run.command import Command, config_from_args, run_command
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_fold_number
 from pipeline.run.image_cache import training_cache
@@ -165,7 +160,7 @@ def run_lr_find(config: Config, fold: int = 0) -> dict[str, Any]:
     frame = range_test_frame(lrs[: recorded.size], recorded, lf.smoothing)
     out_dir = config.run_dir / LR_FIND_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(frame, out_dir / LR_FIND_CSV)
+    write_csv(out_dir / LR_FIND_CSV, frame)
     title = f"{config.experiment} fold {fold}: batch {global_batch}, {len(frame)} steps"
     plot_range_test(frame, suggestion, out_dir / LR_FIND_PNG, title)
     result = {
@@ -236,12 +231,6 @@ def batch_note(lr: float, images_per_step: int, accumulation_steps: int) -> str:
     )
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, path)
-
-
 def plot_range_test(
     frame: pd.DataFrame, suggestion: LrSuggestion, path: Path, title: str = ""
 ) -> Path:
@@ -295,26 +284,18 @@ def plot_range_test(
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
-    os.replace(tmp, path)
+    with atomic_path(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=90)
     return path
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.lr_find", description=__doc__)
-    add_config_arguments(parser)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", type=int, default=0, help="fold whose training images to use")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        config = config_from_args(args)
-        result = run_lr_find(config, args.fold)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.lr_find")
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    result = run_lr_find(config, args.fold)
     steep = result["steep_lr"]
     print(f"suggested lr: {result['suggested_lr']:.3g} ({result['rule']})")
     print(
@@ -338,6 +319,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{LR_FIND_JSON}}}"
     )
     return 0
+
+
+COMMAND = Command(
+    stage="lr-find",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=("--config configs/demo.yaml", "--config configs/demo.yaml --fold 1"),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg lr-find`` / ``python -m pipeline.lr_find``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

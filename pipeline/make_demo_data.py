@@ -35,6 +35,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from pipeline.core.atomic import atomic_path, write_bytes, write_text
 from pipeline.core.demo_data import (
     CLASSES,
     GENERATOR_VERSION,
@@ -43,7 +44,7 @@ from pipeline.core.demo_data import (
     make_image_rng,
 )
 from pipeline.core.rle import encode_batch
-from pipeline.run.cli import setup_logging
+from pipeline.run.command import Command, parse_size, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,13 @@ _CLOUDS_PRESET: dict[str, Any] = {
     "width": 2100,
     "truth_size": (350, 525),
 }
-_DEFAULTS: dict[str, Any] = {
+DEFAULTS: dict[str, Any] = {
     "n_train": 300,
     "n_test": 100,
     "height": 160,
     "width": 240,
     "truth_size": (80, 120),
+    "seed": 12345,
 }
 
 
@@ -126,7 +128,7 @@ def make_demo_data(
     for name in ("train.csv", "sample_submission.csv", "test_truth.csv"):
         (out / name).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_text(out / META_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
     # Images left by an earlier generation are only deleted where that generation was
     # ours (a meta file existed), never in a folder of someone else's images.
     remove_stale = saved is not None
@@ -135,12 +137,15 @@ def make_demo_data(
     train_ids, test_ids = draw_image_ids(seed, n_train, n_test)
     sizes = (height, width, truth_size)
     options = (remove_stale, workers)
-    tmp_train = _write_split(out, "train", train_ids, sizes, seed, options)
-    tmp_truth = _write_split(out, "test", test_ids, sizes, seed, options)
-    tmp_sample = _write_sample_submission(out, test_ids)
-    os.replace(tmp_truth, out / "test_truth.csv")
-    os.replace(tmp_sample, out / "sample_submission.csv")
-    os.replace(tmp_train, train_csv)
+    # Renamed into place in reverse order as the blocks end: train.csv last.
+    with (
+        atomic_path(train_csv) as tmp_train,
+        atomic_path(out / "test_truth.csv") as tmp_truth,
+        atomic_path(out / "sample_submission.csv") as tmp_sample,
+    ):
+        _write_split(out, "train", train_ids, sizes, seed, options, tmp_train)
+        _write_split(out, "test", test_ids, sizes, seed, options, tmp_truth)
+        _write_sample_submission(test_ids, tmp_sample)
     elapsed = time.perf_counter() - start
     logger.info(
         "wrote %d train + %d test images (%dx%d) to %s in %.1f s (%.1f images/s)",
@@ -155,21 +160,18 @@ def make_demo_data(
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """CLI: ``python -m pipeline.make_demo_data [--out data/demo] [--force] ...``."""
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.make_demo_data",
-        description="Write the embedded Clouds-like demo data set (Kaggle image_label CSV format).",
-    )
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("data/demo"), help="output folder")
     parser.add_argument("--n-train", type=int, help="training images (default 300)")
     parser.add_argument("--n-test", type=int, help="test images (default 100)")
     parser.add_argument("--height", type=int, help="image height (default 160)")
     parser.add_argument("--width", type=int, help="image width (default 240)")
     parser.add_argument(
-        "--truth-size", type=_parse_size, help="HxW of test_truth.csv masks (default 80x120)"
+        "--truth-size", type=parse_size, help="HxW of test_truth.csv masks (default 80x120)"
     )
-    parser.add_argument("--seed", type=int, default=12345, help="seed (default %(default)s)")
+    parser.add_argument(
+        "--seed", type=int, default=DEFAULTS["seed"], help="seed (default %(default)s)"
+    )
     parser.add_argument(
         "--clouds-size",
         action="store_true",
@@ -183,9 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="processes drawing images (default 1; use the core count for --clouds-size)",
     )
-    args = parser.parse_args(argv)
-    setup_logging()
-    preset = _CLOUDS_PRESET if args.clouds_size else _DEFAULTS
+
+
+def _run(args: argparse.Namespace) -> int:
+    preset = _CLOUDS_PRESET if args.clouds_size else DEFAULTS
 
     def pick(key: str) -> Any:
         value = getattr(args, key)
@@ -203,14 +206,25 @@ def main(argv: Sequence[str] | None = None) -> int:
             force=args.force,
             workers=args.workers,
         )
-    except ValueError as error:
-        logger.error("%s", error)
-        return 2
     except OSError as error:  # e.g. a read-only or special file system under --out
-        logger.error("cannot write the demo data to %s: %s", args.out, error)
-        return 2
+        raise ValueError(f"cannot write the demo data to {args.out}: {error}") from None
     print(f"demo data in {out}")
     return 0
+
+
+COMMAND = Command(
+    stage="demo-data",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=("", "--out data/demo --force"),
+    uses_config=False,
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg demo-data`` / ``python -m pipeline.make_demo_data``."""
+    return run_command(COMMAND, argv, prog)
 
 
 def _check_output_folder(out: Path) -> None:
@@ -245,8 +259,9 @@ def _write_split(
     sizes: tuple[int, int, tuple[int, int]],
     seed: int,
     options: tuple[bool, int],
-) -> Path:
-    """Write a split's images and stream its label CSV to a ``.tmp`` file; return that file.
+    tmp_csv: Path,
+) -> None:
+    """Write a split's images and stream its label CSV to ``tmp_csv`` (a temporary file).
 
     Rows are in image-id order, classes in ``CLASSES`` order, as in the Kaggle files. The
     train CSV holds image-size masks; the test one (the truth) holds ``truth_size`` masks.
@@ -256,7 +271,6 @@ def _write_split(
     remove_stale, workers = options
     image_dir = out / f"{split}_images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    tmp_csv = out / ("train.csv.tmp" if split == "train" else "test_truth.csv.tmp")
     job = _SplitJob(seed, split, image_dir, height, width, truth_size if split == "test" else None)
     order = sorted(range(len(image_ids)), key=image_ids.__getitem__)
     tasks = [(job, index, image_ids[index]) for index in order]
@@ -277,7 +291,6 @@ def _write_split(
                 logger.info("%s: %d/%d images (%.1f/s)", split, done, len(tasks), rate)
     if remove_stale:
         _remove_stale_images(image_dir, set(image_ids))
-    return tmp_csv
 
 
 def _render_image(task: tuple[_SplitJob, int, str]) -> str:
@@ -294,12 +307,10 @@ def _render_image(task: tuple[_SplitJob, int, str]) -> str:
     return "".join(f"{image_id}_{name},{rle}\n" for name, rle in zip(CLASSES, rles, strict=True))
 
 
-def _write_sample_submission(out: Path, test_ids: list[str]) -> Path:
-    """Kaggle-style sample submission (every test image x class, ``1 1``) to a ``.tmp``."""
-    tmp = out / "sample_submission.csv.tmp"
+def _write_sample_submission(test_ids: list[str], tmp: Path) -> None:
+    """Kaggle-style sample submission (every test image x class, ``1 1``) to ``tmp``."""
     rows = [f"{image_id}_{name},1 1\n" for image_id in sorted(test_ids) for name in CLASSES]
     tmp.write_text(CSV_HEADER + "".join(rows))
-    return tmp
 
 
 def _write_jpeg(path: Path, image: np.ndarray) -> None:
@@ -308,16 +319,7 @@ def _write_jpeg(path: Path, image: np.ndarray) -> None:
         ".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 95]
     )
     assert ok, "OpenCV failed to encode an in-memory uint8 image"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data.tobytes())
-    os.replace(tmp, path)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_bytes(path, data.tobytes())
 
 
 def _remove_stale_images(image_dir: Path, keep: set[str]) -> None:
@@ -382,16 +384,6 @@ def _is_complete(out: Path) -> bool:
     """True when every CSV of a finished run is present."""
     names = ("train.csv", "test_truth.csv", "sample_submission.csv", META_FILE)
     return all((out / name).is_file() for name in names)
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    """Parse ``"HxW"`` (e.g. ``80x120``) for argparse."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(
-            f"expected HxW with positive integers, e.g. 80x120; got {text!r}"
-        )
-    return int(parts[0]), int(parts[1])
 
 
 if __name__ == "__main__":

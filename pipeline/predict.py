@@ -59,13 +59,12 @@ from pipeline.nn.predictor import (
     predict_folds,
     predict_presence,
 )
-from pipeline.run.cli import (
-    add_config_arguments,
+from pipeline.run.command import (
+    Command,
     add_force_argument,
     add_submission_arguments,
     config_from_args,
-    report_interrupted,
-    setup_logging,
+    run_command,
 )
 from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_records import check_trained_config
@@ -221,9 +220,7 @@ def _predict(
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.predict", description=__doc__)
-    add_config_arguments(parser)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_submission_arguments(parser)
     parser.add_argument(
         "--no-postprocess",
@@ -234,27 +231,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--with-classifier",
         action="store_true",
         help="also run the separate classifier on the test images and store its probs "
-        "(test_cls.csv) although no tuned class is gated by it; pipeline.ensemble's "
+        "(test_cls.csv) although no tuned class is gated by it; the ensemble stage's "
         "classifier gate reads them",
     )
     add_force_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        config = config_from_args(args)
-        result = predict(
-            config,
-            args.out,
-            args.submissions_dir,
-            not args.no_postprocess,
-            args.force,
-            args.with_classifier,
-        )
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.predict")
+
+
+def _run(args: argparse.Namespace) -> int:
+    result = predict(
+        config_from_args(args),
+        args.out,
+        args.submissions_dir,
+        not args.no_postprocess,
+        args.force,
+        args.with_classifier,
+    )
     print(f"submission: {result['submission']}")
     nested = result["oof_score_nested"]
     print(
@@ -266,6 +257,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     stages = ", ".join(f"{k} {v:.1f}s" for k, v in result["stage_seconds"].items())
     print(f"{result['n_images']} images in {result['seconds']:.1f}s ({stages})")
     return 0
+
+
+COMMAND = Command(
+    stage="predict",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=("--config configs/demo.yaml", "--config configs/demo.yaml --out my.csv"),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg predict`` / ``python -m pipeline.predict``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle
+from pipeline.core.atomic import write_csv
 from pipeline.core.clock import StageClock
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import (
@@ -57,12 +59,7 @@ from pipeline.core.postprocess import (
     segmentation_score,
 )
 from pipeline.core.submission import make_submission_frame
-from pipeline.run.cli import (
-    add_config_arguments,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
+from pipeline.run.command import Command, config_from_args, run_command
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
@@ -94,8 +91,9 @@ def pseudo_label(config: Config) -> dict[str, Any]:
     reader = fresh_test_probs(config, image_ids)
     if reader is None:
         raise FileNotFoundError(
-            f"no up-to-date test probs in {config.run_dir}: run `python -m pipeline.predict "
-            f"--config {config.source or '<config>'}` (with the same --set overrides) first"
+            f"no up-to-date test probs in {config.run_dir}: run "
+            f"`{command_line('predict', config=config.source)}` (with the same --set "
+            "overrides) first"
         )
     params, extra = load_postprocess(config.run_dir / POSTPROCESS, exp.classes)
     at_least_one = at_least_one_applied(extra)
@@ -157,10 +155,7 @@ def pseudo_label(config: Config) -> dict[str, Any]:
             )
         table = pd.DataFrame(rows, columns=["image_id", "class_name", "rle"])
         frame = make_submission_frame(table, "image_label", exp.classes, None)
-        out = config.run_dir / PSEUDO_LABELS
-        tmp = out.with_name(out.name + ".tmp")
-        frame.to_csv(tmp, index=False, lineterminator="\n")
-        tmp.replace(out)
+        out = write_csv(config.run_dir / PSEUDO_LABELS, frame)
         summary = {
             "test_images": len(image_ids),
             "kept_images": kept,
@@ -183,25 +178,15 @@ def read_test_presence(config: Config, exp: Experiment, image_ids: Sequence[str]
     if presence is None:
         raise FileNotFoundError(
             f"{config.run_dir / TEST_PRESENCE} is missing or older than the test probs: "
-            "model.classification_head is on, so predict writes it; run `python -m "
-            f"pipeline.predict --config {config.source or '<config>'}` again"
+            "model.classification_head is on, so predict writes it; run "
+            f"`{command_line('predict', config=config.source)}` again"
         )
     return presence
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.pseudo_label", description=__doc__)
-    add_config_arguments(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        config = config_from_args(args)
-        summary = pseudo_label(config)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.pseudo_label")
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    summary = pseudo_label(config)
     print(
         f"pseudo-labels: {summary['kept_images']} of {summary['test_images']} test images kept "
         f"(presence from {summary['presence_from']}) -> {summary['table']}"
@@ -216,11 +201,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"data.pseudo_labels={summary['table']}",
         f"data.pseudo_images={summary['images']}",
     ]
-    print(
-        "next round (same seed, so the same split): python -m pipeline.train --config "
-        f"{source} --all " + " ".join(f"--set {shlex.quote(s)}" for s in sets)
+    again = command_line(
+        "train", "--all", *(f"--set {shlex.quote(s)}" for s in sets), config=source
     )
+    print(f"next round (same seed, so the same split): {again}")
     return 0
+
+
+COMMAND = Command(
+    stage="pseudo-label",
+    description=__doc__,
+    add_arguments=lambda parser: None,
+    run=_run,
+    examples=("--config configs/demo.yaml",),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg pseudo-label`` / ``python -m pipeline.pseudo_label``."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

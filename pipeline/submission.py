@@ -1,9 +1,9 @@
 """Check and score a Kaggle submission file from the command line.
 
-CLI::
+CLI (``foldseg submission`` or ``python -m pipeline.submission``)::
 
-    python -m pipeline.submission check FILE --sample SAMPLE (--shape HxW | --images DIR)
-    python -m pipeline.submission score FILE --truth TRUTH (--shape HxW | --images DIR)
+    foldseg submission check FILE --sample SAMPLE (--shape HxW | --images DIR)
+    foldseg submission score FILE --truth TRUTH (--shape HxW | --images DIR)
 
 Exit status: 0 valid (and scored), 1 invalid (the message names the row), 2 bad input.
 """
@@ -28,17 +28,7 @@ from pipeline.core.submission_check import (
     read_submission,
     validate_submission,
 )
-from pipeline.run.cli import setup_logging
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    """Parse ``"HxW"`` (e.g. ``350x525``) for argparse."""
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(part.strip().isdigit() and int(part) > 0 for part in parts):
-        raise argparse.ArgumentTypeError(
-            f"expected HxW with positive integers, e.g. 350x525; got {text!r}"
-        )
-    return int(parts[0]), int(parts[1])
+from pipeline.run.command import Command, parse_size, run_command
 
 
 def _cli_shapes(args: argparse.Namespace, images: list[str]) -> Shapes:
@@ -107,11 +97,7 @@ def _detect(frame: pd.DataFrame, path: Path) -> str:
         raise SubmissionError(f"submission {str(path)!r} row 1 (header): {error}") from None
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m pipeline.submission``; returns the exit status: 0 the
-    submission is valid (and scored), 1 it is not (the message names its row), 2 bad
-    input (a missing file, a bad option)."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline.submission", description=__doc__)
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     check = commands.add_parser("check", help="validate a submission file")
     check.add_argument("file", type=Path)
@@ -120,29 +106,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     score = commands.add_parser("score", help="Kaggle Dice of a submission against a truth file")
     score.add_argument("file", type=Path)
     score.add_argument("--truth", type=Path, required=True, help="truth CSV, same CSV format")
-    subparsers = {"check": check, "score": score}
-    for sub in subparsers.values():
-        sub.add_argument("--shape", type=_parse_size, help="fixed mask size HxW, e.g. 350x525")
+    for sub in (check, score):
+        sub.add_argument("--shape", type=parse_size, help="fixed mask size HxW, e.g. 350x525")
         sub.add_argument("--images", type=Path, help="image folder: masks at each image's size")
         sub.add_argument("--verbose", action="store_true")
-    args = parser.parse_args(argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """0 the submission is valid (and scored); SubmissionError (exit 1) names the row."""
     if (args.shape is None) == (args.images is None):
-        subparsers[args.command].error(
+        raise ValueError(
             "give exactly one of --shape HxW (a fixed submission size) or --images DIR "
             "(each image's own size): RLE runs cannot be checked against the image "
             "bounds without the mask size, which no CSV format records"
         )
-    setup_logging(args.verbose)
-    try:
-        (_run_check if args.command == "check" else _run_score)(args)
-    except SubmissionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    (_run_check if args.command == "check" else _run_score)(args)
     return 0
 
 
+COMMAND = Command(
+    stage="submission",
+    description=__doc__,
+    add_arguments=_add_arguments,
+    run=_run,
+    examples=(
+        "check submissions/FILE.csv --sample data/demo/sample_submission.csv --shape 80x120",
+        "score submissions/FILE.csv --truth data/demo/test_truth.csv --shape 80x120",
+    ),
+    uses_config=False,
+    failed=(SubmissionError,),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg submission`` / ``python -m pipeline.submission``: 0 the submission is
+    valid (and scored), 1 it is not (the message names its row), 2 bad input."""
+    return run_command(COMMAND, argv, prog)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

@@ -39,21 +39,13 @@ from pipeline.nn.model import (
     set_encoder_fraction,
 )
 from pipeline.nn.optim import make_optimizer
-from pipeline.run.cli import (
-    add_config_arguments,
-    config_from_args,
-    exit_process,
-    guard_job_process,
-    parse_fold_arguments,
-    report_interrupt,
-    setup_logging,
-    sigterm_as_interrupt,
-)
 from pipeline.run.cluster import WORKER_KEY, worker_summary
+from pipeline.run.command import Command, add_fold_arguments, config_from_args, run_command
 from pipeline.run.experiment import Experiment, open_experiment, read_pseudo_labels
-from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
+from pipeline.run.fold_jobs import FoldJob
 from pipeline.run.image_cache import ImageCache, pseudo_label_cache, stack_caches, training_cache
 from pipeline.run.oof import write_presence_oof
+from pipeline.run.process import exit_process
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +252,7 @@ def segmentation_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
 
 SEGMENTATION = FoldStage(
     label="segmentation fold",
-    command="python -m pipeline.train",
+    stage="train",
     fold_dir=lambda config, k: config.fold_dir(k),
     prepare=prepare,
     image_size=lambda config: config.data.image_size,
@@ -284,32 +276,11 @@ def train_folds(
     return fold_trainer.train_folds(SEGMENTATION, config, folds, resume, force)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.train", description=__doc__)
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--logical-cpus",
-        type=int,
-        default=0,
-        help="split the CPU into N logical devices (to exercise the multi-device path)",
-    )
-    args = parse_fold_arguments(parser, argv)
-    setup_logging()
-    guard_job_process()
-    try:
-        with sigterm_as_interrupt():
-            config = config_from_args(args)
-            split_cpu(args.logical_cpus)
-            folds = range(config.folds.n_splits) if args.all else [args.fold]
-            results = train_folds(config, list(folds), resume=args.resume, force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except FoldJobFailed as exc:
-        log.error("%s\ncontinue with --resume once the cause is fixed", exc)
-        return 1
-    except KeyboardInterrupt:
-        return report_interrupt(f"python -m pipeline.train --config {args.config} --all")
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    split_cpu(args.logical_cpus)
+    folds = range(config.folds.n_splits) if args.all else [args.fold]
+    results = train_folds(config, list(folds), resume=args.resume, force=args.force)
     if any(WORKER_KEY in r for r in results):
         print(worker_summary(results))
         return 0
@@ -319,6 +290,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         mean = float(np.mean([r["oof_kaggle_dice_050"] for r in results]))
         print(f"mean over {len(results)} folds: {mean:.4f}")
     return 0
+
+
+COMMAND = Command(
+    stage="train",
+    description=__doc__,
+    add_arguments=add_fold_arguments,
+    run=_run,
+    examples=("--config configs/demo.yaml --fold 0", "--config configs/demo.yaml --all --resume"),
+    resume="--all --resume",
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg train`` / ``python -m pipeline.train``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

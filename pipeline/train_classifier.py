@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.layout import BEST_WEIGHTS, CLASSIFIER_STAGE
@@ -42,22 +43,14 @@ from pipeline.nn.keras_backend import keras, tf
 from pipeline.nn.model import build_model
 from pipeline.nn.optim import make_optimizer
 from pipeline.nn.weights import load_best_weights
-from pipeline.run.cli import (
-    add_config_arguments,
-    config_from_args,
-    exit_process,
-    guard_job_process,
-    parse_fold_arguments,
-    report_interrupt,
-    setup_logging,
-    sigterm_as_interrupt,
-)
 from pipeline.run.cluster import WORKER_KEY, worker_summary
+from pipeline.run.command import Command, add_fold_arguments, config_from_args, run_command
 from pipeline.run.experiment import open_experiment
-from pipeline.run.fold_jobs import FoldJob, FoldJobFailed
+from pipeline.run.fold_jobs import FoldJob
 from pipeline.run.fold_records import check_fold_number
 from pipeline.run.image_cache import ImageCache, training_cache
 from pipeline.run.oof import write_presence_oof
+from pipeline.run.process import exit_process
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +70,7 @@ def init_from_segmentation(config: Config, model: keras.Model, fold: int, n_clas
     if not weights.is_file():
         raise FileNotFoundError(
             f"classifier.init_from_segmentation needs {weights}: train segmentation fold "
-            f"{fold} first (python -m pipeline.train --fold {fold})"
+            f"{fold} first ({command_line('train', f'--fold {fold}', config=config.source)})"
         )
     segmentation = build_model(config, n_classes)
     load_best_weights(segmentation, weights)
@@ -189,7 +182,7 @@ def read_oof_presence(config: Config, folds: Sequence[int]) -> pd.DataFrame:
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found; train the classifier fold first: "
-                f"python -m pipeline.train_classifier --fold {fold}"
+                + command_line("train-classifier", f"--fold {fold}", config=config.source)
             )
         frames.append(pd.read_csv(path, dtype={"image_id": str}, keep_default_na=False))
     return pd.concat(frames, ignore_index=True)
@@ -207,7 +200,7 @@ def classifier_jobs(config: Config, folds: Sequence[int]) -> list[FoldJob]:
 
 CLASSIFIER = FoldStage(
     label="classifier fold",
-    command="python -m pipeline.train_classifier",
+    stage="train-classifier",
     fold_dir=classifier_fold_dir,
     prepare=prepare,
     image_size=lambda config: config.classifier.image_size,
@@ -246,46 +239,36 @@ def score_all_folds(config: Config, folds: Sequence[int]) -> dict[str, Any]:
     return score_presence(truth, oof[exp.classes].to_numpy(), exp.classes)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m pipeline.train_classifier", description=__doc__
-    )
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--logical-cpus",
-        type=int,
-        default=0,
-        help="split the CPU into N logical devices (to exercise the multi-device path)",
-    )
-    args = parse_fold_arguments(parser, argv)
-    setup_logging()
-    guard_job_process()
-    try:
-        with sigterm_as_interrupt():
-            config = config_from_args(args)
-            split_cpu(args.logical_cpus)
-            folds = list(range(config.folds.n_splits)) if args.all else [args.fold]
-            results = train_classifier_folds(config, folds, resume=args.resume, force=args.force)
-            chief = not any(WORKER_KEY in r for r in results)
-            pooled = score_all_folds(config, folds) if len(results) > 1 and chief else None
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except FoldJobFailed as exc:
-        log.error("%s\ncontinue with --resume once the cause is fixed", exc)
-        return 1
-    except KeyboardInterrupt:
-        command = f"python -m pipeline.train_classifier --config {args.config} --all"
-        return report_interrupt(command)
-    if not chief:
+def _run(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    split_cpu(args.logical_cpus)
+    folds = list(range(config.folds.n_splits)) if args.all else [args.fold]
+    results = train_classifier_folds(config, folds, resume=args.resume, force=args.force)
+    if any(WORKER_KEY in r for r in results):
         print(worker_summary(results))
         return 0
     for r in results:
         print(f"classifier fold {r['fold']}: OOF AUC = {r['oof_auc']:.4f}")
-    if pooled is not None:
+    if len(results) > 1:
+        pooled = score_all_folds(config, folds)
         per_class = ", ".join(f"{k} {v:.4f}" for k, v in pooled["oof_auc_per_class"].items())
         print(f"all {len(folds)} folds pooled: OOF AUC = {pooled['oof_auc']:.4f} ({per_class})")
     return 0
+
+
+COMMAND = Command(
+    stage="train-classifier",
+    description=__doc__,
+    add_arguments=add_fold_arguments,
+    run=_run,
+    examples=("--config configs/demo.yaml --fold 0", "--config configs/demo.yaml --all --resume"),
+    resume="--all --resume",
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg train-classifier`` / ``python -m pipeline.train_classifier``."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

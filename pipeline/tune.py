@@ -24,12 +24,12 @@ import os
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
+from pipeline.core.atomic import write_csv
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.images import cache_path, read_original_sizes
@@ -50,13 +50,7 @@ from pipeline.core.threshold_search import GridAccumulator
 from pipeline.core.truth import decode_truth
 from pipeline.core.tune_result import TuneResult
 from pipeline.run.at_least_one import every_image_has_a_class, rule_scores, score_at_least_one
-from pipeline.run.cli import (
-    add_config_arguments,
-    add_force_argument,
-    config_from_args,
-    report_interrupted,
-    setup_logging,
-)
+from pipeline.run.command import Command, add_force_argument, config_from_args, run_command
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished, check_trained_config
 from pipeline.run.oof import (
@@ -96,7 +90,7 @@ def search_postprocess(
         grid.gates,
         classifier_probs is not None,
         "classifier out-of-fold probs",
-        "train the classifier (python -m pipeline.train_classifier --all)",
+        f"train the classifier ({command_line('train-classifier', '--all', config=config.source)})",
     )
     accumulator = GridAccumulator(
         exp.classes,
@@ -194,9 +188,10 @@ def _tune(config: Config) -> TuneOutput:
         else:
             log.warning(
                 "no classifier out-of-fold probs under %s: tuning without the classifier "
-                "gate (train it with python -m pipeline.train_classifier --all, or train "
-                "the folds with model.classification_head=true)",
+                "gate (train it with %s, or train the folds with "
+                "model.classification_head=true)",
                 config.run_dir / CLASSIFIER_STAGE,
+                command_line("train-classifier", "--all", config=config.source),
             )
     n_images = sum(len(reader) for reader in readers)
     log.info("tuning post-processing on %d out-of-fold images", n_images)
@@ -248,8 +243,8 @@ def _tune(config: Config) -> TuneOutput:
     table = result.summary().astype({"min_area": "Int64", "min_component": "Int64"})
     for kind in ("none", *result.gate_tables):
         table[f"best_{kind}"] = [comparison[name][kind] for name in result.classes] + [np.nan]
-    table_path = _write_csv(table, run_dir / TABLE_FILE)
-    grid_path = _write_csv(result.table_frame(), run_dir / GRID_FILE)
+    table_path = write_csv(run_dir / TABLE_FILE, table)
+    grid_path = write_csv(run_dir / GRID_FILE, result.table_frame())
     log.info("wrote %s, %s and %s", postprocess_path, table_path.name, grid_path.name)
     return TuneOutput(
         result,
@@ -263,28 +258,23 @@ def _tune(config: Config) -> TuneOutput:
     )
 
 
-def _write_csv(frame: pd.DataFrame, path: Path) -> Path:
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
-    return path
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.tune", description=__doc__)
-    add_config_arguments(parser)
-    add_force_argument(parser)
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        output = tune(config_from_args(args), force=args.force)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        log.error("%s", exc)
-        return 2
-    except KeyboardInterrupt:
-        return report_interrupted("python -m pipeline.tune")
-    print(format_summary(output))
+def _run(args: argparse.Namespace) -> int:
+    print(format_summary(tune(config_from_args(args), force=args.force)))
     return 0
+
+
+COMMAND = Command(
+    stage="tune",
+    description=__doc__,
+    add_arguments=add_force_argument,
+    run=_run,
+    examples=("--config configs/demo.yaml",),
+)
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
+    """``foldseg tune`` / ``python -m pipeline.tune``; returns the exit code."""
+    return run_command(COMMAND, argv, prog)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import yaml
 
 from pipeline.core.config import CONFIG_DIR
 from pipeline.make_demo_data import make_demo_data
-from pipeline.run.cli import framework_of_process
+from pipeline.run.process import framework_of_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,6 +31,7 @@ def write_tiny_config(tmp_path: Path, data_dir: Path, /, **sections: dict) -> Pa
         # The suite's Keras layer (make test runs part of it again on keras3).
         "framework": framework_of_process(),
         "data": {
+            "demo": False,
             "train_csv": str(data_dir / "train.csv"),
             "train_images": str(data_dir / "train_images"),
             "test_images": str(data_dir / "test_images"),

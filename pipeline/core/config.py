@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import yaml
 from pydantic import PrivateAttr, ValidationError
 
 from pipeline.core import layout
+from pipeline.core.atomic import write_text
 from pipeline.core.config_errors import ConfigError, config_error
 from pipeline.core.schema import RENAMED_KEYS, RootConfig
 
@@ -253,9 +253,4 @@ def read_run_config(path: str | Path) -> Config:
 
 def save_config(config: Config, path: str | Path) -> Path:
     """Write the merged config as YAML atomically (temporary name, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    os.replace(tmp, path)
-    return path
+    return write_text(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

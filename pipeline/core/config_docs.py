@@ -23,6 +23,7 @@ from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 from typing_extensions import is_typeddict
 
+from pipeline.core.atomic import write_text
 from pipeline.core.config_types import expectation, union_members, unwrap
 from pipeline.core.schema import RENAMED_KEYS, FitConfig, RootConfig
 
@@ -278,11 +279,7 @@ def write_config_docs(repo: Path) -> list[Path]:
     """Rewrite the stale generated files under ``repo`` (atomically); returns them."""
     written = []
     for path, text in _stale(repo).items():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text)
-        tmp.replace(path)
-        written.append(path)
+        written.append(write_text(path, text))
     return written
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+
+from pipeline.core.atomic import atomic_path
 
 
 def smooth(values: Sequence[float] | np.ndarray, alpha: float = 0.6) -> np.ndarray:
@@ -58,8 +59,6 @@ def plot_history(history: pd.DataFrame, path: str | Path, title: str = "") -> Pa
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=80)
+    return Path(path)

@@ -9,7 +9,6 @@ so training, tuning and evaluation all see the same out-of-fold images.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, get_args
@@ -18,6 +17,9 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
 from sklearn.model_selection import KFold
+
+from pipeline.core.atomic import write_csv
+from pipeline.core.commands import command_line
 
 logger = logging.getLogger(__name__)
 
@@ -193,11 +195,8 @@ def ensure_folds(
             "(which invalidates every fold already trained in this experiment)"
         )
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A name of this process's own: two workers may write the same split at once.
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    folds.to_csv(tmp, index=False, lineterminator="\n")
-    os.replace(tmp, path)
+    # Two workers may write the same split at once: each has its own temporary name.
+    write_csv(path, folds)
     logger.info("wrote %s (%d images, %d folds, %s)", path, len(folds), n_splits, method)
     return folds
 
@@ -212,7 +211,7 @@ def load_folds(path: str | Path) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(
             f"{path} not found: the split is made by the first training run; "
-            "run `python -m pipeline.train --config <config>` for this experiment first"
+            f"run `{command_line('train', '--all', config='<config>')}` for this experiment first"
         )
     # Everything is read as text so ids such as "NA" or "0012" survive and a bad fold
     # value is reported as written.

@@ -11,6 +11,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.core.commands import command_line
+
 # Tried in this order when an image id has no extension (DSB 2018) or names a file
 # without one; upper-case variants follow so that case-sensitive file systems match.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -215,7 +217,7 @@ def read_original_sizes(cache_directory: str | Path) -> dict[str, tuple[int, int
     index = Path(cache_directory) / "index.csv"
     if not index.is_file():
         raise FileNotFoundError(
-            f"image cache index {index} not found; train a fold first (python -m pipeline.train)"
+            f"image cache index {index} not found; train a fold first ({command_line('train')})"
         )
     frame = pd.read_csv(index, dtype={"image_id": str}, keep_default_na=False)
     return {

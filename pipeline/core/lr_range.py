@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from numpy.typing import ArrayLike
 
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.layout import LR_FIND_DIR, LR_FIND_JSON
 
@@ -235,7 +236,7 @@ def resolve_lr(config: Config) -> float:
         source = config.source or "<config>"
         raise FileNotFoundError(
             f"train.lr is auto but {path} does not exist; run "
-            f"`python -m pipeline.lr_find --config {source}` first (with the same --set "
+            f"`{command_line('lr-find', config=source)}` first (with the same --set "
             f"overrides)"
         )
     try:

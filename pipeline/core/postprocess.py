@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -42,6 +40,7 @@ from typing import Any, Literal, get_args
 import cv2
 import numpy as np
 
+from pipeline.core.atomic import write_json
 from pipeline.core.metrics import above_threshold
 from pipeline.core.probstore import QUANTISATION, quantise_prob
 
@@ -326,16 +325,7 @@ def save_postprocess(
         "classes": {name: params.to_dict() for name, params in params_by_class.items()},
         "extra": dict(extra or {}),
     }
-    text = json.dumps(payload, indent=2, sort_keys=False)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json(path, payload, indent=2)
 
 
 def load_postprocess(

@@ -28,6 +28,8 @@ from typing import Any, BinaryIO
 import numpy as np
 import pandas as pd
 
+from pipeline.core.atomic import replace_directory
+
 logger = logging.getLogger(__name__)
 
 QUANTISATION = 255
@@ -126,12 +128,7 @@ class ProbWriter:
             "quantisation": QUANTISATION,
         }
         (self._tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        old = self.directory.with_name(self.directory.name + ".old")
-        if self.directory.exists():
-            os.replace(self.directory, old)
-        os.replace(self._tmp, self.directory)
-        if old.exists():
-            shutil.rmtree(old)
+        replace_directory(self._tmp, self.directory)
         logger.info("wrote %d images to prob store %s", len(self._rows), self.directory)
 
     def discard(self) -> None:

@@ -8,7 +8,6 @@ into an image.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from sklearn.metrics import roc_curve
 
+from pipeline.core.atomic import atomic_path
 from pipeline.core.curves import smooth
 from pipeline.core.report_scores import ALL_CLASSES, presence_auc
 
@@ -220,9 +220,6 @@ def figure_probs(prob: np.ndarray, classes: Sequence[str]) -> Figure:
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 80) -> Path:
     """Write ``fig`` as PNG atomically (a pyplot-free figure needs no closing)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=dpi)
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path, keep_suffix=True) as tmp:
+        fig.savefig(tmp, dpi=dpi)
+    return Path(path)

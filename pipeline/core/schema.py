@@ -142,6 +142,11 @@ class Section(BaseModel):
 class DataConfig(Section):
     """Where the data set is and how it is read and sized."""
 
+    demo: Bool = Field(
+        False,
+        description="true: the data set is the embedded demo, written by foldseg run into "
+        "the folder of train_csv where missing",
+    )
     train_csv: Str = Field("data/clouds/train.csv", description="the training mask CSV")
     train_images: Str = Field(
         "data/clouds/train_images",

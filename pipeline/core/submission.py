@@ -9,7 +9,6 @@ decodes a mask: the Kaggle Dice of two run lists is their overlap, found with on
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle as rle_codec
+from pipeline.core.atomic import write_csv, write_text
 from pipeline.core.formats import write_submission
 from pipeline.core.submission_check import (
     _RLE_COLUMN,
@@ -164,7 +164,7 @@ def write_submission_file(
     path = Path(path)
     validate_submission(frame, csv_format, classes, image_ids, shapes, f"submission {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(path, lambda handle: frame.to_csv(handle, index=False))
+    write_csv(path, frame)
     logger.info("wrote %s (%d rows)", path, len(frame))
     return path
 
@@ -207,7 +207,7 @@ def record_submission(
     cells = [file_name.replace("|", "\\|"), experiment.replace("|", "\\|")]
     text += f"| {cells[0]} | {cells[1]} | {nested} | {oof_score:.4f} | {test} |\n"
     readme.parent.mkdir(parents=True, exist_ok=True)
-    _replace_atomically(readme, lambda handle: handle.write(text))
+    write_text(readme, text)
 
 
 def score_submission(
@@ -292,17 +292,3 @@ def _overlap_per_pair(
         return np.zeros(n_pairs)
     overlap = covered_before(begin + length) - covered_before(begin)
     return np.bincount(pair, overlap, n_pairs)
-
-
-def _replace_atomically(path: Path, write: Any) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over."""
-    # Named by process id so that concurrent writers do not share a temporary file;
-    # opened normally (not mkstemp) so the result gets the usual permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with tmp.open("w", encoding="utf-8", newline="") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from pipeline.core.atomic import replace_directory, write_csv
 from pipeline.core.curves import plot_history
 from pipeline.core.layout import CHECKPOINT, CURVES, HISTORY, STATE
 from pipeline.nn.callbacks import WeightAverage
@@ -43,27 +43,18 @@ def publish_checkpoint(
     average: WeightAverage | None = None,
 ) -> None:
     """Write checkpoint + state under a temporary name, then swap it in."""
-    final = out_dir / CHECKPOINT
     tmp = out_dir / (CHECKPOINT + ".tmp")
-    old = out_dir / (CHECKPOINT + ".old")
-    for path in (tmp, old):
-        if path.exists():
-            shutil.rmtree(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     checkpoint_of(model, average).write(str(tmp / "ckpt"))
     (tmp / STATE).write_text(json.dumps(state, indent=1))
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    replace_directory(tmp, out_dir / CHECKPOINT)
 
 
 def write_history(history: list[dict[str, float]], out_dir: Path, plot: bool = True) -> None:
     frame = pd.DataFrame(history)
-    tmp = out_dir / (HISTORY + ".tmp")
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, out_dir / HISTORY)
+    write_csv(out_dir / HISTORY, frame)
     if plot:
         draw_curves(frame, out_dir)
 

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.layout import BEST_WEIGHTS, CHECKPOINT, FOLD_METRICS, SWA
 from pipeline.core.schedule import Phase
@@ -126,7 +127,8 @@ class FoldContext:
 
 @dataclass(frozen=True)
 class FoldStage:
-    """A model trained per fold (``label`` names it in messages).
+    """A model trained per fold (``label`` names it in messages, ``stage`` is its command:
+    ``train`` or ``train-classifier``).
 
     ``fold_dir(config, k)``: where fold k lives. ``check(config)``: input checks made
     before anything is written. ``prepare(context)``: the fold's ``FoldParts``.
@@ -136,7 +138,7 @@ class FoldStage:
     """
 
     label: str
-    command: str
+    stage: str
     fold_dir: Callable[[Config, int], Path]
     prepare: Callable[[FoldContext], FoldParts]
     image_size: Callable[[Config], Sequence[int]]
@@ -331,13 +333,20 @@ def train_folds(
     if len(folds) > 1 and use_fold_jobs(config, len(pending)):
         stage.check(config)  # here, before any job starts: a bad input is exit 2, not a job's
         run_parallel(config, stage.jobs(config, pending), [stage.image_size(config)], resume, force)
-        return [read_fold_metrics(stage.fold_dir(config, k), stage.command) for k in folds]
+        return [
+            read_fold_metrics(stage.fold_dir(config, k), _command(stage, config)) for k in folds
+        ]
     results = []
     for fold in folds:
         fold_dir = stage.fold_dir(config, fold)
         if is_finished(fold_dir) and not force:
             log.info("%s %d already finished (%s); skipping", stage.label, fold, fold_dir)
-            results.append(read_fold_metrics(fold_dir, stage.command))
+            results.append(read_fold_metrics(fold_dir, _command(stage, config)))
             continue
         results.append(train_fold(stage, config, fold, resume=resume, force=force))
     return results
+
+
+def _command(stage: FoldStage, config: Config) -> str:
+    """The command that trains every fold of ``stage`` again (for messages)."""
+    return command_line(stage.stage, "--all", config=config.source)

@@ -1,8 +1,8 @@
 """The only door to TensorFlow, Keras and the segmentation-models library.
 
 Two Keras layers can sit behind it, chosen once per process before anything imports
-Keras, by ``FOLDSEG_FRAMEWORK`` (``run.cli.FRAMEWORK_ENV``; the stages set it from the
-config's ``framework`` key, see ``run.cli.enter_framework``):
+Keras, by ``FOLDSEG_FRAMEWORK`` (``run.process.FRAMEWORK_ENV``; the stages set it from the
+config's ``framework`` key, see ``run.process.enter_framework``):
 
 - ``tf_keras`` (default): the legacy Keras 2 package with segmentation-models 1.0.1, the
   reference recipe's library. TensorFlow picks its Keras at first import, so the two
@@ -17,7 +17,7 @@ whose spelling differs between the two Keras versions from the functions below.
 import os
 from typing import Any
 
-from pipeline.run.cli import FRAMEWORK_ENV, THREADS_ENV, framework_of_process
+from pipeline.run.process import FRAMEWORK_ENV, THREADS_ENV, framework_of_process
 
 FRAMEWORK = framework_of_process()
 KERAS3 = FRAMEWORK == "keras3"
@@ -49,7 +49,7 @@ if os.environ.get(THREADS_ENV):
 def check_framework(wanted: str, source: str) -> None:
     """Refuse a config whose ``framework`` is not this process's Keras (picked once, at
     this module's import): a library caller would otherwise train or predict with the
-    other one silently. The stage commands switch by themselves (``run.cli``)."""
+    other one silently. The stage commands switch by themselves (``run.process``)."""
     if wanted != FRAMEWORK:
         raise ValueError(
             f"{source}: framework {wanted!r}, but this process runs {FRAMEWORK!r} (the Keras "

@@ -8,7 +8,6 @@ any model of the same architecture.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -17,6 +16,7 @@ from typing import Any
 
 import h5py
 
+from pipeline.core.atomic import atomic_path
 from pipeline.nn.keras_backend import (
     FRAMEWORK,
     KERAS3,
@@ -66,11 +66,9 @@ def copy_model(model: keras.Model, build: Callable[[], keras.Model]) -> keras.Mo
 
 
 def save_weights_atomic(model: keras.Model, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name("tmp." + path.name + (_KERAS3_SUFFIX if KERAS3 else ""))
-    with all_trainable(model):
+    suffix = _KERAS3_SUFFIX if KERAS3 else ""
+    with atomic_path(path, keep_suffix=True, suffix=suffix) as tmp, all_trainable(model):
         model.save_weights(str(tmp))
-    os.replace(tmp, path)
 
 
 def file_framework(path: Path) -> str | None:

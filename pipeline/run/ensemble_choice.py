@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.blend import blend_levels, one_hot_index, simplex_weights
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.images import cache_path, read_original_sizes
@@ -180,7 +181,7 @@ def choose_blend(config: Config, members: Sequence[Member]) -> EnsembleChoice:
         presence is not None,
         "the members' presence probs",
         "train a member's classifier "
-        "(python -m pipeline.train_classifier --config <member config> --all)",
+        f"({command_line('train-classifier', '--all', config='<member config>')})",
     )
     readers = [open_segmentation_oof(m.config, m.exp) for m in members]
     accumulators = [

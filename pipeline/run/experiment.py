@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipeline.core.atomic import write_text
 from pipeline.core.config import Config
 from pipeline.core.folds import ensure_folds, fold_members
 from pipeline.core.formats import CANONICAL_COLUMNS, MaskTable
@@ -22,7 +23,6 @@ from pipeline.core.layout import CACHE, FOLDS
 from pipeline.core.mask_csv import read_masks
 from pipeline.core.masks import rles_by_image
 from pipeline.run.fold_records import check_fold_number
-from pipeline.run.json_files import _write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ def file_sha256(path: Path, memo_dir: Path | None = None, remember: bool = False
             digest.update(block)
     sha = digest.hexdigest()
     if memo is not None and remember:
-        _write_text_atomic(memo, json.dumps({"stamp": stamp, "sha256": sha}))
+        write_text(memo, json.dumps({"stamp": stamp, "sha256": sha}))
     return sha
 
 
@@ -158,7 +158,7 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
         "layout": mask_table.csv_format,  # the name data_key's parts keep too
         **{name: mask_table.table[name].tolist() for name in CANONICAL_COLUMNS},
     }
-    _write_text_atomic(cache, json.dumps(saved))
+    write_text(cache, json.dumps(saved))
     return mask_table
 
 

@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config, read_run_config, save_config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLD_METRICS, TRAINED_CONFIG
 from pipeline.run.json_files import read_json
@@ -67,8 +68,8 @@ def check_folds_finished(config: Config) -> None:
         if not metrics.is_file():
             raise FileNotFoundError(
                 f"segmentation fold {fold} is not finished: {metrics} does not exist; make "
-                f"it with `python -m pipeline.train --config {config.source or '<config>'} "
-                f"--fold {fold}` (with the same --set overrides)"
+                f"it with `{command_line('train', f'--fold {fold}', config=config.source)}` "
+                "(with the same --set overrides)"
             )
 
 
@@ -140,6 +141,7 @@ def is_finished(fold_dir: Path) -> bool:
     return (fold_dir / FOLD_METRICS).is_file()
 
 
-def read_fold_metrics(fold_dir: Path, command: str = "python -m pipeline.train") -> dict[str, Any]:
+def read_fold_metrics(fold_dir: Path, command: str = "") -> dict[str, Any]:
     """A finished fold's ``metrics.json``; ``command`` trains it (for the message)."""
+    command = command or command_line("train")
     return read_json(fold_dir / FOLD_METRICS, f"train the fold (again, with --force): {command}")

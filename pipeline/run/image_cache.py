@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.core.atomic import publish_directory
 from pipeline.core.images import cache_path, files_fingerprint, read_image, resolve_image_path
 from pipeline.core.masks import decode_masks, resize_masks, rles_by_image
 from pipeline.run.run_lock import pid_alive
@@ -163,7 +164,7 @@ def build_cache(
     )
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
     try:
-        os.replace(tmp, directory)
+        publish_directory(tmp, directory)
     except OSError:
         # Another process published the same cache first: use it, drop this copy.
         if not directory.is_dir() or _open_if_matching(directory, meta, image_ids) is None:

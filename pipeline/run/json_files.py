@@ -5,22 +5,15 @@ clear error naming a damaged file and what to do.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
+from pipeline.core import atomic
+
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
-    """Write JSON atomically (temporary name, then rename)."""
-    _write_text_atomic(path, json.dumps(data, indent=1, default=float))
-    return path
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    """Write JSON atomically (``core.atomic``)."""
+    return atomic.write_json(path, data)
 
 
 def read_json(path: Path, hint: str = "") -> dict[str, Any]:

@@ -16,13 +16,14 @@ leakage): it is refused, naming the file.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from pipeline.core.atomic import write_csv
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS, OOF_PRESENCE
 from pipeline.core.probstore import ProbReader
@@ -154,7 +155,7 @@ def iter_oof(
             if image_id not in original_sizes:
                 raise ValueError(
                     f"image_id {image_id!r} of {reader.directory} has no original size in the "
-                    "training image cache index; rebuild it with python -m pipeline.train"
+                    f"training image cache index; rebuild it with {command_line('train')}"
                 )
             original = original_sizes[image_id]
             target = (int(size[0]), int(size[1])) if size is not None else original
@@ -185,15 +186,15 @@ def read_classifier_probs(
         if source == "head":
             raise FileNotFoundError(
                 f"model.classification_head is on, but {path} is missing (folds {missing} "
-                "were trained without the head); retrain them with `python -m "
-                f"pipeline.train --config {config.source} --fold {missing[0]} --force`, or "
-                "set model.classification_head=false"
+                "were trained without the head); retrain them with "
+                f"`{command_line('train', f'--fold {missing[0]} --force', config=config.source)}`"
+                ", or set model.classification_head=false"
             )
         raise FileNotFoundError(
             f"classifier out-of-fold probs exist for folds {present} but not for folds "
             f"{missing} ({path} not found); finish them with "
-            f"`python -m pipeline.train_classifier --config {config.source} --fold "
-            f"{missing[0]}`, or remove {config.run_dir / CLASSIFIER_STAGE} to tune "
+            f"`{command_line('train-classifier', f'--fold {missing[0]}', config=config.source)}`"
+            f", or remove {config.run_dir / CLASSIFIER_STAGE} to tune "
             "without the classifier gate"
         )
     assert frame is not None
@@ -204,7 +205,5 @@ def read_classifier_probs(
 def write_presence_oof(frame: pd.DataFrame, path: Path) -> Path:
     """Write an OOF presence table (``image_id`` then one column per class: a classifier's
     ``oof_cls.csv`` or a presence head's ``oof_presence.csv``) atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    frame.to_csv(tmp, index=False, float_format="%.6f")
-    os.replace(tmp, path)
+    write_csv(path, frame, float_format="%.6f")
     return path

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import submission, submission_check
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.images import (
     IMAGE_EXTENSIONS,
@@ -106,12 +107,12 @@ def _check_sample_images(sample: str, folder: Path, image_ids: Sequence[str]) ->
 def fold_weights(config: Config, stage: str = "") -> list[Path]:
     """``best_weights.h5`` of every finished fold of a stage ("" segmentation, or
     ``classifier``); FileNotFoundError names the first missing one and its command."""
-    command = "python -m pipeline.train_classifier" if stage else "python -m pipeline.train"
+    command = "train-classifier" if stage else "train"
     paths = []
     for fold in range(config.folds.n_splits):
         fold_dir = config.fold_dir(fold, stage)
         hint = (
-            f"train it: {command} --config {config.source or '<config>'} --fold {fold} "
+            f"train it: {command_line(command, f'--fold {fold}', config=config.source)} "
             "(with the same --set overrides)"
         )
         if not (fold_dir / WEIGHTS).is_file():
@@ -159,8 +160,8 @@ def read_postprocess(
     path = config.run_dir / POSTPROCESS
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: tune the post-processing first (python -m pipeline.tune "
-            f"--config {config.source or '<config>'}), or pass --no-postprocess for "
+            f"{path} not found: tune the post-processing first "
+            f"({command_line('tune', config=config.source)}), or pass --no-postprocess for "
             "threshold 0.5"
         )
     params, extra = load_postprocess(path, classes)

@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.run.cli import JOB_ENV, THREADS_ENV
-from pipeline.run.fold_jobs import JobExit, signal_group
+from pipeline.core.atomic import write_text
+from pipeline.run.executor import JobExit, signal_group
+from pipeline.run.process import JOB_ENV, THREADS_ENV
 
 log = logging.getLogger(__name__)
 
@@ -196,7 +197,7 @@ def check_shared_storage(ray: Any, run_dir: Path, cwd: str) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     token = secrets.token_hex(16)
     marker = run_dir.resolve() / f".ray-storage-check-{token[:8]}"
-    marker.write_text(token)
+    write_text(marker, token)
     try:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         probe = ray.remote(probe_storage)

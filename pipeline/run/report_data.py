@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.folds import presence_matrix
 from pipeline.core.images import (
@@ -167,18 +168,16 @@ def open_run(config: Config) -> RunData:
     notes = []
     if extra is None:
         notes.append(
-            f"post-processing not available: run `python -m pipeline.tune --config "
-            f"{config.source}` (only the plain threshold-0.5 stage is scored)"
+            f"post-processing not available: run `{command_line('tune', config=config.source)}`"
+            " (only the plain threshold-0.5 stage is scored)"
         )
     what, command = (
-        ("the presence head", f"pipeline.train --config {config.source} --all --force")
+        ("the presence head", command_line("train", "--all --force", config=config.source))
         if source == "head"
-        else ("the classifier", f"pipeline.train_classifier --config {config.source} --all")
+        else ("the classifier", command_line("train-classifier", "--all", config=config.source))
     )
     if missing:
-        notes.append(
-            f"OOF presence probs of {what} missing for folds {missing}: run `python -m {command}`"
-        )
+        notes.append(f"OOF presence probs of {what} missing for folds {missing}: run `{command}`")
     gated_by_classifier = [
         name for stage in stages for name, p in stage.params.items() if p.uses_classifier
     ]
@@ -186,7 +185,7 @@ def open_run(config: Config) -> RunData:
         table = presence_oof_path(config, missing[0], source).name
         raise FileNotFoundError(
             f"{config.run_dir / POSTPROCESS_FILE} gates {sorted(set(gated_by_classifier))} with "
-            f"{what}, but folds {missing} have no {table}; run `python -m {command}`"
+            f"{what}, but folds {missing} have no {table}; run `{command}`"
         )
     try:
         sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
@@ -272,7 +271,7 @@ def timed_runs(config: Config, n_folds: int) -> tuple[list[dict[str, Any]], list
         else:
             notes.append(f"prediction: {path} records no seconds and device, not counted")
     else:
-        notes.append(f"prediction: not run (python -m pipeline.predict --config {config.source})")
+        notes.append(f"prediction: not run ({command_line('predict', config=config.source)})")
     return runs, notes
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import report, report_figures
+from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.folds import presence_matrix
 from pipeline.core.layout import (
@@ -76,7 +77,7 @@ def cv_section(run: RunData) -> report.Section:
     table = cv_scores(run.tune_extra)
     if table is None:
         section.paragraphs.append(
-            f"not tuned yet: run `python -m pipeline.tune --config {run.config.source}`"
+            f"not tuned yet: run `{command_line('tune', config=run.config.source)}`"
         )
         return section
     section.paragraphs.append(
@@ -97,7 +98,7 @@ def postprocess_section(
     section = report.Section("Post-processing")
     if run.tune_extra is None:
         section.paragraphs.append(
-            f"not available: run `python -m pipeline.tune --config {run.config.source}`"
+            f"not available: run `{command_line('tune', config=run.config.source)}`"
         )
         return section
     rows = [
@@ -111,7 +112,7 @@ def postprocess_section(
         if check["difference"].abs().max() > 1e-9:
             notes.append(
                 "the recomputed scores differ from those tune recorded: were the OOF stores "
-                "rewritten after tuning? Re-run python -m pipeline.tune"
+                f"rewritten after tuning? Re-run {command_line('tune', config=run.config.source)}"
             )
     return section
 
@@ -142,9 +143,9 @@ def classifier_section(run: RunData, auc: pd.DataFrame | None, out: Path) -> rep
     classes = run.exp.classes
     if auc is None or run.classifier is None:
         section.paragraphs.append(
-            "not available: run `python -m pipeline.train_classifier "
-            f"--config {run.config.source} --all`, or train the folds with "
-            "model.classification_head=true"
+            "not available: run "
+            f"`{command_line('train-classifier', '--all', config=run.config.source)}`, or "
+            "train the folds with model.classification_head=true"
         )
         return section
     folds = auc[auc["fold"] != "pooled"]

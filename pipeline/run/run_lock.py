@@ -22,6 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.atomic import write_text
 from pipeline.core.layout import LOCK as LOCK_FILE
 
 log = logging.getLogger(__name__)
@@ -71,9 +72,7 @@ def describe(holder: dict[str, Any]) -> str:
 
 
 def _write(path: Path, holder: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(holder))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(holder))
 
 
 def acquire(directory: Path, what: str) -> dict[str, Any]:

@@ -23,7 +23,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from pipeline.run.cli import setup_logging
+from pipeline.run.command import setup_logging
 from pipeline.run.fold_records import record_trained_config
 from pipeline.run.json_files import write_json
 from tests.conftest import REPO, write_tiny_config
@@ -290,7 +290,7 @@ CASES: dict[str, Case] = {
     ),
     # Tuning.
     "tune: no trained fold": Case(
-        "tune", with_sets(fold=None), ("fold 0 is not finished", "python -m pipeline.train")
+        "tune", with_sets(fold=None), ("fold 0 is not finished", "foldseg train")
     ),
     "tune: config differs from the trained one": Case(
         "tune",

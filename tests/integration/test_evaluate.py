@@ -169,11 +169,11 @@ def test_report_degrades_without_classifier_and_tuning(tmp_path, tiny_data):
     metrics = evaluate(config, n_worst=2)
     assert list(metrics["summary"]) == ["plain"]
     assert metrics["classifier_auc"] is None and metrics["tune_check"] is None
-    assert any("python -m pipeline.tune" in note for note in metrics["notes"])
-    assert any("python -m pipeline.train_classifier" in note for note in metrics["notes"])
+    assert any("foldseg tune" in note for note in metrics["notes"])
+    assert any("foldseg train-classifier" in note for note in metrics["notes"])
     markdown = (config.run_dir / "report" / "report.md").read_text()
-    assert "not available: run `python -m pipeline.train_classifier" in markdown
-    assert "not available: run `python -m pipeline.tune" in markdown
+    assert "not available: run `foldseg train-classifier" in markdown
+    assert "not available: run `foldseg tune" in markdown
     assert "prediction: not run" in markdown
     assert not (config.run_dir / "report" / "roc.png").exists()
     by_fold = pd.read_csv(config.run_dir / "report" / "scores_by_fold.csv")
@@ -186,7 +186,7 @@ def test_missing_fold_names_the_fold_and_the_command(tmp_path, tiny_data, capsys
     assert main(["--config", str(config_path)]) == 2
     err = capsys.readouterr().err
     assert "segmentation fold 1 is not finished" in err
-    assert f"python -m pipeline.train --config {config_path} --fold 1" in err
+    assert f"foldseg train --config {config_path} --fold 1" in err
 
 
 def test_classifier_gate_without_classifier_oof_is_an_error(tmp_path, tiny_data):

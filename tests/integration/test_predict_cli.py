@@ -185,7 +185,7 @@ def test_missing_fold_weights_name_the_fold_and_the_command(tmp_path, tiny_data)
         FileNotFoundError, match=r"fold 0 has no weights .*fold_0.*best_weights\.h5"
     ):
         predict(config, tmp_path / "x.csv", tmp_path / "subs", use_postprocess=False)
-    with pytest.raises(FileNotFoundError, match="python -m pipeline.train --config .* --fold 0"):
+    with pytest.raises(FileNotFoundError, match="foldseg train --config .* --fold 0"):
         predict(config, tmp_path / "x.csv", tmp_path / "subs", use_postprocess=False)
 
 

@@ -2,8 +2,9 @@
 
 - ``pipeline.core`` and ``pipeline.run`` never import TensorFlow (in a fresh interpreter);
 - a layer imports only layers below it: core < run < nn < stages;
-- no stage imports another stage's module (``demo``, the one composition of every
-  stage, is the exception).
+- no stage imports another stage's module (``workflow``, the one composition of every
+  stage, and ``demo``, its earlier name, are the exceptions);
+- no module imports a module that imports it, directly or through others (no circles).
 """
 
 import ast
@@ -17,7 +18,7 @@ import pipeline
 PACKAGE = Path(pipeline.__file__).parent
 LAYERS = ("core", "run", "nn")
 RANK = {"core": 0, "run": 1, "nn": 2, "stage": 3}
-COMPOSITION = {"demo"}
+COMPOSITION = {"workflow", "demo"}
 
 
 def modules_of(layer: str) -> list[str]:
@@ -99,3 +100,54 @@ def test_no_stage_imports_another_stage():
             if layer_of(t) == "stage" and t != module
         ]
     assert crossing == []
+
+
+def import_circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The circles of an import graph: its strongly connected components of more than one
+    module, and modules that import themselves (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in sorted(graph.get(node, ())):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1 or node in graph.get(node, ()):
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_import_circles_are_found():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}, "e": {"e"}}
+    assert import_circles(graph) == [["a", "b", "c"], ["e"]]
+    assert import_circles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_module_imports_a_module_that_imports_it():
+    modules = all_modules()
+    graph = {
+        module: {target for target in imports_of(path) if target in modules}
+        for module, path in modules.items()
+    }
+    assert import_circles(graph) == []

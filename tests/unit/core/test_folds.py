@@ -233,7 +233,7 @@ def test_ensure_folds_refuses_a_different_split(tmp_path: Path, change: dict) ->
 
 
 def test_load_folds_missing_file_hints_at_training(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"folds\.csv not found.*python -m pipeline\.train"):
+    with pytest.raises(FileNotFoundError, match=r"folds\.csv not found.*foldseg train"):
         load_folds(tmp_path / "folds.csv")
 
 

@@ -167,7 +167,7 @@ def test_resolve_lr_reads_the_lr_finder_for_auto(tmp_path):
     fixed = load_config(None, [f"runs_dir={tmp_path}", "train.lr=3e-4"])
     assert resolve_lr(fixed) == pytest.approx(3e-4)
     auto = load_config(None, [f"runs_dir={tmp_path}", "train.lr=auto"])
-    with pytest.raises(FileNotFoundError, match=r"run `python -m pipeline.lr_find --config"):
+    with pytest.raises(FileNotFoundError, match=r"run `foldseg lr-find --config"):
         resolve_lr(auto)
     path = lr_find_path(auto)
     path.parent.mkdir(parents=True)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.config import ConfigError, load_config
-from pipeline.run.cli import FRAMEWORK_ENV
+from pipeline.run.process import FRAMEWORK_ENV
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -44,7 +44,7 @@ def test_before_keras_is_imported_the_config_picks_the_door_s_keras():
         """
         import json, sys
         from pipeline.core.config import load_config
-        from pipeline.run.cli import enter_framework
+        from pipeline.run.process import enter_framework
         enter_framework(load_config(overrides=["framework=keras3"]))
         from pipeline.nn import keras_backend as door
         print(json.dumps([door.FRAMEWORK, door.keras.__version__.split(".")[0],
@@ -77,7 +77,7 @@ def test_a_library_caller_already_on_the_other_keras_gets_a_clear_error():
         """
         from pipeline.nn import keras_backend
         from pipeline.core.config import load_config
-        from pipeline.run.cli import enter_framework
+        from pipeline.run.process import enter_framework
         try:
             enter_framework(load_config(overrides=["framework=keras3"]))
         except ValueError as exc:

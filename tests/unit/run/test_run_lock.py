@@ -69,7 +69,7 @@ PARENT = textwrap.dedent(
     import os, subprocess, sys, time
     child = '''
     import sys, time
-    from pipeline.run.cli import guard_job_process
+    from pipeline.run.process import guard_job_process
     guard_job_process()
     print("armed", flush=True)
     time.sleep(120)

@@ -296,7 +296,7 @@ def test_a_head_missing_from_some_folds_names_the_retraining(tmp_path: Path) -> 
     )
     with pytest.raises(FileNotFoundError, match=r"fold_1/oof_presence.csv is missing") as err:
         tune(config)
-    assert "python -m pipeline.train --config" in str(err.value) and "--force" in str(err.value)
+    assert "foldseg train --config" in str(err.value) and "--force" in str(err.value)
     # Without the head's tables at all (e.g. trained before it was switched on): the same.
     (tmp_path / "none").mkdir()
     config = load_config(make_experiment(tmp_path / "none", truth, probs, None, head=True))
@@ -332,7 +332,7 @@ def test_an_unfinished_fold_names_the_command_that_makes_it(tmp_path: Path) -> N
         FileNotFoundError, match=r"fold 1 is not finished: .*fold_1/metrics.json does not exist"
     ) as err:
         tune(config)
-    assert "python -m pipeline.train --config" in str(err.value)
+    assert "foldseg train --config" in str(err.value)
     assert "--fold 1" in str(err.value)
 
 
@@ -345,7 +345,7 @@ def test_classifier_probs_for_some_folds_only_are_an_error(tmp_path: Path) -> No
         FileNotFoundError, match=r"exist for folds \[0, 2\] but not for folds \[1\]"
     ) as err:
         tune(config)
-    assert "python -m pipeline.train_classifier" in str(err.value)
+    assert "foldseg train-classifier" in str(err.value)
 
 
 def test_classifier_gate_not_searched_is_not_read(tmp_path: Path) -> None:
