@@ -44,12 +44,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.core.masks import resize_probs, truth_masks
     from pipeline.core.metrics import kaggle_dice
     from pipeline.nn.devices import inference_precision, precision_policy
+    from pipeline.nn.engines import build_prediction_model
     from pipeline.nn.inference import iter_batches, predict_tta
-    from pipeline.nn.predictor import build_prediction_model
     from pipeline.nn.weights import load_best_weights
     from pipeline.run.experiment import open_experiment
     from pipeline.run.image_cache import build_cache, training_cache
-    from pipeline.run.prediction import fold_weights
+    from pipeline.run.trained_run import fold_weights
 
     config = load_config(args.config, args.set)
     exp = open_experiment(config)

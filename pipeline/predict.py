@@ -6,11 +6,11 @@ The classifier gates' presence is the separate classifier's, or the presence hea
 
 The test images are cached once at ``data.image_size``. One model is built and given
 each fold's ``best_weights.h5`` in turn; every batch of ``tta.batch_size`` images goes
-through the network once per fold with all its TTA views (``inference.predict_tta``).
-The folds are merged (``tta.merge``) in a memory-mapped fixed-point array under the run
-directory (``FoldAccumulator``), so memory does not grow with the number of images.
-Each merged prob is resized to the submission size, quantised to uint8 exactly like the
-out-of-fold store the post-processing was tuned on, post-processed and RLE-encoded.
+through the network once per fold with all its TTA views. The folds are merged
+(``tta.merge``) in a memory-mapped fixed-point array under the run directory
+(``FoldAccumulator``), so memory does not grow with the number of images. Each merged
+prob is resized to the submission size, quantised to uint8 exactly like the out-of-fold
+store the post-processing was tuned on, post-processed and RLE-encoded.
 
 Writes ``submissions/<experiment>_<yyyymmdd-hhmm>.csv`` (validated, atomic), a row in
 ``submissions/history.md``, ``runs/<experiment>/predict.json`` (timings) and the
@@ -20,9 +20,11 @@ test presence it computed: the presence head's (``test_presence.csv``) and the s
 classifier's (``test_cls.csv``; ``--with-classifier`` runs it although no class is gated).
 ``--no-postprocess`` uses threshold 0.5 for every class instead of ``postprocess.json``.
 
-This module composes the stage; its parts live below it: ``core.fold_merge`` (the fold
-merge), ``core.clock`` (stage timings), ``run.prediction`` (test images, weights,
-post-processing, the submission files) and ``nn.predictor`` (the network).
+This module composes the stage from parts below it: ``run.trained_run`` reads the run
+once (weights, classes, ``postprocess.json``) into a ``core.prediction_plan``;
+``nn.engines`` builds the Keras networks; ``run.predictor.Predictor`` holds both and
+does folds x TTA, the fold merge (``core.fold_merge``) and the post-processing;
+``run.prediction`` lists the test images and writes the submission files.
 """
 
 from __future__ import annotations
@@ -39,26 +41,15 @@ from typing import Any
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
-from pipeline.core.layout import (
-    CLASSIFIER_STAGE,
-    FOLD_MERGE,
-    POSTPROCESS,
-    TEST_PROBS,
-)
+from pipeline.core.layout import FOLD_MERGE, POSTPROCESS, TEST_PROBS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.core.probstore import ProbWriter
 from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import inference_precision, precision_policy, set_mixed_precision
+from pipeline.nn.engines import KerasPresence, KerasSegmentation
 from pipeline.nn.keras_backend import check_framework
 from pipeline.nn.model import check_input_size
-from pipeline.nn.predictor import (
-    CACHE_WORKERS,
-    build_prediction_model,
-    encode_predictions,
-    predict_folds,
-    predict_presence,
-)
 from pipeline.run.command import (
     Command,
     add_force_argument,
@@ -66,20 +57,14 @@ from pipeline.run.command import (
     config_from_args,
     run_command,
 )
-from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_records import check_trained_config
-from pipeline.run.image_cache import build_cache
+from pipeline.run.image_cache import CACHE_WORKERS, build_cache
 from pipeline.run.json_files import write_json
-from pipeline.run.prediction import (
-    fold_weights,
-    inputs_key,
-    list_test_images,
-    read_postprocess,
-    tuned_gate_source,
-    write_outputs,
-)
+from pipeline.run.prediction import inputs_key, list_test_images, write_outputs
+from pipeline.run.predictor import Predictor
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.stored_predictions import write_test_keys, write_test_presence
+from pipeline.run.trained_run import TrainedRun, open_trained_run
 
 log = logging.getLogger(__name__)
 
@@ -100,120 +85,91 @@ def predict(
     ensemble's classifier gate reads them).
     """
     check_framework(str(config.framework), config.source or "the config")
-    weights = fold_weights(config)
+    # Everything is read and checked here, before anything is written.
+    run = open_trained_run(config, use_postprocess, with_classifier)
     check_trained_config(config, force)
-    # Refused here, before anything is written, where this config lacks the source.
-    gate_source = tuned_gate_source(config) if use_postprocess else None
-    run_classifier = gate_source == "classifier" or with_classifier
-    if run_classifier:
-        fold_weights(config, CLASSIFIER_STAGE)  # every classifier fold trained, else refused
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
-        return _predict(
-            config, weights, out, submissions_dir, use_postprocess, gate_source, run_classifier
-        )
+        return _predict(config, run, out, submissions_dir)
 
 
 def _predict(
-    config: Config,
-    weights: list[Path],
-    out: Path | None,
-    submissions_dir: Path,
-    use_postprocess: bool,
-    gate_source: str | None,
-    run_classifier: bool,
+    config: Config, run: TrainedRun, out: Path | None, submissions_dir: Path
 ) -> dict[str, Any]:
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
-    exp = open_experiment(config)
-    inputs = inputs_key(config, use_postprocess)
-    params, oof_score, oof_nested, at_least_one = read_postprocess(
-        config, exp.classes, use_postprocess
-    )
-    gated = [name for name, p in params.items() if p.uses_classifier]
-    image_ids = list_test_images(config, exp)
-    data = config.data
-    check_input_size(data.image_size, "data.image_size (the prediction input)")
+    plan = run.plan()
+    image_ids = list_test_images(config, run)
+    check_input_size(plan.input_size, "data.image_size (the prediction input)")
     set_mixed_precision(False)  # the models below are built under ``precision`` alone
     precision = inference_precision(config.predict.precision)
     log.info("inference in %s (predict.precision: %s)", precision, config.predict.precision)
+    test_images = Path(config.data.test_images)
     with clock.stage("cache"):
         cache = build_cache(
-            exp.cache_dir,
-            "test",
-            Path(data.test_images),
-            image_ids,
-            data.image_size,
-            workers=CACHE_WORKERS,
+            run.cache_dir, "test", test_images, image_ids, plan.input_size, workers=CACHE_WORKERS
         )
-    with precision_policy(precision):
+    n_classes = len(run.classes)
+    with precision_policy(precision), clock.stage("build_model"):
         classifier = (
-            predict_presence(config, image_ids, len(exp.classes), exp.cache_dir, clock)
-            if run_classifier
+            KerasPresence(config, n_classes, run.classifier_weights)
+            if run.classifier_weights
             else None
         )
-        with clock.stage("build_model"):
-            model = build_prediction_model(config, len(exp.classes))
-    shape = (len(image_ids), *data.image_size, len(exp.classes))
+        predictor = Predictor(plan, KerasSegmentation(config, n_classes, run.weights), classifier)
+    presence_by = {}
+    if classifier is not None:
+        size = config.classifier.image_size
+        with clock.stage("cache"):
+            small = build_cache(
+                run.cache_dir, "test", test_images, image_ids, size, workers=CACHE_WORKERS
+            )
+        presence_by["classifier"] = predictor.predict_presence(small.images, clock)
     work = config.run_dir / WORK_DIR
-    accumulator = FoldAccumulator(work / FOLD_MERGE, shape, len(weights), config.tta.merge)
+    shape = (len(image_ids), *plan.input_size, n_classes)
+    accumulator = FoldAccumulator(work / FOLD_MERGE, shape, len(run.weights), plan.merge)
     try:
-        head = predict_folds(
-            model,
-            weights,
-            cache.images,
-            config.tta.views,
-            config.tta.merge,
-            config.tta.batch_size,
-            accumulator,
-            clock,
-        )
-        presence = head if gate_source == "head" else classifier
+        head = predictor.predict_probs(cache.images, accumulator, clock)
+        if head is not None:
+            presence_by["head"] = head
+        gate = presence_by.get(plan.gate_source) if plan.gate_source else None
         with (
             clock.stage("postprocess"),
-            ProbWriter(config.run_dir / TEST_PROBS, exp.classes, overwrite=True) as store,
+            ProbWriter(config.run_dir / TEST_PROBS, run.classes, overwrite=True) as store,
         ):
-            table = encode_predictions(
-                cache,
-                accumulator,
-                exp.classes,
-                params,
-                data.submission_size,
-                presence,
-                config.tta.batch_size,
-                store,
-                at_least_one,
+            table = predictor.encode(
+                cache.image_ids, cache.original_sizes, accumulator, gate, store
             )
         # Beside the stored probs, for pseudo_label's and an ensemble's presence.
-        for source, values in (("head", head), ("classifier", classifier)):
-            if values is not None:
-                write_test_presence(config, source, values, exp.classes, image_ids)
+        for source, values in presence_by.items():
+            write_test_presence(config, source, values, run.classes, image_ids)
         # What the stored test outputs came from: later stages reuse them while equal.
-        write_test_keys(config, classifier is not None)
+        write_test_keys(config, classifier is not None, run.stamps)
     finally:
         accumulator.close()
         shutil.rmtree(work, ignore_errors=True)
+    tuned = run.postprocess
     with clock.stage("write"):
         result = write_outputs(
-            config, exp, table, image_ids, cache, out, submissions_dir, oof_score, oof_nested
+            config, run, table, image_ids, cache, out, submissions_dir, tuned.score, tuned.nested
         )
     seconds = time.perf_counter() - started
     result.update(
         {
             "n_images": len(image_ids),
-            "folds": len(weights),
-            "views": list(config.tta.views),
-            "merge": config.tta.merge,
+            "folds": len(run.weights),
+            "views": list(plan.views),
+            "merge": plan.merge,
             "precision": precision,
-            "classifier_gate": gated,
-            "gate_source": gate_source,
-            "at_least_one": at_least_one,
-            "postprocess": POSTPROCESS if use_postprocess else "threshold 0.5",
+            "classifier_gate": plan.gated_classes,
+            "gate_source": plan.gate_source,
+            "at_least_one": plan.at_least_one,
+            "postprocess": POSTPROCESS if tuned.tuned else "threshold 0.5",
             "device": describe_device(),
             "seconds": round(seconds, 3),
             "cpu_seconds": round(time.process_time() - cpu_started, 3),
             "stage_seconds": {k: round(v, 3) for k, v in clock.seconds.items()},
             "stage_cpu_seconds": {k: round(v, 3) for k, v in clock.cpu_seconds.items()},
-            "inputs_key": inputs,
+            "inputs_key": inputs_key(config, tuned.tuned, run.stamps),
         }
     )
     write_json(config.run_dir / PREDICT_JSON, result)

@@ -33,6 +33,7 @@ import logging
 import shlex
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -63,9 +64,10 @@ from pipeline.run.command import Command, config_from_args, run_command
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
-from pipeline.run.prediction import fold_weights, list_test_images, tuned_gate_source
+from pipeline.run.prediction import list_test_images
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.stored_predictions import fresh_test_presence, fresh_test_probs
+from pipeline.run.trained_run import fold_weights, tuned_gate_source
 
 log = logging.getLogger(__name__)
 
@@ -113,11 +115,7 @@ def pseudo_label(config: Config) -> dict[str, Any]:
             # As predict stored it when it ran the classifier, else run it here.
             presence = fresh_test_presence(config, exp.classes, image_ids, "classifier")
             if presence is None:
-                from pipeline.nn.predictor import predict_presence  # the Keras layer, only here
-
-                presence = predict_presence(
-                    config, image_ids, len(exp.classes), exp.cache_dir, StageClock()
-                )
+                presence = _classifier_presence(config, image_ids, len(exp.classes), exp.cache_dir)
             source = "the classifier"
         elif tuned == "head":
             presence = read_test_presence(config, exp, image_ids)
@@ -182,6 +180,23 @@ def read_test_presence(config: Config, exp: Experiment, image_ids: Sequence[str]
             f"`{command_line('predict', config=config.source)}` again"
         )
     return presence
+
+
+def _classifier_presence(
+    config: Config, image_ids: Sequence[str], n_classes: int, cache_dir: Path
+) -> np.ndarray:
+    """The separate classifier's (N, C) test presence, its folds run here (the Keras
+    layer is imported only for it)."""
+    from pipeline.nn.engines import KerasPresence
+    from pipeline.run.image_cache import CACHE_WORKERS, build_cache
+    from pipeline.run.predictor import predict_presence
+
+    size = config.classifier.image_size
+    folder = Path(config.data.test_images)
+    cache = build_cache(cache_dir, "test", folder, list(image_ids), size, workers=CACHE_WORKERS)
+    engine = KerasPresence(config, n_classes, fold_weights(config, CLASSIFIER_STAGE))
+    views, batch = config.tta.views, config.tta.batch_size
+    return predict_presence(engine, cache.images, views, batch, StageClock())
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -46,7 +46,7 @@ from pipeline.run.oof import (
     presence_source,
     read_classifier_oof,
 )
-from pipeline.run.prediction import tuned_gate_source
+from pipeline.run.trained_run import tuned_gate_source
 
 log = logging.getLogger(__name__)
 

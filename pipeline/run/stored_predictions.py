@@ -11,7 +11,7 @@ predicted from: ``prediction_key`` for the probs and the head's presence,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,25 +30,30 @@ from pipeline.core.probstore import ProbReader
 from pipeline.run.json_files import read_json, write_json
 from pipeline.run.oof import PRESENCE_SOURCES, read_presence_table, write_presence_oof
 from pipeline.run.prediction import weights_key
+from pipeline.run.trained_run import weight_stamps
+
+# Weight files by stage ("" segmentation, "classifier"): [path, size, modification time].
+Stamps = Mapping[str, Sequence[list[object]]]
 
 # The config sections the stored test probs are predicted from.
 _PREDICTION_SECTIONS = ("data", "model", "tta", "predict")
 
 
-def prediction_key(config: Config) -> str:
+def prediction_key(config: Config, stamps: Stamps | None = None) -> str:
     """What predict's stored test probs depend on: the config sections predict reads for
     them (data, model, TTA, inference precision, the folds), every segmentation fold's
     weights (size and modification time) and the test images; not the post-processing,
-    the classifier or the keys of later stages (pseudo_label, ensemble)."""
+    the classifier or the keys of later stages (pseudo_label, ensemble). ``stamps``: the
+    weight files by stage, when the caller listed them (``trained_run.weight_stamps``)."""
     whole = config.to_dict()
     parts: list[Any] = [
         {key: whole[key] for key in _PREDICTION_SECTIONS},
         [config.folds.n_splits, config.train.mixed_precision],
     ]
-    return weights_key(config, parts, ("",))
+    return weights_key(config, parts, _stamps(config, "", stamps))
 
 
-def classifier_key(config: Config) -> str:
+def classifier_key(config: Config, stamps: Stamps | None = None) -> str:
     """What the stored classifier test probs depend on: the same sections and the
     ``classifier`` one, every classifier fold's weights and the test images."""
     whole = config.to_dict()
@@ -56,7 +61,11 @@ def classifier_key(config: Config) -> str:
         {key: whole[key] for key in (*_PREDICTION_SECTIONS, "classifier")},
         [config.folds.n_splits, config.train.mixed_precision],
     ]
-    return weights_key(config, parts, (CLASSIFIER_STAGE,))
+    return weights_key(config, parts, _stamps(config, CLASSIFIER_STAGE, stamps))
+
+
+def _stamps(config: Config, stage: str, stamps: Stamps | None) -> list[list[object]]:
+    return list(stamps[stage]) if stamps is not None else weight_stamps(config, stage)
 
 
 def _stored_keys(config: Config) -> dict[str, Any]:
@@ -114,11 +123,11 @@ def write_test_presence(
     return write_presence_oof(frame, stored_presence_path(config, source))
 
 
-def write_test_keys(config: Config, classifier_ran: bool) -> None:
+def write_test_keys(config: Config, classifier_ran: bool, stamps: Stamps | None = None) -> None:
     """Record what the stored test outputs were predicted from. The classifier's key is
     kept from an earlier run that did not run it, while it is still current."""
-    keys: dict[str, Any] = {"inputs_key": prediction_key(config)}
-    current = classifier_key(config)
+    keys: dict[str, Any] = {"inputs_key": prediction_key(config, stamps)}
+    current = classifier_key(config, stamps)
     if classifier_ran or _stored_keys(config).get("classifier_key") == current:
         keys["classifier_key"] = current
     write_json(config.run_dir / TEST_PROBS_KEY, keys)

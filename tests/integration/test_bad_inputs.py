@@ -23,6 +23,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from pipeline.core.layout import OOF
+from pipeline.core.probstore import ProbWriter
 from pipeline.run.command import setup_logging
 from pipeline.run.fold_records import record_trained_config
 from pipeline.run.json_files import write_json
@@ -69,9 +71,11 @@ def fake_trained_run(tmp: Path, data: Path, folds: tuple[int, ...] = (0, 1)) -> 
     from pipeline.run.experiment import open_experiment
 
     config = load_config(config_path)
-    open_experiment(config)  # the split and the mask table, as training leaves them
+    exp = open_experiment(config)  # the split and the mask table, as training leaves them
     for fold in folds:
         fold_dir = config.fold_dir(fold)
+        with ProbWriter(fold_dir / OOF, exp.classes) as store:  # the fold's OOF store
+            store.add(exp.members(fold)[1][0], np.zeros((4, 6, len(exp.classes)), np.float32))
         write_json(
             fold_dir / "metrics.json", {"fold": fold, "n_val": 9, "oof_kaggle_dice_050": 0.5}
         )
@@ -300,7 +304,7 @@ CASES: dict[str, Case] = {
     "tune: unknown key": Case("tune", with_sets("tune.x=1", fold=None), ("unknown config key",)),
     # Prediction.
     "predict: not tuned": Case(
-        "predict", trained_then(lambda run: []), ("postprocess.json not found", "pipeline.tune")
+        "predict", trained_then(lambda run: []), ("postprocess.json not found", "foldseg tune")
     ),
     "predict: damaged postprocess.json": Case(
         "predict", trained_then(damaged_postprocess), ("postprocess.json", "not valid JSON")
@@ -337,11 +341,11 @@ CASES: dict[str, Case] = {
     "predict: --with-classifier without a trained classifier": Case(
         "predict",
         lambda t, d: ["--config", fake_trained_run(t, d), "--no-postprocess", "--with-classifier"],
-        ("classifier", "fold 0", "pipeline.train_classifier"),
+        ("classifier", "fold 0", "foldseg train-classifier"),
     ),
     # The report.
     "evaluate: no trained fold": Case(
-        "evaluate", with_sets(fold=None), ("fold 0", "pipeline.train")
+        "evaluate", with_sets(fold=None), ("fold 0", "foldseg train")
     ),
     "evaluate: config differs from the trained one": Case(
         "evaluate",

@@ -54,7 +54,7 @@ def test_predict_writes_a_valid_scored_recorded_submission(tmp_path, trained_run
     from pipeline.predict import predict
 
     loaded = load_config(config)
-    with pytest.raises(FileNotFoundError, match=r"postprocess.json not found.*pipeline\.tune"):
+    with pytest.raises(FileNotFoundError, match=r"postprocess.json not found.*foldseg tune"):
         predict(loaded, None, subs)
     # No sample (every file in the folder), masks at each image's own size, no truth.
     own_size = load_config(
@@ -203,7 +203,7 @@ def test_pseudo_labels_round_trains_on_them_but_never_validates_on_them(
     )
     run_dir = tmp_path / "runs" / "tiny"
     missing = run_cli("pipeline.pseudo_label", "--config", str(config))
-    assert missing.returncode == 2 and "pipeline.predict" in missing.stderr
+    assert missing.returncode == 2 and "foldseg predict" in missing.stderr
     for stage in ("pipeline.tune", "pipeline.predict"):
         out = run_cli(stage, "--config", str(config), *(
             ["--submissions-dir", str(tmp_path / "subs")] if stage == "pipeline.predict" else []

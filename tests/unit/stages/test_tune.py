@@ -30,8 +30,8 @@ from pipeline.core.truth import decode_truth
 from pipeline.run.experiment import open_experiment
 from pipeline.run.json_files import write_json
 from pipeline.run.oof import read_presence_table
-from pipeline.run.prediction import tuned_gate_source
 from pipeline.run.report_data import open_run
+from pipeline.run.trained_run import tuned_gate_source
 from pipeline.tune import main, tune
 
 CLASSES = ["Fish", "Sugar"]
