@@ -26,6 +26,7 @@ from pipeline.core.atomic import write_csv
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
 from pipeline.core.layout import CLASSIFIER_STAGE, FOLDS, OOF, OOF_CLS, OOF_PRESENCE
+from pipeline.core.prediction_plan import PRESENCE_SOURCES
 from pipeline.core.probstore import ProbReader
 from pipeline.run.experiment import Experiment
 from pipeline.run.fold_records import check_folds_finished
@@ -63,8 +64,6 @@ def open_segmentation_oof(config: Config, exp: Experiment) -> list[ProbReader]:
         readers.append(reader)
     return readers
 
-
-PRESENCE_SOURCES = ("classifier", "head")
 
 # A streaming pass over the stores: images read ahead of the scoring (a Clouds image:
 # 0.7 MB; the store's read chunks, probstore.DEFAULT_BATCH_BYTES, bound the rest), and
