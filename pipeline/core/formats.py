@@ -1,7 +1,7 @@
 """The Kaggle CSV formats of RLE masks, and the one canonical table they map to.
 
 The formats' column facts and header detection, the canonical ``MaskTable``, and
-``write_submission``, which lays a canonical table out as a format's CSV. Reading a CSV
+``to_kaggle_frame``, which lays a canonical table out as a format's CSV. Reading a CSV
 into the table is ``mask_csv.read_masks``.
 
 The canonical table has the columns ``image_id``, ``class_name`` and ``rle``: exactly
@@ -81,7 +81,7 @@ def detect_csv_format(columns: Sequence[str]) -> str:
     return best[0]
 
 
-def write_submission(table: pd.DataFrame, csv_format: str, classes: Sequence[str]) -> pd.DataFrame:
+def to_kaggle_frame(table: pd.DataFrame, csv_format: str, classes: Sequence[str]) -> pd.DataFrame:
     """Lay out a canonical table as a competition CSV.
 
     Args:

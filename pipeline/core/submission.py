@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipeline.core import rle as rle_codec
 from pipeline.core.atomic import write_csv, write_text
-from pipeline.core.formats import write_submission
+from pipeline.core.formats import to_kaggle_frame
 from pipeline.core.submission_check import (
     _RLE_COLUMN,
     Shapes,
@@ -53,7 +53,7 @@ def make_submission_frame(
         csv_format: one of ``formats.CSV_FORMATS``.
         classes: the class names in order.
         sample: the competition's ``sample_submission.csv`` (e.g. from
-            ``read_submission``), or None to keep ``formats.write_submission``'s order
+            ``read_submission``), or None to keep ``formats.to_kaggle_frame``'s order
             (image id, then class order).
 
     Returns:
@@ -65,7 +65,7 @@ def make_submission_frame(
         SubmissionError: a sample row has no prediction, or a prediction's image
             (or pair) is absent from the sample.
     """
-    frame = write_submission(table, csv_format, classes)
+    frame = to_kaggle_frame(table, csv_format, classes)
     if sample is None:
         return frame
     images, names = _split_keys(frame, csv_format, "predictions")

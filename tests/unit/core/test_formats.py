@@ -21,7 +21,7 @@ def round_trip(path: Path, csv_format: str, **kwargs: object) -> formats.MaskTab
     first = mask_csv.read_masks(path, **kwargs)  # type: ignore[arg-type]
     assert first.csv_format == csv_format
     again = path.with_name("again.csv")
-    formats.write_submission(first.table, csv_format, first.classes).to_csv(again, index=False)
+    formats.to_kaggle_frame(first.table, csv_format, first.classes).to_csv(again, index=False)
     second = mask_csv.read_masks(again, **kwargs)  # type: ignore[arg-type]
     pd.testing.assert_frame_equal(first.table, second.table)
     assert first.classes == second.classes
@@ -80,7 +80,7 @@ def test_image_class_format_fills_absent_rows(tmp_path: Path) -> None:
 def test_image_class_written_with_every_row(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "t.csv", [["a", 2, "1 1"]], ["ImageId", "ClassId", "EncodedPixels"])
     masks = mask_csv.read_masks(path, classes=["1", "2"])
-    written = formats.write_submission(masks.table, "image_class", masks.classes)
+    written = formats.to_kaggle_frame(masks.table, "image_class", masks.classes)
     assert list(written.columns) == ["ImageId", "ClassId", "EncodedPixels"]
     assert written.values.tolist() == [["a", 1, ""], ["a", 2, "1 1"]]
 
@@ -115,7 +115,7 @@ def test_instances_format_unions_objects(tmp_path: Path) -> None:
         ("img2", "nucleus", "5 2"),
         ("ship0", "nucleus", ""),
     ]
-    written = formats.write_submission(masks.table, "instances", masks.classes)
+    written = formats.to_kaggle_frame(masks.table, "instances", masks.classes)
     assert list(written.columns) == ["ImageId", "EncodedPixels"]
     assert len(written) == 3
 
@@ -237,22 +237,22 @@ def test_write_submission_validates_table() -> None:
         {"image_id": ["a", "a", "b"], "class_name": ["1", "2", "1"], "rle": ["1 1", None, ""]}
     )
     with pytest.raises(ValueError, match=r"lacks image 'b' class\(es\) \['2'\]"):
-        formats.write_submission(table, "image_class", ["1", "2"])
+        formats.to_kaggle_frame(table, "image_class", ["1", "2"])
     with pytest.raises(ValueError, match="table class '2' is not one of classes"):
-        formats.write_submission(table, "image_label", ["1"])
+        formats.to_kaggle_frame(table, "image_label", ["1"])
     with pytest.raises(ValueError, match="csv_format must be one of"):
-        formats.write_submission(table, "auto", ["1", "2"])
+        formats.to_kaggle_frame(table, "auto", ["1", "2"])
     with pytest.raises(ValueError, match=r"missing \['rle'\]"):
-        formats.write_submission(table.drop(columns="rle"), "image_label", ["1", "2"])
+        formats.to_kaggle_frame(table.drop(columns="rle"), "image_label", ["1", "2"])
     with pytest.raises(ValueError, match="integer class names"):
-        formats.write_submission(table, "image_class", ["Fish", "2"])
+        formats.to_kaggle_frame(table, "image_class", ["Fish", "2"])
     with pytest.raises(ValueError, match="must not contain '_'"):
-        formats.write_submission(table, "image_label", ["a_b"])
+        formats.to_kaggle_frame(table, "image_label", ["a_b"])
     with pytest.raises(ValueError, match="instances format holds one class"):
-        formats.write_submission(table, "instances", ["1", "2"])
+        formats.to_kaggle_frame(table, "instances", ["1", "2"])
     doubled = pd.concat([table, table.iloc[:1]])
     with pytest.raises(ValueError, match="several rows for image 'a', class '1'"):
-        formats.write_submission(doubled, "image_label", ["1", "2"])
+        formats.to_kaggle_frame(doubled, "image_label", ["1", "2"])
 
 
 def test_write_submission_orders_rows_and_blanks_missing_rle() -> None:
@@ -263,7 +263,7 @@ def test_write_submission_orders_rows_and_blanks_missing_rle() -> None:
             "rle": [np.nan, "1 1", "2 2", None],
         }
     )
-    written = formats.write_submission(table, "image_label", ["Sugar", "Fish"])
+    written = formats.to_kaggle_frame(table, "image_label", ["Sugar", "Fish"])
     assert written.values.tolist() == [
         ["a.jpg_Sugar", "1 1"],
         ["a.jpg_Fish", ""],
