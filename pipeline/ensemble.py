@@ -59,7 +59,7 @@ from pipeline.core.layout import (
 from pipeline.core.postprocess import postprocess_image, resolve_at_least_one, save_postprocess
 from pipeline.core.probstore import ProbReader
 from pipeline.run.at_least_one import rule_scores
-from pipeline.run.command import Command, add_submission_arguments, config_from_args, run_command
+from pipeline.run.command import Command, add_submission_arguments, config_from_args
 from pipeline.run.ensemble_choice import EnsembleChoice, blend_grid, choose_blend
 from pipeline.run.ensemble_members import Member, open_members
 from pipeline.run.json_files import write_json
@@ -321,10 +321,7 @@ COMMAND = Command(
     bad_input=(RuntimeError,),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg ensemble`` / ``python -m pipeline.ensemble``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

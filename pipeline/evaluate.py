@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from pipeline.core import report
@@ -41,7 +41,7 @@ from pipeline.core.layout import (
     SCORES_SUMMARY,
 )
 from pipeline.core.report_scores import ALL_CLASSES, METRIC_COLUMNS, score_table, summarise_folds
-from pipeline.run.command import Command, add_force_argument, config_from_args, run_command
+from pipeline.run.command import Command, add_force_argument, config_from_args
 from pipeline.run.fold_records import check_folds_finished, check_trained_config
 from pipeline.run.json_files import read_json, write_json
 from pipeline.run.report_data import (
@@ -202,10 +202,7 @@ COMMAND = Command(
     examples=("--config configs/demo.yaml", "--config configs/demo.yaml --worst 24"),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg evaluate`` / ``python -m pipeline.evaluate``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -57,7 +57,7 @@ from pipeline.core.layout import FOLD_METRICS as METRICS
 from pipeline.core.layout import GRID_RESULTS as RESULTS
 from pipeline.core.layout import GRID_SUMMARY as SUMMARY
 from pipeline.core.layout import GRID_TUNED as TUNED
-from pipeline.run.command import Command, run_command
+from pipeline.run.command import Command
 from pipeline.run.json_files import write_json
 
 log = logging.getLogger(__name__)
@@ -424,10 +424,7 @@ COMMAND = Command(
     ),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg grid`` / ``python -m pipeline.grid``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +42,7 @@ from pipeline.nn.keras_backend import check_framework, keras, set_value, tf
 from pipeline.nn.losses import segmentation_compile_args, with_presence_targets
 from pipeline.nn.model import build_model, check_input_size
 from pipeline.nn.optim import make_optimizer
-from pipeline.run.command import Command, config_from_args, run_command
+from pipeline.run.command import Command, config_from_args
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_fold_number
 from pipeline.run.image_cache import training_cache
@@ -329,10 +328,7 @@ COMMAND = Command(
     examples=("--config configs/demo.yaml", "--config configs/demo.yaml --fold 1"),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg lr-find`` / ``python -m pipeline.lr_find``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

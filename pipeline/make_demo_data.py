@@ -25,7 +25,7 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -44,7 +44,7 @@ from pipeline.core.demo_data import (
     make_image_rng,
 )
 from pipeline.core.rle import encode_batch
-from pipeline.run.command import Command, parse_size, run_command
+from pipeline.run.command import Command, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -221,10 +221,7 @@ COMMAND = Command(
     uses_config=False,
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg demo-data`` / ``python -m pipeline.make_demo_data``."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 def _check_output_folder(out: Path) -> None:

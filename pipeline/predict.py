@@ -34,7 +34,6 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,6 @@ from pipeline.run.command import (
     add_force_argument,
     add_submission_arguments,
     config_from_args,
-    run_command,
 )
 from pipeline.run.fold_records import check_trained_config
 from pipeline.run.image_cache import CACHE_WORKERS, build_cache
@@ -223,10 +221,7 @@ COMMAND = Command(
     examples=("--config configs/demo.yaml", "--config configs/demo.yaml --out my.csv"),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg predict`` / ``python -m pipeline.predict``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

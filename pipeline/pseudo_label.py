@@ -60,7 +60,7 @@ from pipeline.core.postprocess import (
     segmentation_score,
 )
 from pipeline.core.submission import make_submission_frame
-from pipeline.run.command import Command, config_from_args, run_command
+from pipeline.run.command import Command, config_from_args
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished
 from pipeline.run.json_files import write_json
@@ -231,10 +231,7 @@ COMMAND = Command(
     examples=("--config configs/demo.yaml",),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg pseudo-label`` / ``python -m pipeline.pseudo_label``."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -28,7 +27,7 @@ from pipeline.core.submission_check import (
     read_submission,
     validate_submission,
 )
-from pipeline.run.command import Command, parse_size, run_command
+from pipeline.run.command import Command, parse_size
 
 
 def _cli_shapes(args: argparse.Namespace, images: list[str]) -> Shapes:
@@ -137,11 +136,7 @@ COMMAND = Command(
     failed=(SubmissionError,),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg submission`` / ``python -m pipeline.submission``: 0 the submission is
-    valid (and scored), 1 it is not (the message names its row), 2 bad input."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

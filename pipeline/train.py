@@ -40,7 +40,7 @@ from pipeline.nn.model import (
 )
 from pipeline.nn.optim import make_optimizer
 from pipeline.run.cluster import WORKER_KEY, worker_summary
-from pipeline.run.command import Command, add_fold_arguments, config_from_args, run_command
+from pipeline.run.command import Command, add_fold_arguments, config_from_args
 from pipeline.run.experiment import Experiment, open_experiment, read_pseudo_labels
 from pipeline.run.fold_jobs import FoldJob
 from pipeline.run.image_cache import ImageCache, pseudo_label_cache, stack_caches, training_cache
@@ -301,10 +301,7 @@ COMMAND = Command(
     resume="--all --resume",
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg train`` / ``python -m pipeline.train``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

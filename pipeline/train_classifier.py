@@ -44,7 +44,7 @@ from pipeline.nn.model import build_model
 from pipeline.nn.optim import make_optimizer
 from pipeline.nn.weights import load_best_weights
 from pipeline.run.cluster import WORKER_KEY, worker_summary
-from pipeline.run.command import Command, add_fold_arguments, config_from_args, run_command
+from pipeline.run.command import Command, add_fold_arguments, config_from_args
 from pipeline.run.experiment import open_experiment
 from pipeline.run.fold_jobs import FoldJob
 from pipeline.run.fold_records import check_fold_number
@@ -265,10 +265,7 @@ COMMAND = Command(
     resume="--all --resume",
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg train-classifier`` / ``python -m pipeline.train_classifier``."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

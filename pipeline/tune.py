@@ -50,7 +50,7 @@ from pipeline.core.threshold_search import GridAccumulator
 from pipeline.core.truth import decode_truth
 from pipeline.core.tune_result import TuneResult
 from pipeline.run.at_least_one import every_image_has_a_class, rule_scores, score_at_least_one
-from pipeline.run.command import Command, add_force_argument, config_from_args, run_command
+from pipeline.run.command import Command, add_force_argument, config_from_args
 from pipeline.run.experiment import Experiment, open_experiment
 from pipeline.run.fold_records import check_folds_finished, check_trained_config
 from pipeline.run.oof import (
@@ -271,10 +271,7 @@ COMMAND = Command(
     examples=("--config configs/demo.yaml",),
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg tune`` / ``python -m pipeline.tune``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

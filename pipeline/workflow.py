@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,6 @@ from pipeline.run.command import (
     Command,
     add_submissions_dir_argument,
     config_from_args,
-    run_command,
 )
 from pipeline.run.fold_jobs import use_fold_jobs
 from pipeline.run.prediction import previous_prediction
@@ -161,10 +160,7 @@ COMMAND = Command(
     resume="",
 )
 
-
-def main(argv: Sequence[str] | None = None, prog: str = "") -> int:
-    """``foldseg run`` / ``python -m pipeline.workflow``; returns the exit code."""
-    return run_command(COMMAND, argv, prog)
+main = COMMAND.main
 
 
 if __name__ == "__main__":

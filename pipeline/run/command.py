@@ -61,6 +61,10 @@ class Command:
         """The stage's module (``pipeline.train_classifier``)."""
         return find_stage(self.stage).module
 
+    def main(self, argv: Sequence[str] | None = None, prog: str = "") -> int:
+        """The stage's entry point (``foldseg STAGE`` and ``python -m``): ``run_command``."""
+        return run_command(self, argv, prog)
+
 
 def run_command(command: Command, argv: Sequence[str] | None = None, prog: str = "") -> int:
     """Parse ``argv``, run ``command`` and return its exit code (never raises for bad input).
