@@ -39,7 +39,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import compute_figures, describe_machine, format_compute
+from benchmarks.common import compute_figures, describe_machine, format_compute, record
 from pipeline.core.config import load_config
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.core.precision import PRECISIONS
@@ -51,7 +51,6 @@ from pipeline.nn.weights import save_weights_atomic
 from pipeline.predict import predict
 from pipeline.run.cli import setup_logging
 
-RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 FOLDS = 3
 VIEWS = ["identity", "hflip", "vflip", "hvflip"]
 CLASSES = 4
@@ -233,10 +232,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         cpu_s = result["stage_cpu_seconds"][name]
         print(f"  {name:<13} {value:8.2f} {share:6.1%} {cpu_s:8.2f}")
     print(f"load average (1 min) before/after: {load_before:.2f} / {load_after:.2f}")
-    if not args.no_record:
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(figures) + "\n")
-    print(json.dumps(figures))
+    record(figures, keep=not args.no_record)
     return figures
 
 
