@@ -150,6 +150,31 @@ def current_commit() -> str | None:
     return head + ("+dirty" if dirty else "")
 
 
+def ensure_demo_data(config: Path) -> None:
+    """Write the demo data set when ``config`` is ``configs/demo.yaml`` and it is missing.
+
+    The benchmarks that train on the demo's config run the stages from the repository
+    root, so the data goes where ``foldseg run`` (``make demo``) puts it: ``data/demo/``.
+
+    Raises:
+        ValueError: the demo data could not be written (the reason was logged).
+    """
+    repo = Path(__file__).resolve().parents[1]
+    if config.resolve() != (repo / "configs" / "demo.yaml").resolve():
+        return
+    from pipeline.core.config import load_config
+    from pipeline.make_demo_data import main as make_demo
+
+    data = load_config(config).data
+    train_csv = Path(data.train_csv)
+    out = (train_csv if train_csv.is_absolute() else repo / train_csv).parent
+    if (out / train_csv.name).is_file():
+        return
+    height, width = data.submission_size
+    if make_demo(["--out", str(out), "--truth-size", f"{height}x{width}"]) != 0:
+        raise ValueError(f"the demo data in {out} could not be made (see the error above)")
+
+
 def format_compute(figures: dict[str, Any]) -> str:
     """One line of ``compute_figures``: achieved GFLOP/s against the peak, precision, CPU."""
     achieved = [

@@ -188,6 +188,7 @@ def train_step_rows(r: Record) -> list[Row]:
 def keras3_backends_rows(r: Record) -> list[Row]:
     return [
         {
+            "quick": fmt(r.get("quick")),
             "backend": fmt(r.get("backend")),
             "keras": fmt(r.get("keras")),
             "model": f"{fmt(r.get('size'))}, batch {r.get('batch_size')}",
