@@ -7,7 +7,7 @@ the reference augmentations) it measures:
   already in memory (same model, batch and number of steps): the ratio is the share of
   the in-memory step rate that the real pipeline reaches (target: at least 0.95).
 
-    python benchmarks/bench_input.py [--quick] [--backbone efficientnetb2] [--steps 8]
+    python benchmarks/bench_input.py [--quick] [--backbone efficientnetb2] [--steps 8] [--no-record]
 
 The last line printed is one JSON object, also appended to benchmarks/results.jsonl.
 """
@@ -54,6 +54,9 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--work", default="/tmp/foldseg_bench_input")
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not append to benchmarks/results.jsonl"
+    )
     args = parser.parse_args(argv)
     work = Path(args.work)
     height, width = (280, 420) if args.quick else (1400, 2100)
@@ -155,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         "tensorflow": tf.__version__,
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
-    record(result)
+    record(result, keep=not args.no_record)
     return result
 
 

@@ -1,7 +1,7 @@
 """Keras 3 backends on this machine: the same U-Net / EfficientNet-B2, forward and train step.
 
 Usage: ``KERAS_BACKEND=tensorflow|jax python benchmarks/bench_keras3_backends.py
-[--size 352 480] [--batch-size 8] [--repeats 5] [--no-record]``
+[--size 352 480] [--batch-size 8] [--repeats 5] [--quick] [--no-record]``
 
 Builds segmodels-keras' ``Unet("efficientnetb2")`` (``encoder_weights=None``, 4 classes,
 sigmoid) on plain Keras 3 with the backend ``KERAS_BACKEND`` names, compiles it with Adam
@@ -10,7 +10,7 @@ median of ``--repeats`` calls of ``predict_on_batch`` (the forward) and of
 ``train_on_batch`` (one training step) on one in-memory batch. It prints the seconds per
 image and the train-step / forward ratio; the last line is one JSON object, appended to
 benchmarks/results.jsonl. This is the figure behind ``framework: keras3`` shipping on the
-TensorFlow backend only (README, "Keras 2 or Keras 3"). JAX is not a dependency of the
+TensorFlow backend only (docs/frameworks.md). JAX is not a dependency of the
 project: install it beside the environment (e.g. ``pip install --target DIR jax jaxlib``
 without numpy/scipy) and run with ``PYTHONPATH=DIR KERAS_BACKEND=jax``.
 """
@@ -51,8 +51,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, nargs=2, default=[352, 480])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="96x128, batch 2, 2 repeats")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
+    if args.quick:
+        args.size, args.batch_size, args.repeats = [96, 128], 2, 2
     import keras
     import segmodels_keras as sm
 
@@ -85,6 +88,7 @@ def main() -> None:
             "size": [height, width],
             "batch_size": batch,
             "precision": "float32",
+            "quick": args.quick,
             "forward_s_per_image": round(forward, 4),
             "train_step_s_per_image": round(step, 4),
             "train_step_over_forward": round(step / forward, 2),

@@ -31,7 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.common import describe_machine, record  # noqa: E402
+from benchmarks.common import describe_machine, ensure_demo_data, record  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.layout import POSTPROCESS  # noqa: E402
 
@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.seeds = 1
         base += ["train.epochs=1", "data.max_images=40", "classifier.epochs=1"]
+    ensure_demo_data(args.config)
     seed0 = int(load_config(args.config, base).seed)
     args.workdir.mkdir(parents=True, exist_ok=True)
     stem = load_config(args.config).experiment

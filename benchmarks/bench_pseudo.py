@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_options import summarise  # noqa: E402
-from benchmarks.common import describe_machine, record  # noqa: E402
+from benchmarks.common import describe_machine, ensure_demo_data, record  # noqa: E402
 from pipeline.core.config import load_config  # noqa: E402
 from pipeline.core.layout import POSTPROCESS, PREDICT, PSEUDO_LABELS, PSEUDO_LABELS_JSON  # noqa: E402
 
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         args.seeds = 1
         base += ["train.epochs=1", "data.max_images=40"]
         base += ["pseudo_label.positive=0", "pseudo_label.negative=1"]  # keep every image
+    ensure_demo_data(args.config)
     seed0 = int(load_config(args.config, base).seed)
     stem = load_config(args.config).experiment
     args.workdir.mkdir(parents=True, exist_ok=True)

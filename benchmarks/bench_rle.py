@@ -1,6 +1,6 @@
 """RLE codec benchmark: encode/decode throughput and a Clouds-size submission round trip.
 
-Usage: ``python benchmarks/bench_rle.py [--quick]``
+Usage: ``python benchmarks/bench_rle.py [--quick] [--no-record]``
 
 Masks are 350x525 (the Clouds submission size) with a few boxes and ellipses covering
 20-40% of the image, or empty. Every time is reported next to a reference measured in
@@ -70,6 +70,9 @@ def copy_masks(masks: list[np.ndarray], total: int) -> None:
 def main(argv: list[str] | None = None) -> dict[str, object]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1/10 of the work, a smoke run")
+    parser.add_argument(
+        "--no-record", action="store_true", help="do not append to benchmarks/results.jsonl"
+    )
     args = parser.parse_args(argv)
     scale = 10 if args.quick else 1
     repeats = 2 if args.quick else 3
@@ -141,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"{scaled}; {round_trip_s / copy_submission_s:.1f}x the time to copy as many masks"
     )
     print(f"load average (1 min) during the run: {result['load_average_1min']}")
-    record(result)
+    record(result, keep=not args.no_record)
     return result
 
 

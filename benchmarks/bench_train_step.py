@@ -102,18 +102,24 @@ def sync(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="EfficientNet-B0, 96x128, batch 2")
-    parser.add_argument("--backbone", default="efficientnetb2")
-    parser.add_argument("--size", type=int, nargs=2, default=[352, 480])
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="defaults EfficientNet-B0, 96x128, batch 2 (explicit options still win)",
+    )
+    parser.add_argument("--backbone", help="default efficientnetb2")
+    parser.add_argument("--size", type=int, nargs=2, help="default 352 480")
+    parser.add_argument("--batch-size", type=int, help="default 8")
     parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--precision", default="float32", choices=sorted(POLICIES))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.backbone, args.size, args.batch_size = "efficientnetb0", [96, 128], 2
+    defaults = ("efficientnetb0", [96, 128], 2) if args.quick else ("efficientnetb2", [352, 480], 8)
+    args.backbone = args.backbone or defaults[0]
+    args.size = args.size or defaults[1]
+    args.batch_size = args.batch_size or defaults[2]
     height, width = args.size
     batch = args.batch_size
     config = load_config(None, [f"model.backbone={args.backbone}", "model.encoder_weights=null"])

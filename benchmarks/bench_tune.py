@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pandas as pd
 import yaml
@@ -40,7 +41,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_rle import describe_machine  # noqa: E402
+from benchmarks.common import describe_machine, record  # noqa: E402
 from pipeline.core.config import DEFAULT_CONFIG, load_config  # noqa: E402
 from pipeline.core.images import cache_path  # noqa: E402
 from pipeline.core.layout import CLASSIFIER_STAGE  # noqa: E402
@@ -58,7 +59,6 @@ ORIGINAL = (1400, 2100)
 SIZE = (350, 525)
 IMAGE_SIZE = (384, 576)
 N_FOLDS = 3
-RESULTS = Path(__file__).resolve().parent / "results.jsonl"
 READ_CHUNK = 64 * 2**20
 
 # Run in a fresh interpreter: tune, then report its time, CPU time and peak RSS. The
@@ -118,6 +118,14 @@ def make_experiment(root: Path, n_images: int, seed: int = 12345) -> tuple[Path,
     rng = np.random.default_rng(seed)
     image_ids = [f"{i:07x}.jpg" for i in range(n_images)]
     rles = [[box_rle(rng) if rng.random() < 0.5 else "" for _ in CLASSES] for _ in image_ids]
+    # The data set is the image folder: every image named in the CSV must be on disk.
+    # Tuning never reads their pixels, so each is one small blank JPEG at the size the
+    # cache index gives (the same bytes every time).
+    train_images = root / "train_images"
+    train_images.mkdir()
+    blank = cv2.imencode(".jpg", np.zeros((*ORIGINAL, 3), np.uint8))[1].tobytes()
+    for image_id in image_ids:
+        (train_images / image_id).write_bytes(blank)
     train_csv = root / "train.csv"
     pd.DataFrame(
         {
@@ -134,6 +142,7 @@ def make_experiment(root: Path, n_images: int, seed: int = 12345) -> tuple[Path,
                 "runs_dir": str(root / "runs"),
                 "data": {
                     "train_csv": str(train_csv),
+                    "train_images": str(train_images),
                     "image_size": list(IMAGE_SIZE),
                     "submission_size": list(SIZE),
                 },
@@ -317,10 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         f"with gate {cold['score']:.4f}; gates won {cold['gates']}"
     )
     print(f"load average (1 min) during the run: {result['load_average_1min']}")
-    if not args.no_record:
-        with RESULTS.open("a") as handle:
-            handle.write(json.dumps(result) + "\n")
-    print(json.dumps(result))
+    record(result, keep=not args.no_record)
     return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import platform
@@ -11,7 +12,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from benchmarks.results_page import write_results_page
+
 RESULTS = Path(__file__).resolve().parent / "results.jsonl"
+RESULTS_PAGE = Path(__file__).resolve().parents[1] / "docs" / "results.md"
 # /proc/cpuinfo flags named in benchmark records: SIMD width, FMA, native 16-bit math.
 VECTOR_FLAGS = frozenset(
     {
@@ -103,16 +107,72 @@ def compute_figures(
 
 
 def record(result: dict[str, Any], keep: bool = True) -> None:
-    """Print ``result`` as the last line; append it to results.jsonl if ``keep``.
+    """Print ``result`` as the last line; if ``keep``, append it to results.jsonl and
+    regenerate docs/results.md from that file (``benchmarks/results_page.py``).
 
-    A benchmark that ran the Keras layer says which (``framework``: tf_keras | keras3).
+    A benchmark that ran the Keras layer says which (``framework``: tf_keras | keras3);
+    every record says when (``date``, UTC) and on which commit (``commit``), if known.
     """
     if "pipeline.nn.keras_backend" in sys.modules and "framework" not in result:
         result = {**result, "framework": sys.modules["pipeline.nn.keras_backend"].FRAMEWORK}
+    if "date" not in result:
+        result = {
+            **result,
+            "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        }
+    if "commit" not in result:
+        result = {**result, "commit": current_commit()}
     if keep:
         with RESULTS.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
+        write_results_page(RESULTS, RESULTS_PAGE)
     print(json.dumps(result))
+
+
+def current_commit() -> str | None:
+    """The repository's commit (short hash, ``+dirty`` with uncommitted changes), or None."""
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short=10", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
+def ensure_demo_data(config: Path) -> None:
+    """Write the demo data set when ``config`` is ``configs/demo.yaml`` and it is missing.
+
+    The benchmarks that train on the demo's config run the stages from the repository
+    root, so the data goes where ``foldseg run`` (``make demo``) puts it: ``data/demo/``.
+
+    Raises:
+        ValueError: the demo data could not be written (the reason was logged).
+    """
+    repo = Path(__file__).resolve().parents[1]
+    if config.resolve() != (repo / "configs" / "demo.yaml").resolve():
+        return
+    from pipeline.core.config import load_config
+    from pipeline.make_demo_data import main as make_demo
+
+    data = load_config(config).data
+    train_csv = Path(data.train_csv)
+    out = (train_csv if train_csv.is_absolute() else repo / train_csv).parent
+    if (out / train_csv.name).is_file():
+        return
+    height, width = data.submission_size
+    if make_demo(["--out", str(out), "--truth-size", f"{height}x{width}"]) != 0:
+        raise ValueError(f"the demo data in {out} could not be made (see the error above)")
 
 
 def format_compute(figures: dict[str, Any]) -> str:
