@@ -170,8 +170,12 @@ def ensure_demo_data(config: Path) -> None:
     out = (train_csv if train_csv.is_absolute() else repo / train_csv).parent
     if (out / train_csv.name).is_file():
         return
-    height, width = data.submission_size
-    if make_demo(["--out", str(out), "--truth-size", f"{height}x{width}"]) != 0:
+    size = (
+        []
+        if data.submission_size is None
+        else ["--truth-size", "x".join(map(str, data.submission_size))]
+    )
+    if make_demo(["--out", str(out), *size]) != 0:
         raise ValueError(f"the demo data in {out} could not be made (see the error above)")
 
 

@@ -17,7 +17,6 @@ import pipeline
 from pipeline import cli, workflow
 from pipeline.core.commands import STAGES, command_line, find_stage
 from pipeline.core.config import load_config
-from pipeline.core.layout import FOLD_METRICS
 from tests.conftest import REPO, write_tiny_config
 
 FOLDSEG = str(Path(sys.executable).parent / "foldseg")
@@ -96,26 +95,3 @@ def test_the_demo_data_is_made_where_the_config_says(tmp_path: Path, monkeypatch
     assert (data / "train.csv").is_file() and len(list((data / "test_images").iterdir())) == 2
     truth = (data / "test_truth.csv").read_text()
     assert truth.startswith("Image_Label,EncodedPixels")
-
-
-@pytest.mark.slow
-def test_run_does_every_stage_then_skips_what_is_done(tmp_path: Path, tiny_data: Path) -> None:
-    config = write_tiny_config(tmp_path, tiny_data)
-    submissions = tmp_path / "submissions"
-    first = foldseg("run", "--config", str(config), "--submissions-dir", str(submissions))
-    assert first.returncode == 0, first.stderr[-3000:]
-    for line in ("segmentation OOF Kaggle Dice", "nested", "test Kaggle Dice", "report:"):
-        assert line in first.stdout
-    run_dir = tmp_path / "runs" / "tiny"
-    metrics = sorted(run_dir.glob(f"**/fold_*/{FOLD_METRICS}"))
-    assert len(metrics) == 4  # two segmentation and two classifier folds
-    assert (run_dir / "postprocess.json").is_file() and (run_dir / "report").is_dir()
-    assert len(list(submissions.glob("tiny_*.csv"))) == 1
-    stamps = [path.stat().st_mtime_ns for path in metrics]
-    again = foldseg("run", "--config", str(config), "--submissions-dir", str(submissions))
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert [path.stat().st_mtime_ns for path in metrics] == stamps  # nothing retrained
-    assert "reusing" in again.stderr
-    assert len(list(submissions.glob("tiny_*.csv"))) == 1
-    figures = [line for line in first.stdout.splitlines() if "Kaggle Dice" in line]
-    assert figures == [line for line in again.stdout.splitlines() if "Kaggle Dice" in line]
