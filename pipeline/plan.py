@@ -27,7 +27,7 @@ import yaml
 from pipeline.core.atomic import write_json, write_text
 from pipeline.core.commands import command_line
 from pipeline.core.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
-from pipeline.core.fingerprint import measure_fingerprint
+from pipeline.core.fingerprint import fingerprint_path, measure_fingerprint
 from pipeline.core.planning import Choice, candidate_sizes, plan_choices, render_config
 from pipeline.core.precision import BF16_CPU_FLAGS, cpu_flags
 from pipeline.run.command import Command, parse_size
@@ -143,7 +143,7 @@ def plan(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[Choice]]:
         f"({', '.join(table.classes)}) on {machine['cores']} cores"
         + (f" and {machine['gpu']}" if machine["gpu"] else ""),
         f"for a budget of {args.hours:g} h. The fingerprint and timings: "
-        f"{args.out.with_suffix('').name}.fingerprint.json. Each comment says why.",
+        f"{fingerprint_path(args.out).name} (shown in the report). Each comment says why.",
     ]
     text = render_config(choices, fixed, header)
     _check_loads(text, args.out)
@@ -177,11 +177,6 @@ def _check_loads(text: str, out: Path) -> None:
         load_config(handle.name)
     finally:
         Path(handle.name).unlink(missing_ok=True)
-
-
-def fingerprint_path(out: Path) -> Path:
-    """``configs/NAME.fingerprint.json`` beside ``configs/NAME.yaml``."""
-    return out.with_suffix("").with_name(out.with_suffix("").name + ".fingerprint.json")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

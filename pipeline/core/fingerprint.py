@@ -23,6 +23,37 @@ from pipeline.core.images import list_image_files, read_image_size, resolve_imag
 FINGERPRINT_VERSION = 1
 
 
+def fingerprint_path(config_path: str | Path) -> Path:
+    """``configs/NAME.fingerprint.json``, beside the planned ``configs/NAME.yaml``."""
+    path = Path(config_path)
+    return path.with_name(path.with_suffix("").name + ".fingerprint.json")
+
+
+def fingerprint_tables(record: dict[str, Any]) -> tuple[list[str], pd.DataFrame, pd.DataFrame]:
+    """A plan's record (``foldseg plan``'s JSON) as the report shows it: summary lines,
+    the per-class fingerprint and the choices with their reasons."""
+    fingerprint = record["fingerprint"]
+    images = fingerprint["images"]
+    machine = record.get("machine", {})
+    lines = [
+        f"{images['count']} training images, median {images['height_p50']:.0f}x"
+        f"{images['width_p50']:.0f} (heights {images['height_range']}, widths "
+        f"{images['width_range']}, {images['distinct_sizes']} distinct sizes), channels as "
+        f"stored {images['channels']}; {fingerprint['empty_pair_share']:.0%} of image-class "
+        f"pairs empty, {fingerprint['empty_image_share']:.0%} of images without any mask, "
+        f"classes overlap in {fingerprint['overlap_share']:.0%} of the sampled images.",
+        f"Planned on {machine.get('cores')} cores, {machine.get('memory_total_gb')} GB, GPU "
+        f"{machine.get('gpu')}, native bfloat16 {machine.get('bf16')}, for "
+        f"{record.get('hours')} h.",
+    ]
+    per_class = pd.DataFrame(
+        [{"class": name, **values} for name, values in fingerprint["classes"].items()]
+    )
+    choices = pd.DataFrame(record.get("choices", []), columns=["key", "value", "reason"])
+    choices["value"] = choices["value"].astype(str)
+    return lines, per_class, choices
+
+
 def _percentile(values: Sequence[float], q: float) -> float | None:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if len(values) else None
 

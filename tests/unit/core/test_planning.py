@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -110,3 +111,23 @@ def test_fingerprint_of_hand_made_masks(tmp_path: Path) -> None:
     assert got["classes"]["x"]["components_p50"] == 2
     assert got["empty_pair_share"] == 0.5 and got["empty_image_share"] == 0.5
     assert got["overlap_share"] == 0.5
+
+
+def test_the_report_shows_a_planned_configs_fingerprint(tmp_path: Path) -> None:
+    from pipeline.core.fingerprint import fingerprint_path, fingerprint_tables
+    from pipeline.run.report_sections import plan_section
+
+    config_path = tmp_path / "mine.yaml"
+    config_path.write_text(yaml.safe_dump({"base": str(CONFIG_DIR / "default.yaml")}))
+    config = load_config(config_path)
+    assert plan_section(config) is None  # not planned: no section
+    print_ = {**fingerprint([0.5, 0.2]), "empty_image_share": 0.1}
+    print_["images"].update(height_range=[1, 2], width_range=[3, 4], distinct_sizes=2, channels={})
+    record = {"fingerprint": print_, "machine": CPU, "hours": 1.0, "choices": []}
+    record["choices"] = [{"key": "train.epochs", "value": 7, "reason": "why"}]
+    fingerprint_path(config_path).write_text(json.dumps(record))
+    assert fingerprint_path(config_path).name == "mine.fingerprint.json"
+    _lines, per_class, choices = fingerprint_tables(record)
+    assert per_class["class"].tolist() == ["c0", "c1"] and choices["reason"].tolist() == ["why"]
+    section = plan_section(config)
+    assert section is not None and "300 training images" in " ".join(section.paragraphs)
