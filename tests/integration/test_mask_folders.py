@@ -90,6 +90,7 @@ def refused(done: subprocess.CompletedProcess[str], *words: str) -> None:
         assert word in done.stderr, (word, done.stderr)
 
 
+@pytest.mark.slow
 def test_bad_mask_folders_exit_2_naming_the_file(
     tmp_path: Path, tiny_data: Path, mask_copy: Path
 ) -> None:
@@ -140,3 +141,33 @@ def test_bad_mask_folders_exit_2_naming_the_file(
     # Both sources, or neither.
     refused(run(folder, "--set", f"data.train_csv={tiny_data / 'train.csv'}"), "exactly one")
     assert not out.exists()
+
+
+DSB = REPO.parent / "shared" / "data" / "dsb2018"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (DSB / "train.csv").is_file(), reason="DSB 2018 is not in ../shared/data")
+def test_dsb2018_from_its_csv_and_from_a_mask_folder(tmp_path: Path) -> None:
+    """The same split and masks (benchmarks/bench_mask_folder.py trains both)."""
+    masks = tmp_path / "masks"
+    base = REPO / "configs" / "dsb2018.yaml"
+    common = [
+        f"runs_dir={tmp_path / 'runs'}",
+        f"data.train_images={DSB / 'images'}",
+        f"data.test_images={DSB / 'images'}",
+    ]
+    sets = {
+        "csv": [*common, "experiment=csv", f"data.train_csv={DSB / 'train.csv'}"],
+        "masks": [*common, "experiment=masks", "data.train_csv=null", f"data.masks={masks}"],
+    }
+    args = [part for value in sets["csv"] for part in ("--set", value)]
+    done = convert("--config", str(base), *args, "--to-masks", str(masks))
+    assert done.returncode == 0, done.stderr
+    configs = {name: load_config(base, values) for name, values in sets.items()}
+    exps = {name: open_experiment(config) for name, config in configs.items()}
+    pd.testing.assert_frame_equal(exps["csv"].table, exps["masks"].table)
+    assert exps["csv"].csv_format == exps["masks"].csv_format == "instances"
+    assert (configs["csv"].run_dir / "folds.csv").read_bytes() == (
+        configs["masks"].run_dir / "folds.csv"
+    ).read_bytes()
