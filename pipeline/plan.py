@@ -119,7 +119,7 @@ def plan(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[Choice]]:
         [f"model.backbone={backbone}", "model.encoder_weights=null", "train.loss=bce_dice"]
     )
     log.info("timing a train step at %s", sizes[1].value)
-    step = time_train_step(probe, len(table.classes), sizes[1].value)
+    step = time_train_step(probe, len(table.classes), sizes[1].value, cores=machine["cores"])
     submission = args.submission_size
     choices = plan_choices(fingerprint, machine, step, sizes, args.hours, args.folds, submission)
     out_dir = args.out.resolve().parent

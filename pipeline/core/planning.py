@@ -163,7 +163,13 @@ def plan_choices(
             "train.epochs",
             epochs,
             f"measured {s_per_image * 1000:.0f} ms per {crop.value[0]}x{crop.value[1]} image "
-            f"({crop_pixels} px) per train step: {s_per_epoch:.0f} s per epoch with validation, "
+            + (
+                f"(wall {float(step['s_per_step_wall']) / int(step['batch']) * 1000:.0f} ms "
+                "on the shared CPU) "
+                if "s_per_step_wall" in step and step["s_per_step_wall"] > step["s_per_step"]
+                else ""
+            )
+            + f"per train step: {s_per_epoch:.0f} s per epoch with validation, "
             f"{n_splits} folds in {BUDGET_SHARE_TRAINING:.0%} of {hours:g} h -> {fit}{note}",
         )
     )
