@@ -22,7 +22,7 @@ folder that mixes formats.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
@@ -121,11 +121,11 @@ def read_mask_file(path: str | Path) -> _MaskFile:
             if mode == "P":
                 indices = np.asarray(image)
                 colors = np.asarray(image.convert("RGB"))
-                return _MaskFile(path, indices.astype(np.int64), colors)
+                return _MaskFile(path, indices, colors)
             if mode in ("RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA"):
                 rgb = np.asarray(image.convert("RGB"))
                 if mode in ("LA", "PA") or _is_gray(rgb):
-                    return _MaskFile(path, rgb[:, :, 0].astype(np.int64), None)
+                    return _MaskFile(path, rgb[:, :, 0], None)
                 return _MaskFile(path, None, rgb)
             array = np.asarray(image)
     except (OSError, SyntaxError, ValueError) as exc:
@@ -139,7 +139,7 @@ def read_mask_file(path: str | Path) -> _MaskFile:
         )
     if array.ndim == 3:
         array = array[:, :, 0]
-    return _MaskFile(path, array.astype(np.int64), None)
+    return _MaskFile(path, array, None)
 
 
 def _is_gray(rgb: np.ndarray) -> bool:
@@ -271,10 +271,7 @@ def read_mask_folder(
             f"image(s) without one); the {mask_format if mask_format != 'auto' else 'folder'}"
             " format needs one mask file per image"
         )
-    files = {
-        image_id: _checked(read_mask_file(single[image_id]), image_sizes[image_id])
-        for image_id in image_ids
-    }
+    files = _MaskFiles({image_id: single[image_id] for image_id in image_ids}, image_sizes)
     if mask_format == "auto":
         mask_format = _detect(folder, files, options)
     if mask_format == "binary":
@@ -293,28 +290,50 @@ def _checked(mask: _MaskFile, size: tuple[int, int]) -> _MaskFile:
     return mask
 
 
+class _MaskFiles(Mapping[str, _MaskFile]):
+    """image_id -> its mask file, decoded (and checked against its image's size) when
+    read, so that a folder of large masks is never in memory at once."""
+
+    def __init__(self, paths: Mapping[str, Path], sizes: Mapping[str, tuple[int, int]]):
+        self.paths = dict(paths)
+        self.sizes = sizes
+
+    def __getitem__(self, image_id: str) -> _MaskFile:
+        return _checked(read_mask_file(self.paths[image_id]), self.sizes[image_id])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
 def _detect(folder: Path, files: Mapping[str, _MaskFile], options: MaskOptions) -> str:
     """binary, indexed or palette from the files' contents; a mix is an error."""
-    colored = [m for m in files.values() if m.colors is not None and m.values is None]
-    gray = [m for m in files.values() if m.values is not None and m.values.any()]
-    if colored and gray:
-        raise ValueError(
-            f"mask folder {str(folder)!r} mixes formats: {colored[0].path.name!r} is a colour "
-            f"(palette) mask, {gray[0].path.name!r} a gray (binary or indexed) one; keep one"
-        )
-    if colored or options.palette is not None:
-        return "palette"
-    if options.class_map is not None or options.ignore_index is not None:
-        return "indexed"
+    colored: Path | None = None
+    gray: Path | None = None
     # Binary: each file 0 and at most one other value, all of them one value or the
     # "full" values of 1, 8 and 16-bit files (1, 255, 65535) that binary masks use.
     values: set[int] = set()
+    binary = True
     for mask in files.values():
-        assert mask.values is not None
-        own = {int(v) for v in np.unique(mask.values)} - {BACKGROUND_VALUE}
-        values.update(own)
-        if len(own) > 1 or (len(values) > 1 and not values <= _BINARY_ON):
-            return "indexed"
+        if mask.values is None:
+            colored = colored or mask.path
+        elif mask.values.any():
+            gray = gray or mask.path
+            own = {int(v) for v in np.unique(mask.values)} - {BACKGROUND_VALUE}
+            values.update(own)
+            if len(own) > 1 or (len(values) > 1 and not values <= _BINARY_ON):
+                binary = False
+        if colored is not None and gray is not None:
+            raise ValueError(
+                f"mask folder {str(folder)!r} mixes formats: {colored.name!r} is a colour "
+                f"(palette) mask, {gray.name!r} a gray (binary or indexed) one; keep one"
+            )
+    if colored is not None or options.palette is not None:
+        return "palette"
+    if options.class_map is not None or options.ignore_index is not None or not binary:
+        return "indexed"
     return "binary"
 
 
