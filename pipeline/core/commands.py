@@ -40,6 +40,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("grid", "pipeline.grid", "a seeded grid search, one experiment per setting and seed"),
     Stage("ensemble", "pipeline.ensemble", "blend trained experiments that share one split"),
     Stage("pseudo-label", "pipeline.pseudo_label", "confident test predictions as training labels"),
+    Stage("track", "pipeline.track", "upload a run (or existing run directories) to MLflow"),
 )
 
 _BY_NAME = {stage.name: stage for stage in STAGES}
