@@ -350,6 +350,8 @@ def run_parallel(
         exp.check_fold(job.fold)
     for size in sorted({tuple(int(v) for v in s) for s in sizes}):
         training_cache(config, exp, size)
+    # The experiment's tracking run exists before the jobs look for it: none makes a second.
+    open_tracker(config).finish()
     run_fold_jobs(config, jobs, config.train.parallel_folds, resume=resume, force=force)
 
 
@@ -370,8 +372,6 @@ def train_folds(
     pending = [k for k in folds if force or not is_finished(stage.fold_dir(config, k))]
     if len(folds) > 1 and use_fold_jobs(config, len(pending)):
         stage.check(config)  # here, before any job starts: a bad input is exit 2, not a job's
-        # The experiment's run exists before the jobs look for it (none make a second).
-        open_tracker(config).finish()
         run_parallel(config, stage.jobs(config, pending), [stage.image_size(config)], resume, force)
         return [
             read_fold_metrics(stage.fold_dir(config, k), _command(stage, config)) for k in folds

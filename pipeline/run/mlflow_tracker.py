@@ -136,12 +136,16 @@ class MlflowRun(Tracker):
     def __init__(self, store: _Store, run_id: str, run_dir: Path) -> None:
         self.store = store
         self._run_id = run_id
-        self.run_dir = run_dir
+        self._run_dir = run_dir
         self._steps: set[int] | None = None
 
     @property
     def run_id(self) -> str | None:
         return self._run_id
+
+    @property
+    def run_dir(self) -> Path | None:
+        return self._run_dir
 
     def _log_batch(self, **items: list[Any]) -> None:
         client = self.store.client
@@ -239,7 +243,7 @@ class MlflowRun(Tracker):
             return NULL_TRACKER
         if not resume or not record.is_file():
             write_json(record, {"run_id": run_id, "tracking_uri": self.store.uri})
-        return MlflowRun(self.store, run_id, self.run_dir)
+        return MlflowRun(self.store, run_id, self._run_dir)
 
     def _stored(self, record: Path) -> str | None:
         """The run id the fold directory keeps, if that run is in this store and alive."""

@@ -55,5 +55,10 @@ class Tracker:
         """The MLflow run id, None when nothing is tracked."""
         return None
 
+    @property
+    def run_dir(self) -> Path | None:
+        """The run directory of the experiment this run belongs to."""
+        return None
+
 
 NULL_TRACKER = Tracker()

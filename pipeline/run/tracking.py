@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from pipeline.run.tracker import (
     TAG_EXPERIMENT,
     TAG_KIND,
     TAG_MEMBERS,
+    TAG_PARENT,
     Tracker,
 )
 
@@ -136,7 +137,15 @@ def record_config(tracker: Tracker, config: Config) -> None:
     if not tracker.enabled:
         return
     tracker.log_params(config_params(config))
-    tracker.set_tags({"foldseg.config": config.source or "", TAG_EXPERIMENT: config.experiment})
+    tags = {"foldseg.config": config.source or "", TAG_EXPERIMENT: config.experiment}
+    if config.data.pseudo_labels is not None:
+        # Links this run to the round that made its labels (that run's directory).
+        table = Path(config.data.pseudo_labels).resolve()
+        tags |= {
+            "foldseg.pseudo_labels": str(table),
+            "foldseg.pseudo_labels_run": str(table.parent),
+        }
+    tracker.set_tags(tags)
 
 
 def record_fold(
@@ -244,9 +253,32 @@ def record_run(tracker: Tracker, config: Config) -> None:
     record_evaluate(tracker, config)
 
 
-def link_members(tracker: Tracker, kind: str, members: list[Path]) -> None:
-    """A grid, an ensemble or a pseudo-label round: tag its kind and its members' run
-    directories (their own MLflow runs carry ``foldseg.run_dir``)."""
-    tracker.set_tags(
-        {TAG_KIND: kind, TAG_MEMBERS: ",".join(str(Path(m).resolve()) for m in members)}
-    )
+def link_members(tracker: Tracker, kind: str, members: Sequence[Config], nest: bool) -> None:
+    """A grid or an ensemble (``kind``) and its member experiments: the run of ``tracker``
+    is tagged with its kind and the members' run directories; each member's run is
+    uploaded (``record_run``: whatever it missed) and tagged ``foldseg.<kind>`` with the
+    run directory of ``tracker``'s run; with ``nest`` it is nested under it (a grid's
+    points, so that the UI lists and compares them together)."""
+    if not tracker.enabled:
+        return
+    where = ",".join(str(m.run_dir.resolve()) for m in members)
+    tracker.set_tags({TAG_KIND: kind, TAG_MEMBERS: where})
+    own = tracker.run_dir
+    for member in members:
+        with tracked(member) as run:
+            record_run(run, member)
+            tags = {f"foldseg.{kind}": str(own)}
+            if nest and tracker.run_id is not None:
+                tags[TAG_PARENT] = tracker.run_id
+            run.set_tags(tags)
+
+
+def record_pseudo_labels(tracker: Tracker, config: Config, summary: Mapping[str, Any]) -> None:
+    """A pseudo-label round in the run that made it: how many test images were kept
+    (``pseudo_label.kept_images``, per class present/absent) and the table's path; an
+    experiment trained on them names it (``record_config``: ``foldseg.pseudo_labels``)."""
+    if not tracker.enabled:
+        return
+    kept = {k: summary.get(k) for k in ("test_images", "kept_images", "per_class")}
+    tracker.log_metrics(numeric(kept, "pseudo_label."))
+    tracker.set_tags({"pseudo_label.table": str(summary.get("table"))})

@@ -191,3 +191,106 @@ def test_mlflow_ui_serves_the_tracked_runs(tmp_path, tiny_data):
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_fold_tracked_as_it_trains_and_resumed_into_the_same_run(tmp_path, tiny_data):
+    """A tiny fold with tracking on, killed after its second epoch and resumed: one
+    experiment run, one fold run nested in it, every epoch's figures and learning rate
+    logged once, the fold's summary and curves."""
+    uri = store_uri(tmp_path)
+    config = tracked_config(
+        tmp_path, tiny_data, uri, train={"epochs": 4, "early_stopping_patience": 100}
+    )
+    fold_dir = tmp_path / "runs" / "tiny" / "fold_0"
+    state = fold_dir / "checkpoint" / "state.json"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.train", "--config", str(config), "--fold", "0"],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 400
+    while time.monotonic() < deadline:
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        assert proc.poll() is None, "training ended before it could be interrupted"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # like a lost machine: no clean shutdown
+    proc.wait()
+    stopped_at = json.loads(state.read_text())["epoch"]
+    assert stopped_at < 4
+    first_run = json.loads((fold_dir / "tracking.json").read_text())["run_id"]
+
+    out = run_cli("pipeline.train", "--config", str(config), "--fold", "0", "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "experiment tracking is off" not in out.stderr
+    client, runs = experiment_runs(uri)
+    parents, folds = split_runs(runs)
+    assert [p.info.run_name for p in parents] == ["tiny"]
+    assert list(folds) == ["segmentation/0"]
+    fold = folds["segmentation/0"]
+    assert fold.info.run_id == first_run  # continued, not a second run
+    assert fold.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+    assert fold.info.status == "FINISHED"
+    for key in ("loss", "val_loss", "lr", "epoch_time"):
+        assert steps(client, fold.info.run_id, key) == [1, 2, 3, 4], key
+    metrics = json.loads((fold_dir / "metrics.json").read_text())
+    assert fold.data.metrics["oof_kaggle_dice_050"] == pytest.approx(metrics["oof_kaggle_dice_050"])
+    artifacts = {a.path for a in client.list_artifacts(fold.info.run_id)}
+    assert {"curves.png", "history.csv", "metrics.json"} <= artifacts
+    params = parents[0].data.params
+    assert params["train.epochs"] == "4" and params["tracking.backend"] == "mlflow"
+
+
+def test_unwritable_store_is_reported_once_and_training_finishes(tmp_path, tiny_data):
+    """A store that cannot be created: both folds still train, one warning says so and
+    names the command that uploads later; that command then uploads both folds."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a file where the store's folder should be")
+    config = tracked_config(
+        tmp_path, tiny_data, f"sqlite:///{blocker}/mlflow.db", train={"epochs": 1}
+    )
+    out = run_cli("pipeline.train", "--config", str(config), "--all")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("experiment tracking is off") == 1, out.stderr[-3000:]
+    assert f"foldseg track --config {config}" in out.stderr
+    assert "Traceback" not in out.stderr
+    for k in range(2):
+        assert (tmp_path / "runs" / "tiny" / f"fold_{k}" / "metrics.json").is_file()
+
+    uri = store_uri(tmp_path)
+    out = run_cli("pipeline.track", "--config", str(config), "--set", f"tracking.uri={uri}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    client, runs = experiment_runs(uri)
+    parents, folds = split_runs(runs)
+    assert len(parents) == 1 and sorted(folds) == ["segmentation/0", "segmentation/1"]
+    for fold in folds.values():
+        assert steps(client, fold.info.run_id, "lr") == [1]
+
+
+def test_grid_links_its_points(tmp_path, tiny_data):
+    """A 2x2 grid (two learning rates x two seeds) with tracking on: one grid run, its
+    4 points nested under it, each with its own params and nested CV. The points'
+    folds are already on disk, so the grid trains nothing and uploads what they hold."""
+    uri = store_uri(tmp_path)
+    config = tracked_config(tmp_path, tiny_data, uri)
+    args = ["pipeline.grid", "--config", str(config), "--grid", "train.lr=[0.001,0.01]"]
+    args += ["--seeds", "2"]
+    planned = run_cli(*args, "--dry-run")
+    assert planned.returncode == 0, planned.stderr[-3000:]
+    names = planned.stdout.split()
+    assert len(names) == 4
+    for name in names:
+        fake_run_dir(tmp_path / "runs" / name, load_config(config).to_dict())
+    out = run_cli(*args)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "experiment tracking is off" not in out.stderr
+    client, runs = experiment_runs(uri)
+    (grid,) = [r for r in runs if r.info.run_name == "tiny__grid"]
+    assert grid.data.tags["foldseg.kind"] == "grid"
+    points = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == grid.info.run_id]
+    assert sorted(r.info.run_name for r in points) == sorted(names)
+    assert sorted(r.data.params["train.lr"] for r in points) == ["0.001", "0.001", "0.01", "0.01"]
+    assert all(r.data.metrics["cv.tuned_nested"] == 0.65 for r in points)
+    assert {a.path for a in client.list_artifacts(grid.info.run_id)} >= {"results.csv"}
