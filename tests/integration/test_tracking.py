@@ -294,3 +294,13 @@ def test_grid_links_its_points(tmp_path, tiny_data):
     assert sorted(r.data.params["train.lr"] for r in points) == ["0.001", "0.001", "0.01", "0.01"]
     assert all(r.data.metrics["cv.tuned_nested"] == 0.65 for r in points)
     assert {a.path for a in client.list_artifacts(grid.info.run_id)} >= {"results.csv"}
+
+
+def test_track_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_data):
+    uri = store_uri(tmp_path)
+    config = tracked_config(tmp_path, tiny_data, uri)
+    (tmp_path / "empty").mkdir()
+    out = run_cli("pipeline.track", "--config", str(config), str(tmp_path / "empty"))
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert f"{tmp_path / 'empty'} is not a run directory: no fold_<K>/config.yaml" in out.stderr
+    assert not (tmp_path / "store").exists()  # nothing written
