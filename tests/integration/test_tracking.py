@@ -243,21 +243,28 @@ def test_fold_tracked_as_it_trains_and_resumed_into_the_same_run(tmp_path, tiny_
     assert params["train.epochs"] == "4" and params["tracking.backend"] == "mlflow"
 
 
-def test_unwritable_store_is_reported_once_and_training_finishes(tmp_path, tiny_data):
-    """A store that cannot be created: both folds still train, one warning says so and
-    names the command that uploads later; that command then uploads both folds."""
-    blocker = tmp_path / "not_a_folder"
-    blocker.write_text("a file where the store's folder should be")
-    config = tracked_config(
-        tmp_path, tiny_data, f"sqlite:///{blocker}/mlflow.db", train={"epochs": 1}
-    )
+@pytest.mark.parametrize("store", ["unwritable", "unreachable"])
+def test_unusable_store_is_reported_once_and_training_finishes(tmp_path, tiny_data, store):
+    """A store that cannot be created (a file where its folder should be) or a server
+    that is not there: both folds still train, one warning says so and names the command
+    that uploads later; that command then uploads both folds."""
+    if store == "unwritable":
+        blocker = tmp_path / "not_a_folder"
+        blocker.write_text("a file where the store's folder should be")
+        bad = f"sqlite:///{blocker}/mlflow.db"
+    else:
+        bad = f"http://127.0.0.1:{free_port()}"
+    config = tracked_config(tmp_path, tiny_data, bad, train={"epochs": 1})
     out = run_cli("pipeline.train", "--config", str(config), "--all")
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stderr.count("experiment tracking is off") == 1, out.stderr[-3000:]
+    assert f"the MLflow store {bad} could not be used" in out.stderr
     assert f"foldseg track --config {config}" in out.stderr
     assert "Traceback" not in out.stderr
     for k in range(2):
         assert (tmp_path / "runs" / "tiny" / f"fold_{k}" / "metrics.json").is_file()
+    if store == "unreachable":
+        return
 
     uri = store_uri(tmp_path)
     out = run_cli("pipeline.track", "--config", str(config), "--set", f"tracking.uri={uri}")
