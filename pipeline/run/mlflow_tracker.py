@@ -64,7 +64,7 @@ class _Store:
             return None
         try:
             return fn()
-        except Exception as exc:
+        except Exception as exc:  # any failure of the store: tracking is never in the way
             self.fail(what, exc)
             return None
 
@@ -99,7 +99,7 @@ class _Store:
                     experiment, artifact_location=location
                 )
                 return
-            except Exception:
+            except Exception:  # made meanwhile by another process?
                 found = self.client.get_experiment_by_name(experiment)
                 if found is None:
                     raise
@@ -221,11 +221,12 @@ class MlflowRun(Tracker):
     def fold(self, stage: str, fold: int, fold_dir: Path, resume: bool = False) -> Tracker:
         fold_id = f"{stage}/{fold}"
         record = fold_dir / TRACKING_RUN
-        run_id = None
+        run_id = stored = None
         if resume:
-            run_id = self.store.call("finding the fold's run", lambda: self._stored(record))
+            stored = self.store.call("finding the fold's run", lambda: self._stored(record))
             if self.store.broken:
                 return NULL_TRACKER
+            run_id = stored
             if run_id is None:
                 run_id = self.store.call(
                     "finding the fold's run",
@@ -241,7 +242,7 @@ class MlflowRun(Tracker):
             self.store.call("reopening the fold's run", lambda: self.store.reopen(run_id))
         if run_id is None or self.store.broken:
             return NULL_TRACKER
-        if not resume or not record.is_file():
+        if run_id != stored:
             write_json(record, {"run_id": run_id, "tracking_uri": self.store.uri})
         return MlflowRun(self.store, run_id, self._run_dir)
 
@@ -257,7 +258,10 @@ class MlflowRun(Tracker):
         if saved.get("tracking_uri") != self.store.uri:
             return None
         run_id = str(saved.get("run_id"))
-        run = self.store.client.get_run(run_id)
+        try:
+            run = self.store.client.get_run(run_id)
+        except Exception:  # not in this store (it was replaced): a new run
+            return None
         return None if run.info.lifecycle_stage == "deleted" else run_id
 
     def finish(self, failed: bool = False) -> None:
