@@ -66,6 +66,7 @@ from pipeline.run.json_files import write_json
 from pipeline.run.prediction import list_test_images, write_outputs
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.stored_predictions import fresh_test_presence, fresh_test_probs
+from pipeline.run.tracking import link_members, record_run, tracked
 
 log = logging.getLogger(__name__)
 
@@ -252,6 +253,10 @@ def ensemble(
             {"ensemble": record["scores"], "seconds": round(time.perf_counter() - started, 3)}
         )
         write_json(run_dir / PREDICT, result)
+    with tracked(config) as tracker:
+        record_run(tracker, config)
+        tracker.log_artifact(run_dir / ENSEMBLE)
+        link_members(tracker, "ensemble", [m.config for m in members], nest=False)
     result["table"] = table
     return result
 

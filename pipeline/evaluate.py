@@ -65,6 +65,7 @@ from pipeline.run.report_sections import (
     score_sections,
     worst_section,
 )
+from pipeline.run.tracking import record_evaluate, tracked
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,8 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     )
     write_json(out / REPORT_METRICS, metrics)
     log.info("wrote the report to %s", out)
+    with tracked(config) as tracker:
+        record_evaluate(tracker, config)
     return metrics
 
 

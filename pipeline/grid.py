@@ -59,6 +59,7 @@ from pipeline.core.layout import GRID_SUMMARY as SUMMARY
 from pipeline.core.layout import GRID_TUNED as TUNED
 from pipeline.run.command import Command
 from pipeline.run.json_files import write_json
+from pipeline.run.tracking import link_members, tracked
 
 log = logging.getLogger(__name__)
 
@@ -310,8 +311,21 @@ def run_grid(
     if not dry_run:
         write_csv(directory / RESULTS, results)
         write_csv(directory / SUMMARY, summary)
+        _track_grid(base, directory, [configs[run.name] for run in runs])
     failed = [name for name, s in status.items() if "failed" in s or s == "incomplete"]
     return GridOutcome(directory, results, summary, compare_top_two(results, summary), failed)
+
+
+def _track_grid(base: Config, directory: Path, configs: Sequence[Config]) -> None:
+    """With tracking on: the grid's own run (its tables as artifacts), its points'
+    runs nested under it (``tracking.link_members``)."""
+    if base.tracking.backend == "none":
+        return
+    where = [f"runs_dir={directory.parent}", f"experiment={directory.name}"]
+    with tracked(base.with_overrides(where)) as tracker:
+        link_members(tracker, "grid", configs, nest=True)
+        for name in (RESULTS, SUMMARY):
+            tracker.log_artifact(directory / name)
 
 
 def _tune_runs(

@@ -62,6 +62,7 @@ from pipeline.run.prediction import inputs_key, list_test_images, write_outputs
 from pipeline.run.predictor import Predictor
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.stored_predictions import write_test_keys, write_test_presence
+from pipeline.run.tracking import record_predict, tracked
 from pipeline.run.trained_run import TrainedRun, open_trained_run
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,10 @@ def predict(
     run = open_trained_run(config, use_postprocess, with_classifier)
     check_trained_config(config, force)
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
-        return _predict(config, run, out, submissions_dir)
+        result = _predict(config, run, out, submissions_dir)
+    with tracked(config) as tracker:
+        record_predict(tracker, config)
+    return result
 
 
 def _predict(

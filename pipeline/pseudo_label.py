@@ -67,6 +67,7 @@ from pipeline.run.json_files import write_json
 from pipeline.run.prediction import list_test_images
 from pipeline.run.run_lock import hold_lock
 from pipeline.run.stored_predictions import fresh_test_presence, fresh_test_probs
+from pipeline.run.tracking import record_pseudo_labels, tracked
 from pipeline.run.trained_run import fold_weights, tuned_gate_source
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,9 @@ def pseudo_label(config: Config) -> dict[str, Any]:
         }
         write_json(config.run_dir / PSEUDO_LABELS_JSON, summary)
     log.info("kept %d of %d test images (presence from %s)", kept, len(image_ids), source)
+    with tracked(config) as tracker:
+        record_pseudo_labels(tracker, config, summary)
+        tracker.log_artifact(config.run_dir / PSEUDO_LABELS_JSON)
     return summary
 
 

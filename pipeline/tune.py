@@ -62,6 +62,7 @@ from pipeline.run.oof import (
     read_classifier_probs,
 )
 from pipeline.run.run_lock import hold_lock
+from pipeline.run.tracking import record_tune, tracked
 from pipeline.run.tune_output import TuneOutput, format_summary
 
 log = logging.getLogger(__name__)
@@ -166,7 +167,10 @@ def tune(config: Config, force: bool = False) -> TuneOutput:
     check_folds_finished(config)
     check_trained_config(config, force)
     with hold_lock(config.run_dir, f"run {config.run_dir} (tune)"):
-        return _tune(config)
+        output = _tune(config)
+    with tracked(config) as tracker:
+        record_tune(tracker, config)
+    return output
 
 
 def _tune(config: Config) -> TuneOutput:

@@ -36,6 +36,7 @@ from pipeline.run.command import (
 from pipeline.run.fold_jobs import use_fold_jobs
 from pipeline.run.prediction import previous_prediction
 from pipeline.run.process import exit_process
+from pipeline.run.tracking import tracking_uri
 from pipeline.run.tune_output import format_summary
 from pipeline.train import segmentation_jobs, train_folds
 from pipeline.train_classifier import classifier_jobs, score_all_folds, train_classifier_folds
@@ -145,8 +146,11 @@ def format_figures(figures: dict[str, Any], seconds: float) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
-    figures = run_workflow(config_from_args(args), args.submissions_dir)
+    config = config_from_args(args)
+    figures = run_workflow(config, args.submissions_dir)
     print(format_figures(figures, time.monotonic() - started))
+    if config.tracking.backend != "none":
+        print(f"tracked in MLflow: mlflow ui --backend-store-uri {tracking_uri(config)}")
     return 0
 
 

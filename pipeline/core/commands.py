@@ -44,6 +44,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "plan", "pipeline.plan", "a runnable config from a data set's fingerprint and the machine"
     ),
+    Stage("track", "pipeline.track", "upload a run (or existing run directories) to MLflow"),
 )
 
 _BY_NAME = {stage.name: stage for stage in STAGES}

@@ -2,6 +2,7 @@
 
 ::
 
+    <runs_dir>/mlflow.db  mlflow-artifacts/   the MLflow store (tracking.backend: mlflow)
     <runs_dir>/<experiment>/              run_dir(config)
         config.yaml                       the run's resolved config (RUN_CONFIG)
         folds.csv                         the split (FOLDS)
@@ -13,6 +14,7 @@
             oof_presence.csv              the presence head's (model.classification_head)
             metrics.json                  written last: the fold is finished
             .lock                         held while a process trains the fold
+            tracking.json                 its MLflow run (tracking.backend: mlflow)
         classifier/fold_<K>/              one classifier fold (same files; oof_cls.csv)
         postprocess.json  postprocess_grid.csv  postprocess_table.csv     tune
         predict.json  predict_tmp/                                         predict
@@ -51,6 +53,7 @@ OOF = "oof"
 OOF_CLS = "oof_cls.csv"
 OOF_PRESENCE = "oof_presence.csv"  # model.classification_head: the head's OOF presence
 LOCK = ".lock"
+TRACKING_RUN = "tracking.json"  # tracking.backend: mlflow: the fold's MLflow run id
 
 # Tuning, prediction, the LR finder
 POSTPROCESS = "postprocess.json"
@@ -89,6 +92,10 @@ GRID = "grid.json"
 GRID_RESULTS = "results.csv"
 GRID_SUMMARY = "summary.csv"
 GRID_TUNED = "tuned"  # tuned/<experiment>.json: the scores --tune read, and their key
+
+# Experiment tracking (tracking.backend: mlflow, no tracking.uri): in <runs_dir>
+TRACKING_DB = "mlflow.db"
+TRACKING_ARTIFACTS = "mlflow-artifacts"
 
 # Submissions
 SUBMISSION_LOG = "history.md"

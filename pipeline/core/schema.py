@@ -59,6 +59,7 @@ Pooling = Literal["avg", "max", "avgmax"]
 MonitorMode = Literal["min", "max"]
 SwaSelect = Literal["best", "last"]
 Executor = Literal["local", "ray"]
+TrackingBackend = Literal["none", "mlflow"]
 
 # Keys renamed since run directories were first written: old dotted key -> new one.
 # Saved run configs are migrated silently; a user config naming an old key is refused
@@ -621,6 +622,24 @@ class EnergyConfig(Section):
     grid_g_co2_per_kwh: NonNegativeFloat = Field(400.0, description="the grid's carbon intensity")
 
 
+class TrackingConfig(Section):
+    """Experiment tracking: every stage logs to one MLflow run per experiment (docs/tracking.md)."""
+
+    backend: TrackingBackend = Field(
+        "none", description="none: no tracking (mlflow is never imported); mlflow: log to MLflow"
+    )
+    uri: Str | None = Field(
+        None,
+        description="the MLflow tracking URI (sqlite:///..., a folder, http://host:port); "
+        "null: sqlite:///<runs_dir>/mlflow.db",
+    )
+    experiment: Str = Field(
+        "foldseg",
+        description="the MLflow experiment that holds the runs, one run per foldseg "
+        "experiment (named after it), so that runs are compared side by side",
+    )
+
+
 def _default_augment() -> list[TransformSpec]:
     return [
         {"name": "HorizontalFlip", "params": {"p": 0.5}},
@@ -683,6 +702,9 @@ class RootConfig(Section):
     )
     lr_find: LrFindConfig = Field(default_factory=LrFindConfig, description=LrFindConfig.__doc__)
     energy: EnergyConfig = Field(default_factory=EnergyConfig, description=EnergyConfig.__doc__)
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description=TrackingConfig.__doc__
+    )
 
 
 def choices(dotted: str) -> tuple[object, ...]:

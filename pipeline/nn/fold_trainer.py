@@ -54,6 +54,8 @@ from pipeline.run.fold_records import (
 from pipeline.run.image_cache import training_cache
 from pipeline.run.json_files import write_json
 from pipeline.run.run_lock import hold_lock
+from pipeline.run.tracker import NULL_TRACKER, Tracker
+from pipeline.run.tracking import open_tracker, record_config, record_fold
 
 log = logging.getLogger(__name__)
 
@@ -214,8 +216,43 @@ def _train_fold(
     # Past every input check: only now is a finished fold's record replaced.
     if force and out_dir == fold_dir:
         (fold_dir / FOLD_METRICS).unlink(missing_ok=True)
+    tracker, fold_run = NULL_TRACKER, NULL_TRACKER
     if out_dir == fold_dir:  # a non-chief worker writes nothing shared
         record_trained_config(config, fold_dir)
+        tracker = open_tracker(config)
+        record_config(tracker, config)
+        fold_run = tracker.fold(_tracking_name(stage), fold, fold_dir, resume=resume)
+    try:
+        metrics = _fit(stage, context, parts, resume, role, started, mixed, fold_run)
+    except BaseException:
+        fold_run.finish(failed=True)
+        tracker.finish()
+        raise
+    if WORKER_KEY not in metrics:
+        record_fold(tracker, _tracking_name(stage), fold, fold_dir, fold_run)
+    tracker.finish()
+    return metrics
+
+
+def _tracking_name(stage: FoldStage) -> str:
+    """The fold's kind in the experiment tracker: segmentation or classifier."""
+    return "classifier" if stage.stage == "train-classifier" else "segmentation"
+
+
+def _fit(
+    stage: FoldStage,
+    context: FoldContext,
+    parts: FoldParts,
+    resume: bool,
+    role: WorkerRole | None,
+    started: float,
+    mixed: str | None,
+    fold_run: Tracker,
+) -> dict[str, Any]:
+    """Train in ``context.fold_dir``, then (the chief) predict the OOF images and write
+    ``metrics.json``; each epoch goes to ``fold_run`` as it completes."""
+    config, fold, out_dir = context.config, context.fold, context.fold_dir
+    fold_dir = stage.fold_dir(config, fold)
     state = fit_resumable(
         parts.model,
         parts.compile_phase,
@@ -227,6 +264,7 @@ def _train_fold(
         parts.settings,
         parts.lr,
         resume,
+        on_epoch=lambda row: fold_run.log_history([row]),
     )
     train_time = time.monotonic() - started
     started = time.monotonic()
@@ -258,8 +296,8 @@ def _train_fold(
     outputs = parts.finish(model)
     metrics = {
         "fold": fold,
-        "n_train": len(train_ids),
-        "n_val": len(val_ids),
+        "n_train": len(context.train_ids),
+        "n_val": len(context.val_ids),
         **parts.info,
         "best_epoch": state["best_epoch"],
         f"best_{parts.settings.monitor}": state["best_value"],
@@ -312,6 +350,8 @@ def run_parallel(
         exp.check_fold(job.fold)
     for size in sorted({tuple(int(v) for v in s) for s in sizes}):
         training_cache(config, exp, size)
+    # The experiment's tracking run exists before the jobs look for it: none makes a second.
+    open_tracker(config).finish()
     run_fold_jobs(config, jobs, config.train.parallel_folds, resume=resume, force=force)
 
 

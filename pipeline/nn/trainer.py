@@ -84,9 +84,11 @@ class _EpochState(keras.callbacks.Callback):
         state: dict[str, Any],
         phase: int,
         average: WeightAverage | None = None,
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
     ) -> None:
         super().__init__()
         self.average = average
+        self.on_epoch = on_epoch
         self.out_dir = out_dir
         self.settings = settings
         self.plateau = plateau
@@ -156,6 +158,8 @@ class _EpochState(keras.callbacks.Callback):
             self.plotted_at = now
         self.unplotted = not plot
         log.info("epoch %d/%d %s", epoch + 1, self.settings.epochs, _summary(row))
+        if self.on_epoch is not None:
+            self.on_epoch(row)
 
     def _save_validated(self, path: Path) -> None:
         """Save the weights this epoch was validated with (the EMA's, if any)."""
@@ -212,6 +216,7 @@ def fit_resumable(
     settings: FitSettings,
     lr: float,
     resume: bool,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` for ``settings.epochs`` in phases, resumable; load the best weights.
 
@@ -222,6 +227,8 @@ def fit_resumable(
     ``train_data(epoch)`` is the endless training stream from the first sample of
     (0-based) ``epoch``: each ``fit`` (a phase, or a resumed run) continues the stream
     where an uninterrupted run would be.
+    ``on_epoch(row)`` sees each completed epoch's row of the history (``epoch``, the
+    logged figures, ``lr``, ``epoch_time``) once it is published (experiment tracking).
     Returns the final state (history, best epoch, ...).
     """
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -283,7 +290,7 @@ def fit_resumable(
             nan_guard,
             plateau,
             early,
-            _EpochState(out_dir, settings, plateau, early, state, phase, average),
+            _EpochState(out_dir, settings, plateau, early, state, phase, average, on_epoch),
         ]
         if average is not None:
             # First, so validation and the callbacks after it see the average.

@@ -55,10 +55,13 @@ def test_plan_writes_a_config_that_runs(tmp_path: Path, tiny_data: Path) -> None
     assert record["train_step"]["s_per_step"] > 0 and record["machine"]["cores"] >= 1
     planned = yaml.safe_load(text)
     assert planned["data"]["image_size"][0] % 32 == 0
-    # Runs unattended (shortened: one epoch each, the planned everything else).
+    # Runs unattended (shortened to two folds of one epoch at the suite's tiny size,
+    # the planned everything else).
     done = foldseg(
         "run", "--config", str(out), "--set", f"runs_dir={tmp_path / 'runs'}",
         "--set", "train.epochs=1", "--set", "classifier.epochs=1",
+        "--set", "folds.n_splits=2", "--set", "data.image_size=[32,64]",
+        "--set", "train.crop_size=[32,32]",
         "--set", "tta.views=[identity]", "--submissions-dir", str(tmp_path / "subs"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
