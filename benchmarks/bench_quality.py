@@ -227,7 +227,7 @@ def user_set(path: Path, args: argparse.Namespace) -> Path:
     return out
 
 
-def run_pipeline(config: Config) -> Run:
+def run_pipeline(config: Config, only: list[int] | None = None) -> Run:
     """The pipeline's folds (resumable): image ids, OOF (N, C) per image and class from
     its stores, each fold's best epoch and its validation loss per epoch."""
     from pipeline.core.masks import truth_masks
@@ -236,7 +236,7 @@ def run_pipeline(config: Config) -> Run:
     from pipeline.run.experiment import open_experiment
     from pipeline.train import train_folds
 
-    folds = list(range(config.folds.n_splits))
+    folds = only if only is not None else list(range(config.folds.n_splits))
     results = train_folds(config, folds, resume=True)
     exp = open_experiment(config)
     rles = exp.rles()
@@ -266,7 +266,7 @@ def _original_sizes(config: Config, image_ids: list[str]) -> dict[str, tuple[int
     }
 
 
-def run_script(config: Config, interpolation: str) -> Run:
+def run_script(config: Config, interpolation: str, only: list[int] | None = None) -> Run:
     """The minimal script on the pipeline's split: image ids, OOF (N, C) per image and
     class, each fold's best epoch and its validation loss per epoch."""
     from benchmarks import minimal_keras
@@ -280,7 +280,7 @@ def run_script(config: Config, interpolation: str) -> Run:
     # A finished fold is kept (keyed by its settings and split), so a rerun with more
     # seeds trains only what is new, as the pipeline's finished folds are kept.
     scores, ids, best, curves = [], [], [], []
-    for fold in range(config.folds.n_splits):
+    for fold in only if only is not None else range(config.folds.n_splits):
         train_ids, val_ids = exp.members(fold)
         ids.extend(val_ids)
         key = hashlib.sha256(
@@ -294,6 +294,7 @@ def run_script(config: Config, interpolation: str) -> Run:
                 per_image=out["per_image"],
                 best_epoch=out["best_epoch"],
                 val_loss=np.asarray(out["history"]["val_loss"]),
+                history=json.dumps(out["history"]),
             )
         saved = np.load(done)
         scores.append(saved["per_image"])
@@ -384,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--augment", default="flips", choices=("flips", "recipe"),
                         help="the pipeline's augmentation: flips (as the script) or the "
                         "recipe's flips + Affine +-45 deg (the script keeps flips)")  # fmt: skip
+    parser.add_argument("--folds", help="only these folds, e.g. 0 or 0,1 (a quicker screen)")
     parser.add_argument("--scene-images", type=int, default=468,
                         help="scenes: training images (CamVid's 468)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 60 DSB images")
@@ -405,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     if not all(c.isalnum() or c in "_-" for c in tag):
         print(f"bench_quality: name the --set variant with --tag (got {tag!r})", file=sys.stderr)
         return 2
+    folds = [int(k) for k in args.folds.split(",")] if args.folds else None
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for name, path in paths.items():
@@ -425,10 +428,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 clock = time.perf_counter()
                 if side == "pipeline":
-                    runs = run_pipeline(config)
+                    runs = run_pipeline(config, folds)
                 else:
                     # The split is the pipeline's: written by open_experiment if not yet.
-                    runs = run_script(config, args.script_interpolation)
+                    runs = run_script(config, args.script_interpolation, folds)
                 seconds[side] += time.perf_counter() - clock
                 sides[side].append(runs)
                 scores = runs[1]
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             "pipeline_overrides": args.set,
             "script_interpolation": args.script_interpolation,
             "augment": args.augment,
+            "folds": folds or "all",
         },
         "sets": results,
         "total_s": round(time.perf_counter() - started, 1),

@@ -17,7 +17,9 @@ the same weights on both sides, instead of through a noisy training run:
 5. sampler: training samples per epoch of each (``drop_remainder`` vs a short batch);
 6. OOF path: TTA views (identity vs the configured views), the uint8 store (codes and
    Dice against float probabilities), the threshold rule (pixels exactly on 0.5);
-7. BatchNorm recalibration (``train.bn_recalibration``): the OOF Dice of every trained
+7. inference precision: the OOF Dice of the same weights at float32 and bfloat16 (what
+   ``predict.precision: auto`` picks on a CPU with AVX512-BF16);
+8. BatchNorm recalibration (``train.bn_recalibration``): the OOF Dice of every trained
    fold with the moving statistics it ended with and with statistics re-estimated on
    its training images (``nn.batchnorm``), the same weights otherwise.
 The last line is one JSON object, also appended to ``benchmarks/results.jsonl``.
@@ -45,6 +47,7 @@ from pipeline.core.masks import resize_probs, truth_masks  # noqa: E402
 from pipeline.core.metrics import kaggle_dice  # noqa: E402
 from pipeline.core.probstore import dequantise_prob, quantise_prob  # noqa: E402
 from pipeline.nn.batchnorm import recalibrate  # noqa: E402
+from pipeline.nn.devices import inference_precision, precision_policy  # noqa: E402
 from pipeline.nn.inference import predict_tta  # noqa: E402
 from pipeline.nn.keras_backend import keras, sm, tf  # noqa: E402
 from pipeline.nn.losses import get_loss  # noqa: E402
@@ -226,6 +229,17 @@ def main(argv: list[str] | None = None) -> int:
         "oof_dice_float_probs": float(area_scores.mean()),
         "oof_dice_uint8_store": float(np.mean(stored_scores)),
         "pixels_exactly_on_threshold": on_threshold,
+    }
+    # The pipeline predicts its OOF at predict.precision (auto: bfloat16 on a CPU with
+    # AVX512-BF16 or AMX, float16 on a recent GPU); the script at float32.
+    with precision_policy("bfloat16"):
+        low = build_model(config.with_overrides(["model.encoder_weights=null"]), n_classes)
+    low.set_weights(model.get_weights())
+    low_dice, _, _ = oof_dice(low, images, val_ids, exp, config, sizes)
+    factors["precision"] = {
+        "auto_here": inference_precision("auto"),
+        "oof_dice_float32": area_dice,
+        "oof_dice_bfloat16": low_dice,
     }
     factors["bn_recalibration"] = recalibration_factor(config, exp, cache, sizes, n_classes)
     for name, values in factors.items():
