@@ -389,6 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scene-images", type=int, default=468,
                         help="scenes: training images (CamVid's 468)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 60 DSB images")
+    parser.add_argument("--note", help="a note kept with the record")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -454,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe_machine(),
         "settings": {
             "epochs": args.epochs,
-            "size": args.size,
+            "size": SCENES_SIZE if names == ["scenes"] else args.size,
             "images": args.images or "all",
             "seeds": args.seeds,
             "lr": args.lr,
@@ -466,6 +467,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "sets": results,
         "total_s": round(time.perf_counter() - started, 1),
+        **({"note": args.note} if args.note else {}),
     }
     record(result, keep=not args.no_record)
     return 0
