@@ -1,7 +1,8 @@
 """Quality benchmark: the pipeline's raw network against a minimal Keras script, equal budget.
 
-Usage: ``python benchmarks/bench_quality.py [--sets dsb,dsb_sparse,demo] [--config C]
-[--seeds 3] [--epochs E] [--size S] [--images N] [--set KEY=VALUE ...]
+Usage: ``python benchmarks/bench_quality.py [--sets dsb,dsb_sparse,dsb_sizes,demo,scenes]
+[--config C] [--seeds 3] [--epochs E] [--size S] [--images N] [--set KEY=VALUE ...]
+[--augment flips|recipe] [--scene-images 468]
 [--script-interpolation linear|area] [--workdir DIR] [--quick] [--no-record]``
 
 For every data set and seed, the same 3 folds are trained twice at the same settings
@@ -19,10 +20,17 @@ line is one JSON object, also appended to ``benchmarks/results.jsonl``.
 
 Sets: ``dsb`` (../shared/data/dsb2018, one class, every image holds nuclei), ``dsb_sparse``
 (the same images as two size classes with a fifth of them made clean, Severstal's
-CSV format: the absent-class calibration case), ``demo`` (the embedded demo, 4 classes),
-and ``--config C`` (any experiment a user points it at; its settings are used as they
-are, with the loss, augmentation and crop made equal to the script's).
-``--set KEY=VALUE`` overrides the pipeline's config only: one factor at a time.
+CSV format: the absent-class calibration case), ``dsb_sizes`` (the same images as three
+classes by nucleus size, several per image, none made clean), ``demo`` (the embedded
+demo, 4 classes), ``scenes`` (``make_demo_data --variant scenes``: 468 street scenes at
+360x480 shaped like CamVid, two large frequent and two small sparse classes, trained at
+96x128 and scored at 360x480), and ``--config C`` (any experiment a user points it at;
+its settings are used as they are, with the loss, augmentation and crop made equal to
+the script's). Per class and split into frequent classes (in at least 90% of the images)
+and sparse ones; with the validation loss per epoch of each side (the curves).
+``--set KEY=VALUE`` overrides the pipeline's config only: one factor at a time;
+``--augment recipe`` gives the pipeline the recipe's flips + Affine (the script keeps
+flips).
 """
 
 from __future__ import annotations
@@ -47,11 +55,31 @@ from benchmarks.bench_real import DEFAULT_DATA, build_instances, build_severstal
 from benchmarks.common import describe_machine, record  # noqa: E402
 from pipeline.core.config import CONFIG_DIR, Config, load_config  # noqa: E402
 
-SETS = ("dsb", "dsb_sparse", "demo")
+SETS = ("dsb", "dsb_sparse", "dsb_sizes", "demo", "scenes")
 FLIPS_ONLY = [
     {"name": "HorizontalFlip", "params": {"p": 0.5}},
     {"name": "VerticalFlip", "params": {"p": 0.5}},
 ]
+# The recipe's augmentation (configs/default.yaml): flips + Affine +-45 deg.
+RECIPE_AUGMENT = [
+    *FLIPS_ONLY,
+    {
+        "name": "Affine",
+        "params": {
+            "translate_percent": [-0.0625, 0.0625],
+            "scale": [0.9, 1.1],
+            "rotate": [-45, 45],
+            "p": 0.5,
+        },
+    },
+]
+# A class present in at least this share of the images counts as frequent.
+FREQUENT_SHARE = 0.9
+# scenes: CamVid's shape (468 training images at 360x480, 4 classes) trained at 96x128.
+SCENES_SIZE = [96, 128]
+# One side's runs of a seed: image ids, OOF (N, C), each fold's best epoch and its
+# validation loss per epoch.
+Run = tuple[list[str], np.ndarray, list[int], list[list[float]]]
 
 
 def comparable(config: dict[str, Any], size: list[int] | None, epochs: int) -> dict[str, Any]:
@@ -86,7 +114,26 @@ def build_set(name: str, args: argparse.Namespace) -> Path:
     out = args.workdir / name
     size = [args.size, args.size]
     data: dict[str, Any]
-    if name == "demo":
+    if name == "scenes":
+        scenes = out / "data"
+        if not (scenes / "train.csv").is_file():
+            from pipeline.make_demo_data import make_demo_data
+
+            n_train = args.scene_images
+            make_demo_data(scenes, n_train, 4, 360, 480, (360, 480), 12345, variant="scenes")
+        base = load_config(CONFIG_DIR / "demo.yaml").to_dict()
+        data = {
+            "train_csv": str(scenes / "train.csv"),
+            "train_images": str(scenes / "train_images"),
+            "test_images": str(scenes / "test_images"),
+            "sample_submission": None,
+            "test_truth": None,
+            "demo": False,
+            "submission_size": None,  # scored at each image's own 360x480
+        }
+        config = _merge(base, {"data": data})
+        config = _merge(config, comparable(config, SCENES_SIZE, args.epochs))
+    elif name == "demo":
         demo = out / "data"
         if not (demo / "train.csv").is_file():
             from pipeline.make_demo_data import main as make_demo
@@ -115,6 +162,8 @@ def build_set(name: str, args: argparse.Namespace) -> Path:
             train, hold = split_ids(ids, 0.2, 12345)
             if name == "dsb":
                 build_instances(args.data, rows, train, hold, out)
+            elif name == "dsb_sizes":
+                build_sizes(args.data, rows, train, out)
             else:
                 build_severstal(args.data, rows, train, hold, out, 12345)
         data = {
@@ -129,9 +178,11 @@ def build_set(name: str, args: argparse.Namespace) -> Path:
         if name == "dsb":
             data["instance_class"] = "nucleus"
         else:
-            data["classes"] = ["1", "2"]
+            data["classes"] = ["1", "2", "3"] if name == "dsb_sizes" else ["1", "2"]
         config = _merge(load_config(CONFIG_DIR / "demo.yaml").to_dict(), {"data": data})
         config = _merge(config, comparable(config, size, args.epochs))
+    if args.augment == "recipe":
+        config["augment"] = RECIPE_AUGMENT
     config["train"]["lr"] = args.lr
     config["train"]["batch_size"] = args.batch_size
     config = _merge(config, {"runs_dir": str(out / "runs")})
@@ -139,6 +190,31 @@ def build_set(name: str, args: argparse.Namespace) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def build_sizes(source: Path, rows: pd.DataFrame, train: list[str], out: Path) -> None:
+    """DSB recast as three classes by nucleus size (the area's tertiles): small, middle
+    and large nuclei, several classes per image, Severstal's CSV (rows only for
+    non-empty masks, file names as ids). Only the training part is written."""
+    from pipeline.core import rle
+    from pipeline.core.images import resolve_image_path
+
+    areas = rows["EncodedPixels"].map(lambda r: int(np.sum(np.array(r.split()[1::2], int))))
+    cuts = np.quantile(areas, [1 / 3, 2 / 3])
+    rows = rows.assign(ClassId=1 + np.searchsorted(cuts, areas, side="right"))
+    rows = rows[rows["ImageId"].isin(set(train))]
+    folder = out / "train_images"
+    folder.mkdir(parents=True)
+    names = {}
+    for image_id in train:
+        path = resolve_image_path(source / "images", image_id)
+        names[image_id] = path.name
+        (folder / path.name).symlink_to(path.resolve())
+    (out / "test_images").mkdir()
+    grouped = rows.groupby(["ImageId", "ClassId"])["EncodedPixels"].agg(list).reset_index()
+    grouped["EncodedPixels"] = grouped["EncodedPixels"].map(rle.union_rles)
+    grouped["ImageId"] = grouped["ImageId"].map(names)
+    grouped.to_csv(out / "train.csv", index=False)
 
 
 def user_set(path: Path, args: argparse.Namespace) -> Path:
@@ -151,16 +227,16 @@ def user_set(path: Path, args: argparse.Namespace) -> Path:
     return out
 
 
-def run_pipeline(config: Config) -> tuple[list[str], np.ndarray, list[int]]:
+def run_pipeline(config: Config, only: list[int] | None = None) -> Run:
     """The pipeline's folds (resumable): image ids, OOF (N, C) per image and class from
-    its stores, and each fold's best epoch."""
+    its stores, each fold's best epoch and its validation loss per epoch."""
     from pipeline.core.masks import truth_masks
     from pipeline.core.metrics import kaggle_dice
     from pipeline.core.probstore import ProbReader, dequantise_prob
     from pipeline.run.experiment import open_experiment
     from pipeline.train import train_folds
 
-    folds = list(range(config.folds.n_splits))
+    folds = only if only is not None else list(range(config.folds.n_splits))
     results = train_folds(config, folds, resume=True)
     exp = open_experiment(config)
     rles = exp.rles()
@@ -173,7 +249,10 @@ def run_pipeline(config: Config) -> tuple[list[str], np.ndarray, list[int]]:
             prob = np.moveaxis(dequantise_prob(q), 0, -1)
             truth = truth_masks(rles[image_id], sizes[image_id], prob.shape[:2])
             scores.append(kaggle_dice(truth[None], prob[None], 0.5)[0])
-    return ids, np.stack(scores), [int(r["best_epoch"]) for r in results]
+    curves = [
+        pd.read_csv(config.fold_dir(k) / "history.csv")["val_loss"].round(4).tolist() for k in folds
+    ]
+    return ids, np.stack(scores), [int(r["best_epoch"]) for r in results], curves
 
 
 def _original_sizes(config: Config, image_ids: list[str]) -> dict[str, tuple[int, int]]:
@@ -187,9 +266,9 @@ def _original_sizes(config: Config, image_ids: list[str]) -> dict[str, tuple[int
     }
 
 
-def run_script(config: Config, interpolation: str) -> tuple[list[str], np.ndarray, list[int]]:
+def run_script(config: Config, interpolation: str, only: list[int] | None = None) -> Run:
     """The minimal script on the pipeline's split: image ids, OOF (N, C) per image and
-    class, and each fold's best epoch."""
+    class, each fold's best epoch and its validation loss per epoch."""
     from benchmarks import minimal_keras
     from pipeline.core.images import resolve_image_path
     from pipeline.run.experiment import open_experiment
@@ -200,8 +279,8 @@ def run_script(config: Config, interpolation: str) -> tuple[list[str], np.ndarra
     settings = minimal_keras.settings_from_config(config, len(exp.classes), interpolation)
     # A finished fold is kept (keyed by its settings and split), so a rerun with more
     # seeds trains only what is new, as the pipeline's finished folds are kept.
-    scores, ids, best = [], [], []
-    for fold in range(config.folds.n_splits):
+    scores, ids, best, curves = [], [], [], []
+    for fold in only if only is not None else range(config.folds.n_splits):
         train_ids, val_ids = exp.members(fold)
         ids.extend(val_ids)
         key = hashlib.sha256(
@@ -210,22 +289,33 @@ def run_script(config: Config, interpolation: str) -> tuple[list[str], np.ndarra
         done = config.run_dir / f"script_fold_{fold}_{key}.npz"
         if not done.is_file():
             out = minimal_keras.train_fold(paths, rles, train_ids, val_ids, settings)
-            np.savez(done, per_image=out["per_image"], best_epoch=out["best_epoch"])
+            np.savez(
+                done,
+                per_image=out["per_image"],
+                best_epoch=out["best_epoch"],
+                val_loss=np.asarray(out["history"]["val_loss"]),
+                history=json.dumps(out["history"]),
+            )
         saved = np.load(done)
         scores.append(saved["per_image"])
         best.append(int(saved["best_epoch"]))
-    return ids, np.concatenate(scores), best
+        curves.append(saved["val_loss"].round(4).tolist() if "val_loss" in saved else [])
+    return ids, np.concatenate(scores), best, curves
 
 
-Run = tuple[list[str], np.ndarray, list[int]]
+def frequent_classes(classes: list[str], rles: dict[str, list[str]]) -> list[str]:
+    """The classes present in at least ``FREQUENT_SHARE`` of the images."""
+    present = np.array([[bool(r) for r in v] for v in rles.values()])
+    return [c for c, share in zip(classes, present.mean(axis=0), strict=True)
+            if share >= FREQUENT_SHARE]  # fmt: skip
 
 
 def summarise(runs: list[Run], classes: list[str], rles: dict[str, list[str]]) -> dict[str, Any]:
     """Mean and spread over seeds; per class the Kaggle Dice, the share of absent-class
     images given a mask anyway (false positives) and the Dice where the class is present."""
-    means = [float(scores.mean()) for _, scores, _ in runs]
+    means = [float(scores.mean()) for _, scores, _, _ in runs]
     per_class, false_positive, present_dice = [], [], []
-    for ids, scores, _ in runs:
+    for ids, scores, _, _ in runs:
         present = np.array([[bool(r) for r in rles[i]] for i in ids])  # (N, C)
         per_class.append(scores.mean(axis=0))
         # On an absent class, the Kaggle Dice is 1 for an empty mask and 0 for any mask.
@@ -238,15 +328,41 @@ def summarise(runs: list[Run], classes: list[str], rles: dict[str, list[str]]) -
         mean = np.nanmean(np.asarray(values, dtype=np.float64), axis=0)
         return {c: round(float(v), 4) for c, v in zip(classes, mean, strict=True)}
 
+    frequent = frequent_classes(classes, rles)
+    groups = {}
+    for group, members in (
+        ("frequent", frequent),
+        ("sparse", [c for c in classes if c not in frequent]),
+    ):
+        if members:
+            cols = [classes.index(c) for c in members]
+            seeds = [float(scores[:, cols].mean()) for _, scores, _, _ in runs]
+            groups[group] = {
+                "classes": members,
+                "mean": round(float(np.mean(seeds)), 4),
+                "std": round(float(np.std(seeds)), 4),
+            }
     return {
+        "by_frequency": groups,
         "mean": round(float(np.mean(means)), 4),
         "std": round(float(np.std(means)), 4),
         "seeds": [round(m, 4) for m in means],
         "per_class": by_class(per_class),
         "absent_class_false_positive_rate": by_class(false_positive),
         "present_class_dice": by_class(present_dice),
-        "best_epochs": [best for _, _, best in runs],
+        "best_epochs": [best for _, _, best, _ in runs],
+        # Mean over folds and seeds of the validation Jaccard loss after each epoch
+        # (the same loss on both sides; epochs cut short by early stopping left out).
+        "val_loss_by_epoch": _mean_curve([c for *_, curves in runs for c in curves]),
     }
+
+
+def _mean_curve(curves: list[list[float]]) -> list[float]:
+    curves = [c for c in curves if c]
+    if not curves:
+        return []
+    n = max(len(c) for c in curves)
+    return [round(float(np.mean([c[e] for c in curves if len(c) > e])), 4) for e in range(n)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,7 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tag", help="name of the --set variant (its experiments' suffix)")
     parser.add_argument("--script-interpolation", default="linear", choices=("linear", "area"))
     parser.add_argument("--only", choices=("pipeline", "script"), help="run one side only")
+    parser.add_argument("--augment", default="flips", choices=("flips", "recipe"),
+                        help="the pipeline's augmentation: flips (as the script) or the "
+                        "recipe's flips + Affine +-45 deg (the script keeps flips)")  # fmt: skip
+    parser.add_argument("--folds", help="only these folds, e.g. 0 or 0,1 (a quicker screen)")
+    parser.add_argument("--scene-images", type=int, default=468,
+                        help="scenes: training images (CamVid's 468)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 epochs, 60 DSB images")
+    parser.add_argument("--note", help="a note kept with the record")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -280,9 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.config is not None:
         paths["user"] = user_set(args.config, args)
     tag = args.tag or "-".join(s.replace("=", "_").replace(".", "_") for s in args.set)
+    if args.augment == "recipe":
+        tag = f"{tag}-recipe" if tag else "recipe"
     if not all(c.isalnum() or c in "_-" for c in tag):
         print(f"bench_quality: name the --set variant with --tag (got {tag!r})", file=sys.stderr)
         return 2
+    folds = [int(k) for k in args.folds.split(",")] if args.folds else None
     started = time.perf_counter()
     results: dict[str, Any] = {}
     for name, path in paths.items():
@@ -303,10 +429,10 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 clock = time.perf_counter()
                 if side == "pipeline":
-                    runs = run_pipeline(config)
+                    runs = run_pipeline(config, folds)
                 else:
                     # The split is the pipeline's: written by open_experiment if not yet.
-                    runs = run_script(config, args.script_interpolation)
+                    runs = run_script(config, args.script_interpolation, folds)
                 seconds[side] += time.perf_counter() - clock
                 sides[side].append(runs)
                 scores = runs[1]
@@ -329,16 +455,19 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe_machine(),
         "settings": {
             "epochs": args.epochs,
-            "size": args.size,
+            "size": SCENES_SIZE if names == ["scenes"] else args.size,
             "images": args.images or "all",
             "seeds": args.seeds,
             "lr": args.lr,
             "batch_size": args.batch_size,
             "pipeline_overrides": args.set,
             "script_interpolation": args.script_interpolation,
+            "augment": args.augment,
+            "folds": folds or "all",
         },
         "sets": results,
         "total_s": round(time.perf_counter() - started, 1),
+        **({"note": args.note} if args.note else {}),
     }
     record(result, keep=not args.no_record)
     return 0

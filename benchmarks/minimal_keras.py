@@ -134,7 +134,8 @@ def train_fold(
     settings: dict[str, Any],
 ) -> dict[str, Any]:
     """Train one fold; OOF Kaggle Dice at 0.5 of ``val_ids``: ``per_image`` (N, C) per
-    image and class, in ``val_ids`` order, and the ``best_epoch`` the checkpoint kept.
+    image and class, in ``val_ids`` order, the ``best_epoch`` the checkpoint kept and the
+    Keras ``history`` (per epoch: loss, val_loss, the Dice and learning rate).
 
     ``settings``: size, submission_size (None: each image's own), backbone,
     bn_momentum (None: the backbone's), n_classes, batch_size, lr, epochs,
@@ -215,4 +216,8 @@ def train_fold(
             truth = truth_masks(rles[image_id], original, target)
             scores.append(kaggle_dice(truth[None], resize_probs(p, target)[None], 0.5)[0])
     monitored = history.history[monitor]
-    return {"per_image": np.stack(scores), "best_epoch": int(np.argmax(monitored)) + 1}
+    return {
+        "per_image": np.stack(scores),
+        "best_epoch": int(np.argmax(monitored)) + 1,
+        "history": {k: [float(v) for v in vs] for k, vs in history.history.items()},
+    }

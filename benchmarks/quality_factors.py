@@ -17,7 +17,11 @@ the same weights on both sides, instead of through a noisy training run:
 5. sampler: training samples per epoch of each (``drop_remainder`` vs a short batch);
 6. OOF path: TTA views (identity vs the configured views), the uint8 store (codes and
    Dice against float probabilities), the threshold rule (pixels exactly on 0.5);
-7. BatchNorm recalibration (``train.bn_recalibration``): the OOF Dice of every trained
+7. inference precision: the OOF Dice of the same weights at float32 and bfloat16 (what
+   ``predict.precision: auto`` picks on a CPU with AVX512-BF16);
+8. checkpoint: the OOF Dice per class of the best epoch's weights (kept) and of the last
+   epoch's (the fold's resume checkpoint);
+9. BatchNorm recalibration (``train.bn_recalibration``): the OOF Dice of every trained
    fold with the moving statistics it ended with and with statistics re-estimated on
    its training images (``nn.batchnorm``), the same weights otherwise.
 The last line is one JSON object, also appended to ``benchmarks/results.jsonl``.
@@ -45,6 +49,8 @@ from pipeline.core.masks import resize_probs, truth_masks  # noqa: E402
 from pipeline.core.metrics import kaggle_dice  # noqa: E402
 from pipeline.core.probstore import dequantise_prob, quantise_prob  # noqa: E402
 from pipeline.nn.batchnorm import recalibrate  # noqa: E402
+from pipeline.nn.checkpoint import load_state  # noqa: E402
+from pipeline.nn.devices import inference_precision, precision_policy  # noqa: E402
 from pipeline.nn.inference import predict_tta  # noqa: E402
 from pipeline.nn.keras_backend import keras, sm, tf  # noqa: E402
 from pipeline.nn.losses import get_loss  # noqa: E402
@@ -117,6 +123,40 @@ def oof_dice(
         truth = truth_masks(rles[image_id], sizes[image_id], target)
         scores.append(kaggle_dice(truth[None], p[None], 0.5)[0])
     return float(np.mean(scores)), np.stack(scores), resized
+
+
+def checkpoint_factor(
+    config: Any,
+    model: keras.Model,
+    images: np.ndarray,
+    ids: list[str],
+    exp: Any,
+    sizes: Any,
+    best_scores: np.ndarray,
+    fold: int,
+) -> dict[str, Any]:
+    """The kept best epoch's weights vs the last epoch's (the fold's checkpoint), per class.
+
+    Loads the last weights into ``model`` (reload the best weights after)."""
+    state = load_state(config.fold_dir(fold))
+    if state is None:
+        return {"last_epoch": None}
+    tf.train.Checkpoint(model=model).read(state["_checkpoint"]).expect_partial()
+    last_dice, last_scores, _ = oof_dice(model, images, ids, exp, config, sizes)
+    load_best_weights(model, config.fold_dir(fold) / BEST_WEIGHTS)
+    classes = list(exp.classes)
+    return {
+        "best_epoch": state.get("best_epoch"),
+        "last_epoch": state.get("epoch"),
+        "oof_dice_best": float(best_scores.mean()),
+        "oof_dice_last": last_dice,
+        "per_class_best": dict(
+            zip(classes, best_scores.mean(axis=0).round(4).tolist(), strict=True)
+        ),
+        "per_class_last": dict(
+            zip(classes, last_scores.mean(axis=0).round(4).tolist(), strict=True)
+        ),
+    }
 
 
 def recalibration_factor(
@@ -227,6 +267,20 @@ def main(argv: list[str] | None = None) -> int:
         "oof_dice_uint8_store": float(np.mean(stored_scores)),
         "pixels_exactly_on_threshold": on_threshold,
     }
+    # The pipeline predicts its OOF at predict.precision (auto: bfloat16 on a CPU with
+    # AVX512-BF16 or AMX, float16 on a recent GPU); the script at float32.
+    with precision_policy("bfloat16"):
+        low = build_model(config.with_overrides(["model.encoder_weights=null"]), n_classes)
+    low.set_weights(model.get_weights())
+    low_dice, _, _ = oof_dice(low, images, val_ids, exp, config, sizes)
+    factors["precision"] = {
+        "auto_here": inference_precision("auto"),
+        "oof_dice_float32": area_dice,
+        "oof_dice_bfloat16": low_dice,
+    }
+    factors["checkpoint"] = checkpoint_factor(
+        config, model, images, val_ids, exp, sizes, area_scores, args.fold
+    )
     factors["bn_recalibration"] = recalibration_factor(config, exp, cache, sizes, n_classes)
     for name, values in factors.items():
         print(f"{name}: {json.dumps(values)}")

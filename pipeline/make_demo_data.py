@@ -43,6 +43,7 @@ from pipeline.core.demo_data import (
     draw_sample,
     make_image_rng,
 )
+from pipeline.core.demo_scenes import SCENE_CLASSES, draw_scene
 from pipeline.core.rle import encode_batch
 from pipeline.run.command import Command, parse_size
 
@@ -65,6 +66,21 @@ DEFAULTS: dict[str, Any] = {
     "truth_size": (80, 120),
     "seed": 12345,
 }
+# ``--variant scenes``: street scenes shaped like CamVid (468 + 233 images at 360x480).
+_SCENES_PRESET: dict[str, Any] = {
+    "n_train": 468,
+    "n_test": 233,
+    "height": 360,
+    "width": 480,
+    "truth_size": (360, 480),
+}
+VARIANTS = ("clouds", "scenes")
+SCENES_VERSION = 1
+
+
+def variant_classes(variant: str) -> tuple[str, ...]:
+    """The class names a variant writes, in CSV order."""
+    return SCENE_CLASSES if variant == "scenes" else CLASSES
 
 
 def make_demo_data(
@@ -77,6 +93,7 @@ def make_demo_data(
     seed: int,
     force: bool = False,
     workers: int = 1,
+    variant: str = "clouds",
 ) -> Path:
     """Write the demo data set into ``out`` (skipped if already there with these parameters).
 
@@ -88,6 +105,9 @@ def make_demo_data(
         seed: the data set's seed.
         force: regenerate even if ``out`` already holds a complete set.
         workers: processes drawing images in parallel; the output does not depend on it.
+        variant: ``clouds`` (the demo: textured boxes, ``core.demo_data``) or ``scenes``
+            (street scenes with two large frequent and two small sparse classes,
+            ``core.demo_scenes``).
 
     Returns:
         ``out``.
@@ -97,7 +117,7 @@ def make_demo_data(
             parameters (or a ``train.csv`` not made here) and ``force`` is False.
     """
     out = Path(out)
-    meta = _check_arguments(n_train, n_test, height, width, truth_size, seed)
+    meta = _check_arguments(n_train, n_test, height, width, truth_size, seed, variant)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be an integer >= 1; got {workers!r}")
     _check_output_folder(out)
@@ -136,7 +156,7 @@ def make_demo_data(
     start = time.perf_counter()
     train_ids, test_ids = draw_image_ids(seed, n_train, n_test)
     sizes = (height, width, truth_size)
-    options = (remove_stale, workers)
+    options = (remove_stale, workers, variant)
     # Renamed into place in reverse order as the blocks end: train.csv last.
     with (
         atomic_path(train_csv) as tmp_train,
@@ -145,7 +165,7 @@ def make_demo_data(
     ):
         _write_split(out, "train", train_ids, sizes, seed, options, tmp_train)
         _write_split(out, "test", test_ids, sizes, seed, options, tmp_truth)
-        _write_sample_submission(test_ids, tmp_sample)
+        _write_sample_submission(test_ids, tmp_sample, variant_classes(variant))
     elapsed = time.perf_counter() - start
     logger.info(
         "wrote %d train + %d test images (%dx%d) to %s in %.1f s (%.1f images/s)",
@@ -178,6 +198,13 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         help="benchmark preset: 5546 train + 3698 test images at 1400x2100, truth at "
         "350x525, about 10 GB of JPEGs (options given explicitly still override it)",
     )
+    parser.add_argument(
+        "--variant",
+        choices=VARIANTS,
+        default="clouds",
+        help="clouds: the demo (default); scenes: street scenes, 2 large frequent + 2 small "
+        "sparse classes, 468 + 233 images at 360x480 unless given",
+    )
     parser.add_argument("--force", action="store_true", help="regenerate even if present")
     parser.add_argument(
         "--workers",
@@ -189,6 +216,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     preset = _CLOUDS_PRESET if args.clouds_size else DEFAULTS
+    if args.variant == "scenes" and not args.clouds_size:
+        preset = {**DEFAULTS, **_SCENES_PRESET}
 
     def pick(key: str) -> Any:
         value = getattr(args, key)
@@ -205,6 +234,7 @@ def _run(args: argparse.Namespace) -> int:
             seed=args.seed,
             force=args.force,
             workers=args.workers,
+            variant=args.variant,
         )
     except OSError as error:  # e.g. a read-only or special file system under --out
         raise ValueError(f"cannot write the demo data to {args.out}: {error}") from None
@@ -247,6 +277,7 @@ class _SplitJob:
     height: int
     width: int
     mask_size: tuple[int, int] | None
+    variant: str = "clouds"
 
 
 def _write_split(
@@ -255,20 +286,21 @@ def _write_split(
     image_ids: list[str],
     sizes: tuple[int, int, tuple[int, int]],
     seed: int,
-    options: tuple[bool, int],
+    options: tuple[bool, int, str],
     tmp_csv: Path,
 ) -> None:
     """Write a split's images and stream its label CSV to ``tmp_csv`` (a temporary file).
 
     Rows are in image-id order, classes in ``CLASSES`` order, as in the Kaggle files. The
     train CSV holds image-size masks; the test one (the truth) holds ``truth_size`` masks.
-    ``options`` is (remove stale images, number of worker processes).
+    ``options`` is (remove stale images, number of worker processes, variant).
     """
     height, width, truth_size = sizes
-    remove_stale, workers = options
+    remove_stale, workers, variant = options
     image_dir = out / f"{split}_images"
     image_dir.mkdir(parents=True, exist_ok=True)
-    job = _SplitJob(seed, split, image_dir, height, width, truth_size if split == "test" else None)
+    mask_size = truth_size if split == "test" else None
+    job = _SplitJob(seed, split, image_dir, height, width, mask_size, variant)
     order = sorted(range(len(image_ids)), key=image_ids.__getitem__)
     tasks = [(job, index, image_ids[index]) for index in order]
     start = time.perf_counter()
@@ -294,19 +326,21 @@ def _render_image(task: tuple[_SplitJob, int, str]) -> str:
     """Draw image ``index`` from its own generator, write its JPEG, return its CSV rows."""
     job, index, image_id = task
     rng = make_image_rng(job.seed, job.split, index)
-    image, masks = draw_sample(rng, job.height, job.width)
+    draw = draw_scene if job.variant == "scenes" else draw_sample
+    classes = variant_classes(job.variant)
+    image, masks = draw(rng, job.height, job.width)
     _write_jpeg(job.image_dir / image_id, image)
-    mask_list = [masks[name] for name in CLASSES]
+    mask_list = [masks[name] for name in classes]
     if job.mask_size is not None:
         size = (job.mask_size[1], job.mask_size[0])
         mask_list = [cv2.resize(m, size, interpolation=cv2.INTER_NEAREST) for m in mask_list]
     rles = encode_batch(mask_list)
-    return "".join(f"{image_id}_{name},{rle}\n" for name, rle in zip(CLASSES, rles, strict=True))
+    return "".join(f"{image_id}_{name},{rle}\n" for name, rle in zip(classes, rles, strict=True))
 
 
-def _write_sample_submission(test_ids: list[str], tmp: Path) -> None:
+def _write_sample_submission(test_ids: list[str], tmp: Path, classes: tuple[str, ...]) -> None:
     """Kaggle-style sample submission (every test image x class, ``1 1``) to ``tmp``."""
-    rows = [f"{image_id}_{name},1 1\n" for image_id in sorted(test_ids) for name in CLASSES]
+    rows = [f"{image_id}_{name},1 1\n" for image_id in sorted(test_ids) for name in classes]
     tmp.write_text(CSV_HEADER + "".join(rows))
 
 
@@ -333,8 +367,12 @@ def _check_arguments(
     width: int,
     truth_size: tuple[int, int],
     seed: int,
+    variant: str = "clouds",
 ) -> dict[str, object]:
-    """Validate the parameters and return them as the ``demo_meta.json`` record."""
+    """Validate the parameters and return them as the ``demo_meta.json`` record (the
+    default variant's record names no variant, as before variants existed)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {list(VARIANTS)}; got {variant!r}")
     for name, value, low in (
         ("n_train", n_train, 1),
         ("n_test", n_test, 1),
@@ -351,7 +389,7 @@ def _check_arguments(
         raise ValueError(f"truth_size must be (H, W) with positive integers; got {truth_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer; got {seed!r}")
-    return {
+    meta: dict[str, object] = {
         "generator_version": GENERATOR_VERSION,
         "n_train": int(n_train),
         "n_test": int(n_test),
@@ -359,8 +397,11 @@ def _check_arguments(
         "width": int(width),
         "truth_size": [int(truth_size[0]), int(truth_size[1])],
         "seed": int(seed),
-        "classes": list(CLASSES),
+        "classes": list(variant_classes(variant)),
     }
+    if variant != "clouds":
+        meta |= {"variant": variant, "generator_version": SCENES_VERSION}
+    return meta
 
 
 def _read_meta(out: Path) -> dict[str, object] | None:

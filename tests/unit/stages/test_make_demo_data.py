@@ -13,6 +13,7 @@ import pytest
 from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
 
 from pipeline.core.demo_data import CLASSES, draw_image_ids, draw_sample, make_image_rng
+from pipeline.core.demo_scenes import FREQUENT_CLASSES, SCENE_CLASSES, draw_scene
 from pipeline.core.mask_csv import read_masks
 from pipeline.core.rle import decode
 from pipeline.make_demo_data import main, make_demo_data
@@ -299,3 +300,46 @@ def test_cli_writes_then_reports_already_present(
 def test_cli_rejects_a_malformed_truth_size(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["--out", str(tmp_path), "--truth-size", "80by120"])
+
+
+# --variant scenes
+
+
+def test_scenes_have_two_frequent_large_and_two_sparse_small_classes() -> None:
+    present, areas = [], []
+    for index in range(30):
+        _, masks = draw_scene(make_image_rng(5, "train", index), 90, 120)
+        present.append([masks[name].any() for name in SCENE_CLASSES])
+        areas.append([masks[name].mean() for name in SCENE_CLASSES])
+        # The classes never overlap: each pixel is one class or none.
+        assert np.stack([masks[name] for name in SCENE_CLASSES]).sum(axis=0).max() <= 1
+    share, area = np.mean(present, axis=0), np.mean(areas, axis=0)
+    for k, name in enumerate(SCENE_CLASSES):
+        if name in FREQUENT_CLASSES:
+            assert share[k] >= 0.9 and area[k] > 0.1, (name, share[k], area[k])
+        else:
+            assert 0.1 <= share[k] <= 0.8 and area[k] < 0.05, (name, share[k], area[k])
+
+
+def test_scenes_variant_writes_its_classes_and_leaves_the_default_unchanged(
+    tmp_path: Path, tiny_set: Path
+) -> None:
+    out = make_demo_data(tmp_path / "scenes", **TINY, variant="scenes")
+    assert read_masks(out / "train.csv").classes == list(SCENE_CLASSES)
+    assert read_masks(out / "sample_submission.csv").classes == list(SCENE_CLASSES)
+    meta = json.loads((out / "demo_meta.json").read_text())
+    assert meta["variant"] == "scenes"
+    # The default variant's record names no variant: sets made before variants match.
+    assert "variant" not in json.loads((tiny_set / "demo_meta.json").read_text())
+    with pytest.raises(ValueError, match=r"other parameters \(.*variant: scenes -> None"):
+        make_demo_data(out, **TINY)
+    with pytest.raises(ValueError, match=r"variant must be one of \['clouds', 'scenes'\]"):
+        make_demo_data(tmp_path / "bad", **TINY, variant="streets")
+
+
+def test_cli_scenes_variant(tmp_path: Path) -> None:
+    argv = ["--out", str(tmp_path / "s"), "--variant", "scenes", "--n-train", "3"]
+    argv += ["--n-test", "1", "--height", "36", "--width", "48", "--truth-size", "36x48"]
+    assert main(argv) == 0
+    table = read_masks(tmp_path / "s" / "train.csv").table
+    assert sorted(table["class_name"].unique()) == sorted(SCENE_CLASSES)
