@@ -4,9 +4,12 @@ The classifier gates' presence is the separate classifier's, or the presence hea
 (``model.classification_head``) from the same forward passes as the masks: whichever
 ``postprocess.json`` was tuned with (``gate_source``).
 
-The test images are cached once at ``data.image_size``. One model is built and given
-each fold's ``best_weights.h5`` in turn; every batch of ``tta.batch_size`` images goes
-through the network once per fold with all its TTA views. The folds are merged
+The test images are cached once at ``data.image_size``. The networks run on
+``predict.engine``: TensorFlow (one model built and given each fold's
+``best_weights.h5`` in turn) or OpenVINO (each fold converted once, cached under
+``runs/<experiment>/openvino/``; ``auto`` takes it where installed, docs/deploy.md).
+Every batch of ``tta.batch_size`` images goes through the network once per fold with
+all its TTA views. The folds are merged
 (``tta.merge``) in a memory-mapped fixed-point array under the run directory
 (``FoldAccumulator``), so memory does not grow with the number of images. Each merged
 prob is resized to the submission size, quantised to uint8 exactly like the out-of-fold
@@ -40,13 +43,19 @@ from typing import Any
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
-from pipeline.core.layout import FOLD_MERGE, POSTPROCESS, TEST_PROBS
+from pipeline.core.layout import FOLD_MERGE, OPENVINO_CACHE, POSTPROCESS, TEST_PROBS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.core.probstore import ProbWriter
 from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import inference_precision, precision_policy, set_mixed_precision
-from pipeline.nn.engines import KerasPresence, KerasSegmentation
+from pipeline.nn.engines import (
+    KerasPresence,
+    KerasSegmentation,
+    build_prediction_model,
+    build_presence_model,
+)
+from pipeline.nn.export import openvino_folds
 from pipeline.nn.keras_backend import check_framework
 from pipeline.nn.model import check_input_size
 from pipeline.run.command import (
@@ -59,8 +68,9 @@ from pipeline.run.fold_records import check_trained_config
 from pipeline.run.image_cache import CACHE_WORKERS, build_cache
 from pipeline.run.json_files import write_json
 from pipeline.run.prediction import inputs_key, list_test_images, write_outputs
-from pipeline.run.predictor import Predictor
+from pipeline.run.predictor import Predictor, PresenceEngine, SegmentationEngine
 from pipeline.run.run_lock import hold_lock
+from pipeline.run.runtime_engines import TENSORFLOW, OpenVinoNetworks, choose_engine
 from pipeline.run.stored_predictions import write_test_keys, write_test_presence
 from pipeline.run.trained_run import TrainedRun, open_trained_run
 
@@ -106,14 +116,12 @@ def _predict(
         cache = build_cache(
             run.cache_dir, "test", test_images, image_ids, plan.input_size, workers=CACHE_WORKERS
         )
+    engine = choose_engine(str(config.predict.engine))
+    log.info("networks on %s (predict.engine: %s)", engine, config.predict.engine)
+    with clock.stage("build_model"):
+        segmentation, classifier = _engines(config, run, engine, precision)
+        predictor = Predictor(plan, segmentation, classifier)
     n_classes = len(run.classes)
-    with precision_policy(precision), clock.stage("build_model"):
-        classifier = (
-            KerasPresence(config, n_classes, run.classifier_weights)
-            if run.classifier_weights
-            else None
-        )
-        predictor = Predictor(plan, KerasSegmentation(config, n_classes, run.weights), classifier)
     presence_by = {}
     if classifier is not None:
         size = config.classifier.image_size
@@ -158,6 +166,7 @@ def _predict(
             "views": list(plan.views),
             "merge": plan.merge,
             "precision": precision,
+            "engine": engine,
             "classifier_gate": plan.gated_classes,
             "gate_source": plan.gate_source,
             "at_least_one": plan.at_least_one,
@@ -172,6 +181,35 @@ def _predict(
     )
     write_json(config.run_dir / PREDICT_JSON, result)
     return result
+
+
+def _engines(
+    config: Config, run: TrainedRun, engine: str, precision: str
+) -> tuple[SegmentationEngine, PresenceEngine | None]:
+    """The segmentation and (when its folds are listed) presence engines of a run."""
+    n_classes = len(run.classes)
+    if engine == TENSORFLOW:
+        with precision_policy(precision):
+            classifier = (
+                KerasPresence(config, n_classes, run.classifier_weights)
+                if run.classifier_weights
+                else None
+            )
+            return KerasSegmentation(config, n_classes, run.weights), classifier
+    # OpenVINO: float32 networks, converted once per set of weights; it computes in
+    # ``precision`` itself.
+    cache = config.run_dir / OPENVINO_CACHE
+    fixed = config.data.image_size if config.model.architecture == "PSPNet" else None
+    xmls = openvino_folds(build_prediction_model(config, n_classes), run.weights, cache)
+    segmentation = OpenVinoNetworks(
+        xmls, precision, fixed_size=None if fixed is None else (int(fixed[0]), int(fixed[1]))
+    )
+    presence = None
+    if run.classifier_weights:
+        model = build_presence_model(config, n_classes)
+        xmls = openvino_folds(model, run.classifier_weights, cache, "presence")
+        presence = OpenVinoNetworks(xmls, precision, presence=True)
+    return segmentation, presence
 
 
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
