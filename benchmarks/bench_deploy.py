@@ -128,13 +128,15 @@ def timed(name: str, command: list[str]) -> tuple[float, str]:
     return seconds, done.stdout + done.stderr
 
 
-def kaggle_dice(a: pd.DataFrame, b: pd.DataFrame) -> float:
-    """Mean Dice over matching rows (both empty: 1), as Kaggle scores."""
-    left = a.set_index("Image_Label")["EncodedPixels"]
-    right = b.set_index("Image_Label")["EncodedPixels"].reindex(left.index)
+def kaggle_dice(a: pd.DataFrame, b: pd.DataFrame, size: tuple[int, int] = SUBMISSION_SIZE) -> float:
+    """Mean Dice over matching rows (both empty: 1), as Kaggle scores; rows are keyed by
+    the first column, masks in the second."""
+    key, column = a.columns[0], a.columns[1]
+    left = a.set_index(key)[column]
+    right = b.set_index(key)[column].reindex(left.index).fillna("")
     scores = []
     for x_rle, y_rle in zip(left, right, strict=True):
-        x, y = decode(x_rle, SUBMISSION_SIZE), decode(y_rle, SUBMISSION_SIZE)
+        x, y = decode(x_rle, size), decode(y_rle, size)
         total = int(x.sum()) + int(y.sum())
         scores.append(1.0 if total == 0 else 2.0 * float((x & y).sum()) / total)
     return float(np.mean(scores))

@@ -43,6 +43,7 @@ from typing import Any
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
+from pipeline.core.images import resolve_image_path
 from pipeline.core.layout import FOLD_MERGE, OPENVINO_CACHE, POSTPROCESS, TEST_PROBS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
@@ -58,6 +59,7 @@ from pipeline.nn.engines import (
 from pipeline.nn.export import openvino_folds
 from pipeline.nn.keras_backend import check_framework
 from pipeline.nn.model import check_input_size
+from pipeline.run.bundle_run import MaskWriter, check_outputs
 from pipeline.run.command import (
     Command,
     add_force_argument,
@@ -84,24 +86,34 @@ def predict(
     use_postprocess: bool = True,
     force: bool = False,
     with_classifier: bool = False,
+    masks: Path | None = None,
+    overlays: Path | None = None,
 ) -> dict[str, Any]:
     """Predict the test images, write and record the submission; return the run's figures.
 
     ``force``: go on although this config differs from the folds' training config in a
     key that matters. ``with_classifier``: run the separate classifier on the test images
     and store its probs (``TEST_CLS``) although no tuned class is gated by it (an
-    ensemble's classifier gate reads them).
+    ensemble's classifier gate reads them). ``masks``/``overlays``: also write one PNG
+    per test image and class at the image's own size, and the masks drawn over the
+    images (``run.bundle_run.MaskWriter``).
     """
     check_framework(str(config.framework), config.source or "the config")
     # Everything is read and checked here, before anything is written.
     run = open_trained_run(config, use_postprocess, with_classifier)
     check_trained_config(config, force)
+    check_outputs(None, masks, overlays)
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
-        return _predict(config, run, out, submissions_dir)
+        return _predict(config, run, out, submissions_dir, masks, overlays)
 
 
 def _predict(
-    config: Config, run: TrainedRun, out: Path | None, submissions_dir: Path
+    config: Config,
+    run: TrainedRun,
+    out: Path | None,
+    submissions_dir: Path,
+    masks: Path | None = None,
+    overlays: Path | None = None,
 ) -> dict[str, Any]:
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -138,12 +150,15 @@ def _predict(
         if head is not None:
             presence_by["head"] = head
         gate = presence_by.get(plan.gate_source) if plan.gate_source else None
+        paths = [resolve_image_path(test_images, image_id) for image_id in cache.image_ids]
+        writer = MaskWriter(paths, cache.original_sizes, run.classes, masks, overlays)
         with (
             clock.stage("postprocess"),
             ProbWriter(config.run_dir / TEST_PROBS, run.classes, overwrite=True) as store,
+            writer as on_masks,
         ):
             table = predictor.encode(
-                cache.image_ids, cache.original_sizes, accumulator, gate, store
+                cache.image_ids, cache.original_sizes, accumulator, gate, store, on_masks
             )
         # Beside the stored probs, for pseudo_label's and an ensemble's presence.
         for source, values in presence_by.items():
@@ -167,6 +182,7 @@ def _predict(
             "merge": plan.merge,
             "precision": precision,
             "engine": engine,
+            "masks": None if masks is None else str(masks),
             "classifier_gate": plan.gated_classes,
             "gate_source": plan.gate_source,
             "at_least_one": plan.at_least_one,
@@ -226,6 +242,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "(test_cls.csv) although no tuned class is gated by it; the ensemble stage's "
         "classifier gate reads them",
     )
+    parser.add_argument(
+        "--masks",
+        type=Path,
+        help="also write one PNG per test image and class here, at each image's own size",
+    )
+    parser.add_argument("--overlays", type=Path, help="also write the masks drawn on the images")
     add_force_argument(parser)
 
 
@@ -237,8 +259,12 @@ def _run(args: argparse.Namespace) -> int:
         not args.no_postprocess,
         args.force,
         args.with_classifier,
+        args.masks,
+        args.overlays,
     )
     print(f"submission: {result['submission']}")
+    if result["masks"]:
+        print(f"masks: {result['masks']}")
     nested = result["oof_score_nested"]
     print(
         f"OOF Kaggle Dice: nested {'-' if nested is None else f'{nested:.4f}'} (honest: tuned "
@@ -256,7 +282,11 @@ COMMAND = Command(
     description=__doc__,
     add_arguments=_add_arguments,
     run=_run,
-    examples=("--config configs/demo.yaml", "--config configs/demo.yaml --out my.csv"),
+    examples=(
+        "--config configs/demo.yaml",
+        "--config configs/demo.yaml --out my.csv",
+        "--config configs/demo.yaml --masks masks --overlays overlays",
+    ),
 )
 
 main = COMMAND.main

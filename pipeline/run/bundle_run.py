@@ -132,7 +132,18 @@ def list_folder_images(
     return ids
 
 
-def _check_output(path: Path | None, what: str, folder: bool) -> None:
+def check_outputs(out: Path | None, masks: Path | None, overlays: Path | None) -> None:
+    """None of the outputs may be an existing file (nor a non-empty folder); overlays
+    need masks."""
+    if overlays is not None and masks is None:
+        raise ValueError("--overlays needs --masks")
+    check_output(out, "submission", folder=False)
+    check_output(masks, "mask folder", folder=True)
+    check_output(overlays, "overlay folder", folder=True)
+
+
+def check_output(path: Path | None, what: str, folder: bool) -> None:
+    """``path`` is new (or, for a ``folder``, an empty folder); else FileExistsError."""
     if path is None:
         return
     if folder and path.is_dir() and not any(path.iterdir()):
@@ -185,11 +196,7 @@ def run_bundle(
     started = time.perf_counter()
     if out is None and masks is None:
         raise ValueError("name at least one output: --out (a submission) or --masks (a folder)")
-    if overlays is not None and masks is None:
-        raise ValueError("--overlays needs --masks")
-    _check_output(out, "submission", folder=False)
-    _check_output(masks, "mask folder", folder=True)
-    _check_output(overlays, "overlay folder", folder=True)
+    check_outputs(out, masks, overlays)
     manifest = read_manifest(bundle)
     plan = manifest.plan
     image_ids = list_folder_images(images, manifest, sample_submission)
@@ -213,7 +220,8 @@ def run_bundle(
             head = predictor.predict_probs(folder.images, accumulator, clock)
             if plan.gate_source == "head":
                 gate = head
-            with _FolderWriter(folder, plan.classes, masks, overlays) as on_masks:
+            writer = MaskWriter(folder.paths, folder.original_sizes, plan.classes, masks, overlays)
+            with writer as on_masks:
                 with clock.stage("postprocess"):
                     table = predictor.encode(
                         image_ids, folder.original_sizes, accumulator, gate, on_masks=on_masks
@@ -240,18 +248,22 @@ def run_bundle(
     return result
 
 
-class _FolderWriter:
-    """Writes each image's masks (and overlay) into folders built under temporary names,
-    renamed into place when the block ends without an error."""
+class MaskWriter:
+    """Writes each image's masks (``<masks>/<class>/<stem>.png``, 0 or 255, at the image's
+    own size) and overlay (``<overlays>/<stem>.png``) into folders built under temporary
+    names, renamed into place when the block ends without an error (``pipeline.predict``
+    writes its folder masks with it too). Entered, it gives ``on_masks(i, masks)`` for
+    ``Predictor.encode``, or None when no folder is asked for."""
 
     def __init__(
         self,
-        folder: FolderImages,
+        paths: Sequence[Path],
+        original_sizes: np.ndarray,
         classes: Sequence[str],
         masks: Path | None,
         overlays: Path | None,
     ) -> None:
-        self.folder, self.classes = folder, list(classes)
+        self.paths, self.original_sizes, self.classes = list(paths), original_sizes, list(classes)
         self.targets = [p for p in (masks, overlays) if p is not None]
         self.overlays = overlays is not None
         self._contexts: list[Any] = []
@@ -268,8 +280,9 @@ class _FolderWriter:
         return self.write
 
     def write(self, i: int, masks: np.ndarray) -> None:
-        height, width = (int(v) for v in self.folder.original_sizes[i])
-        stem = Path(self.folder.paths[i].name).stem
+        """Image ``i``'s masks (C, h, w) {0, 1} at any size, resized to its own."""
+        height, width = (int(v) for v in self.original_sizes[i])
+        stem = Path(self.paths[i].name).stem
         full = [
             cv2.resize(mask, (width, height), interpolation=cv2.INTER_NEAREST) for mask in masks
         ]
@@ -278,7 +291,7 @@ class _FolderWriter:
             path.parent.mkdir(exist_ok=True)
             path.write_bytes(_png(mask * np.uint8(255)))
         if self.overlays:
-            image = cv2.cvtColor(read_image(self.folder.paths[i]), cv2.COLOR_RGB2BGR)
+            image = cv2.cvtColor(read_image(self.paths[i]), cv2.COLOR_RGB2BGR)
             tint = image.copy()
             for k, mask in enumerate(full):
                 tint[mask > 0] = PALETTE[k % len(PALETTE)]

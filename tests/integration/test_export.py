@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -105,9 +106,11 @@ def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path
     outputs = {}
     for engine in ("openvino", "tensorflow"):
         out = tmp_path / f"{engine}.csv"
+        masks = ("--masks", tmp_path / f"{engine}_masks")
         done = run_entry(
-            "pipeline.run_bundle", "--bundle", exported, "--engine", engine, "--out", out, *common
-        )
+            "pipeline.run_bundle", "--bundle", exported, "--engine", engine, "--out", out,
+            *common, *masks,
+        )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         imported_tf = "FRAMEWORK MODULES: []" not in done.stdout
         assert imported_tf == (engine == "tensorflow")
@@ -116,6 +119,7 @@ def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path
     done = run_cli(
         "-m", "pipeline.predict", "--config", str(config), "--out", str(reference),
         "--submissions-dir", str(tmp_path / "subs"), "--set", "predict.precision=float32",
+        "--set", "predict.engine=tensorflow", "--masks", str(tmp_path / "predict_masks"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     expected = read_submission(reference)
@@ -123,6 +127,15 @@ def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path
         written = read_submission(out)
         assert list(written["Image_Label"]) == list(expected["Image_Label"]), engine
         assert kaggle_dice(written, expected) >= 0.995, engine
+
+    # Folder mode of pipeline.predict: the same files as the bundle's, at the images' sizes.
+    folder = tmp_path / "predict_masks"
+    names = sorted(p.relative_to(folder) for p in folder.rglob("*.png"))
+    assert len(names) == 6 * len(CLASSES)
+    for name in names:
+        theirs = cv2.imread(str(folder / name), cv2.IMREAD_UNCHANGED)
+        ours = cv2.imread(str(tmp_path / "openvino_masks" / name), cv2.IMREAD_UNCHANGED)
+        assert theirs.shape == ours.shape == (64, 96)
 
 
 def kaggle_dice(a: pd.DataFrame, b: pd.DataFrame) -> float:
