@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import yaml
 
@@ -48,7 +47,6 @@ from benchmarks.common import describe_machine, record
 from pipeline.core.config import load_config
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.core.precision import choose_precision, cpu_flags
-from pipeline.core.rle import decode
 from pipeline.core.submission import score_submission
 from pipeline.core.submission_check import read_submission
 from pipeline.make_demo_data import make_demo_data
@@ -128,18 +126,15 @@ def timed(name: str, command: list[str]) -> tuple[float, str]:
     return seconds, done.stdout + done.stderr
 
 
-def kaggle_dice(a: pd.DataFrame, b: pd.DataFrame, size: tuple[int, int] = SUBMISSION_SIZE) -> float:
-    """Mean Dice over matching rows (both empty: 1), as Kaggle scores; rows are keyed by
-    the first column, masks in the second."""
-    key, column = a.columns[0], a.columns[1]
-    left = a.set_index(key)[column]
-    right = b.set_index(key)[column].reindex(left.index).fillna("")
-    scores = []
-    for x_rle, y_rle in zip(left, right, strict=True):
-        x, y = decode(x_rle, size), decode(y_rle, size)
-        total = int(x.sum()) + int(y.sum())
-        scores.append(1.0 if total == 0 else 2.0 * float((x & y).sum()) / total)
-    return float(np.mean(scores))
+def kaggle_dice(
+    a: pd.DataFrame,
+    b: pd.DataFrame,
+    size: tuple[int, int] = SUBMISSION_SIZE,
+    fmt: str = "image_label",
+    classes: list[str] = CLASSES,
+) -> float:
+    """Kaggle Dice of submission ``a`` scored against submission ``b`` as its truth."""
+    return float(score_submission(a, b, fmt, classes, size, "submission", "reference")["overall"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -184,9 +179,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }  # fmt: skip
     cold = work / "cold.csv"
     cold.unlink(missing_ok=True)
+    # The first OpenVINO prediction converts the folds (cached for the timed run).
     shutil.rmtree(load_config(config).run_dir / "openvino", ignore_errors=True)
-    cold_s, _ = timed("predict_openvino_cold", [*commands["predict_openvino"][:-4],
-                      "--out", str(cold), "--set", "predict.engine=openvino"])  # fmt: skip
+    cold_s, _ = timed("predict_openvino_cold", [*predict, "--out", str(cold),
+                      "--set", "predict.engine=openvino"])  # fmt: skip
     runs: dict[str, dict[str, Any]] = {}
     truth = read_submission(data / "test_truth.csv")
     for name, command in commands.items():

@@ -1,7 +1,7 @@
 """Agreement of an exported bundle with ``pipeline.predict`` on a trained run.
 
 Usage: ``python benchmarks/deploy_agreement.py --config configs/demo.yaml
-[--workdir DIR] [--python PATH] [--no-record]``
+[--set KEY=VALUE ...] [--workdir DIR] [--python PATH] [--no-record]``
 
 Exports the run's folds (``python -m pipeline.export``), predicts the test set with
 ``python -m pipeline.predict`` on TensorFlow and with the bundle's own runner
@@ -39,22 +39,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--config", required=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/deploy_agreement"))
     parser.add_argument("--python", default=sys.executable, help="the bundle's interpreter")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="as the run was trained"
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
-    config = load_config(args.config)
+    config = load_config(args.config, args.overrides)
+    sets = [part for item in args.overrides for part in ("--set", item)]
     work = args.workdir
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     bundle = work / "bundle"
-    export_s, _ = timed("export", [sys.executable, "-m", "pipeline.export",
-                                   "--config", args.config, "--out", str(bundle)])  # fmt: skip
+    export = [sys.executable, "-m", "pipeline.export", "--config", args.config]
+    export_s, _ = timed("export", [*export, "--out", str(bundle), *sets])
     data = config.data
     assert data.sample_submission and data.test_truth, "the config names a sample and a truth"
     predict_csv, bundle_csv = work / "predict.csv", work / "bundle.csv"
     predict_s, _ = timed("predict", [
         sys.executable, "-m", "pipeline.predict", "--config", args.config,
         "--out", str(predict_csv), "--submissions-dir", str(work / "submissions"),
-        "--set", "predict.engine=tensorflow", "--set", "predict.precision=float32",
+        *sets, "--set", "predict.engine=tensorflow", "--set", "predict.precision=float32",
     ])  # fmt: skip
     probe = "import sys; print(sorted(m for m in sys.modules if m.startswith('tensorflow')))"
     check = subprocess.run([args.python, "-c", f"import openvino; {probe}"], text=True,
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "bundle_python_has_tensorflow": has_tf.returncode == 0,
         "bundle_tensorflow_modules": check.stdout.strip(),
         "same_rows": list(predicted[key]) == list(bundled[key]),
-        "dice_between": round(kaggle_dice(bundled, predicted, size), 5),
+        "dice_between": round(kaggle_dice(bundled, predicted, size, plan.csv_format, classes), 5),
         "test_kaggle_dice_predict": round(scores["predict"], 5),
         "test_kaggle_dice_bundle": round(scores["bundle"], 5),
         "score_difference": round(abs(scores["predict"] - scores["bundle"]), 5),

@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -20,6 +19,7 @@ from pipeline.core.bundle import MANIFEST, read_manifest
 from pipeline.core.config import load_config
 from pipeline.core.layout import BEST_WEIGHTS, FOLD_METRICS, FOLDS, POSTPROCESS
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
+from pipeline.core.submission import score_submission
 from pipeline.core.submission_check import read_submission
 from tests.conftest import REPO, write_tiny_config
 from tests.integration.test_bundle_runner import run_entry
@@ -139,12 +139,5 @@ def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path
 
 
 def kaggle_dice(a: pd.DataFrame, b: pd.DataFrame) -> float:
-    """Kaggle Dice of one submission against another (both empty: 1)."""
-    from pipeline.core.rle import decode
-
-    scores = []
-    for left, right in zip(a["EncodedPixels"], b["EncodedPixels"], strict=True):
-        x, y = decode(left, (40, 60)), decode(right, (40, 60))
-        total = int(x.sum() + y.sum())
-        scores.append(1.0 if total == 0 else 2 * float((x & y).sum()) / total)
-    return float(np.mean(scores))
+    """Kaggle Dice of one submission scored against another as its truth."""
+    return float(score_submission(a, b, "image_label", CLASSES, (40, 60))["overall"])
