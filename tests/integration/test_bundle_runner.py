@@ -52,7 +52,7 @@ PROBE = (
 def run_entry(entry: str, *args: object, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
     """``entry`` (a module or a script) as a process, through ``PROBE``."""
     command = [sys.executable, "-c", PROBE, entry, *(str(a) for a in args)]
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 def tiny_network(path: Path, fold: int) -> None:
