@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -64,7 +65,17 @@ def save_openvino(savedmodel: Path, xml: Path) -> Path:
     a folder being built, as ``save_savedmodel``)."""
     import openvino as ov  # the deploy extra; imported only when IR is asked for
 
-    model = ov.convert_model(str(savedmodel))
+    # OpenVINO's converter sends usage telemetry from child processes unless it runs "in
+    # CI": an export sends nothing (and an offline machine does not wait on it).
+    previous = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        model = ov.convert_model(str(savedmodel))
+    finally:
+        if previous is None:
+            del os.environ["CI"]
+        else:
+            os.environ["CI"] = previous
     info = model.get_rt_info()
     if "conversion_parameters" in info:  # holds the input path: not reproducible
         del info["conversion_parameters"]
