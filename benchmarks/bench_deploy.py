@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -214,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "benchmark": "deploy",
         "machine": describe_machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "quick": args.quick,
         "n_images": n_test,
         "folds": FOLDS,

@@ -15,6 +15,7 @@ none. Precision: ``predict.precision: auto`` for OpenVINO and the batched Tensor
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     figures: dict[str, Any] = {
         "benchmark": "deploy_forward",
         "machine": describe_machine(),
+        "load_average_1min": round(os.getloadavg()[0], 2),
         "n_images": args.n,
         "views": len(VIEWS),
         "folds": 1,
