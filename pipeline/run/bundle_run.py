@@ -52,6 +52,7 @@ from pipeline.core.images import (
     read_image,
     resolve_image_path,
 )
+from pipeline.core.layout import FOLD_MERGE
 from pipeline.core.mask_csv import read_masks
 from pipeline.core.precision import ENGINE_CHOICES, PRECISIONS, choose_precision, cpu_flags
 from pipeline.run.predictor import Predictor
@@ -214,7 +215,7 @@ def run_bundle(
     shape = (len(image_ids), *plan.input_size, len(plan.classes))
     with tempfile.TemporaryDirectory(prefix="foldseg-bundle-") as work:
         accumulator = FoldAccumulator(
-            Path(work) / "fold_merge.npy", shape, segmentation.n_folds, plan.merge
+            Path(work) / FOLD_MERGE, shape, segmentation.n_folds, plan.merge
         )
         try:
             head = predictor.predict_probs(folder.images, accumulator, clock)
