@@ -7,7 +7,7 @@ The classifier gates' presence is the separate classifier's, or the presence hea
 The test images are cached once at ``data.image_size``. The networks run on
 ``predict.engine``: TensorFlow (one model built and given each fold's
 ``best_weights.h5`` in turn) or OpenVINO (each fold converted once, cached under
-``runs/<experiment>/openvino/``; ``auto`` takes it where installed, docs/deploy.md).
+``runs/<experiment>/openvino/``; ``auto`` takes it in bfloat16, docs/deploy.md).
 Every batch of ``tta.batch_size`` images goes through the network once per fold with
 all its TTA views. The folds are merged
 (``tta.merge``) in a memory-mapped fixed-point array under the run directory
@@ -128,7 +128,7 @@ def _predict(
         cache = build_cache(
             run.cache_dir, "test", test_images, image_ids, plan.input_size, workers=CACHE_WORKERS
         )
-    engine = choose_engine(str(config.predict.engine))
+    engine = choose_engine(str(config.predict.engine), precision=precision)
     log.info("networks on %s (predict.engine: %s)", engine, config.predict.engine)
     with clock.stage("build_model"):
         segmentation, classifier = _engines(config, run, engine, precision)

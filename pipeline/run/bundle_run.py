@@ -159,14 +159,14 @@ def build_engines(
 ) -> tuple[str, str, Any, Any | None]:
     """(engine, precision, segmentation engine, presence engine or None) for a bundle."""
     offered = [ENGINE_OF_FORMAT[f] for f in manifest.formats]
-    chosen = choose_engine(engine, offered)
+    resolved = choose_precision(precision, cpu_flags())
+    chosen = choose_engine(engine, offered, resolved)
     if chosen not in offered:
         raise ValueError(
             f"bundle {str(manifest.folder)!r} holds {manifest.formats}, which engine "
             f"{chosen!r} does not run"
         )
     network_format = next(f for f in manifest.formats if ENGINE_OF_FORMAT[f] == chosen)
-    resolved = choose_precision(precision, cpu_flags())
     fixed = manifest.data.get("fixed_input_size")
     fixed_size = (int(fixed[0]), int(fixed[1])) if fixed else None
     needs_presence = manifest.plan.uses_classifier
@@ -360,7 +360,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINE_CHOICES,
         default="auto",
-        help="runtime (auto: the fastest installed one the bundle holds)",
+        help="runtime (auto: OpenVINO in bfloat16; in float32 TensorFlow where installed and "
+        "the bundle holds a SavedModel, else OpenVINO)",
     )
     parser.add_argument(
         "--precision",

@@ -7,8 +7,8 @@ TTA, fold merge and post-processing code as the Keras engines:
 - ``OpenVinoNetworks``: OpenVINO IR (``.xml``/``.bin``). One compiled model per fold and
   input shape, the throughput hint, batches cut into requests of ``rows`` stacked images
   run by an ``AsyncInferQueue`` (the CPU's streams in parallel), computed in bfloat16 where
-  the CPU does it natively (``core.precision``). Measured fastest on a 2-core AMD EPYC
-  with AVX512-BF16 (docs/deploy.md).
+  the CPU does it natively (``core.precision``). Measured fastest in bfloat16 on a 2-core
+  AMD EPYC with AVX512-BF16; in float32 not faster than TensorFlow (docs/deploy.md).
 - ``SavedModelNetworks``: a SavedModel on a stock TensorFlow, imported only when built.
 
 ``ENGINES`` names them; ``available_engines`` says which are installed.
@@ -45,9 +45,15 @@ def available_engines() -> list[str]:
     return [name for name in ENGINES if importlib.util.find_spec(module[name]) is not None]
 
 
-def choose_engine(requested: str, offered: Sequence[str] | None = None) -> str:
-    """``requested`` unless it is ``auto``: then the fastest installed engine among
-    ``offered`` (default: all). ValueError when none is installed or it is unknown."""
+def choose_engine(
+    requested: str, offered: Sequence[str] | None = None, precision: str = "bfloat16"
+) -> str:
+    """``requested`` unless it is ``auto``: then the engine measured fastest for
+    ``precision`` among those installed and ``offered`` (default: all). OpenVINO in
+    bfloat16 (3.6x a kernel's forward on AVX512-BF16); in float32 TensorFlow where it is
+    installed (OpenVINO measured 0.89x its forward, EfficientNet-B2 at 352x480, on a
+    Xeon without BF16; docs/deploy.md), else OpenVINO. ValueError when none is
+    installed or it is unknown."""
     if requested not in ENGINE_CHOICES:
         raise ValueError(f"engine must be one of {list(ENGINE_CHOICES)}; got {requested!r}")
     installed = available_engines()
@@ -58,6 +64,8 @@ def choose_engine(requested: str, offered: Sequence[str] | None = None) -> str:
                 f"no engine installed for {list(offered or ENGINES)}: pip install openvino "
                 "(the runner's requirements.txt) or tensorflow"
             )
+        if precision != "bfloat16" and TENSORFLOW in candidates:
+            return TENSORFLOW
         return candidates[0]
     if requested not in installed:
         raise ValueError(f"engine {requested!r} is not installed (pip install {requested})")
