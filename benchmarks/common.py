@@ -166,6 +166,8 @@ def ensure_demo_data(config: Path) -> None:
     from pipeline.make_demo_data import main as make_demo
 
     data = load_config(config).data
+    if data.train_csv is None:
+        return
     train_csv = Path(data.train_csv)
     out = (train_csv if train_csv.is_absolute() else repo / train_csv).parent
     if (out / train_csv.name).is_file():

@@ -9,6 +9,7 @@ imported only when it runs, so ``foldseg --help`` answers at once.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -68,8 +69,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run() -> None:
-    """The console script's entry point."""
-    exit_process(main())
+    """The console script's entry point.
+
+    A reader that stops early (``foldseg --help | head``) closes the pipe: that ends the
+    output quietly, as for any Unix filter, instead of a traceback.
+    """
+    try:
+        code = main()
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 141  # 128 + SIGPIPE, what a shell reports for a filter cut short
+    exit_process(code)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,7 @@ from pipeline.run.report_sections import (
     cv_section,
     energy_section,
     overview_section,
+    plan_section,
     postprocess_section,
     score_sections,
     worst_section,
@@ -104,6 +105,7 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
         classifier_section(run, auc, out),
         worst_section(run, worst, out),
         energy_section(config, energy, energy_notes),
+        *[section for section in [plan_section(config)] if section is not None],
     ]
     if notes:
         sections.append(report.Section("Notes", paragraphs=notes))

@@ -114,6 +114,8 @@ def _make_demo_data(config: Config) -> None:
     size = config.data.submission_size
     if size is None:
         raise ValueError("data.demo needs data.submission_size: the demo's truth has one size")
+    if config.data.train_csv is None:
+        raise ValueError("data.demo needs data.train_csv: the demo data is written beside it")
     settings = {**DEMO_DEFAULTS, "truth_size": (size[0], size[1])}
     make_demo_data(out=Path(config.data.train_csv).parent, **settings)
 

@@ -42,6 +42,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("grid", "pipeline.grid", "a seeded grid search, one experiment per setting and seed"),
     Stage("ensemble", "pipeline.ensemble", "blend trained experiments that share one split"),
     Stage("pseudo-label", "pipeline.pseudo_label", "confident test predictions as training labels"),
+    Stage("convert", "pipeline.convert", "training masks from a CSV to a mask folder, or back"),
+    Stage(
+        "plan", "pipeline.plan", "a runnable config from a data set's fingerprint and the machine"
+    ),
 )
 
 _BY_NAME = {stage.name: stage for stage in STAGES}

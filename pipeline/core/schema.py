@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     JsonValue,
+    model_validator,
     with_config,
 )
 from typing_extensions import TypedDict
@@ -41,6 +42,7 @@ from pipeline.core.config_types import (
 )
 from pipeline.core.folds import FoldMethod
 from pipeline.core.formats import CsvFormat
+from pipeline.core.mask_folder import MaskFormat
 from pipeline.core.postprocess import AtLeastOne, Gate
 from pipeline.core.precision import Engine, Precision
 from pipeline.core.tta import Merge
@@ -147,7 +149,48 @@ class DataConfig(Section):
         description="true: the data set is the embedded demo, written by foldseg run into "
         "the folder of train_csv where missing",
     )
-    train_csv: Str = Field("data/clouds/train.csv", description="the training mask CSV")
+    train_csv: Str | None = Field(
+        "data/clouds/train.csv",
+        description="the training mask CSV; null when the masks are a folder (data.masks)",
+    )
+    masks: Str | None = Field(
+        None,
+        description="a folder of mask images instead of train_csv (set train_csv to null); "
+        "see mask_format",
+    )
+    mask_format: Literal["auto", MaskFormat] = Field(
+        "auto",
+        description="the mask folder's format: binary (<image>.png, one class), per_class "
+        "(<image>_<class>.png), indexed (value = class id), palette (colour = class); auto "
+        "detects it",
+    )
+    class_map: dict[ClassName, Annotated[Int, at.Ge(1)]] | None = Field(
+        None,
+        description="indexed masks: class name -> pixel value (0 is background); null: "
+        "classes[i] is i + 1, or each value found names its class",
+    )
+    palette: (
+        dict[
+            ClassName,
+            Annotated[
+                list[Annotated[Int, at.Ge(0), at.Le(255)]],
+                at.Len(3, 3),
+                Expect("[R, G, B] in 0..255", "list of 3 integers", "exactly 3; each 0..255"),
+            ],
+        ]
+        | None
+    ) = Field(None, description="palette masks: class name -> [R, G, B] (black is background)")
+    ignore_index: NonNegativeInt | None = Field(
+        None, description="indexed masks: the value of void pixels (e.g. 255); null: none"
+    )
+    ignore_color: (
+        Annotated[
+            list[Annotated[Int, at.Ge(0), at.Le(255)]],
+            at.Len(3, 3),
+            Expect("[R, G, B] in 0..255", "list of 3 integers", "exactly 3; each 0..255"),
+        ]
+        | None
+    ) = Field(None, description="palette masks: the colour of void pixels; null: none")
     train_images: Str = Field(
         "data/clouds/train_images",
         description="the training image folder: the data set is every image in it",
@@ -194,6 +237,23 @@ class DataConfig(Section):
     pseudo_images: Str | None = Field(
         None, description="the folder of the pseudo-labelled images; null: data.test_images"
     )
+
+    @model_validator(mode="after")
+    def _one_mask_source(self) -> DataConfig:
+        if (self.train_csv is None) == (self.masks is None):
+            given = "both" if self.masks is not None else "neither"
+            raise ValueError(
+                f"give exactly one of data.train_csv and data.masks; got {given} (with "
+                "data.masks, set data.train_csv to null)"
+            )
+        if self.ignore_index is not None and self.class_map is not None:
+            for name, value in self.class_map.items():
+                if value == self.ignore_index:
+                    raise ValueError(
+                        f"data.ignore_index {self.ignore_index} is also the value of class "
+                        f"{name!r} in data.class_map; void pixels need a value of their own"
+                    )
+        return self
 
 
 class FoldsConfig(Section):

@@ -17,10 +17,17 @@ import pandas as pd
 from pipeline.core.atomic import write_text
 from pipeline.core.config import Config
 from pipeline.core.folds import ensure_folds, fold_members
-from pipeline.core.formats import CANONICAL_COLUMNS, MaskTable
-from pipeline.core.images import IMAGE_EXTENSIONS, files_fingerprint, folder_image_ids
+from pipeline.core.formats import CANONICAL_COLUMNS, MaskTable, detect_csv_format
+from pipeline.core.images import (
+    IMAGE_EXTENSIONS,
+    files_fingerprint,
+    folder_image_ids,
+    read_image_size,
+    resolve_image_path,
+)
 from pipeline.core.layout import CACHE, FOLDS
 from pipeline.core.mask_csv import read_masks
+from pipeline.core.mask_folder import MaskOptions, list_mask_files, read_mask_folder
 from pipeline.core.masks import rles_by_image
 from pipeline.run.fold_records import check_fold_number
 
@@ -101,23 +108,119 @@ def file_sha256(path: Path, memo_dir: Path | None = None, remember: bool = False
     return sha
 
 
-def data_key(config: Config, image_ids: list[str]) -> str:
-    """What the masks of an experiment depend on: the CSV's bytes, the reading options
-    (CSV format, class order, instance class) and the image folder's files (names, sizes,
-    modification times). The mask table cache and the decoded masks are keyed by it,
-    so an edited CSV, reordered classes or a replaced image invalidate both together."""
+def mask_source(config: Config) -> str:
+    """How messages name the experiment's masks: ``mask CSV '...'`` or ``mask folder '...'``."""
     data = config.data
-    csv = Path(data.train_csv)
-    parts = {
+    if data.masks is not None:
+        return f"mask folder {str(data.masks)!r}"
+    return f"mask CSV {str(data.train_csv)!r}"
+
+
+def data_key(config: Config, image_ids: list[str]) -> str:
+    """What the masks of an experiment depend on: the CSV's bytes (or the mask folder's
+    files: names, sizes, modification times), the reading options (CSV format, mask
+    format and maps, class order, instance class) and the image folder's files. The mask
+    table cache and the decoded masks are keyed by it, so an edited CSV or mask,
+    reordered classes or a replaced image invalidate both together."""
+    data = config.data
+    parts: dict[str, object] = {
         "version": MASK_CACHE_VERSION,
-        "csv_sha256": file_sha256(csv, experiment_cache_dir(config) / "masks"),
         # Keyed "layout", its name before data.csv_format: existing runs' caches stay valid.
         "layout": data.csv_format,
         "classes": data.classes,
         "instance_class": data.instance_class,
         "images": files_fingerprint(Path(data.train_images), image_ids),
     }
+    if data.masks is not None:
+        parts["masks"] = _mask_files_fingerprint(Path(data.masks))
+        parts["mask_options"] = [
+            data.mask_format,
+            data.class_map,
+            data.palette,
+            data.ignore_index,
+            data.ignore_color,
+            data.sample_submission,
+        ]
+    else:
+        parts["csv_sha256"] = file_sha256(
+            Path(_train_csv(config)), experiment_cache_dir(config) / "masks"
+        )
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def _mask_files_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in list_mask_files(folder):
+        stat = path.stat()
+        digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:32]
+
+
+def _train_csv(config: Config) -> str:
+    csv = config.data.train_csv
+    assert csv is not None, "the schema gives exactly one of data.train_csv and data.masks"
+    return csv
+
+
+def mask_options(config: Config) -> MaskOptions:
+    """The ``data`` keys that say how a mask folder is read."""
+    data = config.data
+    return MaskOptions(
+        mask_format=data.mask_format,
+        classes=data.classes,
+        class_map=data.class_map,
+        palette=data.palette,
+        ignore_index=data.ignore_index,
+        ignore_color=data.ignore_color,
+        instance_class=data.instance_class,
+    )
+
+
+def read_training_masks(
+    config: Config, known_images: list[str]
+) -> tuple[MaskTable, dict[str, str]]:
+    """The training masks over the folder's images, from ``data.train_csv`` or
+    ``data.masks``, validated; (table, image_id -> RLE of void pixels)."""
+    data = config.data
+    if data.masks is None:
+        mask_table = read_masks(
+            _train_csv(config),
+            csv_format=data.csv_format,
+            classes=data.classes,
+            instance_class=data.instance_class,
+            known_images=known_images,
+        )
+        return mask_table, {}
+    folder = Path(data.train_images)
+    sizes = {
+        image_id: read_image_size(resolve_image_path(folder, image_id)) for image_id in known_images
+    }
+    read = read_mask_folder(
+        data.masks, sizes, mask_options(config), submission_csv_format(config), folder
+    )
+    log.info("%s: mask format %s", mask_source(config), read.mask_format)
+    return read.masks, read.void
+
+
+def submission_csv_format(config: Config) -> str:
+    """The CSV format of the experiment's submissions: ``data.csv_format``; under auto,
+    that of ``data.train_csv``'s header, else of the sample submission's, else
+    ``image_label``."""
+    data = config.data
+    if data.csv_format != "auto":
+        return str(data.csv_format)
+    path = Path(data.train_csv if data.train_csv is not None else data.sample_submission or "")
+    if data.train_csv is None and (data.sample_submission is None or not path.is_file()):
+        return "image_label"
+    try:
+        columns = pd.read_csv(path, nrows=0).columns
+    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        key = "data.train_csv" if data.train_csv is not None else "data.sample_submission"
+        raise FileNotFoundError(
+            f"{key} {str(path)!r} cannot be read ({exc}); prediction needs its header for "
+            "the submission's format (or set data.csv_format)"
+        ) from None
+    return detect_csv_format([str(column) for column in columns])
 
 
 def read_masks_cached(config: Config, known_images: list[str], key: str) -> MaskTable:
@@ -131,7 +234,6 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
     rewritten.
     """
     data = config.data
-    path = Path(data.train_csv)
     cache = experiment_cache_dir(config) / "masks" / f"table-{key}.json"
     if cache.is_file():
         try:
@@ -142,20 +244,16 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable mask table cache %s: %s", cache, exc)
-    mask_table = read_masks(
-        path,
-        csv_format=data.csv_format,
-        classes=data.classes,
-        instance_class=data.instance_class,
-        known_images=known_images,
-    )
+    mask_table, void = read_training_masks(config, known_images)
     _check_has_masks(config, mask_table.table, len(known_images))
-    file_sha256(path, cache.parent, remember=True)
+    if data.train_csv is not None:
+        file_sha256(Path(data.train_csv), cache.parent, remember=True)
     for stale in cache.parent.glob("table-*.json"):
         stale.unlink(missing_ok=True)
     saved = {
         "classes": mask_table.classes,
         "layout": mask_table.csv_format,  # the name data_key's parts keep too
+        "void": void,  # indexed/palette void pixels (no loss or metric masks them yet)
         **{name: mask_table.table[name].tolist() for name in CANONICAL_COLUMNS},
     }
     write_text(cache, json.dumps(saved))
@@ -163,17 +261,24 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
 
 
 def dataset_image_ids(config: Config) -> list[str]:
-    """The images of ``data.train_images``, spelled as ``data.train_csv`` names them.
+    """The images of ``data.train_images``, spelled as ``data.train_csv`` names them (for
+    a mask folder: as the sample submission does, else by file stem).
 
     Raises:
-        FileNotFoundError: the CSV or the folder is missing.
+        FileNotFoundError: the CSV, the mask folder or the image folder is missing.
         ValueError: the folder holds no image.
     """
     data = config.data
-    csv = Path(data.train_csv)
-    if not csv.is_file():
-        raise FileNotFoundError(f"data.train_csv {str(csv)!r} does not exist")
-    csv_ids = _csv_image_ids(csv)
+    if data.masks is not None:
+        if not Path(data.masks).is_dir():
+            raise FileNotFoundError(f"data.masks {str(data.masks)!r} is not a folder")
+        sample = Path(data.sample_submission) if data.sample_submission else None
+        csv_ids = _csv_image_ids(sample) if sample is not None and sample.is_file() else []
+    else:
+        csv = Path(_train_csv(config))
+        if not csv.is_file():
+            raise FileNotFoundError(f"data.train_csv {str(csv)!r} does not exist")
+        csv_ids = _csv_image_ids(csv)
     ids = folder_image_ids(data.train_images, csv_ids)
     if not ids:
         raise ValueError(
@@ -228,13 +333,15 @@ def open_experiment(config: Config) -> Experiment:
 
 
 def _check_has_masks(config: Config, table: pd.DataFrame, n_images: int) -> None:
-    """A CSV without a single mask (header only, or every row empty) is an error."""
+    """Masks without a single foreground pixel (a CSV of a header only, or every row
+    empty; a folder of blank masks) are an error."""
     non_empty = table["rle"] != ""
     if not non_empty.any():
         raise ValueError(
-            f"mask CSV {str(config.data.train_csv)!r} gives no mask for any of the "
+            f"{mask_source(config)} gives no mask for any of the "
             f"{n_images} images of {str(config.data.train_images)!r} "
-            f"(header only, or every EncodedPixels empty); expected at least one mask row"
+            f"(header only, every EncodedPixels empty, or every mask blank); expected at "
+            "least one mask"
         )
 
 
@@ -261,7 +368,7 @@ def log_data_set(config: Config, table: pd.DataFrame, classes: list[str], csv_fo
         log.warning(
             "class(es) %s have no mask in any image of %s: the model cannot learn them",
             absent,
-            config.data.train_csv,
+            mask_source(config),
         )
 
 

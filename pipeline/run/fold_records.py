@@ -30,6 +30,12 @@ TRAINED_KEYS: tuple[str, ...] = (
     "data.train_csv",
     "data.train_images",
     "data.csv_format",
+    "data.masks",
+    "data.mask_format",
+    "data.class_map",
+    "data.palette",
+    "data.ignore_index",
+    "data.ignore_color",
     "data.classes",
     "data.instance_class",
     "data.image_size",
@@ -46,7 +52,7 @@ CLASSIFIER_KEYS: tuple[str, ...] = (
     "classifier.multiscale_pooling",
 )
 
-_PATH_KEYS = ("data.train_csv", "data.train_images")
+_PATH_KEYS = ("data.train_csv", "data.masks", "data.train_images")
 
 
 def check_fold_number(config: Config, fold: int) -> None:

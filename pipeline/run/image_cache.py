@@ -230,7 +230,11 @@ def training_cache(config: Config, exp: Experiment, size: Sequence[int]) -> Imag
         size,
         exp.rles(),
         masks_key=exp.data_key,
-        masks_source=f"mask CSV {str(config.data.train_csv)!r}",
+        masks_source=(
+            f"mask folder {str(config.data.masks)!r}"
+            if config.data.masks is not None
+            else f"mask CSV {str(config.data.train_csv)!r}"
+        ),
         classes=exp.classes,
     )
 

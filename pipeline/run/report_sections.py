@@ -9,6 +9,7 @@ TensorFlow.
 from __future__ import annotations
 
 import datetime
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pandas as pd
 from pipeline.core import report, report_figures
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
+from pipeline.core.fingerprint import fingerprint_path, fingerprint_tables
 from pipeline.core.folds import presence_matrix
 from pipeline.core.layout import (
     CLASSIFIER_STAGE,
@@ -198,6 +200,24 @@ def energy_section(config: Config, energy: pd.DataFrame, notes: list[str]) -> re
     )
     section.paragraphs += notes
     section.tables.append(("recorded wall times", energy))
+    return section
+
+
+def plan_section(config: Config) -> report.Section | None:
+    """The data set's fingerprint and the planned choices, when the config was planned
+    (``foldseg plan`` left ``<config>.fingerprint.json`` beside it)."""
+    if not config.source:
+        return None
+    path = fingerprint_path(config.source)
+    if not path.is_file():
+        return None
+    try:
+        lines, per_class, choices = fingerprint_tables(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return report.Section("Plan", paragraphs=[f"{path} could not be read: {exc}"])
+    section = report.Section("Plan: the data's fingerprint", paragraphs=[f"From {path}.", *lines])
+    section.tables.append(("per class (object areas in pixels at the image's own size)", per_class))
+    section.tables.append(("the planned keys and why", choices))
     return section
 
 

@@ -19,7 +19,6 @@ import pandas as pd
 
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
-from pipeline.core.formats import detect_csv_format
 from pipeline.core.layout import (
     BEST_WEIGHTS,
     CLASSIFIER_STAGE,
@@ -31,7 +30,7 @@ from pipeline.core.layout import (
 from pipeline.core.postprocess import PostprocessParams, at_least_one_applied, load_postprocess
 from pipeline.core.prediction_plan import PRESENCE_SOURCES, PredictionPlan
 from pipeline.core.probstore import ProbReader
-from pipeline.run.experiment import experiment_cache_dir
+from pipeline.run.experiment import experiment_cache_dir, submission_csv_format
 from pipeline.run.fold_records import read_fold_metrics
 
 
@@ -186,18 +185,8 @@ def weight_stamps(config: Config, stage: str = "") -> list[list[object]]:
 
 
 def training_csv_format(config: Config) -> str:
-    """The CSV format of ``data.train_csv`` (``data.csv_format``, or read from its header)."""
-    if config.data.csv_format != "auto":
-        return str(config.data.csv_format)
-    path = Path(config.data.train_csv)
-    try:
-        columns = pd.read_csv(path, nrows=0).columns
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise FileNotFoundError(
-            f"data.train_csv {str(path)!r} cannot be read ({exc}); prediction needs its "
-            "header for the submission's format (or set data.csv_format)"
-        ) from None
-    return detect_csv_format([str(column) for column in columns])
+    """The CSV format of the experiment's submissions (``experiment.submission_csv_format``)."""
+    return submission_csv_format(config)
 
 
 def _trained_image_ids(config: Config) -> list[str]:

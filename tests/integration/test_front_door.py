@@ -35,6 +35,16 @@ def test_help_lists_every_stage_and_its_module() -> None:
     assert "foldseg run --config configs/demo.yaml" in done.stdout
 
 
+def test_help_cut_short_by_its_reader_ends_quietly() -> None:
+    """``foldseg --help | head -1``: the closed pipe ends the output, with no traceback."""
+    process = subprocess.Popen([FOLDSEG, "--help"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the first line is written
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141
+    assert stderr == ""
+
+
 def test_version_and_a_bare_call() -> None:
     done = foldseg("--version")
     assert done.returncode == 0 and done.stdout.strip() == f"foldseg {pipeline.__version__}"

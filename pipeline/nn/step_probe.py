@@ -1,0 +1,103 @@
+"""A brief timed train step and the machine's devices, for ``foldseg plan`` (Keras layer).
+
+``time_train_step`` builds the config's segmentation model at a crop size, compiles it
+with the config's loss and optimizer, and runs a few ``train_on_batch`` calls on random
+data at two batch sizes: the second batch's seconds per step, and the memory one more
+image takes (peak GPU memory, or the process's peak resident memory on a CPU).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.config import Config
+from pipeline.nn.keras_backend import tf
+from pipeline.nn.losses import get_loss
+from pipeline.nn.model import build_model
+from pipeline.nn.optim import make_optimizer
+
+# Activation memory a U-Net keeps per input pixel for the backward pass, a floor for a
+# CPU measurement the allocator hides (bytes per pixel; EfficientNet-B0 at 64x64).
+_FLOOR_BYTES_PER_PIXEL = 400
+
+
+def gpu_devices() -> list[dict[str, Any]]:
+    """The visible GPUs: name and memory in GB where TensorFlow reports them."""
+    found = []
+    for device in tf.config.list_physical_devices("GPU"):
+        details = tf.config.experimental.get_device_details(device)
+        found.append({"name": str(details.get("device_name", device.name))})
+    return found
+
+
+def _peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+def time_train_step(
+    config: Config,
+    n_classes: int,
+    crop: Sequence[int],
+    batches: tuple[int, int] = (2, 4),
+    steps: int = 3,
+    cores: int = 1,
+) -> dict[str, Any]:
+    """Time the config's train step at ``crop`` on random images.
+
+    Returns:
+        ``batch`` (the larger probe batch), ``s_per_step`` (its median wall time over
+        ``steps`` after one warm-up step; on a CPU at most its CPU time over ``cores``,
+        what the step takes on a quiet machine), ``bytes_per_image`` (the memory one
+        more image takes), ``backbone`` and ``device`` ("GPU" or "CPU").
+    """
+    height, width = int(crop[0]), int(crop[1])
+    model = build_model(config, n_classes, (height, width))
+    model.compile(optimizer=make_optimizer(1e-3, 1), loss=get_loss(str(config.train.loss)))
+    rng = np.random.default_rng(0)
+    on_gpu = bool(tf.config.list_physical_devices("GPU"))
+    peaks, times, cpu_times = [], [], []
+    for batch in batches:
+        images = rng.uniform(0, 255, (batch, height, width, 3)).astype(np.float32)
+        masks = (rng.uniform(0, 1, (batch, height, width, n_classes)) > 0.7).astype(np.float32)
+        if on_gpu:
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        model.train_on_batch(images, masks)  # warm-up: tracing, allocation
+        elapsed = []
+        cpu_start = _cpu_seconds()
+        for _ in range(steps):
+            start = time.perf_counter()
+            model.train_on_batch(images, masks)
+            elapsed.append(time.perf_counter() - start)
+        cpu_times.append((_cpu_seconds() - cpu_start) / steps)
+        times.append(float(np.median(elapsed)))
+        if on_gpu:
+            peaks.append(int(tf.config.experimental.get_memory_info("GPU:0")["peak"]))
+        else:
+            peaks.append(_peak_rss_bytes())
+    per_image = (peaks[1] - peaks[0]) / (batches[1] - batches[0])
+    floor = _FLOOR_BYTES_PER_PIXEL * height * width
+    # On a CPU shared with other work the wall time measures the load of the moment; the
+    # process's CPU time spread over the cores it may use is what a quiet machine takes.
+    quiet = cpu_times[1] / max(cores, 1)
+    return {
+        "batch": batches[1],
+        "s_per_step": times[1] if on_gpu else min(times[1], quiet),
+        "s_per_step_wall": times[1],
+        "s_per_step_cpu": cpu_times[1],
+        "s_per_step_small": times[0],
+        "bytes_per_image": float(max(per_image, floor)),
+        "bytes_per_image_measured": float(per_image),
+        "backbone": str(config.model.backbone),
+        "device": "GPU" if on_gpu else "CPU",
+        "crop": [height, width],
+    }
