@@ -4,9 +4,12 @@ The classifier gates' presence is the separate classifier's, or the presence hea
 (``model.classification_head``) from the same forward passes as the masks: whichever
 ``postprocess.json`` was tuned with (``gate_source``).
 
-The test images are cached once at ``data.image_size``. One model is built and given
-each fold's ``best_weights.h5`` in turn; every batch of ``tta.batch_size`` images goes
-through the network once per fold with all its TTA views. The folds are merged
+The test images are cached once at ``data.image_size``. The networks run on
+``predict.engine``: TensorFlow (one model built and given each fold's
+``best_weights.h5`` in turn) or OpenVINO (each fold converted once, cached under
+``runs/<experiment>/openvino/``; ``auto`` takes it in bfloat16, docs/deploy.md).
+Every batch of ``tta.batch_size`` images goes through the network once per fold with
+all its TTA views. The folds are merged
 (``tta.merge``) in a memory-mapped fixed-point array under the run directory
 (``FoldAccumulator``), so memory does not grow with the number of images. Each merged
 prob is resized to the submission size, quantised to uint8 exactly like the out-of-fold
@@ -40,15 +43,23 @@ from typing import Any
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
-from pipeline.core.layout import FOLD_MERGE, POSTPROCESS, TEST_PROBS
+from pipeline.core.images import resolve_image_path
+from pipeline.core.layout import FOLD_MERGE, OPENVINO_CACHE, POSTPROCESS, TEST_PROBS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.core.probstore import ProbWriter
 from pipeline.nn.devices import device_name as describe_device
 from pipeline.nn.devices import inference_precision, precision_policy, set_mixed_precision
-from pipeline.nn.engines import KerasPresence, KerasSegmentation
+from pipeline.nn.engines import (
+    KerasPresence,
+    KerasSegmentation,
+    build_prediction_model,
+    build_presence_model,
+)
+from pipeline.nn.export import openvino_folds
 from pipeline.nn.keras_backend import check_framework
 from pipeline.nn.model import check_input_size
+from pipeline.run.bundle_run import MaskWriter, check_outputs
 from pipeline.run.command import (
     Command,
     add_force_argument,
@@ -59,8 +70,9 @@ from pipeline.run.fold_records import check_trained_config
 from pipeline.run.image_cache import CACHE_WORKERS, build_cache
 from pipeline.run.json_files import write_json
 from pipeline.run.prediction import inputs_key, list_test_images, write_outputs
-from pipeline.run.predictor import Predictor
+from pipeline.run.predictor import Predictor, PresenceEngine, SegmentationEngine
 from pipeline.run.run_lock import hold_lock
+from pipeline.run.runtime_engines import TENSORFLOW, OpenVinoNetworks, choose_engine
 from pipeline.run.stored_predictions import write_test_keys, write_test_presence
 from pipeline.run.tracking import record_predict, tracked
 from pipeline.run.trained_run import TrainedRun, open_trained_run
@@ -75,27 +87,37 @@ def predict(
     use_postprocess: bool = True,
     force: bool = False,
     with_classifier: bool = False,
+    masks: Path | None = None,
+    overlays: Path | None = None,
 ) -> dict[str, Any]:
     """Predict the test images, write and record the submission; return the run's figures.
 
     ``force``: go on although this config differs from the folds' training config in a
     key that matters. ``with_classifier``: run the separate classifier on the test images
     and store its probs (``TEST_CLS``) although no tuned class is gated by it (an
-    ensemble's classifier gate reads them).
+    ensemble's classifier gate reads them). ``masks``/``overlays``: also write one PNG
+    per test image and class at the image's own size, and the masks drawn over the
+    images (``run.bundle_run.MaskWriter``).
     """
     check_framework(str(config.framework), config.source or "the config")
     # Everything is read and checked here, before anything is written.
     run = open_trained_run(config, use_postprocess, with_classifier)
     check_trained_config(config, force)
+    check_outputs(None, masks, overlays)
     with hold_lock(config.run_dir, f"run {config.run_dir} (predict)"):
-        result = _predict(config, run, out, submissions_dir)
+        result = _predict(config, run, out, submissions_dir, masks, overlays)
     with tracked(config) as tracker:
         record_predict(tracker, config)
     return result
 
 
 def _predict(
-    config: Config, run: TrainedRun, out: Path | None, submissions_dir: Path
+    config: Config,
+    run: TrainedRun,
+    out: Path | None,
+    submissions_dir: Path,
+    masks: Path | None = None,
+    overlays: Path | None = None,
 ) -> dict[str, Any]:
     clock = StageClock()
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -110,14 +132,12 @@ def _predict(
         cache = build_cache(
             run.cache_dir, "test", test_images, image_ids, plan.input_size, workers=CACHE_WORKERS
         )
+    engine = choose_engine(str(config.predict.engine), precision=precision)
+    log.info("networks on %s (predict.engine: %s)", engine, config.predict.engine)
+    with clock.stage("build_model"):
+        segmentation, classifier = _engines(config, run, engine, precision)
+        predictor = Predictor(plan, segmentation, classifier)
     n_classes = len(run.classes)
-    with precision_policy(precision), clock.stage("build_model"):
-        classifier = (
-            KerasPresence(config, n_classes, run.classifier_weights)
-            if run.classifier_weights
-            else None
-        )
-        predictor = Predictor(plan, KerasSegmentation(config, n_classes, run.weights), classifier)
     presence_by = {}
     if classifier is not None:
         size = config.classifier.image_size
@@ -134,12 +154,15 @@ def _predict(
         if head is not None:
             presence_by["head"] = head
         gate = presence_by.get(plan.gate_source) if plan.gate_source else None
+        paths = [resolve_image_path(test_images, image_id) for image_id in cache.image_ids]
+        writer = MaskWriter(paths, cache.original_sizes, run.classes, masks, overlays)
         with (
             clock.stage("postprocess"),
             ProbWriter(config.run_dir / TEST_PROBS, run.classes, overwrite=True) as store,
+            writer as on_masks,
         ):
             table = predictor.encode(
-                cache.image_ids, cache.original_sizes, accumulator, gate, store
+                cache.image_ids, cache.original_sizes, accumulator, gate, store, on_masks
             )
         # Beside the stored probs, for pseudo_label's and an ensemble's presence.
         for source, values in presence_by.items():
@@ -162,6 +185,8 @@ def _predict(
             "views": list(plan.views),
             "merge": plan.merge,
             "precision": precision,
+            "engine": engine,
+            "masks": None if masks is None else str(masks),
             "classifier_gate": plan.gated_classes,
             "gate_source": plan.gate_source,
             "at_least_one": plan.at_least_one,
@@ -178,6 +203,35 @@ def _predict(
     return result
 
 
+def _engines(
+    config: Config, run: TrainedRun, engine: str, precision: str
+) -> tuple[SegmentationEngine, PresenceEngine | None]:
+    """The segmentation and (when its folds are listed) presence engines of a run."""
+    n_classes = len(run.classes)
+    if engine == TENSORFLOW:
+        with precision_policy(precision):
+            classifier = (
+                KerasPresence(config, n_classes, run.classifier_weights)
+                if run.classifier_weights
+                else None
+            )
+            return KerasSegmentation(config, n_classes, run.weights), classifier
+    # OpenVINO: float32 networks, converted once per set of weights; it computes in
+    # ``precision`` itself.
+    cache = config.run_dir / OPENVINO_CACHE
+    fixed = config.data.image_size if config.model.architecture == "PSPNet" else None
+    xmls = openvino_folds(build_prediction_model(config, n_classes), run.weights, cache)
+    segmentation = OpenVinoNetworks(
+        xmls, precision, fixed_size=None if fixed is None else (int(fixed[0]), int(fixed[1]))
+    )
+    presence = None
+    if run.classifier_weights:
+        model = build_presence_model(config, n_classes)
+        xmls = openvino_folds(model, run.classifier_weights, cache, "presence")
+        presence = OpenVinoNetworks(xmls, precision, presence=True)
+    return segmentation, presence
+
+
 def _add_arguments(parser: argparse.ArgumentParser) -> None:
     add_submission_arguments(parser)
     parser.add_argument(
@@ -192,6 +246,12 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
         "(test_cls.csv) although no tuned class is gated by it; the ensemble stage's "
         "classifier gate reads them",
     )
+    parser.add_argument(
+        "--masks",
+        type=Path,
+        help="also write one PNG per test image and class here, at each image's own size",
+    )
+    parser.add_argument("--overlays", type=Path, help="also write the masks drawn on the images")
     add_force_argument(parser)
 
 
@@ -203,8 +263,12 @@ def _run(args: argparse.Namespace) -> int:
         not args.no_postprocess,
         args.force,
         args.with_classifier,
+        args.masks,
+        args.overlays,
     )
     print(f"submission: {result['submission']}")
+    if result["masks"]:
+        print(f"masks: {result['masks']}")
     nested = result["oof_score_nested"]
     print(
         f"OOF Kaggle Dice: nested {'-' if nested is None else f'{nested:.4f}'} (honest: tuned "
@@ -222,7 +286,11 @@ COMMAND = Command(
     description=__doc__,
     add_arguments=_add_arguments,
     run=_run,
-    examples=("--config configs/demo.yaml", "--config configs/demo.yaml --out my.csv"),
+    examples=(
+        "--config configs/demo.yaml",
+        "--config configs/demo.yaml --out my.csv",
+        "--config configs/demo.yaml --masks masks --overlays overlays",
+    ),
 )
 
 main = COMMAND.main

@@ -34,6 +34,8 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage("tune", "pipeline.tune", "choose the post-processing on the out-of-fold predictions"),
     Stage("predict", "pipeline.predict", "folds x TTA -> gate -> post-processing -> submission"),
+    Stage("export", "pipeline.export", "the trained folds as a bundle that predicts anywhere"),
+    Stage("run-bundle", "pipeline.run_bundle", "predict a folder of images with a bundle"),
     Stage("evaluate", "pipeline.evaluate", "the cross-validation report"),
     Stage("submission", "pipeline.submission", "check or score a submission file"),
     Stage("lr-find", "pipeline.lr_find", "the learning-rate range test"),

@@ -16,6 +16,10 @@ from pathlib import Path
 from typing import Literal, get_args
 
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
+# Which runtime runs the networks (``predict.engine``, the bundle runner's --engine): auto
+# takes the one measured fastest at the precision (``run.runtime_engines.choose_engine``).
+Engine = Literal["auto", "openvino", "tensorflow"]
+ENGINE_CHOICES: tuple[str, ...] = get_args(Engine)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Keras mixed-precision policy per precision.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}

@@ -44,7 +44,7 @@ from pipeline.core.folds import FoldMethod
 from pipeline.core.formats import CsvFormat
 from pipeline.core.mask_folder import MaskFormat
 from pipeline.core.postprocess import AtLeastOne, Gate
-from pipeline.core.precision import Precision
+from pipeline.core.precision import Engine, Precision
 from pipeline.core.tta import Merge
 
 # The Keras layers pipeline.nn.keras_backend can run on.
@@ -468,12 +468,18 @@ class TtaConfig(Section):
 
 
 class PredictConfig(Section):
-    """Inference arithmetic."""
+    """Inference arithmetic and runtime."""
 
     precision: Precision = Field(
         "auto",
         description="auto: bfloat16 on a CPU with AMX-BF16 or AVX512-BF16, float16 on a GPU "
         "with tensor cores, else float32 (weights and outputs stay float32)",
+    )
+    engine: Engine = Field(
+        "auto",
+        description="the runtime of the networks: openvino (each fold converted once, cached "
+        "in the run), tensorflow, or auto: openvino in bfloat16 (predict.precision), else "
+        "tensorflow (measured faster in float32)",
     )
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 import numpy as np
@@ -150,13 +150,16 @@ class Predictor:
         accumulator: FoldAccumulator,
         presence: np.ndarray | None,
         store: ProbWriter | None = None,
+        on_masks: Callable[[int, np.ndarray], None] | None = None,
     ) -> pd.DataFrame:
         """Canonical table (image_id, class_name, rle) of the post-processed merged probs.
 
         Each image's merged prob is resized to the submission size (None: its original
         size), quantised like the out-of-fold store (``probstore.quantise_prob``) and
         post-processed per class; ``presence`` (N, C) is the gates' presence. The
-        quantised probs also go to ``store`` when given (an ensemble blends them).
+        quantised probs also go to ``store`` when given (an ensemble blends them), and
+        each image's post-processed masks (C, h, w) uint8 {0, 1} at the submission size to
+        ``on_masks(i, masks)`` (folder mode writes them as PNG files).
         """
         plan = self.plan
         rows: list[tuple[str, str, str]] = []
@@ -176,6 +179,8 @@ class Predictor:
                     None if presence is None else presence[i],
                     plan.at_least_one,
                 )
+                if on_masks is not None:
+                    on_masks(i, masks)
                 rows.extend(
                     (image_ids[i], name, text)
                     for name, text in zip(plan.classes, rle.encode_batch(masks), strict=True)

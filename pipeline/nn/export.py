@@ -1,0 +1,108 @@
+"""A fold's network as a SavedModel and as OpenVINO IR, byte for byte reproducibly
+(framework layer; ``pipeline.export`` and ``pipeline.predict``'s OpenVINO engine use it).
+
+``save_savedmodel`` writes the Keras model through a small ordered ``tf.Module`` with one
+``serving_default`` signature: ``images`` (N, H, W, 3) float32 RGB 0-255 -> ``masks``
+(N, H, W, C) float32 and, with a presence head, ``presence`` (N, C). H and W are left
+open, so a view that swaps them runs too. It loads on a stock TensorFlow without
+segmentation-models or this package. ``fingerprint.pb`` (a random and time-stamped
+file TensorFlow adds) is removed, so two exports of the same weights are identical.
+
+``save_openvino`` converts a SavedModel with OpenVINO's own front end and drops the
+conversion parameters (paths) from its runtime info, again for identical files; the
+weights stay float32 (the runtime computes in bfloat16 where the CPU supports it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.core.atomic import atomic_path
+from pipeline.nn.keras_backend import keras, tf
+from pipeline.nn.weights import load_best_weights
+
+FINGERPRINT = "fingerprint.pb"
+
+
+class _Serving(tf.Module):
+    """The exported signature around a Keras model."""
+
+    def __init__(self, model: keras.Model) -> None:
+        super().__init__(name="foldseg")
+        self.model = model
+        self.has_presence = len(model.outputs) > 1
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.float32, "images")])
+    def serve(self, images: Any) -> dict[str, Any]:
+        outputs = self.model(images, training=False)
+        if isinstance(outputs, (list, tuple)):
+            result = {"masks": tf.cast(outputs[0], tf.float32)}
+            if len(outputs) > 1:
+                result["presence"] = tf.cast(outputs[1], tf.float32)
+            return result
+        key = "presence" if len(outputs.shape) == 2 else "masks"  # a classifier: (N, C)
+        return {key: tf.cast(outputs, tf.float32)}
+
+
+def save_savedmodel(model: keras.Model, directory: Path) -> Path:
+    """Write ``model`` as a SavedModel folder at ``directory`` (inside a folder being
+    built, which its caller publishes whole: ``atomic.publish_directory``)."""
+    module = _Serving(model)
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    (directory / FINGERPRINT).unlink(missing_ok=True)
+    return directory
+
+
+def save_openvino(savedmodel: Path, xml: Path) -> Path:
+    """Convert a SavedModel folder to OpenVINO IR ``xml`` and its ``.bin`` beside it (inside
+    a folder being built, as ``save_savedmodel``)."""
+    import openvino as ov  # the deploy extra; imported only when IR is asked for
+
+    # OpenVINO's converter sends usage telemetry from child processes unless it runs "in
+    # CI": an export sends nothing (and an offline machine does not wait on it).
+    previous = os.environ.get("CI")
+    os.environ["CI"] = "true"
+    try:
+        model = ov.convert_model(str(savedmodel))
+    finally:
+        if previous is None:
+            del os.environ["CI"]
+        else:
+            os.environ["CI"] = previous
+    info = model.get_rt_info()
+    if "conversion_parameters" in info:  # holds the input path: not reproducible
+        del info["conversion_parameters"]
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    ov.save_model(model, str(xml), compress_to_fp16=False)
+    return xml
+
+
+def openvino_folds(
+    model: keras.Model, weights: Sequence[Path], cache: Path, role: str = "segmentation"
+) -> list[Path]:
+    """Each fold's network as OpenVINO IR, converted once: ``cache/<key>/<role>_fold<k>.xml``
+    where the key hashes the weight files (path, size, modification time) and the model's
+    configuration, so a later prediction with the same folds reuses them."""
+    stamps = [[str(p), p.stat().st_size, p.stat().st_mtime_ns] for p in weights]
+    key = hashlib.sha256(
+        json.dumps([stamps, model.to_json(), role], sort_keys=True).encode()
+    ).hexdigest()[:16]
+    folder = cache / f"{role}_{key}"
+    xmls = [folder / f"{role}_fold{fold}.xml" for fold in range(len(weights))]
+    if all(xml.is_file() and xml.with_suffix(".bin").is_file() for xml in xmls):
+        return xmls
+    with atomic_path(folder) as built, tempfile.TemporaryDirectory() as scratch:
+        built.mkdir(parents=True)
+        for fold, path in enumerate(weights):
+            load_best_weights(model, path)
+            savedmodel = save_savedmodel(model, Path(scratch) / f"fold{fold}")
+            save_openvino(savedmodel, built / xmls[fold].name)
+        shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier conversion
+    return xmls

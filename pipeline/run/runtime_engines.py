@@ -1,0 +1,208 @@
+"""Engines that run exported networks (pure run layer: no TensorFlow at import).
+
+Each implements ``run.predictor``'s ``SegmentationEngine`` (and ``PresenceEngine``) over
+one file per fold, so ``pipeline.predict`` and the bundle runner drive them with the same
+TTA, fold merge and post-processing code as the Keras engines:
+
+- ``OpenVinoNetworks``: OpenVINO IR (``.xml``/``.bin``). One compiled model per fold and
+  input shape, the throughput hint, batches cut into requests of ``rows`` stacked images
+  run by an ``AsyncInferQueue`` (the CPU's streams in parallel), computed in bfloat16 where
+  the CPU does it natively (``core.precision``). Measured fastest in bfloat16 on a 2-core
+  AMD EPYC with AVX512-BF16; in float32 not faster than TensorFlow (docs/deploy.md).
+- ``SavedModelNetworks``: a SavedModel on a stock TensorFlow, imported only when built.
+
+``ENGINES`` names them; ``available_engines`` says which are installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.core.precision import ENGINE_CHOICES
+
+log = logging.getLogger(__name__)
+
+OPENVINO = "openvino"
+TENSORFLOW = "tensorflow"
+# The engines a run may ask for, fastest first (``auto`` takes the first installed).
+ENGINES: tuple[str, ...] = tuple(e for e in ENGINE_CHOICES if e != "auto")
+# The OpenVINO inference precision of each ``predict.precision``.
+OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
+# Rows (stacked images) per OpenVINO request: one image's four flips.
+REQUEST_ROWS = 4
+STRIDE = 32
+
+
+def available_engines() -> list[str]:
+    """The engines whose runtime is installed, fastest first."""
+    module = {OPENVINO: "openvino", TENSORFLOW: "tensorflow"}
+    return [name for name in ENGINES if importlib.util.find_spec(module[name]) is not None]
+
+
+def choose_engine(
+    requested: str, offered: Sequence[str] | None = None, precision: str = "bfloat16"
+) -> str:
+    """``requested`` unless it is ``auto``: then the engine measured fastest for
+    ``precision`` among those installed and ``offered`` (default: all). OpenVINO in
+    bfloat16 (3.6x a kernel's forward on AVX512-BF16); in float32 TensorFlow where it is
+    installed (OpenVINO measured 0.89x its forward, EfficientNet-B2 at 352x480, on a
+    Xeon without BF16; docs/deploy.md), else OpenVINO. ValueError when none is
+    installed or it is unknown."""
+    if requested not in ENGINE_CHOICES:
+        raise ValueError(f"engine must be one of {list(ENGINE_CHOICES)}; got {requested!r}")
+    installed = available_engines()
+    candidates = [e for e in installed if offered is None or e in offered]
+    if requested == "auto":
+        if not candidates:
+            raise ValueError(
+                f"no engine installed for {list(offered or ENGINES)}: pip install openvino "
+                "(the runner's requirements.txt) or tensorflow"
+            )
+        if precision != "bfloat16" and TENSORFLOW in candidates:
+            return TENSORFLOW
+        return candidates[0]
+    if requested not in installed:
+        raise ValueError(f"engine {requested!r} is not installed (pip install {requested})")
+    return requested
+
+
+def _accepts(height: int, width: int, fixed: tuple[int, int] | None) -> bool:
+    if fixed is not None:
+        return (height, width) == fixed
+    return height % STRIDE == 0 and width % STRIDE == 0
+
+
+class OpenVinoNetworks:
+    """OpenVINO IR folds: a segmentation (``forward`` -> masks, presence or None) or a
+    presence classifier (``presence`` True: ``forward`` -> (M, C))."""
+
+    def __init__(
+        self,
+        xmls: Sequence[Path],
+        precision: str = "float32",
+        presence: bool = False,
+        fixed_size: tuple[int, int] | None = None,
+        rows: int = REQUEST_ROWS,
+    ) -> None:
+        import openvino as ov
+
+        if not xmls:
+            raise ValueError("an engine needs at least one fold's network")
+        self._ov = ov
+        self.core = ov.Core()
+        self.xmls = list(xmls)
+        self.config = {
+            "PERFORMANCE_HINT": "THROUGHPUT",
+            "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision],
+        }
+        self.is_presence = presence
+        self.fixed_size = fixed_size
+        self.rows = rows
+        self.fold = 0
+        self._compiled: dict[tuple[int, int, int], Any] = {}
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.xmls)
+
+    def use_fold(self, fold: int) -> None:
+        self.fold = fold
+
+    def accepts(self, height: int, width: int) -> bool:
+        return _accepts(height, width, self.fixed_size)
+
+    def _compiled_for(self, height: int, width: int) -> Any:
+        key = (self.fold, height, width)
+        if key not in self._compiled:
+            model = self.core.read_model(str(self.xmls[self.fold]))
+            model.reshape({model.inputs[0].get_any_name(): [self.rows, height, width, 3]})
+            self._compiled[key] = self.core.compile_model(model, "CPU", self.config)
+        return self._compiled[key]
+
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        """Every output of ``batch`` (M, H, W, 3) float32, in the model's output order."""
+        compiled = self._compiled_for(int(batch.shape[1]), int(batch.shape[2]))
+        n = len(batch)
+        outputs: list[np.ndarray | None] = [None] * len(compiled.outputs)
+        queue = self._ov.AsyncInferQueue(compiled)
+
+        def done(request: Any, start: int) -> None:
+            stop = min(start + self.rows, n)
+            for i, tensor in enumerate(request.output_tensors):
+                values = tensor.data
+                array = outputs[i]
+                if array is None:
+                    array = np.empty((n, *values.shape[1:]), dtype=np.float32)
+                    outputs[i] = array
+                array[start:stop] = values[: stop - start]
+
+        queue.set_callback(done)
+        for start in range(0, n, self.rows):
+            chunk = batch[start : start + self.rows]
+            if len(chunk) < self.rows:
+                pad = np.zeros((self.rows - len(chunk), *chunk.shape[1:]), dtype=np.float32)
+                chunk = np.concatenate([chunk, pad])
+            queue.start_async({0: np.ascontiguousarray(chunk, dtype=np.float32)}, start)
+        queue.wait_all()
+        return [array for array in outputs if array is not None]
+
+    def forward(self, batch: np.ndarray) -> Any:
+        """(M, H, W, 3) float32 -> masks (M, H, W, C) and presence (M, C) or None; a
+        presence classifier's (M, C)."""
+        outputs = self._run(batch)
+        masks = next((o for o in outputs if o.ndim == 4), None)
+        head = next((o for o in outputs if o.ndim == 2), None)
+        if self.is_presence:
+            assert head is not None, "a presence classifier outputs (M, C)"
+            return head
+        assert masks is not None, "a segmentation network outputs (M, H, W, C)"
+        return masks, head
+
+
+class SavedModelNetworks:
+    """SavedModel folds on a stock TensorFlow (imported here, when built)."""
+
+    def __init__(
+        self,
+        folders: Sequence[Path],
+        presence: bool = False,
+        fixed_size: tuple[int, int] | None = None,
+    ) -> None:
+        import tensorflow as tf
+
+        if not folders:
+            raise ValueError("an engine needs at least one fold's network")
+        self._tf = tf
+        self.folders = list(folders)
+        self.is_presence = presence
+        self.fixed_size = fixed_size
+        self._loaded: Any = None
+        self.fold = -1
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.folders)
+
+    def use_fold(self, fold: int) -> None:
+        if fold != self.fold:
+            self._loaded = self._tf.saved_model.load(str(self.folders[fold]))
+            self.fold = fold
+
+    def accepts(self, height: int, width: int) -> bool:
+        return _accepts(height, width, self.fixed_size)
+
+    def forward(self, batch: np.ndarray) -> Any:
+        """As ``OpenVinoNetworks.forward``."""
+        result = self._loaded.signatures["serving_default"](
+            images=self._tf.constant(batch, self._tf.float32)
+        )
+        outputs = {key: value.numpy() for key, value in result.items()}
+        if self.is_presence:
+            return outputs["presence"]
+        return outputs["masks"], outputs.get("presence")
