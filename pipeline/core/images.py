@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import cv2
@@ -73,6 +73,18 @@ def resolve_image_path(folder: str | Path, image_id: str) -> Path:
         f"no image for image_id {image_id!r} in folder {str(folder)!r}; tried the id "
         f"itself and the extensions {', '.join(IMAGE_EXTENSIONS)} (any case)"
     )
+
+
+def missing_images(folder: str | Path, image_ids: Iterable[str]) -> list[str]:
+    """The ids among ``image_ids`` that have no file in ``folder`` (``resolve_image_path``),
+    in their order."""
+    missing = []
+    for image_id in image_ids:
+        try:
+            resolve_image_path(folder, image_id)
+        except FileNotFoundError:
+            missing.append(image_id)
+    return missing
 
 
 def list_image_files(folder: str | Path) -> list[str]:

@@ -646,7 +646,8 @@ class TrackingConfig(Section):
     )
 
 
-def _default_augment() -> list[TransformSpec]:
+def recipe_augment() -> list[TransformSpec]:
+    """The recipe's training augmentation (augment's default): flips + Affine +-45 deg."""
     return [
         {"name": "HorizontalFlip", "params": {"p": 0.5}},
         {"name": "VerticalFlip", "params": {"p": 0.5}},
@@ -689,7 +690,7 @@ class RootConfig(Section):
             "list of transforms",
         ),
     ] = Field(
-        default_factory=_default_augment,
+        default_factory=recipe_augment,
         description="albumentations transforms applied to the training crops, in order",
     )
     tta: TtaConfig = Field(default_factory=TtaConfig, description=TtaConfig.__doc__)

@@ -49,6 +49,7 @@ from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.images import (
     IMAGE_EXTENSIONS,
     folder_image_ids,
+    missing_images,
     read_image,
     resolve_image_path,
 )
@@ -112,12 +113,7 @@ def list_folder_images(
     if sample_submission is not None:
         sample = read_masks(sample_submission, csv_format=plan.csv_format, classes=plan.classes)
         ids = sorted(sample.table["image_id"].unique())
-        missing = []
-        for image_id in ids:
-            try:
-                resolve_image_path(folder, image_id)
-            except FileNotFoundError:
-                missing.append(image_id)
+        missing = missing_images(folder, ids)
         if missing:
             raise FileNotFoundError(
                 f"sample submission {str(sample_submission)!r} lists {len(missing)} image(s) "

@@ -27,7 +27,7 @@ from pipeline.core.images import (
     files_fingerprint,
     folder_image_ids,
     list_image_files,
-    resolve_image_path,
+    missing_images,
 )
 from pipeline.core.layout import (
     CLASSIFIER_STAGE,
@@ -96,12 +96,7 @@ def _check_sample_images(sample: str, folder: Path, image_ids: Sequence[str]) ->
     before any model is loaded)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"data.test_images folder {str(folder)!r} does not exist")
-    missing = []
-    for image_id in image_ids:
-        try:
-            resolve_image_path(folder, image_id)
-        except FileNotFoundError:
-            missing.append(image_id)
+    missing = missing_images(folder, image_ids)
     if missing:
         raise FileNotFoundError(
             f"sample submission {sample!r} lists {len(missing)} image(s) that the test folder "
