@@ -36,11 +36,15 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import compute_figures, describe_machine, format_compute, record
+from pipeline.core.atomic import write_csv
 from pipeline.core.config import load_config
+from pipeline.core.images import list_image_files
+from pipeline.core.layout import FOLDS as FOLDS_CSV
 from pipeline.core.postprocess import PostprocessParams, save_postprocess
 from pipeline.core.precision import PRECISIONS
 from pipeline.make_demo_data import make_demo_data
@@ -79,7 +83,12 @@ def make_config(work: Path, data: Path, batch_size: int, precision: str = "auto"
 
 
 def write_fake_run(config, model) -> None:
-    """Fold weights (the same fresh model in each), finished-fold markers, postprocess.json."""
+    """The split, fold weights (the same fresh model in each), finished-fold markers and
+    postprocess.json: what a trained run holds that prediction reads."""
+    ids = list_image_files(config.data.train_images)
+    split = pd.DataFrame({"image_id": ids, "fold": [k % FOLDS for k in range(len(ids))]})
+    config.run_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(config.run_dir / FOLDS_CSV, split)
     for fold in range(FOLDS):
         fold_dir = config.fold_dir(fold)
         fold_dir.mkdir(parents=True, exist_ok=True)

@@ -194,7 +194,7 @@ def test_classifier_gate_without_classifier_oof_is_an_error(tmp_path, tiny_data)
     gate = PostprocessParams(0.5, 0, gate="classifier", gate_threshold=0.5)
     params = {name: gate for name in open_experiment(config).classes}
     save_postprocess(config.run_dir / "postprocess.json", params)
-    with pytest.raises(FileNotFoundError, match="pipeline.train_classifier"):
+    with pytest.raises(FileNotFoundError, match="foldseg train-classifier"):
         open_run(config)
 
 
