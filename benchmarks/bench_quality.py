@@ -54,12 +54,12 @@ sys.path.insert(0, str(REPO))
 from benchmarks.bench_real import DEFAULT_DATA, build_instances, build_severstal, split_ids  # noqa: E402
 from benchmarks.common import describe_machine, record  # noqa: E402
 from pipeline.core.config import CONFIG_DIR, Config, load_config  # noqa: E402
-from pipeline.core.schema import recipe_augment  # noqa: E402
+from pipeline.core.schema import flips_augment, recipe_augment  # noqa: E402
 
 SETS = ("dsb", "dsb_sparse", "dsb_sizes", "demo", "scenes")
 # The recipe's augmentation (the schema's augment default): flips + Affine +-45 deg.
 RECIPE_AUGMENT: list[Any] = list(recipe_augment())
-FLIPS_ONLY = [transform for transform in RECIPE_AUGMENT if transform["name"] != "Affine"]
+FLIPS_ONLY: list[Any] = list(flips_augment())
 # A class present in at least this share of the images counts as frequent.
 FREQUENT_SHARE = 0.9
 # scenes: CamVid's shape (468 training images at 360x480, 4 classes) trained at 96x128.

@@ -28,7 +28,14 @@ from pipeline.core.atomic import write_json, write_text
 from pipeline.core.commands import command_line
 from pipeline.core.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
 from pipeline.core.fingerprint import fingerprint_path, measure_fingerprint
-from pipeline.core.planning import Choice, candidate_sizes, plan_choices, render_config
+from pipeline.core.planning import (
+    Choice,
+    candidate_sizes,
+    fold_training_images,
+    plan_batch,
+    plan_choices,
+    render_config,
+)
 from pipeline.core.precision import BF16_CPU_FLAGS, cpu_flags
 from pipeline.run.command import Command, parse_size
 from pipeline.run.experiment import dataset_image_ids, read_training_masks
@@ -119,7 +126,14 @@ def plan(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[Choice]]:
         [f"model.backbone={backbone}", "model.encoder_weights=null", "train.loss=bce_dice"]
     )
     log.info("timing a train step at %s", sizes[1].value)
-    step = time_train_step(probe, len(table.classes), sizes[1].value, cores=machine["cores"])
+    n_train = fold_training_images(len(ids), args.folds)
+    step = time_train_step(
+        probe,
+        len(table.classes),
+        sizes[1].value,
+        batch_for=lambda bytes_per_image: plan_batch(bytes_per_image, machine, n_train),
+        cores=machine["cores"],
+    )
     submission = args.submission_size
     choices = plan_choices(fingerprint, machine, step, sizes, args.hours, args.folds, submission)
     out_dir = args.out.resolve().parent

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.core.schema import flips_augment
+
 STRIDE = 32  # U-Net's input sides are multiples of the encoder's stride
 # Longest training side by machine: GPU; CPU with at least CPU_MANY_CORES cores; fewer.
 MAX_SIDE_GPU, MAX_SIDE_CPU_MANY, MAX_SIDE_CPU_FEW = 512, 256, 96
@@ -33,6 +35,9 @@ SMALL_OBJECT_FRACTION = 0.01  # median object under 1% of the image: dice loss
 BUDGET_SHARE_TRAINING = 0.6  # of --hours: the segmentation folds; the rest tune/predict
 MIN_EPOCHS, MAX_EPOCHS = 3, 60
 VALIDATION_COST = 0.35  # a validation pass costs about this share of a training epoch
+FIRST_EPOCH_STEPS = 2  # a fold's first epoch traces the train and validation steps: about
+#   two probe warm-up steps
+SMALL_CROP_PIXELS = 128 * 128  # crops up to this train as two single-thread folds on a CPU
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,73 @@ def candidate_sizes(
     return image, Choice("train.crop_size", crop_size, crop_reason)
 
 
+def memory_for_batch(machine: Mapping[str, Any]) -> tuple[float, str]:
+    """The bytes a training batch may take on this machine, and where they come from."""
+    if machine.get("gpu"):
+        free = float(machine.get("gpu_memory_gb") or 8.0) * 2**30 * MEMORY_SHARE_GPU
+        return free, f"{MEMORY_SHARE_GPU:.0%} of the GPU's {machine.get('gpu_memory_gb')} GB"
+    free = float(machine.get("memory_available_gb") or 4.0) * 2**30 * MEMORY_SHARE_CPU
+    return free, f"{MEMORY_SHARE_CPU:.0%} of the {machine.get('memory_available_gb')} GB free"
+
+
+def fold_training_images(n_images: int, n_splits: int) -> int:
+    """The images one fold trains on."""
+    return n_images * (n_splits - 1) // n_splits
+
+
+def plan_batch(bytes_per_image: float, machine: Mapping[str, Any], n_train: int) -> int:
+    """The training batch: what fits in memory, at most the recipe's effective batch and a
+    quarter of a fold's training images, at least a few images for BatchNorm."""
+    fits = max(1, int(memory_for_batch(machine)[0] // max(bytes_per_image, 1.0)))
+    return max(1, min(fits, EFFECTIVE_BATCH, MAX_BATCH, max(MIN_BATCH, n_train // 4)))
+
+
+def parallel_folds(machine: Mapping[str, Any], crop: Sequence[int]) -> int:
+    """Two single-thread fold processes for small crops on a multi-core CPU, else one."""
+    small = int(crop[0]) * int(crop[1]) <= SMALL_CROP_PIXELS
+    return 2 if not machine.get("gpu") and int(machine.get("cores", 1)) >= 2 and small else 1
+
+
+def plan_epochs(
+    step: Mapping[str, Any],
+    machine: Mapping[str, Any],
+    n_train: int,
+    n_splits: int,
+    parallel: int,
+    hours: float,
+) -> tuple[int, str]:
+    """Epochs that fit the training share of ``hours``, and the arithmetic as the reason.
+
+    A fold's epoch costs its training images x the measured seconds per image at the
+    planned batch x (1 + the validation share). With ``parallel`` single-thread fold
+    processes on a CPU an image costs the step's CPU time (one core each) and the folds
+    run in ceil(folds / parallel) waves; one process uses every core (the quiet wall
+    time). Each fold also pays its first epoch's tracing once (``s_first_step`` x
+    ``FIRST_EPOCH_STEPS``).
+    """
+    batch = max(int(step["batch"]), 1)
+    on_cpu = not machine.get("gpu")
+    if on_cpu and parallel > 1:
+        s_per_image = float(step.get("s_per_step_cpu", step["s_per_step"])) / batch
+        how = "one core per fold process"
+    else:
+        s_per_image = float(step["s_per_step"]) / batch
+        how = "all cores in one process"
+    waves = math.ceil(n_splits / max(parallel, 1))
+    s_per_epoch = n_train * s_per_image * (1 + VALIDATION_COST)
+    overhead = float(step.get("s_first_step", 0.0)) * FIRST_EPOCH_STEPS
+    budget = hours * 3600 * BUDGET_SHARE_TRAINING
+    fit = int(max(budget - waves * overhead, 0.0) // max(s_per_epoch * waves, 1e-9))
+    epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, fit))
+    note = "" if epochs == fit else f" (clamped to {MIN_EPOCHS}..{MAX_EPOCHS})"
+    return epochs, (
+        f"measured {s_per_image * 1000:.0f} ms per image at batch {batch} ({how}): "
+        f"{s_per_epoch:.0f} s per fold epoch with validation, {overhead:.0f} s of tracing "
+        f"per fold; {n_splits} folds in {waves} wave(s) in {BUDGET_SHARE_TRAINING:.0%} of "
+        f"{hours:g} h -> {fit}{note}"
+    )
+
+
 def plan_choices(
     fingerprint: Mapping[str, Any],
     machine: Mapping[str, Any],
@@ -109,7 +181,8 @@ def plan_choices(
         fingerprint: ``fingerprint.measure_fingerprint``'s result.
         machine: ``cores``, ``memory_available_gb``, ``gpu`` (name or None),
             ``gpu_memory_gb``, ``bf16`` (bool).
-        step: the timed train step at the crop: ``batch``, ``s_per_step``,
+        step: the train step timed at the crop and at the planned batch (``plan_batch``):
+            ``batch``, ``s_per_step`` (quiet wall), ``s_per_step_cpu``, ``s_first_step``,
             ``bytes_per_image``, ``backbone``.
         sizes: ``candidate_sizes``' choices.
         hours: the wall-time budget of the whole run.
@@ -123,15 +196,10 @@ def plan_choices(
     gpu = bool(machine.get("gpu"))
     # Batch and accumulation, from the memory one image takes in a train step.
     per_image = max(float(step["bytes_per_image"]), 1.0)
-    if gpu:
-        free = float(machine.get("gpu_memory_gb") or 8.0) * 2**30 * MEMORY_SHARE_GPU
-        where = f"{MEMORY_SHARE_GPU:.0%} of the GPU's {machine.get('gpu_memory_gb')} GB"
-    else:
-        free = float(machine.get("memory_available_gb") or 4.0) * 2**30 * MEMORY_SHARE_CPU
-        where = f"{MEMORY_SHARE_CPU:.0%} of the {machine.get('memory_available_gb')} GB free"
+    free, where = memory_for_batch(machine)
     fits = max(1, int(free // per_image))
-    n_train = n_images * (n_splits - 1) // n_splits
-    batch = max(1, min(fits, EFFECTIVE_BATCH, MAX_BATCH, max(MIN_BATCH, n_train // 4)))
+    n_train = fold_training_images(n_images, n_splits)
+    batch = int(step["batch"])
     accumulation = max(1, math.ceil(EFFECTIVE_BATCH / batch)) if batch < EFFECTIVE_BATCH else 1
     mb = per_image / 2**20
     choices.append(
@@ -150,29 +218,18 @@ def plan_choices(
             f"(the recipe's {EFFECTIVE_BATCH})",
         )
     )
-    # Epochs from the measured step time and the budget.
-    s_per_image = float(step["s_per_step"]) / max(int(step["batch"]), 1)
-    crop_pixels = crop.value[0] * crop.value[1]
-    s_per_epoch = n_train * s_per_image * (1 + VALIDATION_COST)
-    budget = hours * 3600 * BUDGET_SHARE_TRAINING
-    fit = int(budget // max(s_per_epoch * n_splits, 1e-9))
-    epochs = max(MIN_EPOCHS, min(MAX_EPOCHS, fit))
-    note = "" if epochs == fit else f" (clamped to {MIN_EPOCHS}..{MAX_EPOCHS})"
+    parallel = parallel_folds(machine, crop.value)
     choices.append(
         Choice(
-            "train.epochs",
-            epochs,
-            f"measured {s_per_image * 1000:.0f} ms per {crop.value[0]}x{crop.value[1]} image "
-            + (
-                f"(wall {float(step['s_per_step_wall']) / int(step['batch']) * 1000:.0f} ms "
-                "on the shared CPU) "
-                if "s_per_step_wall" in step and step["s_per_step_wall"] > step["s_per_step"]
-                else ""
-            )
-            + f"per train step: {s_per_epoch:.0f} s per epoch with validation, "
-            f"{n_splits} folds in {BUDGET_SHARE_TRAINING:.0%} of {hours:g} h -> {fit}{note}",
+            "train.parallel_folds",
+            parallel,
+            "small crops on a CPU: two fold processes use the cores better"
+            if parallel > 1
+            else "one fold at a time",
         )
     )
+    epochs, budget_reason = plan_epochs(step, machine, n_train, n_splits, parallel, hours)
+    choices.append(Choice("train.epochs", epochs, budget_reason))
     # Folds.
     presence = [float(c["presence"]) for c in classes.values()]
     uneven = max(presence) - min(presence) > UNEVEN_PRESENCE or any(
@@ -211,6 +268,20 @@ def plan_choices(
             Choice("classifier.epochs", max(MIN_EPOCHS, epochs * 2 // 3), "2/3 of the epochs")
         )
         choices.append(Choice("classifier.batch_size", batch, "the segmentation's batch"))
+        choices.append(
+            Choice(
+                "classifier.pooling",
+                "avgmax",
+                "average and max pooled: max still fires on small regions (docs/training.md)",
+            )
+        )
+        choices.append(
+            Choice(
+                "classifier.multiscale_pooling",
+                True,
+                "pooled from all five stages: OOF AUC 0.95-0.98 against 0.88-0.97 on the demo",
+            )
+        )
         choices.append(Choice("classifier.weights", None, "no download assumed"))
         choices.append(
             Choice("classifier.backbone", "resnet18", "learns presence from scratch quickly")
@@ -270,6 +341,14 @@ def plan_choices(
             ),
         )
     )
+    choices.append(
+        Choice(
+            "augment",
+            flips_augment(),
+            "flips only: the recipe's Affine +-45 deg cost 0.02-0.03 OOF Dice in short runs "
+            "on the demo (3 seeds) and the street scenes (docs/quality.md)",
+        )
+    )
     # Network and short-run settings.
     choices.append(
         Choice(
@@ -295,16 +374,6 @@ def plan_choices(
             "train.lr",
             0.002 if batch * accumulation >= EFFECTIVE_BATCH else 0.001,
             "from scratch (no pretrained encoder): a higher rate than the recipe's 3e-4",
-        )
-    )
-    many = not gpu and int(machine.get("cores", 1)) >= 2 and crop_pixels <= 128 * 128
-    choices.append(
-        Choice(
-            "train.parallel_folds",
-            2 if many else 1,
-            "small crops on a CPU: two fold processes use the cores better"
-            if many
-            else "one fold at a time",
         )
     )
     choices.append(
@@ -356,6 +425,9 @@ def render_config(
         else:
             top.append(f"{key}: {_flow(value)}")
     for choice in choices:
+        if "." not in choice.key:
+            top.append(f"{choice.key}: {_flow(choice.value)}  # {choice.reason}")
+            continue
         section, name = choice.key.split(".", 1)
         if name.endswith("_note"):
             sections.setdefault(section, []).append(

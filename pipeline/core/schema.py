@@ -663,6 +663,11 @@ def recipe_augment() -> list[TransformSpec]:
     ]
 
 
+def flips_augment() -> list[TransformSpec]:
+    """The recipe's augmentation without its Affine: horizontal and vertical flips."""
+    return [t for t in recipe_augment() if t["name"] != "Affine"]
+
+
 class RootConfig(Section):
     """One experiment's configuration: the top-level keys and every section."""
 

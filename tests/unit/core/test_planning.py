@@ -66,8 +66,23 @@ def test_rules_follow_the_fingerprint() -> None:
     uneven = plan_choices(fingerprint([0.9, 0.3], empty=0.4), CPU, step(), sizes, 1.0, 3, None)
     assert choice(uneven, "folds.method").value == "multilabel_stratified"
     assert "classifier" in choice(uneven, "postprocess.gates").value
-    # Epochs: 200 training images x 0.1 s x 1.35 per epoch and fold, 3 folds, 60% of 1 h.
-    assert choice(even, "train.epochs").value == int(3600 * 0.6 // (200 * 0.1 * 1.35 * 3))
+    # Epochs: 200 training images x 0.1 s x 1.35 per epoch and fold; small crops on 2 CPU
+    # cores train as two single-thread fold processes, so 3 folds take 2 waves; 60% of 1 h.
+    assert choice(even, "train.parallel_folds").value == 2
+    assert choice(even, "train.epochs").value == int(3600 * 0.6 // (200 * 0.1 * 1.35 * 2))
+    # One process per fold on a GPU: 3 waves at the quiet wall time, and each fold's
+    # first-epoch tracing (2 probe warm-ups) comes off the budget first.
+    traced = {**step(), "s_first_step": 30.0}
+    gpu = {**CPU, "gpu": "H100", "gpu_memory_gb": 80}
+    one = plan_choices(fingerprint([1.0]), gpu, traced, sizes, 1.0, 3, None)
+    assert choice(one, "train.parallel_folds").value == 1
+    expected = int((3600 * 0.6 - 3 * 60) // (200 * 0.1 * 1.35 * 3))
+    assert choice(one, "train.epochs").value == expected
+    assert "60 s of tracing" in choice(one, "train.epochs").reason
+    # Two fold processes are charged the step's CPU time (one core each), not its wall.
+    busy = {**step(), "s_per_step_cpu": 0.8}
+    cpu_bound = plan_choices(fingerprint([1.0]), CPU, busy, sizes, 1.0, 3, None)
+    assert choice(cpu_bound, "train.epochs").value == int(3600 * 0.6 // (200 * 0.2 * 1.35 * 2))
     slow = plan_choices(fingerprint([1.0]), CPU, step(40.0), sizes, 1.0, 3, None)
     assert choice(slow, "train.epochs").value == 3  # clamped
     batch = choice(even, "train.batch_size").value
@@ -90,6 +105,8 @@ def test_rendered_config_loads_with_a_reason_per_key(tmp_path: Path) -> None:
     keyed = [line for line in text.splitlines() if line.startswith("  ") and ":" in line]
     assert all("  # " in line or line.lstrip().startswith("#") for line in keyed[1:])
     assert yaml.safe_load(text)["train"]["epochs"] == choice(choices, "train.epochs").value
+    assert [t["name"] for t in config.augment] == ["HorizontalFlip", "VerticalFlip"]
+    assert "Affine" in next(line for line in text.splitlines() if line.startswith("augment:"))
 
 
 def test_fingerprint_of_hand_made_masks(tmp_path: Path) -> None:
