@@ -29,9 +29,9 @@ KERAS3_TESTS := tests/unit/nn tests/integration/test_train.py \
 	tests/unit/run/test_framework.py
 
 test: setup
-	$(BIN)/python -m pytest -m "slow or not slow" -n 2 --dist loadfile --timeout=900 -q
+	$(BIN)/python -m pytest -m "slow or not slow" -n 2 --dist loadfile --timeout=900 -q --durations=30
 	FOLDSEG_FRAMEWORK=keras3 $(BIN)/python -m pytest -m "slow or not slow" -n 2 \
-		--dist loadfile --timeout=900 -q $(KERAS3_TESTS)
+		--dist loadfile --timeout=900 -q --durations=15 $(KERAS3_TESTS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -q

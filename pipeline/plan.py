@@ -32,6 +32,7 @@ from pipeline.core.planning import (
     Choice,
     candidate_sizes,
     fold_training_images,
+    parallel_folds,
     plan_batch,
     plan_choices,
     render_config,
@@ -39,15 +40,16 @@ from pipeline.core.planning import (
 from pipeline.core.precision import BF16_CPU_FLAGS, cpu_flags
 from pipeline.run.command import Command, parse_size
 from pipeline.run.experiment import dataset_image_ids, read_training_masks
-from pipeline.run.process import enter_framework
+from pipeline.run.fold_jobs import threads_per_job
+from pipeline.run.process import THREADS_ENV, enter_framework
 
 log = logging.getLogger(__name__)
 
 
 def probe_machine() -> dict[str, Any]:
-    """Cores this process may use, memory (total and available, GB), GPUs, bfloat16."""
-    from pipeline.nn.step_probe import gpu_devices
-
+    """Cores this process may use, memory (total and available, GB), the first NVIDIA GPU
+    (name and memory, from ``nvidia-smi``), native bfloat16. Starts no framework, so
+    that the timed step's threads can still be sized after it."""
     memory: dict[str, float] = {}
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -56,27 +58,27 @@ def probe_machine() -> dict[str, Any]:
                 memory[name] = round(int(value.split()[0]) / 2**20, 1)
     except OSError:
         pass
-    gpus = gpu_devices()
-    gpu_memory = None
-    if gpus:
-        try:
-            out = subprocess.run(
-                ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=30,
-            ).stdout.split()
-            gpu_memory = round(int(out[0]) / 1024, 1) if out else None
-        except (OSError, ValueError, subprocess.SubprocessError):
-            gpu_memory = None
+    gpus: list[tuple[str, float | None]] = []
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout
+        for line in out.strip().splitlines():
+            name, _, total = line.rpartition(",")
+            gpus.append((name.strip(), round(int(total) / 1024, 1)))
+    except (OSError, ValueError, subprocess.SubprocessError):
+        gpus = []
     flags = cpu_flags()
     return {
         "cores": len(os.sched_getaffinity(0)),
         "memory_total_gb": memory.get("MemTotal"),
         "memory_available_gb": memory.get("MemAvailable"),
-        "gpu": gpus[0]["name"] if gpus else None,
+        "gpu": gpus[0][0] if gpus else None,
         "gpus": len(gpus),
-        "gpu_memory_gb": gpu_memory,
+        "gpu_memory_gb": gpus[0][1] if gpus else None,
         "bf16": bool(BF16_CPU_FLAGS & flags),
         "bf16_flags": sorted(BF16_CPU_FLAGS & flags),
     }
@@ -106,8 +108,6 @@ def plan(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[Choice]]:
         raise ValueError(f"--hours must be > 0; got {args.hours}")
     config = source_config(args)
     enter_framework(config)
-    from pipeline.nn.step_probe import time_train_step
-
     ids = dataset_image_ids(config)
     table, _void = read_training_masks(config, ids)
     log.info("fingerprint of %d images, %d classes", len(ids), len(table.classes))
@@ -125,14 +125,21 @@ def plan(args: argparse.Namespace) -> tuple[str, dict[str, Any], list[Choice]]:
     probe = config.with_overrides(
         [f"model.backbone={backbone}", "model.encoder_weights=null", "train.loss=bce_dice"]
     )
-    log.info("timing a train step at %s", sizes[1].value)
     n_train = fold_training_images(len(ids), args.folds)
+    parallel = parallel_folds(machine, sizes[1].value)
+    if parallel > 1:
+        # Time the step as each of the parallel fold processes will run it: TensorFlow's
+        # threads are sized at its start, i.e. at this import.
+        os.environ.setdefault(THREADS_ENV, str(threads_per_job(parallel, machine["cores"])))
+    from pipeline.nn.step_probe import time_train_step
+
+    log.info("timing a train step at %s", sizes[1].value)
     step = time_train_step(
         probe,
         len(table.classes),
         sizes[1].value,
         batch_for=lambda bytes_per_image: plan_batch(bytes_per_image, machine, n_train),
-        cores=machine["cores"],
+        cores=int(os.environ.get(THREADS_ENV) or machine["cores"]),
     )
     submission = args.submission_size
     choices = plan_choices(fingerprint, machine, step, sizes, args.hours, args.folds, submission)

@@ -133,25 +133,28 @@ def plan_epochs(
     n_splits: int,
     parallel: int,
     hours: float,
+    classifier: bool = False,
 ) -> tuple[int, str]:
     """Epochs that fit the training share of ``hours``, and the arithmetic as the reason.
 
     A fold's epoch costs its training images x the measured seconds per image at the
-    planned batch x (1 + the validation share). With ``parallel`` single-thread fold
-    processes on a CPU an image costs the step's CPU time (one core each) and the folds
-    run in ceil(folds / parallel) waves; one process uses every core (the quiet wall
-    time). Each fold also pays its first epoch's tracing once (``s_first_step`` x
-    ``FIRST_EPOCH_STEPS``).
+    planned batch x (1 + the validation share). With ``parallel`` fold processes on a CPU
+    (the step timed at their threads) an image costs the step's CPU time and the folds
+    run in folds / parallel waves, rounded up unless ``classifier`` folds fill the last
+    wave's idle slots (the job runner starts them as soon as a slot frees); one process
+    uses every core (the quiet wall time). Each fold also pays its first epoch's tracing
+    once (``s_first_step`` x ``FIRST_EPOCH_STEPS``).
     """
     batch = max(int(step["batch"]), 1)
     on_cpu = not machine.get("gpu")
     if on_cpu and parallel > 1:
         s_per_image = float(step.get("s_per_step_cpu", step["s_per_step"])) / batch
-        how = "one core per fold process"
+        how = f"{parallel} fold processes"
     else:
         s_per_image = float(step["s_per_step"]) / batch
         how = "all cores in one process"
-    waves = math.ceil(n_splits / max(parallel, 1))
+    waves = n_splits / max(parallel, 1)
+    waves = waves if classifier else math.ceil(waves)
     s_per_epoch = n_train * s_per_image * (1 + VALIDATION_COST)
     overhead = float(step.get("s_first_step", 0.0)) * FIRST_EPOCH_STEPS
     budget = hours * 3600 * BUDGET_SHARE_TRAINING
@@ -161,7 +164,7 @@ def plan_epochs(
     return epochs, (
         f"measured {s_per_image * 1000:.0f} ms per image at batch {batch} ({how}): "
         f"{s_per_epoch:.0f} s per fold epoch with validation, {overhead:.0f} s of tracing "
-        f"per fold; {n_splits} folds in {waves} wave(s) in {BUDGET_SHARE_TRAINING:.0%} of "
+        f"per fold; {n_splits} folds in {waves:g} wave(s) in {BUDGET_SHARE_TRAINING:.0%} of "
         f"{hours:g} h -> {fit}{note}"
     )
 
@@ -228,7 +231,11 @@ def plan_choices(
             else "one fold at a time",
         )
     )
-    epochs, budget_reason = plan_epochs(step, machine, n_train, n_splits, parallel, hours)
+    empty = float(fingerprint["empty_pair_share"])
+    with_classifier = empty >= EMPTY_SHARE_FOR_CLASSIFIER
+    epochs, budget_reason = plan_epochs(
+        step, machine, n_train, n_splits, parallel, hours, with_classifier
+    )
     choices.append(Choice("train.epochs", epochs, budget_reason))
     # Folds.
     presence = [float(c["presence"]) for c in classes.values()]
@@ -245,8 +252,6 @@ def plan_choices(
         )
     )
     # Classifier.
-    empty = float(fingerprint["empty_pair_share"])
-    with_classifier = empty >= EMPTY_SHARE_FOR_CLASSIFIER
     gates = ["none", "classifier", "segmentation"] if with_classifier else ["none", "segmentation"]
     choices.append(
         Choice(

@@ -27,15 +27,6 @@ from pipeline.nn.optim import make_optimizer
 _FLOOR_BYTES_PER_PIXEL = 400
 
 
-def gpu_devices() -> list[dict[str, Any]]:
-    """The visible GPUs: name and memory in GB where TensorFlow reports them."""
-    found = []
-    for device in tf.config.list_physical_devices("GPU"):
-        details = tf.config.experimental.get_device_details(device)
-        found.append({"name": str(details.get("device_name", device.name))})
-    return found
-
-
 def _peak_rss_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
