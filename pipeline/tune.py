@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.core.atomic import write_csv
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
+from pipeline.core.exclusive import exclusive_levels, is_exclusive
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import CLASSIFIER_STAGE
@@ -40,6 +41,7 @@ from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.level_counts import class_histograms
 from pipeline.core.postprocess import (
     CLASSIFIER_GATES,
+    TOPK_GATES,
     resolve_at_least_one,
     save_postprocess,
     searchable_gates,
@@ -93,9 +95,21 @@ def search_postprocess(
         "classifier out-of-fold probs",
         f"train the classifier ({command_line('train-classifier', '--all', config=config.source)})",
     )
+    exclusive = is_exclusive(config.model.activation)
+    thresholds = list(grid.thresholds)
+    if exclusive:
+        # Argmax masks are 0 or 255: every threshold keeps the same pixels, and the
+        # top-k mean of a mask is no confidence. Minimum area, components and the
+        # classifier gate are what a softmax model's masks are tuned by.
+        thresholds = [0.5]
+        gates = [gate for gate in gates if gate not in TOPK_GATES]
+        log.info(
+            "model.activation softmax: argmax masks; searching minimum area, components "
+            "and the classifier gate per class (no thresholds, no top-k gates)"
+        )
     accumulator = GridAccumulator(
         exp.classes,
-        grid.thresholds,
+        thresholds,
         grid.min_areas,
         grid.gate_thresholds,
         len(readers),
@@ -110,6 +124,12 @@ def search_postprocess(
     def histograms(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> _Scored:
         image_id, fold, q, original = item
         truth = decode_truth(rles[image_id], original, q.shape[1:])
+        if exclusive:  # the argmax masks; void pixels out of truth and prediction
+            void = exp.void.get(image_id)
+            void_mask = decode_truth([void], original, q.shape[1:])[0] if void else None
+            q = exclusive_levels(q, void_mask)
+            if void_mask is not None:
+                truth = truth * (void_mask == 0)
         components = accumulator.component_counts(q, truth)
         return image_id, fold, class_histograms(q, truth), q.shape[1] * q.shape[2], components
 

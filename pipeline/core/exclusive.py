@@ -129,3 +129,20 @@ def _argmax_accumulate(values: np.ndarray) -> np.ndarray:
     for i in range(1, len(values)):
         best[i] = i if values[i] > values[best[i - 1]] else best[i - 1]
     return best
+
+
+def exclusive_levels(q: np.ndarray, void: np.ndarray | None = None) -> np.ndarray:
+    """(C, H, W) class maps of one image (uint8 quantised or float probabilities, as the
+    OOF store and predict hold them) -> the argmax masks in the same form: 255 (uint8) or
+    1.0 (float) where a class wins, else 0; zero where the (H, W) ``void`` is set. Every
+    threshold in (0, 1] then keeps exactly the argmax, so the per-class post-processing
+    (minimum area, components, gate) runs on them unchanged."""
+    q = np.asarray(q)
+    probs = np.moveaxis(q, 0, -1).astype(np.float32)
+    if q.dtype == np.uint8:
+        probs /= 255.0
+    masks = without_void(argmax_masks(probs), void)
+    masks = np.moveaxis(masks, -1, 0)
+    if q.dtype == np.uint8:
+        return masks * np.uint8(255)
+    return masks.astype(q.dtype)
