@@ -242,17 +242,24 @@ def read_masks_cached(
     data = config.data
     cache = experiment_cache_dir(config) / "masks" / f"table-{key}.json"
     if cache.is_file():
+        cached = None
         try:
             saved = json.loads(cache.read_text())
             table = pd.DataFrame({name: saved[name] for name in CANONICAL_COLUMNS}, dtype=str)
             void = {str(k): str(v) for k, v in dict(saved.get("void", {})).items()}
-            return MaskTable(
+            cached = MaskTable(
                 table=table, classes=list(saved["classes"]), csv_format=saved["layout"]
-            ), void
+            )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable mask table cache %s: %s", cache, exc)
+        if cached is not None:
+            if is_exclusive(config.model.activation):
+                check_exclusive(config, cached.table, cached.classes)
+            return cached, void
     mask_table, void = read_training_masks(config, known_images)
     _check_has_masks(config, mask_table.table, len(known_images))
+    if is_exclusive(config.model.activation):  # before anything is written
+        check_exclusive(config, mask_table.table, mask_table.classes)
     if data.train_csv is not None:
         file_sha256(Path(data.train_csv), cache.parent, remember=True)
     for stale in cache.parent.glob("table-*.json"):
@@ -319,8 +326,6 @@ def open_experiment(config: Config) -> Experiment:
     key = data_key(config, folder_ids)
     mask_table, void = read_masks_cached(config, folder_ids, key)
     table = mask_table.table
-    if is_exclusive(config.model.activation):
-        check_exclusive(config, table, mask_table.classes)
     image_ids = sorted(table["image_id"].unique())
     if data.max_images is not None:
         image_ids = image_ids[: data.max_images]
