@@ -41,11 +41,13 @@ from tests.exclusive_data import VOID, indexed_data_section, make_indexed_data  
 
 def write_config(work: Path, data: Path, args: argparse.Namespace, activation: str) -> Path:
     size = [args.size, args.size]
+    section: dict[str, Any] = {**indexed_data_section(data, args.classes), "image_size": size}
+    section["submission_size"] = None
     config = {
         "base": str(CONFIG_DIR / "demo.yaml"),
         "experiment": activation,
         "runs_dir": str(work / "runs"),
-        "data": {**indexed_data_section(data, args.classes), "image_size": size},
+        "data": section,
         "folds": {"n_splits": 2},
         "model": {"backbone": "resnet18", "encoder_weights": None, "activation": activation},
         "train": {
@@ -58,7 +60,6 @@ def write_config(work: Path, data: Path, args: argparse.Namespace, activation: s
         },
         "tta": {"views": ["identity"], "batch_size": 8},
     }
-    config["data"]["submission_size"] = None
     path = work / f"{activation}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -166,6 +166,18 @@ def _add_batch(
     )
 
 
+def exclusive_oof(
+    config: Config, exp: Experiment, readers: Sequence[ProbReader]
+) -> Iterator[tuple[str, int, np.ndarray, tuple[int, int]]]:
+    """``oof.iter_oof`` of a softmax run with each image's argmax masks
+    (``exclusive_levels``, void pixels emptied) in place of its class maps."""
+    original_sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
+    for image_id, fold, q, original in iter_oof(config, readers, original_sizes):
+        void = exp.void.get(image_id)
+        void_mask = decode_truth([void], original, q.shape[1:])[0] if void else None
+        yield image_id, fold, exclusive_levels(q, void_mask), original
+
+
 def compare_gates(result: TuneResult) -> dict[str, dict[str, float]]:
     """Per class, the best score reachable with each gate kind (``none`` = no gate)."""
     out: dict[str, dict[str, float]] = {}
@@ -240,7 +252,15 @@ def _tune(config: Config) -> TuneOutput:
     if at_least_one["applied"] or choice == "search":
         at_least_one.update(
             score_at_least_one(
-                config, exp, readers, result, classifier_probs, search=choice == "search"
+                config,
+                exp,
+                readers,
+                result,
+                classifier_probs,
+                search=choice == "search",
+                items=exclusive_oof(config, exp, readers)
+                if is_exclusive(config.model.activation)
+                else None,
             )
         )
     size = config.data.submission_size
