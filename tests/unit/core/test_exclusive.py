@@ -9,6 +9,7 @@ import pytest
 from pipeline.core import rle
 from pipeline.core.exclusive import (
     argmax_masks,
+    exclusive_levels,
     background,
     confusion_matrix,
     labels,
@@ -18,6 +19,7 @@ from pipeline.core.exclusive import (
     without_void,
 )
 from pipeline.core.metrics import kaggle_dice
+from pipeline.core.postprocess import binarize
 
 
 def test_argmax_takes_the_background_from_what_the_classes_leave() -> None:
@@ -77,3 +79,21 @@ def test_overlapping_pair_finds_classes_sharing_a_pixel() -> None:
     assert overlapping_pair([rles[0], rles[1], rle.encode(c)]) == (1, 2)
     # A long run of one class covering another's run that starts later.
     assert overlapping_pair(["1 50", "60 5", "10 2"]) == (0, 2)
+
+
+def test_exclusive_levels_keep_the_argmax_for_every_threshold() -> None:
+    q = np.zeros((3, 2, 2), np.uint8)  # (C, H, W) quantised, as the stores hold them
+    q[:, 0, 0] = [100, 90, 20]  # background 45/255 of the mass: class 0 wins at 100
+    q[:, 0, 1] = [60, 60, 60]  # background 75: it wins
+    q[:, 1, 0] = [0, 0, 250]  # class 2
+    q[:, 1, 1] = [200, 0, 0]  # class 0, but void
+    void = np.array([[0, 0], [0, 1]], np.uint8)
+    levels = exclusive_levels(q, void)
+    assert levels.dtype == np.uint8 and set(np.unique(levels)) <= {0, 255}
+    expected = np.zeros((3, 2, 2), np.uint8)
+    expected[0, 0, 0] = expected[2, 1, 0] = 1
+    for threshold in (0.05, 0.5, 0.95):
+        masks = np.stack([binarize(c, threshold) for c in levels])
+        np.testing.assert_array_equal(masks, expected)
+    floats = exclusive_levels(q.astype(np.float32) / 255.0)
+    assert floats.dtype == np.float32 and floats[0, 1, 1] == 1.0  # no void given
