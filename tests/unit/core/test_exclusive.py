@@ -9,9 +9,9 @@ import pytest
 from pipeline.core import rle
 from pipeline.core.exclusive import (
     argmax_masks,
-    exclusive_levels,
     background,
     confusion_matrix,
+    exclusive_levels,
     labels,
     mask_labels,
     one_hot,
