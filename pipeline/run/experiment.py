@@ -322,6 +322,13 @@ def open_experiment(config: Config) -> Experiment:
     image without rows has empty masks) and a row naming another image is an error.
     """
     data = config.data
+    if is_exclusive(config.model.activation) and config.tta.merge != "mean":
+        # The stores keep a softmax's C class probabilities and the background is what
+        # they leave (1 - sum): only a mean of distributions is still one.
+        raise ValueError(
+            f"tta.merge {config.tta.merge!r} does not apply to model.activation softmax: its "
+            "class probabilities are merged by their mean; set tta.merge: mean"
+        )
     folder_ids = dataset_image_ids(config)
     key = data_key(config, folder_ids)
     mask_table, void = read_masks_cached(config, folder_ids, key)

@@ -132,7 +132,9 @@ def test_softmax_trains_predicts_and_ignores_void_pixels(tmp_path: Path) -> None
     assert tuned_scores(config) != scores
 
 
-def test_softmax_with_overlapping_csv_masks_exits_2(tmp_path: Path, tiny_data: Path) -> None:
+def test_softmax_refuses_overlapping_masks_and_other_merges(
+    tmp_path: Path, tiny_data: Path
+) -> None:
     config = write_tiny_config(tmp_path, tiny_data, model={"activation": "softmax"})
     done = run_cli("pipeline.train", "--config", str(config), "--fold", "0")
     assert done.returncode == 2, done.stderr[-3000:]
@@ -140,3 +142,7 @@ def test_softmax_with_overlapping_csv_masks_exits_2(tmp_path: Path, tiny_data: P
     assert "has pixels in both class" in done.stderr and "mutually exclusive" in done.stderr
     assert "image '" in done.stderr
     assert not (tmp_path / "runs/tiny/folds.csv").exists()
+    # A merge other than the mean is refused too: the background is 1 - sum of the rest.
+    done = run_cli("pipeline.train", "--config", str(config), "--fold", "0",
+                   "--set", "tta.merge=gmean")  # fmt: skip
+    assert done.returncode == 2 and "set tta.merge: mean" in done.stderr, done.stderr[-3000:]
