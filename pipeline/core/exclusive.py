@@ -125,10 +125,11 @@ def overlapping_pair(rles: Sequence[str], where: str = "RLE") -> tuple[int, int]
 
 def _argmax_accumulate(values: np.ndarray) -> np.ndarray:
     """Index of the running maximum of ``values`` (first index on ties)."""
-    best = np.zeros(len(values), dtype=np.int64)
-    for i in range(1, len(values)):
-        best[i] = i if values[i] > values[best[i - 1]] else best[i - 1]
-    return best
+    if not len(values):
+        return np.zeros(0, dtype=np.int64)
+    before = np.concatenate([[values[0] - 1], np.maximum.accumulate(values)[:-1]])
+    rises = values > before  # where the running maximum grows: its new holder
+    return np.maximum.accumulate(np.where(rises, np.arange(len(values)), 0))
 
 
 def exclusive_levels(q: np.ndarray, void: np.ndarray | None = None) -> np.ndarray:

@@ -348,6 +348,7 @@ def open_experiment(config: Config) -> Experiment:
         method=config.folds.method,
     )
     log_data_set(config, table, mask_table.classes, mask_table.csv_format)
+    kept = set(image_ids)
     return Experiment(
         config,
         table,
@@ -356,7 +357,7 @@ def open_experiment(config: Config) -> Experiment:
         image_ids,
         folds,
         key,
-        {image_id: rle for image_id, rle in void.items() if rle and image_id in set(image_ids)},
+        {image_id: rle for image_id, rle in void.items() if rle and image_id in kept},
     )
 
 

@@ -97,3 +97,18 @@ def test_exclusive_levels_keep_the_argmax_for_every_threshold() -> None:
         np.testing.assert_array_equal(masks, expected)
     floats = exclusive_levels(q.astype(np.float32) / 255.0)
     assert floats.dtype == np.float32 and floats[0, 1, 1] == 1.0  # no void given
+
+
+def test_overlapping_pair_agrees_with_the_decoded_masks() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        masks = (rng.random((3, 6, 7)) < rng.random((3, 1, 1)) * 0.5).astype(np.uint8)
+        if rng.random() < 0.5:  # make them exclusive half of the time
+            label = rng.integers(0, 4, (6, 7))
+            masks = one_hot(label, 3).transpose(2, 0, 1)
+        pair = overlapping_pair([rle.encode(m) for m in masks])
+        shared = [(i, j) for i in range(3) for j in range(i + 1, 3) if (masks[i] & masks[j]).any()]
+        if not shared:
+            assert pair is None
+        else:
+            assert pair in shared
