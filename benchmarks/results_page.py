@@ -371,6 +371,26 @@ def pseudo_labels_rows(r: Record) -> list[Row]:
     return rows
 
 
+def softmax_rows(r: Record) -> list[Row]:
+    rows = []
+    for activation in ("sigmoid", "softmax"):
+        part = r.get(activation) or {}
+        rows.append(
+            {
+                "activation": activation,
+                "images / size / classes / epochs": (
+                    f"{r.get('n_train')} / {r.get('size')} / {r.get('classes')} / {r.get('epochs')}"
+                ),
+                "OOF Kaggle Dice (void out)": fmt(part.get("oof_kaggle_dice")),
+                "per class": " / ".join(fmt(v) for v in part.get("per_class", [])),
+                "pixel accuracy": fmt(part.get("pixel_accuracy")),
+                "val images": fmt(part.get("n_images")),
+                "train s": fmt(part.get("train_s")),
+            }
+        )
+    return rows
+
+
 SKIPPED = {"benchmark", "machine", "date", "commit", "note", "framework"}
 
 
@@ -403,6 +423,7 @@ SECTIONS: dict[str, tuple[str, Callable[[Record], list[Row]]]] = {
     "tune": ("Tuning on a Clouds-size OOF set (`bench_tune.py`)", tune_rows),
     "rle": ("RLE codec (`bench_rle.py`)", rle_rows),
     "jobs": ("Fold jobs: local pool against Ray (`bench_jobs.py`)", jobs_rows),
+    "softmax": ("Sigmoid against softmax, exclusive classes (`bench_softmax.py`)", softmax_rows),
 }
 
 

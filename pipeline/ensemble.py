@@ -49,6 +49,7 @@ from pipeline.core.atomic import write_text
 from pipeline.core.blend import blend_levels
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
+from pipeline.core.exclusive import is_exclusive
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import (
     ENSEMBLE,
@@ -202,6 +203,13 @@ def ensemble(
     if Path(submissions_dir).exists() and not Path(submissions_dir).is_dir():
         raise ValueError(f"--submissions-dir {str(submissions_dir)!r} is not a directory")
     members = open_members(config)
+    softmax = [m.name for m in members if is_exclusive(m.config.model.activation)]
+    if softmax or is_exclusive(config.model.activation):
+        raise ValueError(
+            f"ensemble members {softmax or [config.experiment]} use model.activation: "
+            "softmax; blends search per-class thresholds on independent probabilities, "
+            "which argmax masks do not have: ensembles take sigmoid members only"
+        )
     classes = members[0].exp.classes
     n_blends = len(blend_grid(config, len(members)))
     resolve_at_least_one(str(config.postprocess.at_least_one), False)  # a bad choice: refused

@@ -27,6 +27,8 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from pipeline.core import report
 from pipeline.core.atomic import write_csv, write_text
 from pipeline.core.commands import command_line
@@ -60,6 +62,7 @@ from pipeline.run.report_sections import (
     cv_section,
     energy_section,
     overview_section,
+    pixel_confusion_section,
     plan_section,
     postprocess_section,
     score_sections,
@@ -85,7 +88,9 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
     out = config.run_dir / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     log.info("scoring the OOF images at stages %s", [s.name for s in run.stages])
-    counts, worst = score_oof(run, n_worst)
+    n_labels = len(run.exp.classes) + 1
+    confusion = np.zeros((n_labels, n_labels), np.int64) if run.exclusive else None
+    counts, worst = score_oof(run, n_worst, confusion)
     by_fold = score_table(counts)
     pooled = score_table(counts, pooled=True)
     scores = Scores(by_fold, pooled, summarise_folds(by_fold), worst)
@@ -101,6 +106,7 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
         overview_section(run),
         cv_section(run),
         *score_sections(run, scores, out),
+        *([] if confusion is None else [pixel_confusion_section(run, confusion)]),
         postprocess_section(run, check, notes),
         curves_section(run, out),
         classifier_section(run, auc, out),
@@ -128,6 +134,14 @@ def evaluate(config: Config, n_worst: int = DEFAULT_WORST, force: bool = False) 
             "cv": None if cv is None else cv.to_dict(orient="records"),
             "summary": _nested_summary(scores),
             "per_fold": by_fold.to_dict(orient="records"),
+            "pixel_confusion": None
+            if confusion is None
+            else {
+                "labels": ["background", *run.exp.classes],
+                "rows": "truth",
+                "columns": "prediction",
+                "counts": confusion.tolist(),
+            },
             "pooled": pooled.to_dict(orient="records"),
             "tune_check": None if check is None else check.to_dict(orient="records"),
             "classifier_auc": None if auc is None else auc.to_dict(orient="records"),

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 
 from pipeline.core.atomic import atomic_path, write_csv
 from pipeline.core.config import Config
+from pipeline.core.exclusive import is_exclusive
 from pipeline.core.layout import LR_FIND_CSV, LR_FIND_DIR, LR_FIND_JSON, LR_FIND_PNG
 from pipeline.core.lr_range import (
     LrSuggestion,
@@ -103,7 +104,13 @@ def _fold_training_input(
     train_ids, _ = exp.members(fold)
     cache = training_cache(config, exp, config.data.image_size)
     t = config.train
-    sampler = CropSampler(cache, t.crop_size, build_augmentation(config.augment), config.seed)
+    sampler = CropSampler(
+        cache,
+        t.crop_size,
+        build_augmentation(config.augment),
+        config.seed,
+        is_exclusive(config.model.activation),
+    )
     return make_train_dataset(
         sampler,
         cache.index_of(train_ids),

@@ -45,6 +45,7 @@ from pipeline.core.atomic import write_csv
 from pipeline.core.clock import StageClock
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
+from pipeline.core.exclusive import exclusive_levels, is_exclusive
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import (
     CLASSIFIER_STAGE,
@@ -126,9 +127,12 @@ def pseudo_label(config: Config) -> dict[str, Any]:
             source = f"the top-{config.postprocess.topk_fraction:g} mean of the segmentation"
         log.info("presence probabilities from %s", source)
         rows: list[tuple[str, str, str]] = []
+        exclusive = is_exclusive(config.model.activation)
         counts = {name: {"present": 0, "absent": 0} for name in exp.classes}
         for i, image_id in enumerate(image_ids):
             q = np.asarray(reader.get(image_id))
+            if exclusive:  # softmax: the argmax masks, as predict post-processes them
+                q = exclusive_levels(q)
             scores = (
                 presence[i]
                 if presence is not None

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core.config import Config
+from pipeline.core.exclusive import argmax_masks, is_exclusive, without_void
 from pipeline.core.layout import OOF, OOF_PRESENCE
 from pipeline.core.lr_range import resolve_lr
 from pipeline.core.masks import resize_probs, truth_masks
@@ -96,7 +97,10 @@ def prepare(ctx: FoldContext) -> FoldParts:
         global_batch * t.accumulation_steps,
         steps,
     )
-    sampler = CropSampler(source, t.crop_size, build_augmentation(config.augment), config.seed)
+    exclusive = is_exclusive(config.model.activation)
+    sampler = CropSampler(
+        source, t.crop_size, build_augmentation(config.augment), config.seed, exclusive
+    )
 
     def train_data(epoch: int) -> tf.data.Dataset:
         stream = make_train_dataset(
@@ -111,7 +115,7 @@ def prepare(ctx: FoldContext) -> FoldParts:
         return with_presence_targets(stream, model)
 
     val_ds = make_eval_dataset(
-        cache, cache.index_of(ctx.val_ids), global_batch, t.val_crop, ctx.replicas
+        cache, cache.index_of(ctx.val_ids), global_batch, t.val_crop, ctx.replicas, exclusive
     )
     fixed = t.crop_size if config.model.architecture == "PSPNet" else None
     with ctx.strategy.scope():
@@ -207,12 +211,14 @@ def predict_oof(
 ) -> dict[str, Any]:
     """Predict the validation images (TTA from config) into a prob store at submission size.
 
-    Returns the Kaggle Dice at threshold 0.5 against the truth at the same size, and
+    Returns the Kaggle Dice at threshold 0.5 (a softmax model: of the argmax masks, void
+    pixels left out) against the truth at the same size, and
     with a presence head its probabilities (the mean over the views) as a frame
     ``image_id, <classes>`` in the order of ``val_ids`` (else None).
     """
     rows = cache.index_of(val_ids)
     rles = exp.rles()
+    exclusive = is_exclusive(config.model.activation)
     size = config.data.submission_size
     scores, presence = [], []
     with ProbWriter(out_dir, exp.classes, overwrite=True) as writer:
@@ -232,6 +238,11 @@ def predict_oof(
                 truth = truth_masks(rles[image_id], original, target)
                 # Scored on the stored uint8 values, so the tuner's plain-0.5 score agrees.
                 stored = dequantise_prob(q)[None]
+                if exclusive:
+                    void = exp.void.get(image_id)
+                    void_mask = truth_masks([void], original, target)[..., 0] if void else None
+                    truth = without_void(truth, void_mask)
+                    stored = without_void(argmax_masks(stored), void_mask)
                 scores.append(kaggle_dice(truth[None], stored, threshold=0.5)[0])
     per_image = np.stack(scores)  # (N, C)
     frame = None

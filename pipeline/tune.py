@@ -23,7 +23,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,6 +31,7 @@ import numpy as np
 from pipeline.core.atomic import write_csv
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
+from pipeline.core.exclusive import exclusive_levels, is_exclusive
 from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.images import cache_path, read_original_sizes
 from pipeline.core.layout import CLASSIFIER_STAGE
@@ -40,6 +41,7 @@ from pipeline.core.layout import POSTPROCESS_TABLE as TABLE_FILE
 from pipeline.core.level_counts import class_histograms
 from pipeline.core.postprocess import (
     CLASSIFIER_GATES,
+    TOPK_GATES,
     resolve_at_least_one,
     save_postprocess,
     searchable_gates,
@@ -93,9 +95,21 @@ def search_postprocess(
         "classifier out-of-fold probs",
         f"train the classifier ({command_line('train-classifier', '--all', config=config.source)})",
     )
+    exclusive = is_exclusive(config.model.activation)
+    thresholds = list(grid.thresholds)
+    if exclusive:
+        # Argmax masks are 0 or 255: every threshold keeps the same pixels, and the
+        # top-k mean of a mask is no confidence. Minimum area, components and the
+        # classifier gate are what a softmax model's masks are tuned by.
+        thresholds = [0.5]
+        gates = [gate for gate in gates if gate not in TOPK_GATES]
+        log.info(
+            "model.activation softmax: argmax masks; searching minimum area, components "
+            "and the classifier gate per class (no thresholds, no top-k gates)"
+        )
     accumulator = GridAccumulator(
         exp.classes,
-        grid.thresholds,
+        thresholds,
         grid.min_areas,
         grid.gate_thresholds,
         len(readers),
@@ -110,6 +124,12 @@ def search_postprocess(
     def histograms(item: tuple[str, int, np.ndarray, tuple[int, int]]) -> _Scored:
         image_id, fold, q, original = item
         truth = decode_truth(rles[image_id], original, q.shape[1:])
+        if exclusive:  # the argmax masks; void pixels out of truth and prediction
+            void = exp.void.get(image_id)
+            void_mask = decode_truth([void], original, q.shape[1:])[0] if void else None
+            q = exclusive_levels(q, void_mask)
+            if void_mask is not None:
+                truth = truth * (void_mask == 0)
         components = accumulator.component_counts(q, truth)
         return image_id, fold, class_histograms(q, truth), q.shape[1] * q.shape[2], components
 
@@ -144,6 +164,18 @@ def _add_batch(
         None if classifier_probs is None else np.stack([classifier_probs[i] for i in ids]),
         np.stack(components) if components else None,
     )
+
+
+def exclusive_oof(
+    config: Config, exp: Experiment, readers: Sequence[ProbReader]
+) -> Iterator[tuple[str, int, np.ndarray, tuple[int, int]]]:
+    """``oof.iter_oof`` of a softmax run with each image's argmax masks
+    (``exclusive_levels``, void pixels emptied) in place of its class maps."""
+    original_sizes = read_original_sizes(cache_path(exp.cache_dir, "train", config.data.image_size))
+    for image_id, fold, q, original in iter_oof(config, readers, original_sizes):
+        void = exp.void.get(image_id)
+        void_mask = decode_truth([void], original, q.shape[1:])[0] if void else None
+        yield image_id, fold, exclusive_levels(q, void_mask), original
 
 
 def compare_gates(result: TuneResult) -> dict[str, dict[str, float]]:
@@ -220,7 +252,15 @@ def _tune(config: Config) -> TuneOutput:
     if at_least_one["applied"] or choice == "search":
         at_least_one.update(
             score_at_least_one(
-                config, exp, readers, result, classifier_probs, search=choice == "search"
+                config,
+                exp,
+                readers,
+                result,
+                classifier_probs,
+                search=choice == "search",
+                items=exclusive_oof(config, exp, readers)
+                if is_exclusive(config.model.activation)
+                else None,
             )
         )
     size = config.data.submission_size

@@ -43,6 +43,7 @@ class PredictionPlan:
     csv_format: str
     submission_size: tuple[int, int] | None
     presence_size: tuple[int, int] | None = None
+    exclusive: bool = False  # model.activation softmax: argmax masks before post-processing
 
     def __post_init__(self) -> None:
         if not self.classes:
@@ -93,6 +94,7 @@ class PredictionPlan:
             "csv_format": self.csv_format,
             "submission_size": list(self.submission_size) if self.submission_size else None,
             "presence_size": list(self.presence_size) if self.presence_size else None,
+            "exclusive": self.exclusive,
         }
 
     @classmethod
@@ -116,6 +118,7 @@ class PredictionPlan:
                 csv_format=str(data["csv_format"]),
                 submission_size=_optional_size(data["submission_size"]),
                 presence_size=_optional_size(data.get("presence_size")),
+                exclusive=bool(data.get("exclusive", False)),
             )
         except KeyError as missing:
             raise ValueError(f"{where}: missing key {missing}") from None

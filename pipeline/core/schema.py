@@ -53,6 +53,7 @@ FRAMEWORKS: tuple[str, ...] = get_args(Framework)
 # Choices of the Keras layer (checked against their owners by tests/unit/nn/test_choices.py).
 Architecture = Literal["Unet", "FPN", "Linknet", "PSPNet"]
 DecoderBlockType = Literal["upsampling", "transpose"]
+Activation = Literal["sigmoid", "softmax"]
 Loss = Literal["jaccard", "dice", "bce_jaccard", "bce_dice", "focal_dice", "lovasz"]
 Strategy = Literal["auto", "one_device", "mirrored", "multi_worker"]
 Pooling = Literal["avg", "max", "avgmax"]
@@ -295,6 +296,11 @@ class ModelConfig(Section):
     )
     decoder_block_type: DecoderBlockType = Field(
         "upsampling", description="Unet only: the decoder's upsampling block"
+    )
+    activation: Activation = Field(
+        "sigmoid",
+        description="sigmoid: independent classes (the recipe); softmax: mutually exclusive "
+        "classes, C+1 channels (0 = background), cross-entropy + Dice, argmax masks",
     )
     decoder_filters: (
         Annotated[

@@ -58,11 +58,30 @@ def reseed_augmentation(
         reseed_augmentation(child, rng)
 
 
+def with_void_channel(cache: ImageCache, row: int, mask: np.ndarray) -> np.ndarray:
+    """(H, W, C+1) uint8: row ``row``'s (H, W, C) ``mask`` and, last, its void pixels
+    (``cache.void``; zeros without): a softmax model's target (``losses.split_exclusive``)."""
+    void = (
+        np.asarray(cache.void[row])
+        if cache.void is not None
+        else np.zeros(mask.shape[:2], dtype=np.uint8)
+    )
+    return np.concatenate([mask, void[..., None]], axis=-1)
+
+
+def target_channels(cache: ImageCache, exclusive: bool) -> int:
+    """Channels of the training targets: the classes, and the void channel when
+    ``exclusive`` (a softmax model)."""
+    return int(cache.masks.shape[-1]) + (1 if exclusive else 0)  # type: ignore[union-attr]
+
+
 class CropSampler:
     """Draws one training sample: a random crop of a cached image, then augmentation.
 
     Deterministic per sample: the crop and the augmentation are seeded from
     (seed, sample counter), so a run with the same seed sees the same samples.
+    ``exclusive`` (a softmax model): the mask gains the void channel
+    (``with_void_channel``), cropped and augmented with it.
     """
 
     def __init__(
@@ -71,6 +90,7 @@ class CropSampler:
         crop_size: Sequence[int],
         augment: A.Compose | None,
         seed: int,
+        exclusive: bool = False,
     ) -> None:
         if cache.masks is None:
             raise ValueError(f"cache {cache.directory} has no masks; cannot train on it")
@@ -84,12 +104,15 @@ class CropSampler:
         self.crop_size = (int(crop_size[0]), int(crop_size[1]))
         self.augment = augment
         self.seed = seed
+        self.exclusive = exclusive
         self._lock = threading.Lock()
 
     def __call__(self, index: np.int64, counter: np.int64) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng([self.seed, int(counter)])
         image = self.cache.images[int(index)]
         mask = self.cache.masks[int(index)]  # type: ignore[index]
+        if self.exclusive:
+            mask = with_void_channel(self.cache, int(index), mask)
         ch, cw = self.crop_size
         top = int(rng.integers(0, image.shape[0] - ch + 1))
         left = int(rng.integers(0, image.shape[1] - cw + 1))
@@ -125,7 +148,7 @@ def make_train_dataset(
     augmented from ``(sampler.seed, n)``: the stream from ``start`` is the same whether
     or not the samples before it were drawn in this process.
     """
-    n_classes = sampler.cache.masks.shape[-1]  # type: ignore[union-attr]
+    n_classes = target_channels(sampler.cache, sampler.exclusive)
     ch, cw = sampler.crop_size
     order = SampleOrder(indices, seed)
 
@@ -202,10 +225,12 @@ def make_eval_dataset(
     batch_size: int,
     crop: Sequence[int] | None = None,
     replicas: int = 1,
+    exclusive: bool = False,
 ) -> tf.data.Dataset:
     """Batches of whole cached images (or their centre crop) and masks, in order, once.
 
     ``batch_size`` is the global batch; no batch is smaller than ``replicas``.
+    ``exclusive`` (a softmax model): the masks carry the void channel last.
     """
     if cache.masks is None:
         raise ValueError(f"cache {cache.directory} has no masks; cannot validate on it")
@@ -214,14 +239,22 @@ def make_eval_dataset(
     if crop is not None:
         ch, cw = int(crop[0]), int(crop[1])
         top, left = (height - ch) // 2, (width - cw) // 2
-    n_classes = cache.masks.shape[-1]
+    n_classes = target_channels(cache, exclusive)
     images, masks = cache.images, cache.masks
 
     def load(index: np.int64) -> tuple[np.ndarray, np.ndarray]:
         i = int(index)
+        mask = masks[i, top : top + ch, left : left + cw]
+        if exclusive:
+            void = (
+                cache.void[i, top : top + ch, left : left + cw] if cache.void is not None else None
+            )
+            if void is None:
+                void = np.zeros(mask.shape[:2], dtype=np.uint8)
+            mask = np.concatenate([mask, void[..., None]], axis=-1)
         return (
             np.ascontiguousarray(images[i, top : top + ch, left : left + cw]),
-            np.ascontiguousarray(masks[i, top : top + ch, left : left + cw]),
+            np.ascontiguousarray(mask),
         )
 
     def load_tf(index: Any) -> tuple[Any, Any]:

@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.nn.keras_backend import LOSS_REDUCTION, binary_crossentropy, epsilon, keras, tf
 from pipeline.nn.metrics import as_float32, get_metrics
-from pipeline.nn.model import MASK_OUTPUT, PRESENCE_OUTPUT, has_presence_head
+from pipeline.nn.model import MASK_OUTPUT, PRESENCE_OUTPUT, has_presence_head, is_softmax
 
 OVERLAP_SMOOTH = 1e-5
 
@@ -238,6 +238,50 @@ class LovaszHingeLoss(_OverlapLoss):
         return lovasz_hinge(y_true, y_pred, self.per_image)
 
 
+def split_exclusive(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, ...]:
+    """A softmax model's (truth, probabilities, valid) as float32 (N, H, W, C+1) tensors
+    with the background as channel 0, and (N, H, W, 1) ``valid`` (0 at void pixels).
+
+    ``y_true`` is (N, H, W, C+1): the C class masks and a last channel that is 1 at void
+    pixels (``data.CropSampler`` with ``exclusive``); ``y_pred`` the C foreground
+    probabilities the model outputs (its background is ``1 - sum``, clipped). Truth and
+    probabilities are zero at void pixels.
+    """
+    t, p = as_float32(y_true, y_pred)
+    valid = 1.0 - t[..., -1:]
+    t = t[..., :-1]
+    t_background = tf.clip_by_value(1.0 - tf.reduce_sum(t, axis=-1, keepdims=True), 0.0, 1.0)
+    p_background = tf.clip_by_value(1.0 - tf.reduce_sum(p, axis=-1, keepdims=True), 0.0, 1.0)
+    t_full = tf.concat([t_background, t], axis=-1) * valid
+    p_full = tf.concat([p_background, p], axis=-1) * valid
+    return t_full, p_full, valid
+
+
+def exclusive_crossentropy(y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+    """Categorical cross-entropy of a softmax model, averaged over the non-void pixels
+    (0 when every pixel is void), a float32 scalar."""
+    t, p, valid = split_exclusive(y_true, y_pred)
+    eps = epsilon()
+    per_pixel = -tf.reduce_sum(t * tf.math.log(tf.clip_by_value(p, eps, 1.0)), axis=-1)
+    return tf.math.divide_no_nan(tf.reduce_sum(per_pixel), tf.reduce_sum(valid))
+
+
+@_register
+class ExclusiveCeDiceLoss(_OverlapLoss):
+    """A softmax model's loss: categorical cross-entropy + ``1 - soft Dice`` of the C
+    foreground classes (the background's Dice would be near 1 and say little), void
+    pixels out of both. Dice rather than Jaccard because the score it trains for is the
+    Kaggle Dice; the cross-entropy keeps every pixel's gradient where the Dice of a
+    batch's large classes flattens."""
+
+    default_name = "cce_dice"
+
+    def call(self, y_true: tf.Tensor, y_pred: tf.Tensor) -> tf.Tensor:
+        t, p, _ = split_exclusive(y_true, y_pred)
+        dice = soft_dice_score(t[..., 1:], p[..., 1:], self.smooth, self.per_image)
+        return exclusive_crossentropy(y_true, y_pred) + 1.0 - dice
+
+
 LOSSES: dict[str, Callable[..., keras.losses.Loss]] = {
     "jaccard": JaccardLoss,
     "dice": DiceLoss,
@@ -267,15 +311,19 @@ def segmentation_compile_args(
     also binary cross-entropy on ``presence``, weighted ``head_weight``, and no metric on
     it (the masks' metrics, logged with an output prefix, are renamed back by
     ``trainer.fit_resumable``). ``head_weight`` is ``model.classification_head_weight``,
-    required with a head."""
+    required with a head. A softmax model (``model.is_softmax``) trains with
+    ``ExclusiveCeDiceLoss`` whatever ``loss`` says, and its metrics score argmax masks."""
+    exclusive = is_softmax(model)
+    mask_loss = ExclusiveCeDiceLoss() if exclusive else get_loss(loss)
+    metrics = get_metrics(threshold, min_area, exclusive=exclusive)
     if not has_presence_head(model):
-        return {"loss": get_loss(loss), "metrics": get_metrics(threshold, min_area)}
+        return {"loss": mask_loss, "metrics": metrics}
     if head_weight is None:
         raise ValueError("a model with a presence head needs model.classification_head_weight")
     return {
-        "loss": {MASK_OUTPUT: get_loss(loss), PRESENCE_OUTPUT: keras.losses.BinaryCrossentropy()},
+        "loss": {MASK_OUTPUT: mask_loss, PRESENCE_OUTPUT: keras.losses.BinaryCrossentropy()},
         "loss_weights": {MASK_OUTPUT: 1.0, PRESENCE_OUTPUT: float(head_weight)},
-        "metrics": {MASK_OUTPUT: get_metrics(threshold, min_area)},
+        "metrics": {MASK_OUTPUT: metrics},
     }
 
 
@@ -286,8 +334,12 @@ def with_presence_targets(dataset: tf.data.Dataset, model: keras.Model) -> tf.da
     if not has_presence_head(model):
         return dataset
 
+    n_classes = int(model.get_layer(MASK_OUTPUT).output.shape[-1])
+
     def split(images: tf.Tensor, masks: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
-        present = tf.cast(tf.reduce_max(masks, axis=[1, 2]) > 0.5, tf.float32)
+        # A softmax model's targets carry the void channel last: not a class.
+        classes = masks[..., :n_classes]
+        present = tf.cast(tf.reduce_max(classes, axis=[1, 2]) > 0.5, tf.float32)
         return images, {MASK_OUTPUT: masks, PRESENCE_OUTPUT: present}
 
     return dataset.map(split, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -32,6 +32,18 @@ def _truth_masks(y_true: tf.Tensor) -> tf.Tensor:
     return tf.cast(tf.cast(y_true, tf.float32) > 0.5, tf.float32)
 
 
+def _exclusive_parts(y_true: tf.Tensor, y_pred: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """A softmax model's (truth (N, H, W, C+1) with the void channel last, foreground
+    probabilities (N, H, W, C)) as (truth, argmax masks), both float32 (N, H, W, C) and
+    zero at void pixels (``core.exclusive.argmax_masks``, ``without_void``)."""
+    t, p = as_float32(y_true, y_pred)
+    valid = 1.0 - t[..., -1:]
+    background = 1.0 - tf.reduce_sum(p, axis=-1, keepdims=True)
+    label = tf.argmax(tf.concat([background, p], axis=-1), axis=-1)
+    pred = tf.one_hot(label, tf.shape(p)[-1] + 1, dtype=tf.float32)[..., 1:]
+    return t[..., :-1] * valid, pred * valid
+
+
 def _reject_sample_weight(metric: keras.metrics.Metric, sample_weight: tf.Tensor | None) -> None:
     if sample_weight is not None:
         raise ValueError(f"{metric.name} does not support sample_weight; got {sample_weight}")
@@ -53,10 +65,15 @@ class Dice(_SumMetric):
     """
 
     def __init__(
-        self, smooth: float = DICE_METRIC_SMOOTH, name: str = "dice", dtype: Any = None
+        self,
+        smooth: float = DICE_METRIC_SMOOTH,
+        name: str = "dice",
+        dtype: Any = None,
+        exclusive: bool = False,
     ) -> None:
         super().__init__(name=name, dtype=dtype)
         self.smooth = smooth
+        self.exclusive = exclusive
         self.intersection = self._add_sum("intersection")
         self.total = self._add_sum("total")
 
@@ -65,6 +82,9 @@ class Dice(_SumMetric):
     ) -> None:
         _reject_sample_weight(self, sample_weight)
         t, p = as_float32(y_true, y_pred)
+        if self.exclusive:  # soft Dice of the non-void pixels' probabilities
+            valid = 1.0 - t[..., -1:]
+            t, p = t[..., :-1] * valid, p * valid
         self.intersection.assign_add(tf.cast(tf.reduce_sum(t * p), tf.float64))
         self.total.assign_add(tf.cast(tf.reduce_sum(t) + tf.reduce_sum(p), tf.float64))
 
@@ -74,18 +94,21 @@ class Dice(_SumMetric):
         return tf.cast(score, self.dtype)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "smooth": self.smooth}
+        return {**super().get_config(), "smooth": self.smooth, "exclusive": self.exclusive}
 
 
 class _ThresholdMetric(_SumMetric):
     """Mean of a per image-and-class score: accumulates the score sum and the count."""
 
-    def __init__(self, threshold: float, min_area: int, name: str, dtype: Any) -> None:
+    def __init__(
+        self, threshold: float, min_area: int, name: str, dtype: Any, exclusive: bool = False
+    ) -> None:
         if min_area < 0:
             raise ValueError(f"min_area must be >= 0; got {min_area}")
         super().__init__(name=name, dtype=dtype)
         self.threshold = threshold
         self.min_area = min_area
+        self.exclusive = exclusive  # softmax: argmax masks (no threshold), void left out
         self.score_sum = self._add_sum("score_sum")
         self.count = self._add_sum("count")
 
@@ -97,9 +120,14 @@ class _ThresholdMetric(_SumMetric):
         self, y_true: tf.Tensor, y_pred: tf.Tensor, sample_weight: tf.Tensor | None = None
     ) -> None:
         _reject_sample_weight(self, sample_weight)
-        scores = self._scores(
-            _truth_masks(y_true), _predicted_masks(y_pred, self.threshold, self.min_area)
-        )
+        if self.exclusive:
+            truth, argmax = _exclusive_parts(y_true, y_pred)
+            # Argmax masks are 0/1: any threshold in (0, 1] keeps them as they are.
+            scores = self._scores(_truth_masks(truth), _predicted_masks(argmax, 0.5, self.min_area))
+        else:
+            scores = self._scores(
+                _truth_masks(y_true), _predicted_masks(y_pred, self.threshold, self.min_area)
+            )
         self.score_sum.assign_add(tf.reduce_sum(tf.cast(scores, tf.float64)))
         self.count.assign_add(tf.cast(tf.size(scores), tf.float64))
 
@@ -107,7 +135,12 @@ class _ThresholdMetric(_SumMetric):
         return tf.cast(tf.math.divide_no_nan(self.score_sum, self.count), self.dtype)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "threshold": self.threshold, "min_area": self.min_area}
+        return {
+            **super().get_config(),
+            "threshold": self.threshold,
+            "min_area": self.min_area,
+            "exclusive": self.exclusive,
+        }
 
 
 @_register
@@ -120,8 +153,9 @@ class KaggleDice(_ThresholdMetric):
         min_area: int = 0,
         name: str = "kaggle_dice",
         dtype: Any = None,
+        exclusive: bool = False,
     ) -> None:
-        super().__init__(threshold, min_area, name=name, dtype=dtype)
+        super().__init__(threshold, min_area, name=name, dtype=dtype, exclusive=exclusive)
 
     def _scores(self, truth: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
         intersection = tf.reduce_sum(truth * pred, axis=[1, 2])
@@ -140,8 +174,9 @@ class KaggleAccuracy(_ThresholdMetric):
         min_area: int = 0,
         name: str = "kaggle_accuracy",
         dtype: Any = None,
+        exclusive: bool = False,
     ) -> None:
-        super().__init__(threshold, min_area, name=name, dtype=dtype)
+        super().__init__(threshold, min_area, name=name, dtype=dtype, exclusive=exclusive)
 
     def _scores(self, truth: tf.Tensor, pred: tf.Tensor) -> tf.Tensor:
         truth_present = tf.reduce_max(truth, axis=[1, 2]) > 0
@@ -149,6 +184,13 @@ class KaggleAccuracy(_ThresholdMetric):
         return tf.cast(tf.equal(truth_present, pred_present), tf.float32)
 
 
-def get_metrics(threshold: float, min_area: int) -> list[keras.metrics.Metric]:
-    """The recipe's metrics: ``[Dice(), KaggleDice(...), KaggleAccuracy(...)]``."""
-    return [Dice(), KaggleDice(threshold, min_area), KaggleAccuracy(threshold, min_area)]
+def get_metrics(
+    threshold: float, min_area: int, exclusive: bool = False
+) -> list[keras.metrics.Metric]:
+    """The recipe's metrics: ``[Dice(), KaggleDice(...), KaggleAccuracy(...)]``; with
+    ``exclusive`` (a softmax model) of argmax masks, void pixels left out."""
+    return [
+        Dice(exclusive=exclusive),
+        KaggleDice(threshold, min_area, exclusive=exclusive),
+        KaggleAccuracy(threshold, min_area, exclusive=exclusive),
+    ]

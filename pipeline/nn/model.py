@@ -26,6 +26,8 @@ DECODER_BLOCK_TYPES = ("upsampling", "transpose")  # segmentation-models' Unet d
 STRIDE = 32
 PSP_STRIDE = 48  # PSPNet with downsample_factor 8 needs sides divisible by 6 * 8
 MASK_OUTPUT = "prob"  # the model's (first) output: per-pixel class probabilities
+BACKGROUND_SOFTMAX = "softmax"  # activation softmax: the softmax over background + classes
+ACTIVATIONS = ("sigmoid", "softmax")
 PRESENCE_OUTPUT = "presence"  # model.classification_head's output: per-class presence
 DECODER_PREFIXES = (
     "decoder_",
@@ -160,8 +162,14 @@ def build_segmentation_model(
     bn_momentum: float | None = None,
     decoder_filters: Sequence[int] | None = None,
     classification_head: bool = False,
+    activation: str = "sigmoid",
 ) -> keras.Model:
     """A sigmoid segmentation model: (N, H, W, 3) 0-255 RGB -> (N, H, W, n_classes) float32.
+
+    ``activation: softmax``: the network scores n_classes + 1 channels (0 = background)
+    under a softmax (layer ``BACKGROUND_SOFTMAX``), and the output keeps the n_classes
+    foreground probabilities (the background is ``1 - sum``; ``core.exclusive``), so
+    every later stage handles it as it does a sigmoid model's.
 
     ``input_size`` [H, W] fixes the input shape (required by PSPNet); None builds a fully
     convolutional model for any size divisible by 32. ``bn_momentum`` overrides the
@@ -182,6 +190,9 @@ def build_segmentation_model(
         )
     if n_classes < 1:
         raise ValueError(f"n_classes must be at least 1; got {n_classes}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"model.activation must be one of {ACTIVATIONS}; got {activation!r}")
+    softmax = activation == "softmax"
     sm_weights, local_file = resolve_encoder_weights(encoder_weights)
     if architecture == "PSPNet":
         if input_size is None:
@@ -192,7 +203,7 @@ def build_segmentation_model(
     shape = (*input_size, 3) if input_size is not None else (None, None, 3)
     kwargs: dict[str, Any] = {
         "input_shape": shape,
-        "classes": n_classes,
+        "classes": n_classes + 1 if softmax else n_classes,
         "activation": "linear",
         "encoder_weights": sm_weights,
         "encoder_freeze": encoder_freeze,
@@ -229,16 +240,42 @@ def build_segmentation_model(
     name = f"{architecture}_{backbone}"
     if not classification_head:
         # The sigmoid runs in float32 even under mixed precision, for stable probabilities.
-        outputs = keras.layers.Activation("sigmoid", dtype="float32", name=MASK_OUTPUT)(net(x))
+        outputs = _mask_output(net(x), softmax)
         return keras.Model(inputs, outputs, name=name)
     # The same layers with the encoder's deepest features as a second output.
     trunk = keras.Model(net.input, [net.output, encoder_features(net)], name=net.name)
     logits, features = trunk(x)
-    masks = keras.layers.Activation("sigmoid", dtype="float32", name=MASK_OUTPUT)(logits)
+    masks = _mask_output(logits, softmax)
     pooled = keras.layers.GlobalAveragePooling2D(name="presence_pool")(features)
     scores = keras.layers.Dense(n_classes, name="presence_logits")(pooled)
     presence = keras.layers.Activation("sigmoid", dtype="float32", name=PRESENCE_OUTPUT)(scores)
     return keras.Model(inputs, [masks, presence], name=name)
+
+
+@keras.utils.register_keras_serializable(package="foldseg")
+class Foreground(keras.layers.Layer):
+    """Channels 1.. of its input: a softmax's class probabilities without the background."""
+
+    def call(self, inputs: Any) -> Any:
+        return inputs[..., 1:]
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        shape = tuple(input_shape)
+        return (*shape[:-1], None if shape[-1] is None else shape[-1] - 1)
+
+
+def _mask_output(logits: Any, softmax: bool) -> Any:
+    """The ``prob`` output of the head's logits, float32: a sigmoid per channel, or the
+    foreground channels of a softmax over them (``Foreground``)."""
+    if not softmax:
+        return keras.layers.Activation("sigmoid", dtype="float32", name=MASK_OUTPUT)(logits)
+    probs = keras.layers.Softmax(dtype="float32", name=BACKGROUND_SOFTMAX)(logits)
+    return Foreground(dtype="float32", name=MASK_OUTPUT)(probs)
+
+
+def is_softmax(model: keras.Model) -> bool:
+    """True for a model built with ``activation: softmax`` (mutually exclusive classes)."""
+    return any(layer.name == BACKGROUND_SOFTMAX for layer in model.layers)
 
 
 def encoder_features(net: keras.Model) -> Any:
@@ -266,6 +303,7 @@ def build_model(config: Config, n_classes: int, input_size: Sequence[int] | None
         bn_momentum=m.bn_momentum,
         decoder_filters=m.decoder_filters,
         classification_head=bool(m.classification_head),
+        activation=str(m.activation),
     )
 
 

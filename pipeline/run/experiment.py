@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from pipeline.core.atomic import write_text
 from pipeline.core.config import Config
+from pipeline.core.exclusive import is_exclusive, overlapping_pair
 from pipeline.core.folds import ensure_folds, fold_members
 from pipeline.core.formats import CANONICAL_COLUMNS, MaskTable, detect_csv_format
 from pipeline.core.images import (
@@ -48,6 +49,9 @@ class Experiment:
     image_ids: list[str]
     folds: pd.DataFrame
     data_key: str  # what the masks depend on (``data_key``): keys the decoded masks
+    # image_id -> RLE of its void pixels (indexed/palette ignore_index/ignore_color): a
+    # softmax model's loss and every score leave them out; "" or absent: none.
+    void: dict[str, str] = field(default_factory=dict)
 
     @property
     def run_dir(self) -> Path:
@@ -223,7 +227,9 @@ def submission_csv_format(config: Config) -> str:
     return detect_csv_format([str(column) for column in columns])
 
 
-def read_masks_cached(config: Config, known_images: list[str], key: str) -> MaskTable:
+def read_masks_cached(
+    config: Config, known_images: list[str], key: str
+) -> tuple[MaskTable, dict[str, str]]:
     """``mask_csv.read_masks`` of ``data.train_csv`` over the folder's images, kept once
     validated.
 
@@ -236,16 +242,24 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
     data = config.data
     cache = experiment_cache_dir(config) / "masks" / f"table-{key}.json"
     if cache.is_file():
+        cached = None
         try:
             saved = json.loads(cache.read_text())
             table = pd.DataFrame({name: saved[name] for name in CANONICAL_COLUMNS}, dtype=str)
-            return MaskTable(
+            void = {str(k): str(v) for k, v in dict(saved.get("void", {})).items()}
+            cached = MaskTable(
                 table=table, classes=list(saved["classes"]), csv_format=saved["layout"]
             )
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring unreadable mask table cache %s: %s", cache, exc)
+        if cached is not None:
+            if is_exclusive(config.model.activation):
+                check_exclusive(config, cached.table, cached.classes)
+            return cached, void
     mask_table, void = read_training_masks(config, known_images)
     _check_has_masks(config, mask_table.table, len(known_images))
+    if is_exclusive(config.model.activation):  # before anything is written
+        check_exclusive(config, mask_table.table, mask_table.classes)
     if data.train_csv is not None:
         file_sha256(Path(data.train_csv), cache.parent, remember=True)
     for stale in cache.parent.glob("table-*.json"):
@@ -253,11 +267,11 @@ def read_masks_cached(config: Config, known_images: list[str], key: str) -> Mask
     saved = {
         "classes": mask_table.classes,
         "layout": mask_table.csv_format,  # the name data_key's parts keep too
-        "void": void,  # indexed/palette void pixels (no loss or metric masks them yet)
+        "void": void,  # indexed/palette void pixels (out of softmax's loss and scores)
         **{name: mask_table.table[name].tolist() for name in CANONICAL_COLUMNS},
     }
     write_text(cache, json.dumps(saved))
-    return mask_table
+    return mask_table, void
 
 
 def dataset_image_ids(config: Config) -> list[str]:
@@ -308,9 +322,16 @@ def open_experiment(config: Config) -> Experiment:
     image without rows has empty masks) and a row naming another image is an error.
     """
     data = config.data
+    if is_exclusive(config.model.activation) and config.tta.merge != "mean":
+        # The stores keep a softmax's C class probabilities and the background is what
+        # they leave (1 - sum): only a mean of distributions is still one.
+        raise ValueError(
+            f"tta.merge {config.tta.merge!r} does not apply to model.activation softmax: its "
+            "class probabilities are merged by their mean; set tta.merge: mean"
+        )
     folder_ids = dataset_image_ids(config)
     key = data_key(config, folder_ids)
-    mask_table = read_masks_cached(config, folder_ids, key)
+    mask_table, void = read_masks_cached(config, folder_ids, key)
     table = mask_table.table
     image_ids = sorted(table["image_id"].unique())
     if data.max_images is not None:
@@ -327,9 +348,31 @@ def open_experiment(config: Config) -> Experiment:
         method=config.folds.method,
     )
     log_data_set(config, table, mask_table.classes, mask_table.csv_format)
+    kept = set(image_ids)
     return Experiment(
-        config, table, mask_table.classes, mask_table.csv_format, image_ids, folds, key
+        config,
+        table,
+        mask_table.classes,
+        mask_table.csv_format,
+        image_ids,
+        folds,
+        key,
+        {image_id: rle for image_id, rle in void.items() if rle and image_id in kept},
     )
+
+
+def check_exclusive(config: Config, table: pd.DataFrame, classes: list[str]) -> None:
+    """``model.activation: softmax`` needs one class per pixel: a ValueError naming the
+    first image whose masks of two classes share a pixel."""
+    for image_id, rles in rles_by_image(table, classes).items():
+        pair = overlapping_pair(rles, f"{mask_source(config)}, image {image_id!r}")
+        if pair is not None:
+            raise ValueError(
+                f"{mask_source(config)}: image {image_id!r} has pixels in both class "
+                f"{classes[pair[0]]!r} and class {classes[pair[1]]!r}; model.activation: "
+                "softmax needs mutually exclusive classes (one class per pixel); use "
+                "model.activation: sigmoid for overlapping masks"
+            )
 
 
 def _check_has_masks(config: Config, table: pd.DataFrame, n_images: int) -> None:

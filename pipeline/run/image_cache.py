@@ -48,7 +48,8 @@ class ImageCache:
     """Resized images (and masks) of one image set, memory-mapped read-only.
 
     ``images`` (N, H, W, 3) uint8, ``masks`` (N, H, W, C) uint8 or None,
-    ``original_sizes`` (N, 2) int: each image's size before resizing.
+    ``original_sizes`` (N, 2) int: each image's size before resizing; ``void`` (N, H, W)
+    uint8, 1 at void pixels (``Experiment.void``), or None where no image has any.
     """
 
     directory: Path
@@ -56,6 +57,7 @@ class ImageCache:
     original_sizes: np.ndarray
     images: np.ndarray
     masks: np.ndarray | None
+    void: np.ndarray | None = None
 
     def index_of(self, image_ids: Sequence[str]) -> np.ndarray:
         """Row numbers of ``image_ids`` in the cache (KeyError naming a missing id)."""
@@ -77,8 +79,11 @@ def build_cache(
     masks_key: str = "",
     masks_source: str = "the mask CSV",
     classes: Sequence[str] | None = None,
+    void: dict[str, str] | None = None,
 ) -> ImageCache:
     """Open the cache of ``image_ids`` at ``size``, building it first if needed.
+
+    ``void`` (image_id -> RLE of void pixels at the image's own size) adds ``void.npy``.
 
     ``rles`` (image_id -> per-class RLE at the image's own size) adds the masks. The
     cache is built under a temporary name and renamed, so a crash never leaves a cache
@@ -99,6 +104,9 @@ def build_cache(
         "files": files_fingerprint(image_folder, image_ids),
         "masks_key": masks_key if rles else "",
     }
+    void = {k: v for k, v in (void or {}).items() if v} if rles else {}
+    if void:  # only then: the caches of sets without void pixels stay valid
+        meta["void"] = True
     if directory.is_dir():
         cache = _open_if_matching(directory, meta, image_ids)
         if cache is not None:
@@ -128,6 +136,13 @@ def build_cache(
         if rles
         else None
     )
+    void_pixels = (
+        np.lib.format.open_memmap(
+            tmp / "void.npy", mode="w+", dtype=np.uint8, shape=(len(image_ids), height, width)
+        )
+        if void
+        else None
+    )
     sizes = np.zeros((len(image_ids), 2), dtype=np.int64)
 
     def load(i: int) -> None:
@@ -149,6 +164,11 @@ def build_cache(
                     f"{_which_class(rles[image_id], image.shape[:2], classes)}{exc}"
                 ) from None
             masks[i] = resize_masks(stack, (height, width))
+            if void_pixels is not None and image_id in void:
+                shape = (image.shape[0], image.shape[1])
+                void_pixels[i] = resize_masks(
+                    decode_masks([void[image_id]], shape), (height, width)
+                )[..., 0]
 
     log.info(
         "caching %d images of %s at %dx%d in %s", len(image_ids), name, height, width, directory
@@ -157,12 +177,14 @@ def build_cache(
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(load, range(len(image_ids))))
     except BaseException:
-        del images, masks  # close the memory maps before removing their files
+        del images, masks, void_pixels  # close the memory maps before removing their files
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     images.flush()
     if masks is not None:
         masks.flush()
+    if void_pixels is not None:
+        void_pixels.flush()
     pd.DataFrame({"image_id": list(image_ids), "height": sizes[:, 0], "width": sizes[:, 1]}).to_csv(
         tmp / "index.csv", index=False
     )
@@ -211,12 +233,14 @@ def _open_if_matching(
     if index["image_id"].tolist() != list(image_ids):
         return None
     masks_file = directory / "masks.npy"
+    void_file = directory / "void.npy"
     return ImageCache(
         directory=directory,
         image_ids=index["image_id"].tolist(),
         original_sizes=index[["height", "width"]].to_numpy(),
         images=np.load(directory / "images.npy", mmap_mode="r"),
         masks=np.load(masks_file, mmap_mode="r") if masks_file.exists() else None,
+        void=np.load(void_file, mmap_mode="r") if void_file.exists() else None,
     )
 
 
@@ -236,6 +260,7 @@ def training_cache(config: Config, exp: Experiment, size: Sequence[int]) -> Imag
             else f"mask CSV {str(config.data.train_csv)!r}"
         ),
         classes=exp.classes,
+        void=exp.void,
     )
 
 
@@ -267,12 +292,20 @@ def stack_caches(first: ImageCache, second: ImageCache) -> ImageCache:
         )
     if first.masks is None or second.masks is None:
         raise ValueError("both caches must hold masks to train on them")
+    void = None
+    if first.void is not None or second.void is not None:
+        parts = [
+            c.void if c.void is not None else np.zeros(c.images.shape[:3], np.uint8)
+            for c in (first, second)
+        ]
+        void = _StackedRows(parts)
     stacked: Any = ImageCache(
         first.directory,
         [*first.image_ids, *second.image_ids],
         np.concatenate([first.original_sizes, second.original_sizes]),
         _StackedRows([first.images, second.images]),  # type: ignore[arg-type]
         _StackedRows([first.masks, second.masks]),  # type: ignore[arg-type]
+        void,  # type: ignore[arg-type]
     )
     return stacked
 

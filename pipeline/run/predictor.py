@@ -28,6 +28,7 @@ import pandas as pd
 
 from pipeline.core import rle
 from pipeline.core.clock import StageClock
+from pipeline.core.exclusive import exclusive_levels
 from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.masks import resize_probs
 from pipeline.core.postprocess import postprocess_image
@@ -173,8 +174,11 @@ class Predictor:
                 q = quantise_prob(resize_probs(prob, target))
                 if store is not None:
                     store.add(image_ids[i], q)
+                levels = q.transpose(2, 0, 1)
+                if plan.exclusive:  # one class per pixel: the argmax, then per class
+                    levels = exclusive_levels(levels)
                 masks = postprocess_image(
-                    q.transpose(2, 0, 1),
+                    levels,
                     settings,
                     None if presence is None else presence[i],
                     plan.at_least_one,

@@ -22,6 +22,12 @@ import pandas as pd
 
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
+from pipeline.core.exclusive import (
+    confusion_matrix,
+    exclusive_levels,
+    is_exclusive,
+    mask_labels,
+)
 from pipeline.core.folds import presence_matrix
 from pipeline.core.images import (
     cache_path,
@@ -104,6 +110,27 @@ class RunData:
                 f"{target[0]}x{target[1]} (data.submission_size {size}): another config?"
             )
         return truth_masks(self.rles[image_id], original, target).transpose(2, 0, 1)
+
+    @property
+    def exclusive(self) -> bool:
+        """``model.activation: softmax``: argmax masks, void pixels scored nowhere."""
+        return is_exclusive(self.config.model.activation)
+
+    def scored(self, image_id: str, q: np.ndarray) -> tuple[np.ndarray, np.ndarray, Any]:
+        """(class maps, truth, void) of one stored (C, H, W) image as every score sees
+        them: a sigmoid run's ``q`` and truth as they are (void None); a softmax run's
+        argmax masks (``exclusive_levels``) and truth, both empty at void pixels, and
+        the (H, W) void mask (None without void pixels)."""
+        truth = self.truth(image_id, q.shape)
+        if not self.exclusive:
+            return q, truth, None
+        void_rle = self.exp.void.get(image_id)
+        void = None
+        if void_rle:
+            original = self.original_size(image_id)
+            void = truth_masks([void_rle], original, q.shape[1:])[..., 0]
+            truth = truth * (void == 0)
+        return exclusive_levels(q, void), truth, void
 
     def classifier_probs(self) -> dict[str, np.ndarray]:
         """image_id -> (C,) float64 presence probs of the folds that have them."""
@@ -196,9 +223,14 @@ def open_run(config: Config) -> RunData:
     )
 
 
-def score_oof(run: RunData, n_worst: int) -> tuple[pd.DataFrame, list[tuple[float, str, int]]]:
+def score_oof(
+    run: RunData, n_worst: int, confusion: np.ndarray | None = None
+) -> tuple[pd.DataFrame, list[tuple[float, str, int]]]:
     """The streaming pass: (``ScoreAccumulator.counts()``, the ``n_worst`` images
-    ``(mean Kaggle Dice at the last stage, image_id, fold)``, lowest first)."""
+    ``(mean Kaggle Dice at the last stage, image_id, fold)``, lowest first).
+
+    ``confusion`` ((C+1, C+1) int64, a softmax run): the last stage's pixel confusion
+    matrix (``exclusive.confusion_matrix``, void pixels left out) is added to it."""
     names = [stage.name for stage in run.stages]
     accumulator = ScoreAccumulator(run.exp.classes, len(run.readers), names)
     worst = WorstImages(n_worst)
@@ -206,11 +238,18 @@ def score_oof(run: RunData, n_worst: int) -> tuple[pd.DataFrame, list[tuple[floa
     params = [[stage.params[c] for c in run.exp.classes] for stage in run.stages]
     for fold, reader in enumerate(run.readers):
         for image_id, q in reader.iter():
-            truth = run.truth(image_id, q.shape)
+            levels, truth, void = run.scored(image_id, q)
             for stage, stage_params in zip(run.stages, params, strict=True):
-                pred = predict_masks(q, stage_params, clf.get(image_id), stage.at_least_one)
+                pred = predict_masks(levels, stage_params, clf.get(image_id), stage.at_least_one)
                 dice = accumulator.add(stage.name, fold, truth, pred)
             worst.add(float(dice.mean()), image_id, fold)
+            if confusion is not None:
+                confusion += confusion_matrix(
+                    mask_labels(truth.transpose(1, 2, 0)),
+                    mask_labels(pred.transpose(1, 2, 0)),
+                    len(run.exp.classes),
+                    void,
+                )
     return accumulator.counts(), [(s, i, f) for s, i, f in worst.items()]
 
 
@@ -221,11 +260,12 @@ def load_oof_example(run: RunData, image_id: str) -> OofExample:
         raise KeyError(f"image_id {image_id!r} is in no fold's OOF store of {run.config.run_dir}")
     fold = folds[0]
     q = np.asarray(run.readers[fold].get(image_id))
-    truth = run.truth(image_id, q.shape)
+    levels, truth, _ = run.scored(image_id, q)
     clf = run.classifier_probs().get(image_id)
     masks, dice = {}, {}
     for stage in run.stages:
-        pred = predict_masks(q, [stage.params[c] for c in run.exp.classes], clf, stage.at_least_one)
+        params = [stage.params[c] for c in run.exp.classes]
+        pred = predict_masks(levels, params, clf, stage.at_least_one)
         one = ScoreAccumulator(run.exp.classes, 1, [stage.name])
         dice[stage.name] = one.add(stage.name, 0, truth, pred)
         masks[stage.name] = pred.transpose(1, 2, 0)

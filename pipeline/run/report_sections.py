@@ -73,6 +73,27 @@ def score_sections(run: RunData, scores: Scores, out: Path) -> list[report.Secti
     return [main, spread, per_fold, presence]
 
 
+def pixel_confusion_section(run: RunData, confusion: np.ndarray) -> report.Section:
+    """A softmax run's pixel confusion matrix over the classes (background included,
+    void pixels left out), all folds pooled, at the last stage: counts and row shares."""
+    labels = ["background", *run.exp.classes]
+    counts = pd.DataFrame(confusion, columns=labels)
+    counts.insert(0, "truth / prediction", labels)
+    totals = confusion.sum(axis=1, keepdims=True)
+    shares = pd.DataFrame(np.round(np.divide(confusion, np.maximum(totals, 1)), 4), columns=labels)
+    shares.insert(0, "truth / prediction", labels)
+    stage = run.stages[-1].name
+    return report.Section(
+        "Pixel confusion matrix",
+        paragraphs=[
+            f"model.activation softmax: every out-of-fold pixel's true class (rows) against "
+            f"the class of the stage-{stage} masks (columns), all folds pooled; void pixels "
+            f"({len(run.exp.void)} images hold some) are not counted."
+        ],
+        tables=[("pixels", counts), ("share of each true class", shares)],
+    )
+
+
 def cv_section(run: RunData) -> report.Section:
     """The CV figures tune recorded (nested, in-sample, plain), or how to make them."""
     section = report.Section("CV score")

@@ -19,6 +19,7 @@ import pandas as pd
 
 from pipeline.core.commands import command_line
 from pipeline.core.config import Config
+from pipeline.core.exclusive import is_exclusive
 from pipeline.core.layout import (
     BEST_WEIGHTS,
     CLASSIFIER_STAGE,
@@ -92,6 +93,7 @@ class TrainedRun:
             csv_format=self.csv_format,
             submission_size=None if size is None else (int(size[0]), int(size[1])),
             presence_size=None if presence is None else (int(presence[0]), int(presence[1])),
+            exclusive=is_exclusive(config.model.activation),
         )
 
 
