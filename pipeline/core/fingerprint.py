@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.core import rle as rle_codec
+from pipeline.core.exclusive import overlapping_pair
 from pipeline.core.images import list_image_files, read_image_size, resolve_image_path
 
 FINGERPRINT_VERSION = 1
@@ -89,7 +90,8 @@ def measure_fingerprint(
     Returns:
         A JSON-ready dict: ``images`` (count, sizes, channels), ``classes`` (per class:
         presence, areas, components), ``empty_pair_share``, ``empty_image_share``,
-        ``overlap`` (share of sampled images where two classes share a pixel).
+        ``overlap_share`` (share of sampled images where two classes share a pixel),
+        ``overlapping_images`` (images, of all, where they do: from the RLE runs).
     """
     folder = Path(image_folder)
     ids = sorted(table["image_id"].unique())
@@ -155,6 +157,11 @@ def measure_fingerprint(
         "empty_pair_share": round(float(1 - present.to_numpy().mean()), 4),
         "empty_image_share": round(float((~present.any(axis=1)).mean()), 4),
         "overlap_share": round(overlapping / max(len(sample), 1), 4),
+        # Every image, on the runs (no decoding): softmax needs exclusive classes everywhere.
+        "overlapping_images": sum(
+            overlapping_pair([str(rles.at[i, name]) for name in classes], f"image {i}") is not None
+            for i in ids
+        ),
     }
     if test_folder is not None:
         names = list_image_files(test_folder)

@@ -330,30 +330,41 @@ def plan_choices(
     ]
     small_objects = bool(fractions) and min(fractions) < SMALL_OBJECT_FRACTION
     overlap = float(fingerprint["overlap_share"])
-    choices.append(
-        Choice(
-            "train.loss",
-            "bce_dice" if small_objects else "bce_jaccard",
-            (
-                f"median objects under {SMALL_OBJECT_FRACTION:.0%} of the image: dice keeps "
-                "small objects' weight"
-                if small_objects
-                else "objects of several % of the image: BCE + Jaccard, the demo's loss"
-            ),
+    overlapping = fingerprint.get("overlapping_images")
+    exclusive = overlapping == 0 and len(classes) > 1
+    if not exclusive:
+        choices.append(
+            Choice(
+                "train.loss",
+                "bce_dice" if small_objects else "bce_jaccard",
+                (
+                    f"median objects under {SMALL_OBJECT_FRACTION:.0%} of the image: dice keeps "
+                    "small objects' weight"
+                    if small_objects
+                    else "objects of several % of the image: BCE + Jaccard, the demo's loss"
+                ),
+            )
         )
-    )
-    exclusive = overlap == 0 and len(classes) > 1
-    choices.append(
-        Choice(
-            "model.activation_note",
-            "sigmoid",
-            (
-                f"classes overlap in {overlap:.0%} of images: independent sigmoids"
-                if not exclusive
-                else "classes never overlap (softmax would fit; this version trains sigmoids)"
-            ),
+    if exclusive:
+        choices.append(
+            Choice(
+                "model.activation",
+                "softmax",
+                f"no pixel of any of the {n_images} images is in two classes: one softmax "
+                "over the classes and a background (cross-entropy + Dice; train.loss unused)",
+            )
         )
-    )
+    else:
+        choices.append(
+            Choice(
+                "model.activation",
+                "sigmoid",
+                "one class: an independent sigmoid"
+                if len(classes) == 1
+                else f"classes overlap in {overlapping if overlapping is not None else '?'} "
+                f"images ({overlap:.0%} of the sampled): independent sigmoids",
+            )
+        )
     choices.append(
         Choice(
             "augment",

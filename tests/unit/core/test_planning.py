@@ -89,6 +89,29 @@ def test_rules_follow_the_fingerprint() -> None:
     assert batch * choice(even, "train.accumulation_steps").value >= 16
 
 
+def test_exclusive_classes_plan_softmax_and_overlapping_ones_sigmoid(tmp_path: Path) -> None:
+    sizes = candidate_sizes(fingerprint([0.7, 0.4]), CPU)
+    exclusive = {**fingerprint([0.7, 0.4]), "overlapping_images": 0}
+    choices = plan_choices(exclusive, CPU, step(), sizes, 0.5, 3, None)
+    assert choice(choices, "model.activation").value == "softmax"
+    assert not [c for c in choices if c.key == "train.loss"]  # softmax has its own loss
+    text = render_config(
+        choices,
+        {"base": str(CONFIG_DIR / "default.yaml"), "experiment": "x", "data.classes": ["c0", "c1"]},
+        ["planned"],
+    )
+    (tmp_path / "x.yaml").write_text(text)
+    assert load_config(tmp_path / "x.yaml").model.activation == "softmax"
+    overlapping = {**fingerprint([0.7, 0.4]), "overlapping_images": 3, "overlap_share": 0.01}
+    sigmoid = plan_choices(overlapping, CPU, step(), sizes, 0.5, 3, None)
+    assert choice(sigmoid, "model.activation").value == "sigmoid"
+    assert "overlap in 3 images" in choice(sigmoid, "model.activation").reason
+    single = plan_choices(
+        {**fingerprint([0.7]), "overlapping_images": 0}, CPU, step(), sizes, 0.5, 3, None
+    )
+    assert choice(single, "model.activation").value == "sigmoid"
+
+
 def test_rendered_config_loads_with_a_reason_per_key(tmp_path: Path) -> None:
     sizes = candidate_sizes(fingerprint([0.7]), CPU)
     choices = plan_choices(fingerprint([0.7], empty=0.3), CPU, step(), sizes, 0.5, 3, [80, 120])
@@ -128,6 +151,7 @@ def test_fingerprint_of_hand_made_masks(tmp_path: Path) -> None:
     assert got["classes"]["x"]["components_p50"] == 2
     assert got["empty_pair_share"] == 0.5 and got["empty_image_share"] == 0.5
     assert got["overlap_share"] == 0.5
+    assert got["overlapping_images"] == 1  # image a, from every image's runs
 
 
 def test_the_report_shows_a_planned_configs_fingerprint(tmp_path: Path) -> None:
