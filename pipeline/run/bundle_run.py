@@ -7,7 +7,7 @@ image, one of an unsupported channel count, an empty folder, a sample submission
 images the folder lacks are each bad input naming the file) and the outputs (none may be
 an existing file), then predicts with the same code as ``pipeline.predict``
 (``run.predictor.Predictor``: TTA, fold merge, post-processing, RLE) on one engine of
-``run.runtime_engines`` and writes:
+``run.runtime_engines`` (or ``run.savedmodel_engine``) and writes:
 
 - ``out``: a validated Kaggle submission in the manifest's layout (rows in a sample
   submission's order when one is given), scored against ``truth`` when given;
@@ -63,9 +63,9 @@ from pipeline.run.runtime_engines import (
 from pipeline.run.runtime_engines import (
     TENSORFLOW,
     OpenVinoNetworks,
-    SavedModelNetworks,
     choose_engine,
 )
+from pipeline.run.savedmodel_engine import SavedModelNetworks
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,9 @@ TTA, fold merge and post-processing code as the Keras engines:
   run by an ``AsyncInferQueue`` (the CPU's streams in parallel), computed in bfloat16 where
   the CPU does it natively (``core.precision``). Measured fastest in bfloat16 on a 2-core
   AMD EPYC with AVX512-BF16; in float32 not faster than TensorFlow (docs/deploy.md).
-- ``SavedModelNetworks``: a SavedModel on a stock TensorFlow, imported only when built.
+
+The SavedModel engine lives in ``run.savedmodel_engine``, the one module outside
+``pipeline.nn`` that imports TensorFlow (a named door: tests/unit/test_pure_layer.py).
 
 ``ENGINES`` names them; ``available_engines`` says which are installed.
 """
@@ -72,7 +74,9 @@ def choose_engine(
     return requested
 
 
-def _accepts(height: int, width: int, fixed: tuple[int, int] | None) -> bool:
+def accepts_size(height: int, width: int, fixed: tuple[int, int] | None) -> bool:
+    """Whether a network of ``fixed`` input size (None: any multiple of the stride)
+    runs an input of ``height`` x ``width``."""
     if fixed is not None:
         return (height, width) == fixed
     return height % STRIDE == 0 and width % STRIDE == 0
@@ -115,7 +119,7 @@ class OpenVinoNetworks:
         self.fold = fold
 
     def accepts(self, height: int, width: int) -> bool:
-        return _accepts(height, width, self.fixed_size)
+        return accepts_size(height, width, self.fixed_size)
 
     def _compiled_for(self, height: int, width: int) -> Any:
         key = (self.fold, height, width)
@@ -163,46 +167,3 @@ class OpenVinoNetworks:
             return head
         assert masks is not None, "a segmentation network outputs (M, H, W, C)"
         return masks, head
-
-
-class SavedModelNetworks:
-    """SavedModel folds on a stock TensorFlow (imported here, when built)."""
-
-    def __init__(
-        self,
-        folders: Sequence[Path],
-        presence: bool = False,
-        fixed_size: tuple[int, int] | None = None,
-    ) -> None:
-        import tensorflow as tf
-
-        if not folders:
-            raise ValueError("an engine needs at least one fold's network")
-        self._tf = tf
-        self.folders = list(folders)
-        self.is_presence = presence
-        self.fixed_size = fixed_size
-        self._loaded: Any = None
-        self.fold = -1
-
-    @property
-    def n_folds(self) -> int:
-        return len(self.folders)
-
-    def use_fold(self, fold: int) -> None:
-        if fold != self.fold:
-            self._loaded = self._tf.saved_model.load(str(self.folders[fold]))
-            self.fold = fold
-
-    def accepts(self, height: int, width: int) -> bool:
-        return _accepts(height, width, self.fixed_size)
-
-    def forward(self, batch: np.ndarray) -> Any:
-        """As ``OpenVinoNetworks.forward``."""
-        result = self._loaded.signatures["serving_default"](
-            images=self._tf.constant(batch, self._tf.float32)
-        )
-        outputs = {key: value.numpy() for key, value in result.items()}
-        if self.is_presence:
-            return outputs["presence"]
-        return outputs["masks"], outputs.get("presence")
