@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.images import IMAGE_CHANNELS
 from pipeline.core.prediction_plan import PredictionPlan
 
 MANIFEST = "manifest.json"
@@ -37,11 +38,15 @@ SEGMENTATION = "segmentation"
 PRESENCE = "presence"
 RUNNER = "runner"
 REQUIREMENTS = "requirements.txt"
-# What every network takes: float32 RGB in 0-255, NHWC; it normalises inside.
+# What every network takes: float32 RGB in 0-255, NHWC; it normalises inside. The image
+# files' channel counts that are read as that RGB (the training side's rule, refused
+# otherwise: ``core.images.read_image``).
 INPUT = {
     "layout": "NHWC",
     "dtype": "float32",
     "channels": "RGB",
+    "model_channels": 3,
+    "image_channels": list(IMAGE_CHANNELS),
     "range": [0, 255],
     "normalisation": "inside the network (its first layer)",
     "resize": "cv2.INTER_AREA to input_size",
@@ -85,6 +90,12 @@ class Manifest:
     precision: str
     id_style: str
     data: Mapping[str, Any]
+
+    @property
+    def image_channels(self) -> tuple[int, ...]:
+        """The image files' channel counts the model takes (older bundles: the default)."""
+        recorded = self.data.get("input", {}).get("image_channels")
+        return tuple(int(c) for c in recorded) if recorded else IMAGE_CHANNELS
 
     @property
     def formats(self) -> list[str]:

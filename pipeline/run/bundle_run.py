@@ -47,6 +47,7 @@ from pipeline.core.bundle import (
 from pipeline.core.clock import StageClock
 from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.images import (
+    IMAGE_CHANNELS,
     IMAGE_EXTENSIONS,
     folder_image_ids,
     missing_images,
@@ -79,14 +80,22 @@ OVERLAY_ALPHA = 0.45
 class FolderImages:
     """A folder's images decoded once and resized to the network's size (``ImageSet``)."""
 
-    def __init__(self, folder: Path, image_ids: Sequence[str], size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        image_ids: Sequence[str],
+        size: tuple[int, int],
+        channels: Sequence[int] = IMAGE_CHANNELS,
+    ) -> None:
         self.folder = folder
+        self.channels = tuple(channels)
         self.image_ids = list(image_ids)
         self.paths = [resolve_image_path(folder, image_id) for image_id in image_ids]
         self.images = np.empty((len(image_ids), *size, 3), dtype=np.uint8)
         sizes = []
         for i, path in enumerate(self.paths):
-            image = read_image(path)  # names the file when it cannot be read or decoded
+            # names the file when it cannot be read or decoded, or has another channel count
+            image = read_image(path, self.channels)
             sizes.append(image.shape[:2])
             self.images[i] = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
         self.original_sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)
@@ -95,7 +104,9 @@ class FolderImages:
         """Every image at another size (the presence classifier's)."""
         return np.stack(
             [
-                cv2.resize(read_image(p), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+                cv2.resize(
+                    read_image(p, self.channels), (size[1], size[0]), interpolation=cv2.INTER_AREA
+                )
                 for p in self.paths
             ]
         )
@@ -200,7 +211,7 @@ def run_bundle(
     truth_frame = submission_check.read_submission(truth) if truth is not None else None
     clock = StageClock()
     with clock.stage("read_images"):
-        folder = FolderImages(images, image_ids, plan.input_size)
+        folder = FolderImages(images, image_ids, plan.input_size, manifest.image_channels)
     chosen, resolved, segmentation, presence_engine = build_engines(manifest, engine, precision)
     log.info("engine %s in %s; %d images", chosen, resolved, len(image_ids))
     predictor = Predictor(plan, segmentation, presence_engine)

@@ -17,7 +17,14 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.core.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_members, read_manifest
+from pipeline.core.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT,
+    MANIFEST,
+    list_members,
+    read_manifest,
+)
 from pipeline.core.postprocess import PostprocessParams
 from pipeline.core.prediction_plan import PredictionPlan
 from pipeline.core.submission_check import read_submission
@@ -92,6 +99,7 @@ def write_bundle(folder: Path, size: tuple[int, int] | None = (40, 60)) -> Path:
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "plan": plan.to_dict(),
+        "input": {**INPUT, "size": [32, 64]},
         "id_style": "names",
         "precision": "auto",
         "networks": {
@@ -263,3 +271,25 @@ def test_bad_inputs_exit_2_naming_the_file_and_write_nothing(bundle, tiny_data, 
     assert existing.read_text() == "keep me"
     with pytest.raises(FileExistsError, match="mask folder .* is an existing file"):
         run_bundle(bundle, tiny_data / "test_images", masks=existing)
+
+
+@pytest.mark.parametrize("name", ["la.tif", "b5.tif"])
+def test_images_of_another_channel_count_exit_2_naming_the_file(bundle, tiny_data, tmp_path, name):
+    from tests.unit.core.test_images import odd_channel_images
+
+    assert read_manifest(bundle).image_channels == (1, 3, 4)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    said = odd_channel_images(odd)[name]
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_data / "test_images", folder)
+    shutil.copyfile(odd / name, folder / name)
+    out, masks = tmp_path / "out.csv", tmp_path / "masks"
+    done = run_entry(
+        "pipeline.run_bundle", "--bundle", bundle, "--images", folder, "--out", out,
+        "--masks", masks,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    expected = f"image file '{folder / name}' has {said}; expected 1 (gray), 3 (RGB), 4 (RGBA)"
+    assert expected in done.stderr
+    assert not out.exists() and not masks.exists()

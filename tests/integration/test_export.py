@@ -7,6 +7,7 @@ a hand-written ``postprocess.json``): what export reads of a trained run, in sec
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,22 @@ def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path
 def kaggle_dice(a: pd.DataFrame, b: pd.DataFrame) -> float:
     """Kaggle Dice of one submission scored against another as its truth."""
     return float(score_submission(a, b, "image_label", CLASSES, (40, 60))["overall"])
+
+
+def test_predict_refuses_an_image_of_another_channel_count(exported, tiny_data, tmp_path):
+    from tests.unit.core.test_images import odd_channel_images
+
+    config = exported.parent / "tiny.yaml"
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_data / "test_images", folder)
+    said = odd_channel_images(tmp_path)["b5.tif"]
+    shutil.copyfile(tmp_path / "b5.tif", folder / "b5.tif")
+    out, masks = tmp_path / "predict.csv", tmp_path / "masks"
+    done = run_cli(
+        "-m", "pipeline.predict", "--config", str(config), "--out", str(out),
+        "--submissions-dir", str(tmp_path / "subs"), "--masks", str(masks),
+        "--set", f"data.test_images={folder}", "--set", "data.sample_submission=null",
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"image file '{folder / 'b5.tif'}' has {said}; expected 1 (gray)" in done.stderr
+    assert not out.exists() and not masks.exists() and not (tmp_path / "subs").exists()
