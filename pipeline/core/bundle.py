@@ -31,7 +31,8 @@ FORMAT_VERSION = 1
 # The network formats a bundle may hold, by the folder they live in.
 SAVEDMODEL = "savedmodel"
 OPENVINO = "openvino"
-NETWORK_FORMATS: tuple[str, ...] = (SAVEDMODEL, OPENVINO)
+ONNX = "onnx"
+NETWORK_FORMATS: tuple[str, ...] = (SAVEDMODEL, OPENVINO, ONNX)
 # The roles of a bundle's networks: the segmentation folds, and the presence classifier's
 # folds where the tuned post-processing gates on them.
 SEGMENTATION = "segmentation"

@@ -37,6 +37,7 @@ import numpy as np
 from pipeline.core import submission, submission_check
 from pipeline.core.atomic import atomic_path
 from pipeline.core.bundle import (
+    ONNX,
     OPENVINO,
     PRESENCE,
     SAVEDMODEL,
@@ -59,19 +60,21 @@ from pipeline.core.mask_csv import read_masks
 from pipeline.core.precision import ENGINE_CHOICES, PRECISIONS, choose_precision, cpu_flags
 from pipeline.run.predictor import Predictor
 from pipeline.run.runtime_engines import (
-    OPENVINO as OPENVINO_ENGINE,
-)
-from pipeline.run.runtime_engines import (
+    ONNXRUNTIME,
     TENSORFLOW,
+    OnnxNetworks,
     OpenVinoNetworks,
     choose_engine,
+)
+from pipeline.run.runtime_engines import (
+    OPENVINO as OPENVINO_ENGINE,
 )
 from pipeline.run.savedmodel_engine import SavedModelNetworks
 
 log = logging.getLogger(__name__)
 
 # The engine that runs each network format.
-ENGINE_OF_FORMAT = {OPENVINO: OPENVINO_ENGINE, SAVEDMODEL: TENSORFLOW}
+ENGINE_OF_FORMAT = {OPENVINO: OPENVINO_ENGINE, ONNX: ONNXRUNTIME, SAVEDMODEL: TENSORFLOW}
 # Overlay colours (BGR) by class index, and how strongly a mask tints its pixels.
 PALETTE = ((0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255), (255, 255, 0))
 OVERLAY_ALPHA = 0.45
@@ -182,6 +185,8 @@ def build_engines(
         paths = manifest.paths(network_format, role)
         if chosen == OPENVINO_ENGINE:
             return OpenVinoNetworks(paths, resolved, presence, fixed_size)
+        if chosen == ONNXRUNTIME:
+            return OnnxNetworks(paths, presence, fixed_size)
         return SavedModelNetworks(paths, presence, fixed_size)
 
     segmentation = engine_of(SEGMENTATION, False)
@@ -367,8 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINE_CHOICES,
         default="auto",
-        help="runtime (auto: OpenVINO in bfloat16; in float32 TensorFlow where installed and "
-        "the bundle holds a SavedModel, else OpenVINO)",
+        help="runtime (auto: of those installed that the bundle holds a network for, in "
+        "bfloat16 OpenVINO first; in float32 TensorFlow, then OpenVINO, then onnxruntime)",
     )
     parser.add_argument(
         "--precision",

@@ -4,6 +4,8 @@ Each implements ``run.predictor``'s ``SegmentationEngine`` (and ``PresenceEngine
 one file per fold, so ``pipeline.predict`` and the bundle runner drive them with the same
 TTA, fold merge and post-processing code as the Keras engines:
 
+- ``OnnxNetworks``: ONNX files (``.onnx``) on onnxruntime's CPU provider, one session per
+  fold, float32 (onnxruntime has no bfloat16 CPU kernels for these graphs).
 - ``OpenVinoNetworks``: OpenVINO IR (``.xml``/``.bin``). One compiled model per fold and
   input shape, the throughput hint, batches cut into requests of ``rows`` stacked images
   run by an ``AsyncInferQueue`` (the CPU's streams in parallel), computed in bfloat16 where
@@ -31,9 +33,20 @@ from pipeline.core.precision import ENGINE_CHOICES
 log = logging.getLogger(__name__)
 
 OPENVINO = "openvino"
+ONNXRUNTIME = "onnxruntime"
 TENSORFLOW = "tensorflow"
-# The engines a run may ask for, fastest first (``auto`` takes the first installed).
+# The engines a run may ask for.
 ENGINES: tuple[str, ...] = tuple(e for e in ENGINE_CHOICES if e != "auto")
+# ``auto``'s order by precision: fastest first, as measured (docs/deploy.md). bfloat16:
+# OpenVINO (3.6x a kernel's forward on AVX512-BF16; onnxruntime has no bfloat16 kernels
+# here). float32 (EfficientNet-B2 U-Net at 352x480 on a Xeon without BF16, forward per
+# image and fold): TensorFlow with the views batched 3.25 s, OpenVINO 3.30 s,
+# onnxruntime 3.55 s, a kernel 3.59 s; so onnxruntime is taken only where it is the one
+# runtime there (an ONNX-only bundle, an environment with onnxruntime alone).
+AUTO_ORDER = {
+    "bfloat16": (OPENVINO, ONNXRUNTIME, TENSORFLOW),
+    "float32": (TENSORFLOW, OPENVINO, ONNXRUNTIME),
+}
 # The OpenVINO inference precision of each ``predict.precision``.
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # Rows (stacked images) per OpenVINO request: one image's four flips.
@@ -42,20 +55,17 @@ STRIDE = 32
 
 
 def available_engines() -> list[str]:
-    """The engines whose runtime is installed, fastest first."""
-    module = {OPENVINO: "openvino", TENSORFLOW: "tensorflow"}
+    """The engines whose runtime is installed, in ``ENGINES``' order."""
+    module = {OPENVINO: "openvino", ONNXRUNTIME: "onnxruntime", TENSORFLOW: "tensorflow"}
     return [name for name in ENGINES if importlib.util.find_spec(module[name]) is not None]
 
 
 def choose_engine(
     requested: str, offered: Sequence[str] | None = None, precision: str = "bfloat16"
 ) -> str:
-    """``requested`` unless it is ``auto``: then the engine measured fastest for
-    ``precision`` among those installed and ``offered`` (default: all). OpenVINO in
-    bfloat16 (3.6x a kernel's forward on AVX512-BF16); in float32 TensorFlow where it is
-    installed (OpenVINO measured 0.89x its forward, EfficientNet-B2 at 352x480, on a
-    Xeon without BF16; docs/deploy.md), else OpenVINO. ValueError when none is
-    installed or it is unknown."""
+    """``requested`` unless it is ``auto``: then the first of ``AUTO_ORDER[precision]``
+    (float16 as float32) among the engines installed and ``offered`` (default: all).
+    ValueError when none is installed or it is unknown."""
     if requested not in ENGINE_CHOICES:
         raise ValueError(f"engine must be one of {list(ENGINE_CHOICES)}; got {requested!r}")
     installed = available_engines()
@@ -64,11 +74,10 @@ def choose_engine(
         if not candidates:
             raise ValueError(
                 f"no engine installed for {list(offered or ENGINES)}: pip install openvino "
-                "(the runner's requirements.txt) or tensorflow"
+                "or onnxruntime (the runner's requirements.txt) or tensorflow"
             )
-        if precision != "bfloat16" and TENSORFLOW in candidates:
-            return TENSORFLOW
-        return candidates[0]
+        order = AUTO_ORDER.get(precision, AUTO_ORDER["float32"])
+        return next(e for e in order if e in candidates)
     if requested not in installed:
         raise ValueError(f"engine {requested!r} is not installed (pip install {requested})")
     return requested
@@ -167,3 +176,55 @@ class OpenVinoNetworks:
             return head
         assert masks is not None, "a segmentation network outputs (M, H, W, C)"
         return masks, head
+
+
+class OnnxNetworks:
+    """ONNX folds on onnxruntime (imported here, when built): a segmentation (``forward``
+    -> masks, presence or None) or a presence classifier (``presence`` True)."""
+
+    def __init__(
+        self,
+        files: Sequence[Path],
+        presence: bool = False,
+        fixed_size: tuple[int, int] | None = None,
+    ) -> None:
+        import onnxruntime as ort
+
+        if not files:
+            raise ValueError("an engine needs at least one fold's network")
+        ort.set_default_logger_severity(3)  # tf2onnx's resize attributes: warnings only
+        self._ort = ort
+        self.files = list(files)
+        self.is_presence = presence
+        self.fixed_size = fixed_size
+        self.fold = 0
+        self._sessions: dict[int, Any] = {}
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.files)
+
+    def use_fold(self, fold: int) -> None:
+        self.fold = fold
+
+    def accepts(self, height: int, width: int) -> bool:
+        return accepts_size(height, width, self.fixed_size)
+
+    def _session(self) -> Any:
+        if self.fold not in self._sessions:
+            options = self._ort.SessionOptions()
+            options.log_severity_level = 3
+            self._sessions[self.fold] = self._ort.InferenceSession(
+                str(self.files[self.fold]), options, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[self.fold]
+
+    def forward(self, batch: np.ndarray) -> Any:
+        """As ``OpenVinoNetworks.forward``."""
+        session = self._session()
+        names = [output.name for output in session.get_outputs()]
+        values = session.run(names, {"images": np.ascontiguousarray(batch, dtype=np.float32)})
+        outputs = dict(zip(names, values, strict=True))
+        if self.is_presence:
+            return outputs["presence"]
+        return outputs["masks"], outputs.get("presence")

@@ -77,8 +77,35 @@ def tiny_network(path: Path, fold: int) -> None:
     ov.save_model(ov.Model([masks], [images]), str(path), compress_to_fp16=False)
 
 
-def write_bundle(folder: Path, size: tuple[int, int] | None = (40, 60)) -> Path:
-    """A two-fold OpenVINO bundle with the runner's copy, checksummed."""
+def tiny_onnx(path: Path, fold: int) -> None:
+    """``tiny_network``'s graph as ONNX (opset 17), built with onnx's helpers."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weights = np.zeros((4, 3, 1, 1), dtype=np.float32)
+    for k in range(4):
+        weights[k, k % 3] = (1.0 + 0.2 * fold) / 20.0
+    bias = np.full(4, -128 / 20.0, dtype=np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["images"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["conv"]),
+        helper.make_node("Sigmoid", ["conv"], ["prob"]),
+        helper.make_node("Transpose", ["prob"], ["masks"], perm=[0, 2, 3, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", "h", "w", 3])],
+        [helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["n", "h", "w", 4])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def write_bundle(
+    folder: Path, size: tuple[int, int] | None = (40, 60), network_format: str = "openvino"
+) -> Path:
+    """A two-fold OpenVINO (or ONNX) bundle with the runner's copy, checksummed."""
     plan = PredictionPlan(
         classes=tuple(CLASSES),
         input_size=(32, 64),
@@ -91,10 +118,12 @@ def write_bundle(folder: Path, size: tuple[int, int] | None = (40, 60)) -> Path:
         csv_format="image_label",
         submission_size=size,
     )
-    (folder / "openvino").mkdir(parents=True)
-    for fold in range(2):
-        tiny_network(folder / "openvino" / f"segmentation_fold{fold}.xml", fold)
-    write_runner(folder / "runner", ["openvino"])
+    (folder / network_format).mkdir(parents=True)
+    suffix = {"openvino": ".xml", "onnx": ".onnx"}[network_format]
+    files = [f"{network_format}/segmentation_fold{k}{suffix}" for k in range(2)]
+    for fold, member in enumerate(files):
+        (tiny_network if network_format == "openvino" else tiny_onnx)(folder / member, fold)
+    write_runner(folder / "runner", [network_format])
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -102,9 +131,7 @@ def write_bundle(folder: Path, size: tuple[int, int] | None = (40, 60)) -> Path:
         "input": {**INPUT, "size": [32, 64]},
         "id_style": "names",
         "precision": "auto",
-        "networks": {
-            "openvino": {"segmentation": [f"openvino/segmentation_fold{k}.xml" for k in range(2)]}
-        },
+        "networks": {network_format: {"segmentation": files}},
         "members": list_members(folder),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -189,6 +216,36 @@ def test_the_bundles_own_runner_copy_runs_from_another_folder(bundle, tiny_data,
     assert "FRAMEWORK MODULES: []" in done.stdout
     assert f"RUNNER FROM: {copy / 'runner' / 'pipeline' / '__init__.py'}" in done.stdout
     assert len(read_submission(out)) == 6 * len(CLASSES)
+
+
+def test_an_onnx_bundle_runs_on_onnxruntime_without_tensorflow(bundle, tiny_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx_bundle = write_bundle(tmp_path / "onnx_bundle", network_format="onnx")
+    requirements = (onnx_bundle / "runner" / "requirements.txt").read_text().split()
+    assert [line.split("==")[0] for line in requirements] == [
+        "numpy", "opencv-python-headless", "pandas", "onnxruntime"
+    ]  # fmt: skip
+    sample, images = tiny_data / "sample_submission.csv", tiny_data / "test_images"
+    out = tmp_path / "onnx.csv"
+    done = run_entry(
+        str(onnx_bundle / "runner" / "run_bundle.py"), "--bundle", onnx_bundle,
+        "--images", images, "--sample-submission", sample, "--out", out, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FRAMEWORK MODULES: []" in done.stdout and "on onnxruntime (float32" in done.stdout
+    # The same graph on OpenVINO in float32: the same rows and masks.
+    reference = run_bundle(bundle, images, tmp_path / "ov.csv", None, None, sample, None,
+                           "openvino", "float32")  # fmt: skip
+    assert reference["engine"] == "openvino"
+    from pipeline.core.submission import score_submission
+
+    ours, theirs = read_submission(out), read_submission(tmp_path / "ov.csv")
+    assert list(ours["Image_Label"]) == list(theirs["Image_Label"])
+    dice = score_submission(ours, theirs, "image_label", CLASSES, (40, 60), "onnx", "openvino")
+    assert dice["overall"] >= 0.995
+    with pytest.raises(ValueError, match="holds \\['onnx'\\], which engine 'openvino'"):
+        run_bundle(onnx_bundle, images, tmp_path / "no.csv", engine="openvino")
+    assert not (tmp_path / "no.csv").exists()
 
 
 def damage(bundle: Path, tmp_path: Path, how: str) -> Path:
