@@ -144,8 +144,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "seconds": round(bundle_s, 1),
         }
     print(json.dumps(figures, indent=1))
-    record(figures, keep=not args.no_record)
+    for engine in engines:
+        record(engine_record(figures, engine), keep=not args.no_record)
     return figures
+
+
+def engine_record(figures: dict[str, Any], engine: str) -> dict[str, Any]:
+    """One engine's figures as a flat record (one row of docs/results.md)."""
+    result = figures["engines"][engine]
+    return {
+        "benchmark": "deploy_agreement",
+        "machine": figures["machine"],
+        "experiment": figures["experiment"],
+        "engine": engine,
+        "bundle_python_has_tensorflow": figures["bundle_python_has_tensorflow"],
+        "bundle_tensorflow_modules": result["tensorflow_modules_after_import"],
+        "same_rows": result["same_rows"],
+        "dice_between": result["dice_between"],
+        "test_kaggle_dice_predict": figures["test_kaggle_dice_predict"],
+        "test_kaggle_dice_bundle": result["test_kaggle_dice_bundle"],
+        "score_difference": result["score_difference"],
+        "seconds": {**figures["seconds"], "bundle": result["seconds"]},
+        **{k: figures[k] for k in ("date", "commit", "note") if k in figures},
+    }
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ conversion parameters (paths) from its runtime info, again for identical files; 
 weights stay float32 (the runtime computes in bfloat16 where the CPU supports it).
 
 ``save_onnx`` converts the same signature with tf2onnx (opset ``ONNX_OPSET``): input
-``images``, outputs ``masks`` and, with a presence head, ``presence``; float32.
+``images``, outputs ``masks`` and, with a presence head, ``presence``; float32. tf2onnx
+names nodes, tensors and deduplicated constants with counters and set orders that
+change from process to process, so the graph is renamed canonically
+(``canonical_onnx``: node, tensor and constant names by order of appearance).
 """
 
 from __future__ import annotations
@@ -101,8 +104,45 @@ def save_onnx(model: keras.Model, path: Path) -> Path:
     spec = (tf.TensorSpec([None, None, None, 3], tf.float32, name="images"),)
     proto, _ = tf2onnx.convert.from_function(module.serve, input_signature=spec, opset=ONNX_OPSET)
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_bytes(path, proto.SerializeToString())
+    write_bytes(path, canonical_onnx(proto).SerializeToString())
     return path
+
+
+def canonical_onnx(model: Any) -> Any:
+    """Rename an ONNX model's nodes (``node<i>``), inner tensors (``t<k>``) and constants
+    (``const<k>``, in the order first used; initializers sorted so) in place, so that two
+    conversions of the same network are the same bytes. Graph inputs and outputs keep
+    their names; a graph with sub-graphs (If, Loop) is left as it is."""
+    graph = model.graph
+    if any(attribute.g.node or attribute.graphs for n in graph.node for attribute in n.attribute):
+        return model
+    keep = {v.name for v in graph.input} | {v.name for v in graph.output}
+    initializers = {i.name: i for i in graph.initializer}
+    names: dict[str, str] = {}
+    counts = {"t": 0, "const": 0}
+
+    def rename(name: str) -> str:
+        if not name or name in keep:
+            return name
+        if name not in names:
+            prefix = "const" if name in initializers else "t"
+            names[name] = f"{prefix}{counts[prefix]}"
+            counts[prefix] += 1
+        return names[name]
+
+    for i, node in enumerate(graph.node):
+        node.name = f"node{i}"
+        for k, name in enumerate(node.input):
+            node.input[k] = rename(name)
+        for k, name in enumerate(node.output):
+            node.output[k] = rename(name)
+    used = [initializers[old] for old in names if old in initializers]
+    for initializer in used:
+        initializer.name = names[initializer.name]
+    del graph.initializer[:]
+    graph.initializer.extend(sorted(used, key=lambda i: int(i.name[len("const") :])))
+    del graph.value_info[:]
+    return model
 
 
 def converted_folds(
