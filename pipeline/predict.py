@@ -139,7 +139,7 @@ def _predict(
         cache = build_cache(
             run.cache_dir, "test", test_images, image_ids, plan.input_size, workers=CACHE_WORKERS
         )
-    engine = choose_engine(str(config.predict.engine), precision=precision)
+    engine = choose_engine(str(config.predict.engine), precision=precision, converting=True)
     log.info("networks on %s (predict.engine: %s)", engine, config.predict.engine)
     with clock.stage("build_model"):
         segmentation, classifier = _engines(config, run, engine, precision)

@@ -372,8 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINE_CHOICES,
         default="auto",
-        help="runtime (auto: of those installed that the bundle holds a network for, in "
-        "bfloat16 OpenVINO first; in float32 TensorFlow, then OpenVINO, then onnxruntime)",
+        help="runtime (auto: of those installed that the bundle holds a network for, "
+        "OpenVINO, then TensorFlow in float32 or onnxruntime in bfloat16, then the other)",
     )
     parser.add_argument(
         "--precision",

@@ -39,14 +39,20 @@ TENSORFLOW = "tensorflow"
 ENGINES: tuple[str, ...] = tuple(e for e in ENGINE_CHOICES if e != "auto")
 # ``auto``'s order by precision: fastest first, as measured (docs/deploy.md). bfloat16:
 # OpenVINO (3.6x a kernel's forward on AVX512-BF16; onnxruntime has no bfloat16 kernels
-# here). float32 (EfficientNet-B2 U-Net at 352x480 on a Xeon without BF16, forward per
-# image and fold): TensorFlow with the views batched 3.25 s, OpenVINO 3.30 s,
-# onnxruntime 3.55 s, a kernel 3.59 s; so onnxruntime is taken only where it is the one
-# runtime there (an ONNX-only bundle, an environment with onnxruntime alone).
+# here). float32 (EfficientNet-B2 U-Net at 352x480 on a 2-core Xeon without BF16,
+# forward per image and fold): at load average 3.2 OpenVINO 0.88 s, TensorFlow with
+# the views batched 1.19 s, onnxruntime 1.31 s, a kernel 2.19 s; at 5.8 TensorFlow 3.25,
+# OpenVINO 3.30, onnxruntime 3.55 (OpenVINO's parallel streams suffer most from other
+# work on the cores). onnxruntime came after both in every run.
 AUTO_ORDER = {
     "bfloat16": (OPENVINO, ONNXRUNTIME, TENSORFLOW),
-    "float32": (TENSORFLOW, OPENVINO, ONNXRUNTIME),
+    "float32": (OPENVINO, TENSORFLOW, ONNXRUNTIME),
 }
+# ``pipeline.predict`` converts each fold before OpenVINO or onnxruntime can run it:
+# in float32 that first conversion costs more than the faster forward saves on a run
+# (3 EfficientNet-B0 folds: 89.5 s converting, against 11.6 s for the whole prediction
+# on TensorFlow), so there TensorFlow comes first.
+AUTO_ORDER_CONVERTING = {**AUTO_ORDER, "float32": (TENSORFLOW, OPENVINO, ONNXRUNTIME)}
 # The OpenVINO inference precision of each ``predict.precision``.
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # Rows (stacked images) per OpenVINO request: one image's four flips.
@@ -61,11 +67,15 @@ def available_engines() -> list[str]:
 
 
 def choose_engine(
-    requested: str, offered: Sequence[str] | None = None, precision: str = "bfloat16"
+    requested: str,
+    offered: Sequence[str] | None = None,
+    precision: str = "bfloat16",
+    converting: bool = False,
 ) -> str:
     """``requested`` unless it is ``auto``: then the first of ``AUTO_ORDER[precision]``
-    (float16 as float32) among the engines installed and ``offered`` (default: all).
-    ValueError when none is installed or it is unknown."""
+    (``AUTO_ORDER_CONVERTING`` when the networks must be ``converting`` first, as in
+    ``pipeline.predict``; float16 as float32) among the engines installed and
+    ``offered`` (default: all). ValueError when none is installed or it is unknown."""
     if requested not in ENGINE_CHOICES:
         raise ValueError(f"engine must be one of {list(ENGINE_CHOICES)}; got {requested!r}")
     installed = available_engines()
@@ -76,7 +86,8 @@ def choose_engine(
                 f"no engine installed for {list(offered or ENGINES)}: pip install openvino "
                 "or onnxruntime (the runner's requirements.txt) or tensorflow"
             )
-        order = AUTO_ORDER.get(precision, AUTO_ORDER["float32"])
+        orders = AUTO_ORDER_CONVERTING if converting else AUTO_ORDER
+        order = orders.get(precision, orders["float32"])
         return next(e for e in order if e in candidates)
     if requested not in installed:
         raise ValueError(f"engine {requested!r} is not installed (pip install {requested})")
