@@ -15,8 +15,9 @@ included):
 - ``predict_tensorflow`` / ``predict_openvino``: ``python -m pipeline.predict`` with
   ``predict.engine`` set (OpenVINO's one-time conversion of the folds is timed in a first
   run, ``predict_openvino_cold``, and cached for the timed one);
-- ``bundle_openvino`` / ``bundle_tensorflow``: ``python -m pipeline.run_bundle`` on the
-  bundle ``python -m pipeline.export`` wrote (export timed apart).
+- ``bundle_openvino`` / ``bundle_onnxruntime`` / ``bundle_tensorflow``: ``python -m
+  pipeline.run_bundle`` on the bundle ``python -m pipeline.export`` wrote in every format
+  (export timed apart).
 
 Per run: wall seconds, forward seconds per image (the time inside the network calls,
 divided by the images), the test Kaggle Dice against the truth (random weights: only
@@ -156,9 +157,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     shutil.rmtree(bundle, ignore_errors=True)
     python = sys.executable
     export_s, _ = timed("export", [python, "-m", "pipeline.export", "--config", str(config),
-                                   "--out", str(bundle)])  # fmt: skip
+                                   "--out", str(bundle), "--formats",
+                                   "savedmodel,openvino,onnx"])  # fmt: skip
     outputs = {name: work / f"{name}.csv" for name in (
-        "kernel", "predict_tensorflow", "predict_openvino", "bundle_openvino", "bundle_tensorflow"
+        "kernel", "predict_tensorflow", "predict_openvino", "bundle_openvino",
+        "bundle_onnxruntime", "bundle_tensorflow"
     )}  # fmt: skip
     for path in outputs.values():
         path.unlink(missing_ok=True)
@@ -175,6 +178,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                              "--set", "predict.engine=openvino"],
         "bundle_openvino": [*bundle_run, "--engine", "openvino",
                             "--out", str(outputs["bundle_openvino"])],
+        "bundle_onnxruntime": [*bundle_run, "--engine", "onnxruntime",
+                               "--out", str(outputs["bundle_onnxruntime"])],
         "bundle_tensorflow": [*bundle_run, "--engine", "tensorflow",
                               "--out", str(outputs["bundle_tensorflow"])],
     }  # fmt: skip

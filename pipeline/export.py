@@ -6,6 +6,8 @@ Writes the folder ``--out`` (built under a temporary name, renamed whole) with:
   stock TensorFlow, no segmentation-models, no foldseg);
 - ``openvino/segmentation_fold<k>.xml`` and ``.bin``: the same network as OpenVINO IR,
   which runs without TensorFlow (numpy, opencv, pandas and openvino);
+- ``onnx/segmentation_fold<k>.onnx`` (``--formats ...,onnx``): the same network as ONNX
+  (tf2onnx), which runs on onnxruntime without TensorFlow;
 - the presence classifier's folds alike (``presence_fold<k>``) when the tuned
   post-processing gates on them;
 - ``postprocess.json``; ``runner/``: the TensorFlow-free runner (``runner/run_bundle.py``
@@ -39,6 +41,7 @@ from pipeline.core.bundle import (
     INPUT,
     MANIFEST,
     NETWORK_FORMATS,
+    ONNX,
     OPENVINO,
     PRESENCE,
     RUNNER,
@@ -50,7 +53,7 @@ from pipeline.core.config import Config
 from pipeline.core.layout import POSTPROCESS
 from pipeline.nn.devices import set_mixed_precision
 from pipeline.nn.engines import build_prediction_model, build_presence_model
-from pipeline.nn.export import save_openvino, save_savedmodel
+from pipeline.nn.export import save_onnx, save_openvino, save_savedmodel
 from pipeline.nn.keras_backend import check_framework
 from pipeline.nn.weights import load_best_weights
 from pipeline.run.bundle_files import RUNNER_PACKAGES, package_version, write_runner
@@ -60,12 +63,18 @@ from pipeline.run.trained_run import TrainedRun, open_trained_run
 
 log = logging.getLogger(__name__)
 
+# The SavedModel and the framework-free format measured fastest here (docs/deploy.md).
+DEFAULT_FORMATS = (SAVEDMODEL, OPENVINO)
+
 VERSIONED = (
     "tensorflow",
     "tf-keras",
     "keras",
     "segmentation-models",
     "openvino",
+    "onnxruntime",
+    "onnx",
+    "tf2onnx",
     *RUNNER_PACKAGES,
 )
 
@@ -102,6 +111,9 @@ def export(config: Config, out: Path, formats: list[str], force: bool = False) -
                 if OPENVINO in formats:
                     save_openvino(folder, built / OPENVINO / f"{name}.xml")
                     networks[OPENVINO].setdefault(role, []).append(f"{OPENVINO}/{name}.xml")
+                if ONNX in formats:
+                    save_onnx(model, built / ONNX / f"{name}.onnx")
+                    networks[ONNX].setdefault(role, []).append(f"{ONNX}/{name}.onnx")
                 log.info("exported %s fold %d (%s)", role, fold, ", ".join(formats))
         shutil.copyfile(config.run_dir / POSTPROCESS, built / POSTPROCESS)
         write_runner(built / RUNNER, formats)
@@ -155,8 +167,8 @@ def _add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="the bundle folder to write")
     parser.add_argument(
         "--formats",
-        default=",".join(NETWORK_FORMATS),
-        help="comma-separated network formats (default: %(default)s)",
+        default=",".join(DEFAULT_FORMATS),
+        help=f"comma-separated network formats, of {list(NETWORK_FORMATS)} (default: %(default)s)",
     )
     add_force_argument(parser)
 

@@ -6,8 +6,8 @@ The classifier gates' presence is the separate classifier's, or the presence hea
 
 The test images are cached once at ``data.image_size``. The networks run on
 ``predict.engine``: TensorFlow (one model built and given each fold's
-``best_weights.h5`` in turn) or OpenVINO (each fold converted once, cached under
-``runs/<experiment>/openvino/``; ``auto`` takes it in bfloat16, docs/deploy.md).
+``best_weights.h5`` in turn), OpenVINO or onnxruntime (each fold converted once, cached
+under ``runs/<experiment>/openvino/`` or ``onnx/``; ``auto``: docs/deploy.md).
 Every batch of ``tta.batch_size`` images goes through the network once per fold with
 all its TTA views. The folds are merged
 (``tta.merge``) in a memory-mapped fixed-point array under the run directory
@@ -40,11 +40,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.bundle import ONNX, OPENVINO
 from pipeline.core.clock import StageClock
 from pipeline.core.config import Config
 from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.images import resolve_image_path
-from pipeline.core.layout import FOLD_MERGE, OPENVINO_CACHE, POSTPROCESS, TEST_PROBS
+from pipeline.core.layout import FOLD_MERGE, ONNX_CACHE, OPENVINO_CACHE, POSTPROCESS, TEST_PROBS
 from pipeline.core.layout import PREDICT as PREDICT_JSON
 from pipeline.core.layout import PREDICT_WORK as WORK_DIR
 from pipeline.core.probstore import ProbWriter
@@ -56,7 +57,7 @@ from pipeline.nn.engines import (
     build_prediction_model,
     build_presence_model,
 )
-from pipeline.nn.export import openvino_folds
+from pipeline.nn.export import converted_folds
 from pipeline.nn.keras_backend import check_framework
 from pipeline.nn.model import check_input_size
 from pipeline.run.bundle_run import MaskWriter, check_outputs
@@ -72,7 +73,13 @@ from pipeline.run.json_files import write_json
 from pipeline.run.prediction import inputs_key, list_test_images, write_outputs
 from pipeline.run.predictor import Predictor, PresenceEngine, SegmentationEngine
 from pipeline.run.run_lock import hold_lock
-from pipeline.run.runtime_engines import TENSORFLOW, OpenVinoNetworks, choose_engine
+from pipeline.run.runtime_engines import (
+    ONNXRUNTIME,
+    TENSORFLOW,
+    OnnxNetworks,
+    OpenVinoNetworks,
+    choose_engine,
+)
 from pipeline.run.stored_predictions import write_test_keys, write_test_presence
 from pipeline.run.tracking import record_predict, tracked
 from pipeline.run.trained_run import TrainedRun, open_trained_run
@@ -132,7 +139,7 @@ def _predict(
         cache = build_cache(
             run.cache_dir, "test", test_images, image_ids, plan.input_size, workers=CACHE_WORKERS
         )
-    engine = choose_engine(str(config.predict.engine), precision=precision)
+    engine = choose_engine(str(config.predict.engine), precision=precision, converting=True)
     log.info("networks on %s (predict.engine: %s)", engine, config.predict.engine)
     with clock.stage("build_model"):
         segmentation, classifier = _engines(config, run, engine, precision)
@@ -216,19 +223,26 @@ def _engines(
                 else None
             )
             return KerasSegmentation(config, n_classes, run.weights), classifier
-    # OpenVINO: float32 networks, converted once per set of weights; it computes in
-    # ``precision`` itself.
-    cache = config.run_dir / OPENVINO_CACHE
+    # OpenVINO or ONNX: float32 networks, converted once per set of weights; OpenVINO
+    # computes in ``precision`` itself, onnxruntime in float32.
+    onnx = engine == ONNXRUNTIME
+    cache = config.run_dir / (ONNX_CACHE if onnx else OPENVINO_CACHE)
+    network_format = ONNX if onnx else OPENVINO
     fixed = config.data.image_size if config.model.architecture == "PSPNet" else None
-    xmls = openvino_folds(build_prediction_model(config, n_classes), run.weights, cache)
-    segmentation = OpenVinoNetworks(
-        xmls, precision, fixed_size=None if fixed is None else (int(fixed[0]), int(fixed[1]))
-    )
+    fixed_size = None if fixed is None else (int(fixed[0]), int(fixed[1]))
+
+    def networks(model: Any, weights: list[Path], role: str) -> Any:
+        files = converted_folds(model, weights, cache, role, network_format)
+        presence = role == "presence"
+        if onnx:
+            return OnnxNetworks(files, presence, None if presence else fixed_size)
+        return OpenVinoNetworks(files, precision, presence, None if presence else fixed_size)
+
+    segmentation = networks(build_prediction_model(config, n_classes), run.weights, "segmentation")
     presence = None
     if run.classifier_weights:
         model = build_presence_model(config, n_classes)
-        xmls = openvino_folds(model, run.classifier_weights, cache, "presence")
-        presence = OpenVinoNetworks(xmls, precision, presence=True)
+        presence = networks(model, run.classifier_weights, "presence")
     return segmentation, presence
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.images import IMAGE_CHANNELS
 from pipeline.core.prediction_plan import PredictionPlan
 
 MANIFEST = "manifest.json"
@@ -30,18 +31,23 @@ FORMAT_VERSION = 1
 # The network formats a bundle may hold, by the folder they live in.
 SAVEDMODEL = "savedmodel"
 OPENVINO = "openvino"
-NETWORK_FORMATS: tuple[str, ...] = (SAVEDMODEL, OPENVINO)
+ONNX = "onnx"
+NETWORK_FORMATS: tuple[str, ...] = (SAVEDMODEL, OPENVINO, ONNX)
 # The roles of a bundle's networks: the segmentation folds, and the presence classifier's
 # folds where the tuned post-processing gates on them.
 SEGMENTATION = "segmentation"
 PRESENCE = "presence"
 RUNNER = "runner"
 REQUIREMENTS = "requirements.txt"
-# What every network takes: float32 RGB in 0-255, NHWC; it normalises inside.
+# What every network takes: float32 RGB in 0-255, NHWC; it normalises inside. The image
+# files' channel counts that are read as that RGB (the training side's rule, refused
+# otherwise: ``core.images.read_image``).
 INPUT = {
     "layout": "NHWC",
     "dtype": "float32",
     "channels": "RGB",
+    "model_channels": 3,
+    "image_channels": list(IMAGE_CHANNELS),
     "range": [0, 255],
     "normalisation": "inside the network (its first layer)",
     "resize": "cv2.INTER_AREA to input_size",
@@ -85,6 +91,12 @@ class Manifest:
     precision: str
     id_style: str
     data: Mapping[str, Any]
+
+    @property
+    def image_channels(self) -> tuple[int, ...]:
+        """The image files' channel counts the model takes (older bundles: the default)."""
+        recorded = self.data.get("input", {}).get("image_channels")
+        return tuple(int(c) for c in recorded) if recorded else IMAGE_CHANNELS
 
     @property
     def formats(self) -> list[str]:

@@ -18,6 +18,14 @@ from pipeline.core.commands import command_line
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# The channel counts an image file may have: gray, RGB and RGBA, each read as the
+# networks' RGB (alpha dropped). Training and prediction read with the same rule and a
+# bundle's manifest records it (``input.image_channels``); a file of another count (gray
+# plus alpha, a multi-band TIFF, a 4-band TIFF that is not RGBA) is refused, not guessed.
+IMAGE_CHANNELS: tuple[int, ...] = (1, 3, 4)
+# PNG colour type -> channels (a palette is RGB); TIFF tags and their RGB photometric.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}
+_TIFF_SAMPLES, _TIFF_PHOTOMETRIC, _TIFF_RGB = 277, 262, 2
 
 
 def check_image_id(image_id: str, folder: str | Path) -> None:
@@ -139,15 +147,18 @@ def files_fingerprint(folder: str | Path, image_ids: Sequence[str]) -> str:
     return digest.hexdigest()[:32]
 
 
-def read_image(path: str | Path) -> np.ndarray:
+def read_image(path: str | Path, channels: Sequence[int] = IMAGE_CHANNELS) -> np.ndarray:
     """Read an image file as RGB.
 
     Gray, RGB and RGBA files of 8 or 16 bits are accepted; alpha is dropped and 16-bit
     values are scaled linearly to 8 bits (65535 -> 255). EXIF orientation is ignored,
-    so pixels keep the grid the masks were drawn on.
+    so pixels keep the grid the masks were drawn on. The channel count is the file's
+    own (its PNG or TIFF header; OpenCV would silently turn a gray-plus-alpha TIFF into
+    gray and a 4-band TIFF into its first band).
 
     Args:
         path: a JPEG, PNG, TIFF or BMP file.
+        channels: the channel counts accepted (a bundle's manifest records them).
 
     Returns:
         (H, W, 3) uint8 RGB image.
@@ -162,13 +173,60 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"image file {str(path)!r} does not exist")
     # imdecode over np.fromfile also works for non-ASCII paths, unlike cv2.imread.
     data = np.fromfile(path, dtype=np.uint8)
+    declared = file_channels(data.tobytes())
+    if declared is not None and declared[0] not in channels:
+        raise ValueError(
+            f"image file {str(path)!r} has {declared[1]}; expected "
+            f"{_channel_words(channels)}, the channel counts read as the model's RGB input"
+        )
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise ValueError(
             f"image file {str(path)!r} ({data.size} bytes) could not be decoded: "
             "not a supported image format, or corrupt"
         )
-    return _to_rgb_uint8(image, path)
+    return _to_rgb_uint8(image, path, channels)
+
+
+def file_channels(data: bytes) -> tuple[int, str] | None:
+    """The channel count a PNG or TIFF file declares in its header, and its words
+    (``(2, "2 channels (gray and alpha)")``); 0 for a TIFF whose 4 bands are not RGBA;
+    None for other formats (JPEG, BMP: OpenCV decodes them as they are)."""
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 26:
+        count = _PNG_CHANNELS.get(data[25])
+        if count is None:
+            return None
+        return count, f"{count} channel{'s' * (count > 1)}" + (" (gray and alpha)" * (count == 2))
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        tags = _tiff_tags(data, "<" if data[:2] == b"II" else ">")
+        samples = tags.get(_TIFF_SAMPLES, 1)
+        if samples == 4 and tags.get(_TIFF_PHOTOMETRIC) != _TIFF_RGB:
+            return 0, "4 bands that are not RGBA"
+        if samples == 2:
+            return 2, "2 channels (gray and alpha, or 2 bands)"
+        return samples, f"{samples} channel{'s' * (samples > 1)}"
+    return None
+
+
+def _tiff_tags(data: bytes, order: str) -> dict[int, int]:
+    """The short integer tags of a classic TIFF's first directory (empty when damaged)."""
+    try:
+        (offset,) = struct.unpack_from(f"{order}I", data, 4)
+        (count,) = struct.unpack_from(f"{order}H", data, offset)
+        tags = {}
+        for i in range(count):
+            tag, kind, n = struct.unpack_from(f"{order}HHI", data, offset + 2 + 12 * i)
+            if n == 1 and kind in (3, 4):  # SHORT or LONG, stored in the entry itself
+                fmt = f"{order}H" if kind == 3 else f"{order}I"
+                tags[tag] = struct.unpack_from(fmt, data, offset + 10 + 12 * i)[0]
+        return tags
+    except struct.error:
+        return {}
+
+
+def _channel_words(channels: Sequence[int]) -> str:
+    words = {1: "1 (gray)", 3: "3 (RGB)", 4: "4 (RGBA)"}
+    return ", ".join(words.get(c, str(c)) for c in channels) + " channels"
 
 
 def read_image_size(path: str | Path) -> tuple[int, int]:
@@ -197,7 +255,9 @@ def read_image_size(path: str | Path) -> tuple[int, int]:
     return height, width
 
 
-def _to_rgb_uint8(image: np.ndarray, path: Path) -> np.ndarray:
+def _to_rgb_uint8(
+    image: np.ndarray, path: Path, accepted: Sequence[int] = IMAGE_CHANNELS
+) -> np.ndarray:
     """Convert a decoded OpenCV image (BGR order, any channel count) to RGB uint8."""
     if image.dtype == np.uint16:
         # Rounded division by 257 maps 0..65535 exactly onto 0..255.
@@ -209,14 +269,16 @@ def _to_rgb_uint8(image: np.ndarray, path: Path) -> np.ndarray:
         )
     if image.ndim == 3 and image.shape[2] == 1:
         image = image[:, :, 0]
-    if image.ndim == 2:
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    if channels not in accepted or channels not in IMAGE_CHANNELS:
+        raise ValueError(
+            f"image file {str(path)!r} has {channels} channels; expected {_channel_words(accepted)}"
+        )
+    if channels == 1:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
-    channels = image.shape[2]
     if channels == 3:
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if channels == 4:
-        return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
-    raise ValueError(f"image file {str(path)!r} has {channels} channels; expected 1, 3 or 4")
+    return cv2.cvtColor(image, cv2.COLOR_BGRA2RGB)
 
 
 def cache_path(cache_dir: str | Path, name: str, size: Sequence[int]) -> Path:

@@ -70,6 +70,7 @@ PSEUDO_LABELS = "pseudo_labels.csv"  # confident test labels (the pseudo-label s
 PSEUDO_LABELS_JSON = "pseudo_labels.json"
 PREDICT_WORK = "predict_tmp"
 OPENVINO_CACHE = "openvino"  # predict.engine openvino: each fold's IR, converted once
+ONNX_CACHE = "onnx"  # predict.engine onnxruntime: each fold's ONNX, converted once
 FOLD_MERGE = "fold_merge.npy"
 LR_FIND_DIR = "lr_find"
 LR_FIND_CSV = "lr_find.csv"

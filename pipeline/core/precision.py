@@ -18,7 +18,7 @@ from typing import Literal, get_args
 Precision = Literal["auto", "float32", "bfloat16", "float16"]
 # Which runtime runs the networks (``predict.engine``, the bundle runner's --engine): auto
 # takes the one measured fastest at the precision (``run.runtime_engines.choose_engine``).
-Engine = Literal["auto", "openvino", "tensorflow"]
+Engine = Literal["auto", "openvino", "onnxruntime", "tensorflow"]
 ENGINE_CHOICES: tuple[str, ...] = get_args(Engine)
 PRECISIONS: tuple[str, ...] = get_args(Precision)
 # Keras mixed-precision policy per precision.

@@ -19,10 +19,13 @@ from pathlib import Path
 
 import pipeline
 from pipeline.core.atomic import write_text
-from pipeline.core.bundle import OPENVINO, REQUIREMENTS
+from pipeline.core.bundle import ONNX, OPENVINO, REQUIREMENTS
 
 # The runner's third-party packages, beside its engine's.
 RUNNER_PACKAGES = ("numpy", "opencv-python-headless", "pandas")
+# The runtime each framework-free network format needs (a SavedModel: TensorFlow, which
+# the runner's requirements leave out: it is the framework the bundle is free of).
+ENGINE_PACKAGES = {OPENVINO: "openvino", ONNX: "onnxruntime"}
 FRAMEWORK_MODULES = ("tensorflow", "keras", "tf_keras")
 RUNNER_ENTRY = '''"""Run this bundle without foldseg or TensorFlow (docs/deploy.md):
 
@@ -74,6 +77,7 @@ def write_runner(folder: Path, network_formats: Sequence[str]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(root / module, target)
     write_text(folder / "run_bundle.py", RUNNER_ENTRY)
-    packages = [*RUNNER_PACKAGES, *(["openvino"] if OPENVINO in network_formats else [])]
+    engines = [ENGINE_PACKAGES[f] for f in network_formats if f in ENGINE_PACKAGES]
+    packages = [*RUNNER_PACKAGES, *engines]
     lines = [f"{name}=={package_version(name)}" for name in packages]
     write_text(folder / REQUIREMENTS, "\n".join(lines) + "\n")

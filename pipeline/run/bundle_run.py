@@ -7,7 +7,7 @@ image, one of an unsupported channel count, an empty folder, a sample submission
 images the folder lacks are each bad input naming the file) and the outputs (none may be
 an existing file), then predicts with the same code as ``pipeline.predict``
 (``run.predictor.Predictor``: TTA, fold merge, post-processing, RLE) on one engine of
-``run.runtime_engines`` and writes:
+``run.runtime_engines`` (or ``run.savedmodel_engine``) and writes:
 
 - ``out``: a validated Kaggle submission in the manifest's layout (rows in a sample
   submission's order when one is given), scored against ``truth`` when given;
@@ -37,6 +37,7 @@ import numpy as np
 from pipeline.core import submission, submission_check
 from pipeline.core.atomic import atomic_path
 from pipeline.core.bundle import (
+    ONNX,
     OPENVINO,
     PRESENCE,
     SAVEDMODEL,
@@ -47,6 +48,7 @@ from pipeline.core.bundle import (
 from pipeline.core.clock import StageClock
 from pipeline.core.fold_merge import FoldAccumulator
 from pipeline.core.images import (
+    IMAGE_CHANNELS,
     IMAGE_EXTENSIONS,
     folder_image_ids,
     missing_images,
@@ -58,19 +60,21 @@ from pipeline.core.mask_csv import read_masks
 from pipeline.core.precision import ENGINE_CHOICES, PRECISIONS, choose_precision, cpu_flags
 from pipeline.run.predictor import Predictor
 from pipeline.run.runtime_engines import (
-    OPENVINO as OPENVINO_ENGINE,
-)
-from pipeline.run.runtime_engines import (
+    ONNXRUNTIME,
     TENSORFLOW,
+    OnnxNetworks,
     OpenVinoNetworks,
-    SavedModelNetworks,
     choose_engine,
 )
+from pipeline.run.runtime_engines import (
+    OPENVINO as OPENVINO_ENGINE,
+)
+from pipeline.run.savedmodel_engine import SavedModelNetworks
 
 log = logging.getLogger(__name__)
 
 # The engine that runs each network format.
-ENGINE_OF_FORMAT = {OPENVINO: OPENVINO_ENGINE, SAVEDMODEL: TENSORFLOW}
+ENGINE_OF_FORMAT = {OPENVINO: OPENVINO_ENGINE, ONNX: ONNXRUNTIME, SAVEDMODEL: TENSORFLOW}
 # Overlay colours (BGR) by class index, and how strongly a mask tints its pixels.
 PALETTE = ((0, 0, 255), (0, 255, 0), (255, 0, 0), (0, 255, 255), (255, 0, 255), (255, 255, 0))
 OVERLAY_ALPHA = 0.45
@@ -79,14 +83,22 @@ OVERLAY_ALPHA = 0.45
 class FolderImages:
     """A folder's images decoded once and resized to the network's size (``ImageSet``)."""
 
-    def __init__(self, folder: Path, image_ids: Sequence[str], size: tuple[int, int]) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        image_ids: Sequence[str],
+        size: tuple[int, int],
+        channels: Sequence[int] = IMAGE_CHANNELS,
+    ) -> None:
         self.folder = folder
+        self.channels = tuple(channels)
         self.image_ids = list(image_ids)
         self.paths = [resolve_image_path(folder, image_id) for image_id in image_ids]
         self.images = np.empty((len(image_ids), *size, 3), dtype=np.uint8)
         sizes = []
         for i, path in enumerate(self.paths):
-            image = read_image(path)  # names the file when it cannot be read or decoded
+            # names the file when it cannot be read or decoded, or has another channel count
+            image = read_image(path, self.channels)
             sizes.append(image.shape[:2])
             self.images[i] = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
         self.original_sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)
@@ -95,7 +107,9 @@ class FolderImages:
         """Every image at another size (the presence classifier's)."""
         return np.stack(
             [
-                cv2.resize(read_image(p), (size[1], size[0]), interpolation=cv2.INTER_AREA)
+                cv2.resize(
+                    read_image(p, self.channels), (size[1], size[0]), interpolation=cv2.INTER_AREA
+                )
                 for p in self.paths
             ]
         )
@@ -171,6 +185,8 @@ def build_engines(
         paths = manifest.paths(network_format, role)
         if chosen == OPENVINO_ENGINE:
             return OpenVinoNetworks(paths, resolved, presence, fixed_size)
+        if chosen == ONNXRUNTIME:
+            return OnnxNetworks(paths, presence, fixed_size)
         return SavedModelNetworks(paths, presence, fixed_size)
 
     segmentation = engine_of(SEGMENTATION, False)
@@ -200,7 +216,7 @@ def run_bundle(
     truth_frame = submission_check.read_submission(truth) if truth is not None else None
     clock = StageClock()
     with clock.stage("read_images"):
-        folder = FolderImages(images, image_ids, plan.input_size)
+        folder = FolderImages(images, image_ids, plan.input_size, manifest.image_channels)
     chosen, resolved, segmentation, presence_engine = build_engines(manifest, engine, precision)
     log.info("engine %s in %s; %d images", chosen, resolved, len(image_ids))
     predictor = Predictor(plan, segmentation, presence_engine)
@@ -356,8 +372,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--engine",
         choices=ENGINE_CHOICES,
         default="auto",
-        help="runtime (auto: OpenVINO in bfloat16; in float32 TensorFlow where installed and "
-        "the bundle holds a SavedModel, else OpenVINO)",
+        help="runtime (auto: of those installed that the bundle holds a network for, "
+        "OpenVINO, then TensorFlow in float32 or onnxruntime in bfloat16, then the other)",
     )
     parser.add_argument(
         "--precision",

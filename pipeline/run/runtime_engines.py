@@ -4,12 +4,16 @@ Each implements ``run.predictor``'s ``SegmentationEngine`` (and ``PresenceEngine
 one file per fold, so ``pipeline.predict`` and the bundle runner drive them with the same
 TTA, fold merge and post-processing code as the Keras engines:
 
+- ``OnnxNetworks``: ONNX files (``.onnx``) on onnxruntime's CPU provider, one session per
+  fold, float32 (onnxruntime has no bfloat16 CPU kernels for these graphs).
 - ``OpenVinoNetworks``: OpenVINO IR (``.xml``/``.bin``). One compiled model per fold and
   input shape, the throughput hint, batches cut into requests of ``rows`` stacked images
   run by an ``AsyncInferQueue`` (the CPU's streams in parallel), computed in bfloat16 where
   the CPU does it natively (``core.precision``). Measured fastest in bfloat16 on a 2-core
   AMD EPYC with AVX512-BF16; in float32 not faster than TensorFlow (docs/deploy.md).
-- ``SavedModelNetworks``: a SavedModel on a stock TensorFlow, imported only when built.
+
+The SavedModel engine lives in ``run.savedmodel_engine``, the one module outside
+``pipeline.nn`` that imports TensorFlow (a named door: tests/unit/test_pure_layer.py).
 
 ``ENGINES`` names them; ``available_engines`` says which are installed.
 """
@@ -29,9 +33,26 @@ from pipeline.core.precision import ENGINE_CHOICES
 log = logging.getLogger(__name__)
 
 OPENVINO = "openvino"
+ONNXRUNTIME = "onnxruntime"
 TENSORFLOW = "tensorflow"
-# The engines a run may ask for, fastest first (``auto`` takes the first installed).
+# The engines a run may ask for.
 ENGINES: tuple[str, ...] = tuple(e for e in ENGINE_CHOICES if e != "auto")
+# ``auto``'s order by precision: fastest first, as measured (docs/deploy.md). bfloat16:
+# OpenVINO (3.6x a kernel's forward on AVX512-BF16; onnxruntime has no bfloat16 kernels
+# here). float32 (EfficientNet-B2 U-Net at 352x480 on a 2-core Xeon without BF16,
+# forward per image and fold): at load average 3.2 OpenVINO 0.88 s, TensorFlow with
+# the views batched 1.19 s, onnxruntime 1.31 s, a kernel 2.19 s; at 5.8 TensorFlow 3.25,
+# OpenVINO 3.30, onnxruntime 3.55 (OpenVINO's parallel streams suffer most from other
+# work on the cores). onnxruntime came after both in every run.
+AUTO_ORDER = {
+    "bfloat16": (OPENVINO, ONNXRUNTIME, TENSORFLOW),
+    "float32": (OPENVINO, TENSORFLOW, ONNXRUNTIME),
+}
+# ``pipeline.predict`` converts each fold before OpenVINO or onnxruntime can run it:
+# in float32 that first conversion costs more than the faster forward saves on a run
+# (3 EfficientNet-B0 folds: 89.5 s converting, against 11.6 s for the whole prediction
+# on TensorFlow), so there TensorFlow comes first.
+AUTO_ORDER_CONVERTING = {**AUTO_ORDER, "float32": (TENSORFLOW, OPENVINO, ONNXRUNTIME)}
 # The OpenVINO inference precision of each ``predict.precision``.
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # Rows (stacked images) per OpenVINO request: one image's four flips.
@@ -40,20 +61,21 @@ STRIDE = 32
 
 
 def available_engines() -> list[str]:
-    """The engines whose runtime is installed, fastest first."""
-    module = {OPENVINO: "openvino", TENSORFLOW: "tensorflow"}
+    """The engines whose runtime is installed, in ``ENGINES``' order."""
+    module = {OPENVINO: "openvino", ONNXRUNTIME: "onnxruntime", TENSORFLOW: "tensorflow"}
     return [name for name in ENGINES if importlib.util.find_spec(module[name]) is not None]
 
 
 def choose_engine(
-    requested: str, offered: Sequence[str] | None = None, precision: str = "bfloat16"
+    requested: str,
+    offered: Sequence[str] | None = None,
+    precision: str = "bfloat16",
+    converting: bool = False,
 ) -> str:
-    """``requested`` unless it is ``auto``: then the engine measured fastest for
-    ``precision`` among those installed and ``offered`` (default: all). OpenVINO in
-    bfloat16 (3.6x a kernel's forward on AVX512-BF16); in float32 TensorFlow where it is
-    installed (OpenVINO measured 0.89x its forward, EfficientNet-B2 at 352x480, on a
-    Xeon without BF16; docs/deploy.md), else OpenVINO. ValueError when none is
-    installed or it is unknown."""
+    """``requested`` unless it is ``auto``: then the first of ``AUTO_ORDER[precision]``
+    (``AUTO_ORDER_CONVERTING`` when the networks must be ``converting`` first, as in
+    ``pipeline.predict``; float16 as float32) among the engines installed and
+    ``offered`` (default: all). ValueError when none is installed or it is unknown."""
     if requested not in ENGINE_CHOICES:
         raise ValueError(f"engine must be one of {list(ENGINE_CHOICES)}; got {requested!r}")
     installed = available_engines()
@@ -62,17 +84,19 @@ def choose_engine(
         if not candidates:
             raise ValueError(
                 f"no engine installed for {list(offered or ENGINES)}: pip install openvino "
-                "(the runner's requirements.txt) or tensorflow"
+                "or onnxruntime (the runner's requirements.txt) or tensorflow"
             )
-        if precision != "bfloat16" and TENSORFLOW in candidates:
-            return TENSORFLOW
-        return candidates[0]
+        orders = AUTO_ORDER_CONVERTING if converting else AUTO_ORDER
+        order = orders.get(precision, orders["float32"])
+        return next(e for e in order if e in candidates)
     if requested not in installed:
         raise ValueError(f"engine {requested!r} is not installed (pip install {requested})")
     return requested
 
 
-def _accepts(height: int, width: int, fixed: tuple[int, int] | None) -> bool:
+def accepts_size(height: int, width: int, fixed: tuple[int, int] | None) -> bool:
+    """Whether a network of ``fixed`` input size (None: any multiple of the stride)
+    runs an input of ``height`` x ``width``."""
     if fixed is not None:
         return (height, width) == fixed
     return height % STRIDE == 0 and width % STRIDE == 0
@@ -115,7 +139,7 @@ class OpenVinoNetworks:
         self.fold = fold
 
     def accepts(self, height: int, width: int) -> bool:
-        return _accepts(height, width, self.fixed_size)
+        return accepts_size(height, width, self.fixed_size)
 
     def _compiled_for(self, height: int, width: int) -> Any:
         key = (self.fold, height, width)
@@ -165,44 +189,53 @@ class OpenVinoNetworks:
         return masks, head
 
 
-class SavedModelNetworks:
-    """SavedModel folds on a stock TensorFlow (imported here, when built)."""
+class OnnxNetworks:
+    """ONNX folds on onnxruntime (imported here, when built): a segmentation (``forward``
+    -> masks, presence or None) or a presence classifier (``presence`` True)."""
 
     def __init__(
         self,
-        folders: Sequence[Path],
+        files: Sequence[Path],
         presence: bool = False,
         fixed_size: tuple[int, int] | None = None,
     ) -> None:
-        import tensorflow as tf
+        import onnxruntime as ort
 
-        if not folders:
+        if not files:
             raise ValueError("an engine needs at least one fold's network")
-        self._tf = tf
-        self.folders = list(folders)
+        ort.set_default_logger_severity(3)  # tf2onnx's resize attributes: warnings only
+        self._ort = ort
+        self.files = list(files)
         self.is_presence = presence
         self.fixed_size = fixed_size
-        self._loaded: Any = None
-        self.fold = -1
+        self.fold = 0
+        self._sessions: dict[int, Any] = {}
 
     @property
     def n_folds(self) -> int:
-        return len(self.folders)
+        return len(self.files)
 
     def use_fold(self, fold: int) -> None:
-        if fold != self.fold:
-            self._loaded = self._tf.saved_model.load(str(self.folders[fold]))
-            self.fold = fold
+        self.fold = fold
 
     def accepts(self, height: int, width: int) -> bool:
-        return _accepts(height, width, self.fixed_size)
+        return accepts_size(height, width, self.fixed_size)
+
+    def _session(self) -> Any:
+        if self.fold not in self._sessions:
+            options = self._ort.SessionOptions()
+            options.log_severity_level = 3
+            self._sessions[self.fold] = self._ort.InferenceSession(
+                str(self.files[self.fold]), options, providers=["CPUExecutionProvider"]
+            )
+        return self._sessions[self.fold]
 
     def forward(self, batch: np.ndarray) -> Any:
         """As ``OpenVinoNetworks.forward``."""
-        result = self._loaded.signatures["serving_default"](
-            images=self._tf.constant(batch, self._tf.float32)
-        )
-        outputs = {key: value.numpy() for key, value in result.items()}
+        session = self._session()
+        names = [output.name for output in session.get_outputs()]
+        values = session.run(names, {"images": np.ascontiguousarray(batch, dtype=np.float32)})
+        outputs = dict(zip(names, values, strict=True))
         if self.is_presence:
             return outputs["presence"]
         return outputs["masks"], outputs.get("presence")

@@ -17,7 +17,14 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.core.bundle import FORMAT, FORMAT_VERSION, MANIFEST, list_members, read_manifest
+from pipeline.core.bundle import (
+    FORMAT,
+    FORMAT_VERSION,
+    INPUT,
+    MANIFEST,
+    list_members,
+    read_manifest,
+)
 from pipeline.core.postprocess import PostprocessParams
 from pipeline.core.prediction_plan import PredictionPlan
 from pipeline.core.submission_check import read_submission
@@ -70,8 +77,35 @@ def tiny_network(path: Path, fold: int) -> None:
     ov.save_model(ov.Model([masks], [images]), str(path), compress_to_fp16=False)
 
 
-def write_bundle(folder: Path, size: tuple[int, int] | None = (40, 60)) -> Path:
-    """A two-fold OpenVINO bundle with the runner's copy, checksummed."""
+def tiny_onnx(path: Path, fold: int) -> None:
+    """``tiny_network``'s graph as ONNX (opset 17), built with onnx's helpers."""
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    weights = np.zeros((4, 3, 1, 1), dtype=np.float32)
+    for k in range(4):
+        weights[k, k % 3] = (1.0 + 0.2 * fold) / 20.0
+    bias = np.full(4, -128 / 20.0, dtype=np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["images"], ["nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Conv", ["nchw", "w", "b"], ["conv"]),
+        helper.make_node("Sigmoid", ["conv"], ["prob"]),
+        helper.make_node("Transpose", ["prob"], ["masks"], perm=[0, 2, 3, 1]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("images", TensorProto.FLOAT, ["n", "h", "w", 3])],
+        [helper.make_tensor_value_info("masks", TensorProto.FLOAT, ["n", "h", "w", 4])],
+        [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(bias, "b")],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def write_bundle(
+    folder: Path, size: tuple[int, int] | None = (40, 60), network_format: str = "openvino"
+) -> Path:
+    """A two-fold OpenVINO (or ONNX) bundle with the runner's copy, checksummed."""
     plan = PredictionPlan(
         classes=tuple(CLASSES),
         input_size=(32, 64),
@@ -84,19 +118,20 @@ def write_bundle(folder: Path, size: tuple[int, int] | None = (40, 60)) -> Path:
         csv_format="image_label",
         submission_size=size,
     )
-    (folder / "openvino").mkdir(parents=True)
-    for fold in range(2):
-        tiny_network(folder / "openvino" / f"segmentation_fold{fold}.xml", fold)
-    write_runner(folder / "runner", ["openvino"])
+    (folder / network_format).mkdir(parents=True)
+    suffix = {"openvino": ".xml", "onnx": ".onnx"}[network_format]
+    files = [f"{network_format}/segmentation_fold{k}{suffix}" for k in range(2)]
+    for fold, member in enumerate(files):
+        (tiny_network if network_format == "openvino" else tiny_onnx)(folder / member, fold)
+    write_runner(folder / "runner", [network_format])
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "plan": plan.to_dict(),
+        "input": {**INPUT, "size": [32, 64]},
         "id_style": "names",
         "precision": "auto",
-        "networks": {
-            "openvino": {"segmentation": [f"openvino/segmentation_fold{k}.xml" for k in range(2)]}
-        },
+        "networks": {network_format: {"segmentation": files}},
         "members": list_members(folder),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
@@ -183,6 +218,36 @@ def test_the_bundles_own_runner_copy_runs_from_another_folder(bundle, tiny_data,
     assert len(read_submission(out)) == 6 * len(CLASSES)
 
 
+def test_an_onnx_bundle_runs_on_onnxruntime_without_tensorflow(bundle, tiny_data, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx_bundle = write_bundle(tmp_path / "onnx_bundle", network_format="onnx")
+    requirements = (onnx_bundle / "runner" / "requirements.txt").read_text().split()
+    assert [line.split("==")[0] for line in requirements] == [
+        "numpy", "opencv-python-headless", "pandas", "onnxruntime"
+    ]  # fmt: skip
+    sample, images = tiny_data / "sample_submission.csv", tiny_data / "test_images"
+    out = tmp_path / "onnx.csv"
+    done = run_entry(
+        str(onnx_bundle / "runner" / "run_bundle.py"), "--bundle", onnx_bundle,
+        "--images", images, "--sample-submission", sample, "--out", out, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "FRAMEWORK MODULES: []" in done.stdout and "on onnxruntime (float32" in done.stdout
+    # The same graph on OpenVINO in float32: the same rows and masks.
+    reference = run_bundle(bundle, images, tmp_path / "ov.csv", None, None, sample, None,
+                           "openvino", "float32")  # fmt: skip
+    assert reference["engine"] == "openvino"
+    from pipeline.core.submission import score_submission
+
+    ours, theirs = read_submission(out), read_submission(tmp_path / "ov.csv")
+    assert list(ours["Image_Label"]) == list(theirs["Image_Label"])
+    dice = score_submission(ours, theirs, "image_label", CLASSES, (40, 60), "onnx", "openvino")
+    assert dice["overall"] >= 0.995
+    with pytest.raises(ValueError, match="holds \\['onnx'\\], which engine 'openvino'"):
+        run_bundle(onnx_bundle, images, tmp_path / "no.csv", engine="openvino")
+    assert not (tmp_path / "no.csv").exists()
+
+
 def damage(bundle: Path, tmp_path: Path, how: str) -> Path:
     broken = shutil.copytree(bundle, tmp_path / f"broken_{how}")
     manifest = json.loads((broken / MANIFEST).read_text())
@@ -263,3 +328,25 @@ def test_bad_inputs_exit_2_naming_the_file_and_write_nothing(bundle, tiny_data, 
     assert existing.read_text() == "keep me"
     with pytest.raises(FileExistsError, match="mask folder .* is an existing file"):
         run_bundle(bundle, tiny_data / "test_images", masks=existing)
+
+
+@pytest.mark.parametrize("name", ["la.tif", "b5.tif"])
+def test_images_of_another_channel_count_exit_2_naming_the_file(bundle, tiny_data, tmp_path, name):
+    from tests.unit.core.test_images import odd_channel_images
+
+    assert read_manifest(bundle).image_channels == (1, 3, 4)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    said = odd_channel_images(odd)[name]
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_data / "test_images", folder)
+    shutil.copyfile(odd / name, folder / name)
+    out, masks = tmp_path / "out.csv", tmp_path / "masks"
+    done = run_entry(
+        "pipeline.run_bundle", "--bundle", bundle, "--images", folder, "--out", out,
+        "--masks", masks,
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    expected = f"image file '{folder / name}' has {said}; expected 1 (gray), 3 (RGB), 4 (RGBA)"
+    assert expected in done.stderr
+    assert not out.exists() and not masks.exists()

@@ -7,6 +7,7 @@ a hand-written ``postprocess.json``): what export reads of a trained run, in sec
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from tests.integration.test_bundle_runner import run_entry
 
 CLASSES = ["Fish", "Flower", "Gravel", "Sugar"]
 SMALL = {"backbone": "resnet18", "encoder_weights": None, "decoder_filters": [16, 8, 8, 8, 8]}
+FORMATS = "savedmodel,openvino,onnx"  # every supported format
 pytestmark = pytest.mark.slow
 
 
@@ -71,7 +73,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
     """A tiny run exported in both formats by the real CLI."""
     tmp = tmp_path_factory.mktemp("export")
     config = make_run(tmp, tiny_data)
-    done = run_cli("-m", "pipeline.export", "--config", str(config), "--out", str(tmp / "bundle"))
+    done = run_cli(
+        "-m", "pipeline.export", "--config", str(config), "--out", str(tmp / "bundle"),
+        "--formats", FORMATS,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert "bundle:" in done.stdout
     return tmp / "bundle"
@@ -80,31 +85,39 @@ def exported(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
 def test_exporting_twice_gives_identical_members(exported, tmp_path):
     config = exported.parent / "tiny.yaml"
     again = tmp_path / "again"
-    done = run_cli("-m", "pipeline.export", "--config", str(config), "--out", str(again))
+    done = run_cli(
+        "-m", "pipeline.export", "--config", str(config), "--out", str(again), "--formats", FORMATS
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     first = json.loads((exported / MANIFEST).read_text())
     second = json.loads((again / MANIFEST).read_text())
     assert first == second
     assert "savedmodel/segmentation_fold1/saved_model.pb" in first["members"]
     assert "openvino/segmentation_fold1.bin" in first["members"]
+    assert "onnx/segmentation_fold1.onnx" in first["members"]
+    assert first["input"]["image_channels"] == [1, 3, 4]
     assert first["cv"]["oof_kaggle_dice_nested"] == 0.58
     assert first["cv"]["oof_kaggle_dice_in_sample"] == 0.61
     assert first["plan"]["classes"] == CLASSES and first["input"]["size"] == [32, 64]
-    assert read_manifest(again).formats == ["savedmodel", "openvino"]
+    assert read_manifest(again).formats == ["savedmodel", "openvino", "onnx"]
+    requirements = (again / "runner" / "requirements.txt").read_text()
+    assert "openvino==" in requirements and "onnxruntime==" in requirements
+    assert "tensorflow" not in requirements
     # An existing output is refused, naming it; nothing changes.
     done = run_cli("-m", "pipeline.export", "--config", str(config), "--out", str(again))
     assert done.returncode == 2 and f"bundle folder '{again}' is an existing" in done.stderr
 
 
 def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path):
-    """The bundle on OpenVINO (no TensorFlow imported) and on TensorFlow (the SavedModel)
-    against pipeline.predict on the same folds: same rows, near-identical masks."""
+    """The bundle on OpenVINO and onnxruntime (no TensorFlow imported) and on TensorFlow
+    (the SavedModel) against pipeline.predict on the same folds: same rows, near-identical
+    masks; and pipeline.predict on onnxruntime likewise."""
     config = exported.parent / "tiny.yaml"
     sample = tiny_data / "sample_submission.csv"
     images = tiny_data / "test_images"
     common = ("--images", images, "--sample-submission", sample, "--precision", "float32")
     outputs = {}
-    for engine in ("openvino", "tensorflow"):
+    for engine in ("openvino", "onnxruntime", "tensorflow"):
         out = tmp_path / f"{engine}.csv"
         masks = ("--masks", tmp_path / f"{engine}_masks")
         done = run_entry(
@@ -120,6 +133,13 @@ def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path
         "-m", "pipeline.predict", "--config", str(config), "--out", str(reference),
         "--submissions-dir", str(tmp_path / "subs"), "--set", "predict.precision=float32",
         "--set", "predict.engine=tensorflow", "--masks", str(tmp_path / "predict_masks"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    outputs["predict_onnxruntime"] = tmp_path / "predict_onnx.csv"
+    done = run_cli(
+        "-m", "pipeline.predict", "--config", str(config), "--out",
+        str(outputs["predict_onnxruntime"]), "--submissions-dir", str(tmp_path / "subs"),
+        "--set", "predict.precision=float32", "--set", "predict.engine=onnxruntime",
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     expected = read_submission(reference)
@@ -141,3 +161,22 @@ def test_every_engine_agrees_with_pipeline_predict(exported, tiny_data, tmp_path
 def kaggle_dice(a: pd.DataFrame, b: pd.DataFrame) -> float:
     """Kaggle Dice of one submission scored against another as its truth."""
     return float(score_submission(a, b, "image_label", CLASSES, (40, 60))["overall"])
+
+
+def test_predict_refuses_an_image_of_another_channel_count(exported, tiny_data, tmp_path):
+    from tests.unit.core.test_images import odd_channel_images
+
+    config = exported.parent / "tiny.yaml"
+    folder = tmp_path / "images"
+    shutil.copytree(tiny_data / "test_images", folder)
+    said = odd_channel_images(tmp_path)["b5.tif"]
+    shutil.copyfile(tmp_path / "b5.tif", folder / "b5.tif")
+    out, masks = tmp_path / "predict.csv", tmp_path / "masks"
+    done = run_cli(
+        "-m", "pipeline.predict", "--config", str(config), "--out", str(out),
+        "--submissions-dir", str(tmp_path / "subs"), "--masks", str(masks),
+        "--set", f"data.test_images={folder}", "--set", "data.sample_submission=null",
+    )  # fmt: skip
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"image file '{folder / 'b5.tif'}' has {said}; expected 1 (gray)" in done.stderr
+    assert not out.exists() and not masks.exists() and not (tmp_path / "subs").exists()

@@ -4,7 +4,10 @@
 - a layer imports only layers below it: core < run < nn < stages;
 - no stage imports another stage's module (``workflow``, the one composition of every
   stage, and ``demo``, its earlier name, are the exceptions);
-- no module imports a module that imports it, directly or through others (no circles).
+- no module imports a module that imports it, directly or through others (no circles);
+- only the named doors (``DOORS``) import a framework: ``nn.keras_backend`` for the Keras
+  layer, ``run.savedmodel_engine`` for an exported SavedModel (lazily, so the bundle
+  runner stays framework-free for OpenVINO and ONNX bundles).
 """
 
 import ast
@@ -19,6 +22,9 @@ PACKAGE = Path(pipeline.__file__).parent
 LAYERS = ("core", "run", "nn")
 RANK = {"core": 0, "run": 1, "nn": 2, "stage": 3}
 COMPOSITION = {"workflow", "demo"}
+FRAMEWORKS = ("tensorflow", "keras", "tf_keras", "segmentation_models", "segmodels_keras")
+# The modules that may import a framework, each the one door of its room.
+DOORS = {"pipeline.nn.keras_backend", "pipeline.run.savedmodel_engine"}
 
 
 def modules_of(layer: str) -> list[str]:
@@ -78,6 +84,30 @@ def test_pure_layers_do_not_import_tensorflow():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"pure layer imported: {out.stdout.strip()}"
+
+
+def frameworks_imported(path: Path) -> set[str]:
+    """The frameworks a file imports (at any depth, inside functions included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        found.update(name.split(".")[0] for name in names if name.split(".")[0] in FRAMEWORKS)
+    return found
+
+
+def test_frameworks_are_imported_only_through_the_named_doors():
+    assert {"tensorflow", "keras"} <= frameworks_imported(PACKAGE / "nn" / "keras_backend.py")
+    assert frameworks_imported(PACKAGE / "run" / "savedmodel_engine.py") == {"tensorflow"}
+    through_other_doors = sorted(
+        f"{module} imports {sorted(found)}"
+        for module, path in all_modules().items()
+        if module not in DOORS and (found := frameworks_imported(path))
+    )
+    assert through_other_doors == []
 
 
 def test_layers_depend_downward_only():

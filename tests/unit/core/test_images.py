@@ -145,3 +145,47 @@ def test_folder_ids_follow_the_csv_spelling(tmp_path: Path) -> None:
         images.folder_image_ids(folder, ["a"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
         images.folder_image_ids(tmp_path / "absent", ["a"])
+
+
+def odd_channel_images(folder: Path) -> dict[str, str]:
+    """Files of channel counts foldseg does not read as RGB, by name, with the words that
+    their refusal uses: gray+alpha (PNG and TIFF), 4 bands that are not RGBA, 5 bands."""
+    from PIL import Image
+
+    tifffile = pytest.importorskip("tifffile")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 9, 2), dtype=np.uint8), "LA").save(folder / "la.png")
+    for name, bands, dtype in (("la.tif", 2, np.uint8), ("b4.tif", 4, np.uint8),
+                               ("b5.tif", 5, np.uint16)):  # fmt: skip
+        array = rng.integers(0, 200, (8, 9, bands)).astype(dtype)
+        tifffile.imwrite(folder / name, array, photometric="minisblack", planarconfig="contig")
+    return {
+        "la.png": "2 channels (gray and alpha)",
+        "la.tif": "2 channels (gray and alpha, or 2 bands)",
+        "b4.tif": "4 bands that are not RGBA",
+        "b5.tif": "5 channels",
+    }
+
+
+def test_other_channel_counts_are_refused_from_the_files_header(tmp_path: Path) -> None:
+    # OpenCV alone would read the 2- and 4-band TIFFs as gray and fail on 5 bands as
+    # "corrupt"; the header's own count is what decides.
+    for name, words in odd_channel_images(tmp_path).items():
+        with pytest.raises(ValueError) as error:
+            images.read_image(tmp_path / name)
+        assert str(error.value) == (
+            f"image file '{tmp_path / name}' has {words}; expected 1 (gray), 3 (RGB), "
+            "4 (RGBA) channels, the channel counts read as the model's RGB input"
+        )
+
+
+def test_rgb_and_rgba_tiffs_and_a_narrower_rule(tmp_path: Path) -> None:
+    tifffile = pytest.importorskip("tifffile")
+    rgba = np.zeros((4, 5, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 200, 255
+    tifffile.imwrite(tmp_path / "rgba.tif", rgba, photometric="rgb", extrasamples=["unassalpha"])
+    assert images.read_image(tmp_path / "rgba.tif")[0, 0].tolist() == [200, 0, 0]
+    gray = write(tmp_path / "g.jpg", np.full((4, 5), 70, dtype=np.uint8))
+    assert images.read_image(gray).shape == (4, 5, 3)
+    with pytest.raises(ValueError, match=r"g\.jpg' has 1 channels; expected 3 \(RGB\) channels"):
+        images.read_image(gray, channels=(3,))
