@@ -28,15 +28,8 @@ from pipeline.core.atomic import write_json, write_text
 from pipeline.core.commands import command_line
 from pipeline.core.config import CONFIG_DIR, DEFAULT_CONFIG, Config, load_config
 from pipeline.core.fingerprint import fingerprint_path, measure_fingerprint
-from pipeline.core.planning import (
-    Choice,
-    candidate_sizes,
-    fold_training_images,
-    parallel_folds,
-    plan_batch,
-    plan_choices,
-    render_config,
-)
+from pipeline.core.plan_budget import fold_training_images, parallel_folds, plan_batch
+from pipeline.core.planning import Choice, candidate_sizes, plan_choices, render_config
 from pipeline.core.precision import BF16_CPU_FLAGS, cpu_flags
 from pipeline.run.command import Command, parse_size
 from pipeline.run.experiment import dataset_image_ids, read_training_masks
