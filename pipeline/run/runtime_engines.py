@@ -102,7 +102,33 @@ def accepts_size(height: int, width: int, fixed: tuple[int, int] | None) -> bool
     return height % STRIDE == 0 and width % STRIDE == 0
 
 
-class OpenVinoNetworks:
+class ExportedFolds:
+    """What every engine of exported networks shares: one member (file or folder) per
+    fold, whether the folds are a presence classifier, and the input size the networks
+    were exported at (None: any multiple of the stride)."""
+
+    def __init__(
+        self, members: Sequence[Path], presence: bool, fixed_size: tuple[int, int] | None
+    ) -> None:
+        if not members:
+            raise ValueError("an engine needs at least one fold's network")
+        self.members = list(members)
+        self.is_presence = presence
+        self.fixed_size = fixed_size
+        self.fold = 0
+
+    @property
+    def n_folds(self) -> int:
+        return len(self.members)
+
+    def use_fold(self, fold: int) -> None:
+        self.fold = fold
+
+    def accepts(self, height: int, width: int) -> bool:
+        return accepts_size(height, width, self.fixed_size)
+
+
+class OpenVinoNetworks(ExportedFolds):
     """OpenVINO IR folds: a segmentation (``forward`` -> masks, presence or None) or a
     presence classifier (``presence`` True: ``forward`` -> (M, C))."""
 
@@ -116,35 +142,20 @@ class OpenVinoNetworks:
     ) -> None:
         import openvino as ov
 
-        if not xmls:
-            raise ValueError("an engine needs at least one fold's network")
+        super().__init__(xmls, presence, fixed_size)
         self._ov = ov
         self.core = ov.Core()
-        self.xmls = list(xmls)
         self.config = {
             "PERFORMANCE_HINT": "THROUGHPUT",
             "INFERENCE_PRECISION_HINT": OPENVINO_PRECISION[precision],
         }
-        self.is_presence = presence
-        self.fixed_size = fixed_size
         self.rows = rows
-        self.fold = 0
         self._compiled: dict[tuple[int, int, int], Any] = {}
-
-    @property
-    def n_folds(self) -> int:
-        return len(self.xmls)
-
-    def use_fold(self, fold: int) -> None:
-        self.fold = fold
-
-    def accepts(self, height: int, width: int) -> bool:
-        return accepts_size(height, width, self.fixed_size)
 
     def _compiled_for(self, height: int, width: int) -> Any:
         key = (self.fold, height, width)
         if key not in self._compiled:
-            model = self.core.read_model(str(self.xmls[self.fold]))
+            model = self.core.read_model(str(self.members[self.fold]))
             model.reshape({model.inputs[0].get_any_name(): [self.rows, height, width, 3]})
             self._compiled[key] = self.core.compile_model(model, "CPU", self.config)
         return self._compiled[key]
@@ -189,7 +200,7 @@ class OpenVinoNetworks:
         return masks, head
 
 
-class OnnxNetworks:
+class OnnxNetworks(ExportedFolds):
     """ONNX folds on onnxruntime (imported here, when built): a segmentation (``forward``
     -> masks, presence or None) or a presence classifier (``presence`` True)."""
 
@@ -201,32 +212,17 @@ class OnnxNetworks:
     ) -> None:
         import onnxruntime as ort
 
-        if not files:
-            raise ValueError("an engine needs at least one fold's network")
+        super().__init__(files, presence, fixed_size)
         ort.set_default_logger_severity(3)  # tf2onnx's resize attributes: warnings only
         self._ort = ort
-        self.files = list(files)
-        self.is_presence = presence
-        self.fixed_size = fixed_size
-        self.fold = 0
         self._sessions: dict[int, Any] = {}
-
-    @property
-    def n_folds(self) -> int:
-        return len(self.files)
-
-    def use_fold(self, fold: int) -> None:
-        self.fold = fold
-
-    def accepts(self, height: int, width: int) -> bool:
-        return accepts_size(height, width, self.fixed_size)
 
     def _session(self) -> Any:
         if self.fold not in self._sessions:
             options = self._ort.SessionOptions()
             options.log_severity_level = 3
             self._sessions[self.fold] = self._ort.InferenceSession(
-                str(self.files[self.fold]), options, providers=["CPUExecutionProvider"]
+                str(self.members[self.fold]), options, providers=["CPUExecutionProvider"]
             )
         return self._sessions[self.fold]
 

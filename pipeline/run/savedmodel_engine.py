@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.run.runtime_engines import accepts_size
+from pipeline.run.runtime_engines import ExportedFolds
 
 
-class SavedModelNetworks:
+class SavedModelNetworks(ExportedFolds):
     """SavedModel folds on a stock TensorFlow (imported here, when built): a segmentation
     (``forward`` -> masks, presence or None) or a presence classifier (``presence`` True:
     ``forward`` -> (M, C))."""
@@ -31,26 +31,15 @@ class SavedModelNetworks:
     ) -> None:
         import tensorflow as tf
 
-        if not folders:
-            raise ValueError("an engine needs at least one fold's network")
+        super().__init__(folders, presence, fixed_size)
         self._tf = tf
-        self.folders = list(folders)
-        self.is_presence = presence
-        self.fixed_size = fixed_size
         self._loaded: Any = None
-        self.fold = -1
-
-    @property
-    def n_folds(self) -> int:
-        return len(self.folders)
+        self.fold = -1  # none loaded yet
 
     def use_fold(self, fold: int) -> None:
         if fold != self.fold:
-            self._loaded = self._tf.saved_model.load(str(self.folders[fold]))
+            self._loaded = self._tf.saved_model.load(str(self.members[fold]))
             self.fold = fold
-
-    def accepts(self, height: int, width: int) -> bool:
-        return accepts_size(height, width, self.fixed_size)
 
     def forward(self, batch: np.ndarray) -> Any:
         """(M, H, W, 3) float32 -> masks (M, H, W, C) and presence (M, C) or None; a
