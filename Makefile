@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/foldseg run --config $(DEMO) $(ARGS)
 
 # Then the Keras layer's tests and the stages' integration tests again on Keras 3.
-KERAS3_TESTS := tests/unit/nn tests/integration/test_train.py \
+KERAS3_TESTS := tests/unit/nn tests/integration/test_train.py tests/integration/test_fold_jobs.py \
 	tests/integration/test_train_classifier.py tests/integration/test_tune_cli.py \
 	tests/integration/test_predict_cli.py tests/integration/test_lr_find.py \
 	tests/unit/run/test_framework.py
