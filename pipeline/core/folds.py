@@ -15,8 +15,6 @@ from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
-from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
-from sklearn.model_selection import KFold
 
 from pipeline.core.atomic import write_csv
 from pipeline.core.commands import command_line
@@ -131,7 +129,11 @@ def make_folds(
     order = np.argsort(ids, kind="stable")
     ids = ids[order]
 
+    # Imported here: scikit-learn costs about a second at start-up, which every command
+    # that reads a config (the bundle runner included) would otherwise pay.
     if method == "kfold":
+        from sklearn.model_selection import KFold
+
         splitter = KFold(n_splits=n_splits, shuffle=True, random_state=seed)
         splits = splitter.split(ids)
     else:
@@ -144,6 +146,8 @@ def make_folds(
                 f"got {label_array.shape}"
             )
         label_array = label_array[order].astype(np.int64)
+        from iterstrat.ml_stratifiers import MultilabelStratifiedKFold
+
         splitter = MultilabelStratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         splits = splitter.split(ids, label_array)
 
