@@ -10,7 +10,7 @@ TTA, fold merge and post-processing code as the Keras engines:
   input shape, the throughput hint, batches cut into requests of ``rows`` stacked images
   run by an ``AsyncInferQueue`` (the CPU's streams in parallel), computed in bfloat16 where
   the CPU does it natively (``core.precision``). Measured fastest in bfloat16 on a 2-core
-  AMD EPYC with AVX512-BF16; in float32 not faster than TensorFlow (docs/deploy.md).
+  AMD EPYC with AVX512-BF16, and in float32 on a Xeon without it (docs/deploy.md).
 
 The SavedModel engine lives in ``run.savedmodel_engine``, the one module outside
 ``pipeline.nn`` that imports TensorFlow (a named door: tests/unit/test_pure_layer.py).
@@ -39,14 +39,13 @@ TENSORFLOW = "tensorflow"
 ENGINES: tuple[str, ...] = tuple(e for e in ENGINE_CHOICES if e != "auto")
 # ``auto``'s order by precision: fastest first, as measured (docs/deploy.md). bfloat16:
 # OpenVINO (3.6x a kernel's forward on AVX512-BF16; onnxruntime has no bfloat16 kernels
-# here). float32 (EfficientNet-B2 U-Net at 352x480 on a 2-core Xeon without BF16,
-# forward per image and fold): at load average 3.2 OpenVINO 0.88 s, TensorFlow with
-# the views batched 1.19 s, onnxruntime 1.31 s, a kernel 2.19 s; at 5.8 TensorFlow 3.25,
-# OpenVINO 3.30, onnxruntime 3.55 (OpenVINO's parallel streams suffer most from other
-# work on the cores). onnxruntime came after both in every run.
+# here). float32: the whole process decides for a bundle (below).
+# A bundle's whole process (bench_deploy.py, B2 at 352x480, float32, records 73-74):
+# OpenVINO 24.8-30.4 s, onnxruntime 30.0-31.2 s, TensorFlow 53 s (its import and
+# loading outweigh its forward, which was level with onnxruntime's).
 AUTO_ORDER = {
     "bfloat16": (OPENVINO, ONNXRUNTIME, TENSORFLOW),
-    "float32": (OPENVINO, TENSORFLOW, ONNXRUNTIME),
+    "float32": (OPENVINO, ONNXRUNTIME, TENSORFLOW),
 }
 # ``pipeline.predict`` converts each fold before OpenVINO or onnxruntime can run it:
 # in float32 that first conversion costs more than the faster forward saves on a run
