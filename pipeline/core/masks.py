@@ -10,6 +10,13 @@ import pandas as pd
 
 from pipeline.core.rle import decode
 
+# How a mask is resized: nearest neighbour at each target pixel's centre. cv2's
+# INTER_NEAREST takes the first source pixel of each block instead, (s - 1) / 2 source
+# pixels up and left of the centre when shrinking by s: a target shifted by up to half a
+# model pixel against the image (whose INTER_AREA or bilinear resize is centred), which
+# a network learns and the scores at full size pay for (docs/quality.md).
+MASK_INTERPOLATION = cv2.INTER_NEAREST_EXACT
+
 
 def rles_by_image(table: pd.DataFrame, classes: Sequence[str]) -> dict[str, list[str]]:
     """Map image_id -> RLE strings in ``classes`` order ("" where a class is empty).
@@ -39,12 +46,13 @@ def decode_masks(rles: Sequence[str], shape: tuple[int, int]) -> np.ndarray:
 
 
 def resize_masks(masks: np.ndarray, size: Sequence[int] | None) -> np.ndarray:
-    """Nearest-neighbour resize of a (H, W, C) uint8 stack to ``size`` [H, W] (None: as is)."""
+    """Nearest-neighbour resize of a (H, W, C) uint8 stack to ``size`` [H, W] (None: as is),
+    sampling each target pixel's centre (``MASK_INTERPOLATION``)."""
     if size is None or tuple(masks.shape[:2]) == tuple(size):
         return masks
     height, width = int(size[0]), int(size[1])
     channels = [
-        cv2.resize(masks[:, :, c], (width, height), interpolation=cv2.INTER_NEAREST)
+        cv2.resize(masks[:, :, c], (width, height), interpolation=MASK_INTERPOLATION)
         for c in range(masks.shape[2])
     ]
     return np.stack(channels, axis=-1)

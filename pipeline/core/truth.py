@@ -13,6 +13,7 @@ from functools import lru_cache
 import cv2
 import numpy as np
 
+from pipeline.core.masks import MASK_INTERPOLATION
 from pipeline.core.rle import decode
 
 
@@ -106,8 +107,8 @@ def _sampling(original_shape: tuple[int, int], size: tuple[int, int]) -> _Sampli
 
 
 def _nearest_indices(n_source: int, n_target: int) -> np.ndarray:
-    """Source index that cv2's nearest resize (as in ``masks.resize_masks``) picks for
-    each target index along one axis; cv2 itself computes them, so they match exactly."""
+    """Source index that ``masks.resize_masks`` picks for each target index along one
+    axis; cv2 itself computes them, so they match exactly."""
     source = np.arange(n_source, dtype=np.float32)[None, :]
-    picked = cv2.resize(source, (n_target, 1), interpolation=cv2.INTER_NEAREST)
+    picked = cv2.resize(source, (n_target, 1), interpolation=MASK_INTERPOLATION)
     return picked[0].astype(np.int64)
