@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.images import IMAGE_CHANNELS
+from pipeline.core.images import IMAGE_CHANNELS, IMAGE_RESIZE
 from pipeline.core.prediction_plan import PredictionPlan
 
 MANIFEST = "manifest.json"
@@ -50,7 +50,7 @@ INPUT = {
     "image_channels": list(IMAGE_CHANNELS),
     "range": [0, 255],
     "normalisation": "inside the network (its first layer)",
-    "resize": "cv2.INTER_AREA to input_size",
+    "resize": f"cv2.{IMAGE_RESIZE} to input_size",
 }
 # How a run names its test images in a submission: file names or bare stems.
 ID_STYLES: tuple[str, ...] = ("names", "stems")

@@ -17,6 +17,9 @@ from pipeline.core.commands import command_line
 # without one; upper-case variants follow so that case-sensitive file systems match.
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
+# How an image is resized to the network's input, in training, prediction and bundles
+# alike (``resize_image``): a cv2 interpolation, by name for the bundle's manifest.
+IMAGE_RESIZE = "INTER_AREA"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The channel counts an image file may have: gray, RGB and RGBA, each read as the
 # networks' RGB (alpha dropped). Training and prediction read with the same rule and a
@@ -298,3 +301,9 @@ def read_original_sizes(cache_directory: str | Path) -> dict[str, tuple[int, int
         image_id: (int(h), int(w))
         for image_id, h, w in frame[["image_id", "height", "width"]].itertuples(index=False)
     }
+
+
+def resize_image(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """``image`` (H, W, 3) at ``size`` [height, width], resized as every network input is
+    (``IMAGE_RESIZE``)."""
+    return cv2.resize(image, (int(size[1]), int(size[0])), interpolation=getattr(cv2, IMAGE_RESIZE))

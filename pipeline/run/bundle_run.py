@@ -53,6 +53,7 @@ from pipeline.core.images import (
     folder_image_ids,
     missing_images,
     read_image,
+    resize_image,
     resolve_image_path,
 )
 from pipeline.core.layout import FOLD_MERGE
@@ -100,19 +101,12 @@ class FolderImages:
             # names the file when it cannot be read or decoded, or has another channel count
             image = read_image(path, self.channels)
             sizes.append(image.shape[:2])
-            self.images[i] = cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            self.images[i] = resize_image(image, size)
         self.original_sizes = np.array(sizes, dtype=np.int64).reshape(-1, 2)
 
     def resized(self, size: tuple[int, int]) -> np.ndarray:
         """Every image at another size (the presence classifier's)."""
-        return np.stack(
-            [
-                cv2.resize(
-                    read_image(p, self.channels), (size[1], size[0]), interpolation=cv2.INTER_AREA
-                )
-                for p in self.paths
-            ]
-        )
+        return np.stack([resize_image(read_image(p, self.channels), size) for p in self.paths])
 
 
 def list_folder_images(

@@ -21,12 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import cv2
 import numpy as np
 import pandas as pd
 
 from pipeline.core.atomic import publish_directory
-from pipeline.core.images import cache_path, files_fingerprint, read_image, resolve_image_path
+from pipeline.core.images import (
+    cache_path,
+    files_fingerprint,
+    read_image,
+    resize_image,
+    resolve_image_path,
+)
 from pipeline.core.masks import decode_masks, resize_masks, rles_by_image
 from pipeline.run.run_lock import pid_alive
 
@@ -150,7 +155,7 @@ def build_cache(
         path = resolve_image_path(image_folder, image_id)
         image = read_image(path)
         sizes[i] = image.shape[:2]
-        images[i] = cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+        images[i] = resize_image(image, (height, width))
         if masks is not None:
             assert rles is not None
             if image_id not in rles:
