@@ -23,7 +23,7 @@ from pipeline.core.lr_range import resolve_lr
 from pipeline.core.masks import resize_probs, truth_masks
 from pipeline.core.metrics import kaggle_dice, score_presence
 from pipeline.core.probstore import ProbWriter, dequantise_prob, quantise_prob
-from pipeline.core.sample_order import first_sample
+from pipeline.core.sample_order import batches_per_pass, first_sample
 from pipeline.core.schedule import training_phases
 from pipeline.nn import fold_trainer
 from pipeline.nn.classifier import presence_labels
@@ -84,7 +84,7 @@ def prepare(ctx: FoldContext) -> FoldParts:
         train_rows = np.concatenate([train_rows, extra])
         log.info("fold %d: + %d pseudo-labelled training images", fold, len(extra))
     global_batch = t.batch_size * ctx.replicas
-    steps = t.steps_per_epoch or max(1, len(train_rows) // global_batch)
+    steps = t.steps_per_epoch or batches_per_pass(len(train_rows), global_batch)
     log.info(
         "fold %d: %d train / %d val images; %d replica(s) x batch %d, %d accumulated -> "
         "%d images per Adam step; %d steps per epoch",

@@ -22,7 +22,7 @@ from pipeline.core.folds import classifier_skip_reason
 from pipeline.core.layout import BEST_WEIGHTS, CLASSIFIER_STAGE
 from pipeline.core.layout import OOF_CLS as OOF
 from pipeline.core.metrics import score_presence
-from pipeline.core.sample_order import first_sample
+from pipeline.core.sample_order import batches_per_pass, first_sample
 from pipeline.nn import fold_trainer
 from pipeline.nn.classifier import (
     ImageSampler,
@@ -85,7 +85,7 @@ def prepare(ctx: FoldContext) -> FoldParts:
     cache = training_cache(config, exp, c.image_size)
     labels = presence_labels(exp.table, exp.classes, cache.image_ids)
     global_batch = c.batch_size * ctx.replicas
-    steps = max(1, len(ctx.train_ids) // global_batch)
+    steps = batches_per_pass(len(ctx.train_ids), global_batch)
     train_rows = cache.index_of(ctx.train_ids)
     log.info(
         "classifier fold %d: %d train / %d val images at %s; %d replica(s) x batch %d, "

@@ -23,6 +23,7 @@ from pipeline.core.plan_budget import (
     parallel_folds,
     plan_epochs,
 )
+from pipeline.core.sample_order import batches_per_pass
 from pipeline.core.schema import flips_augment
 
 STRIDE = 32  # U-Net's input sides are multiples of the encoder's stride
@@ -312,7 +313,7 @@ def plan_choices(
     choices.append(
         Choice("model.encoder_weights", None, "no download assumed; imagenet where available")
     )
-    steps_total = epochs * max(1, n_train // (batch * accumulation))
+    steps_total = epochs * batches_per_pass(n_train, batch * accumulation)
     if steps_total < 3000:
         choices.append(
             Choice(

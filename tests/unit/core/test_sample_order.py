@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.core.sample_order import SampleOrder, first_sample
+from pipeline.core.sample_order import SampleOrder, batches_per_pass, first_sample
 
 
 def test_each_pass_visits_every_image_once_in_a_seeded_order():
@@ -24,3 +24,13 @@ def test_first_sample_and_errors():
         SampleOrder([], seed=0)
     with pytest.raises(ValueError, match=">= 0"):
         SampleOrder([1], seed=0)(-1)
+
+
+def test_an_epoch_is_a_pass_that_sees_every_image() -> None:
+    # The last batch is filled from the next pass instead of leaving images out.
+    assert batches_per_pass(354, 8) == 45
+    assert batches_per_pass(312, 8) == 39
+    assert batches_per_pass(3, 8) == 1
+    order = SampleOrder(np.arange(354), seed=0)
+    seen = {int(order(n)) for n in range(batches_per_pass(354, 8) * 8)}
+    assert seen == set(range(354))
