@@ -19,7 +19,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".tif", ".tiff", "
 
 # How an image is resized to the network's input, in training, prediction and bundles
 # alike (``resize_image``): a cv2 interpolation, by name for the bundle's manifest.
-IMAGE_RESIZE = "INTER_LINEAR"
+IMAGE_RESIZE = "INTER_AREA"
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # The channel counts an image file may have: gray, RGB and RGBA, each read as the
 # networks' RGB (alpha dropped). Training and prediction read with the same rule and a

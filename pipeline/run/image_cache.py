@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # images (3,698 Clouds test images of 1400x2100 take minutes on two).
 CACHE_WORKERS = os.cpu_count() or 2
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 @dataclass(frozen=True)
