@@ -484,8 +484,8 @@ class PredictConfig(Section):
     engine: Engine = Field(
         "auto",
         description="the runtime of the networks: openvino or onnxruntime (each fold converted "
-        "once, cached in the run), tensorflow, or auto: openvino in bfloat16 "
-        "(predict.precision), else tensorflow (no conversion to pay for; docs/deploy.md)",
+        "once, cached in the run), tensorflow, or auto: tensorflow (no conversion to pay "
+        "for; docs/deploy.md)",
     )
 
 

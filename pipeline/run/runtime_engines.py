@@ -47,11 +47,13 @@ AUTO_ORDER = {
     "bfloat16": (OPENVINO, ONNXRUNTIME, TENSORFLOW),
     "float32": (OPENVINO, ONNXRUNTIME, TENSORFLOW),
 }
-# ``pipeline.predict`` converts each fold before OpenVINO or onnxruntime can run it:
-# in float32 that first conversion costs more than the faster forward saves on a run
-# (3 EfficientNet-B0 folds: 89.5 s converting, against 11.6 s for the whole prediction
-# on TensorFlow), so there TensorFlow comes first.
-AUTO_ORDER_CONVERTING = {**AUTO_ORDER, "float32": (TENSORFLOW, OPENVINO, ONNXRUNTIME)}
+# ``pipeline.predict`` converts each fold before OpenVINO or onnxruntime can run it, and
+# that first conversion costs more than the faster forward saves on a run, in either
+# precision: 3 EfficientNet-B0 folds in float32, 89.5 s converting against 11.6 s for the
+# whole prediction on TensorFlow; 3 B2 folds at 352x480 in bfloat16 on AVX512-BF16
+# (bench_deploy.py, records 81-82), 67-75 s for the converting run against 20-22 s on
+# TensorFlow (15 s on OpenVINO once converted). So there TensorFlow comes first.
+AUTO_ORDER_CONVERTING = {precision: (TENSORFLOW, OPENVINO, ONNXRUNTIME) for precision in AUTO_ORDER}
 # The OpenVINO inference precision of each ``predict.precision``.
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # Rows (stacked images) per OpenVINO request: one image's four flips.

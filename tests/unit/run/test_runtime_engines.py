@@ -17,9 +17,11 @@ def test_auto_takes_openvino_first_where_the_networks_are_converted() -> None:
     assert choose_engine("tensorflow", precision="bfloat16") == "tensorflow"
 
 
-def test_predict_converting_the_folds_takes_tensorflow_in_float32() -> None:
+def test_predict_converting_the_folds_takes_tensorflow_in_every_precision() -> None:
+    # The first conversion costs more than a whole prediction on TensorFlow saves.
     assert choose_engine("auto", precision="float32", converting=True) == "tensorflow"
-    assert choose_engine("auto", precision="bfloat16", converting=True) == "openvino"
+    assert choose_engine("auto", precision="bfloat16", converting=True) == "tensorflow"
+    assert choose_engine("auto", ["openvino"], "bfloat16", converting=True) == "openvino"
     assert choose_engine("auto", ["openvino"], "float32", converting=True) == "openvino"
 
 
