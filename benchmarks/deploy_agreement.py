@@ -2,13 +2,15 @@
 
 Usage: ``python benchmarks/deploy_agreement.py --config configs/demo.yaml
 [--set KEY=VALUE ...] [--workdir DIR] [--python PATH] [--engines openvino,onnxruntime]
-[--no-record]``
+[--precision float32|bfloat16|auto] [--no-record]``
 
 Exports the run's folds (``python -m pipeline.export``, every network format the
 engines need), predicts the test set with ``python -m pipeline.predict`` on TensorFlow
-and with the bundle's own runner (``runner/run_bundle.py``) on each of ``--engines``,
-all in float32; ``--python`` runs the bundle with another interpreter (a virtual
-environment without TensorFlow: numpy, opencv, pandas and the engine only). Without a
+in float32 (the reference) and with the bundle's own runner (``runner/run_bundle.py``)
+on each of ``--engines`` at ``--precision`` (default float32; ``auto`` is what the
+runner picks on this CPU: bfloat16 where it computes it natively); ``--python`` runs
+the bundle with another interpreter (a virtual environment without TensorFlow: numpy,
+opencv, pandas and the engine only). Without a
 sample submission every image of ``data.test_images`` is predicted; without a fixed
 ``data.submission_size`` (DSB 2018) each image is scored at its own size. Prints and
 records, per engine: whether the two submissions have the same rows, the Kaggle Dice
@@ -32,6 +34,7 @@ from benchmarks.common import describe_machine, record
 from pipeline.core.bundle import read_manifest
 from pipeline.core.config import load_config
 from pipeline.core.images import folder_image_ids, read_image_size, resolve_image_path
+from pipeline.core.precision import choose_precision, cpu_flags
 from pipeline.core.submission import score_submission
 from pipeline.core.submission_check import read_submission
 
@@ -57,6 +60,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--bundle", type=Path, help="a bundle of these folds already exported (not re-exported)"
+    )
+    parser.add_argument(
+        "--precision",
+        default="float32",
+        choices=("float32", "bfloat16", "auto"),
+        help="the bundle's precision (pipeline.predict, the reference, runs float32)",
     )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args(argv)
@@ -104,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": describe_machine(),
         "experiment": config.experiment,
         "bundle_python_has_tensorflow": has_tf.returncode == 0,
+        "bundle_precision": resolved_precision(args.precision),
         "test_kaggle_dice_predict": None,
         "engines": {},
         "seconds": {
@@ -125,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         bundle_s, _ = timed(f"bundle {engine}", [
             args.python, str(bundle / "runner" / "run_bundle.py"), "--bundle", str(bundle),
             "--images", str(data.test_images), *sample, "--out", str(bundle_csv),
-            "--engine", engine, "--precision", "float32",
+            "--engine", engine, "--precision", args.precision,
         ])  # fmt: skip
         bundled = read_submission(bundle_csv)
         score = float(
@@ -149,6 +159,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return figures
 
 
+def resolved_precision(requested: str) -> str:
+    """The precision the bundle's runner computes in for ``requested`` on this CPU."""
+    return choose_precision(requested, cpu_flags())
+
+
 def engine_record(figures: dict[str, Any], engine: str) -> dict[str, Any]:
     """One engine's figures as a flat record (one row of docs/results.md)."""
     result = figures["engines"][engine]
@@ -157,6 +172,7 @@ def engine_record(figures: dict[str, Any], engine: str) -> dict[str, Any]:
         "machine": figures["machine"],
         "experiment": figures["experiment"],
         "engine": engine,
+        "bundle_precision": figures["bundle_precision"],
         "bundle_python_has_tensorflow": figures["bundle_python_has_tensorflow"],
         "bundle_tensorflow_modules": result["tensorflow_modules_after_import"],
         "same_rows": result["same_rows"],
