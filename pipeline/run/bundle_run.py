@@ -161,7 +161,8 @@ def check_output(path: Path | None, what: str, folder: bool) -> None:
 def build_engines(
     manifest: Manifest, engine: str, precision: str
 ) -> tuple[str, str, Any, Any | None]:
-    """(engine, precision, segmentation engine, presence engine or None) for a bundle."""
+    """(engine, precision computed in, segmentation engine, presence engine or None) for a
+    bundle."""
     offered = [ENGINE_OF_FORMAT[f] for f in manifest.formats]
     resolved = choose_precision(precision, cpu_flags())
     chosen = choose_engine(engine, offered, resolved)
@@ -185,7 +186,10 @@ def build_engines(
 
     segmentation = engine_of(SEGMENTATION, False)
     presence = engine_of(PRESENCE, True) if needs_presence else None
-    return chosen, resolved, segmentation, presence
+    # OpenVINO computes in the precision asked for; onnxruntime and a SavedModel run the
+    # float32 networks as exported, whatever was asked (no bfloat16 kernels for them).
+    computed = resolved if chosen == OPENVINO_ENGINE else "float32"
+    return chosen, computed, segmentation, presence
 
 
 def run_bundle(
