@@ -37,6 +37,7 @@ from pipeline.core.images import folder_image_ids, read_image_size, resolve_imag
 from pipeline.core.precision import choose_precision, cpu_flags
 from pipeline.core.submission import score_submission
 from pipeline.core.submission_check import read_submission
+from pipeline.run.runtime_engines import exported_precision
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -113,7 +114,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "machine": describe_machine(),
         "experiment": config.experiment,
         "bundle_python_has_tensorflow": has_tf.returncode == 0,
-        "bundle_precision": resolved_precision(args.precision),
         "test_kaggle_dice_predict": None,
         "engines": {},
         "seconds": {
@@ -149,6 +149,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "dice_between": round(
                 kaggle_dice(bundled, predicted, size, plan.csv_format, classes), 5
             ),
+            "precision": exported_precision(engine, choose_precision(args.precision, cpu_flags())),
             "test_kaggle_dice_bundle": round(score, 5),
             "score_difference": round(abs(score_predict - score), 5),
             "seconds": round(bundle_s, 1),
@@ -159,11 +160,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return figures
 
 
-def resolved_precision(requested: str) -> str:
-    """The precision the bundle's runner computes in for ``requested`` on this CPU."""
-    return choose_precision(requested, cpu_flags())
-
-
 def engine_record(figures: dict[str, Any], engine: str) -> dict[str, Any]:
     """One engine's figures as a flat record (one row of docs/results.md)."""
     result = figures["engines"][engine]
@@ -172,7 +168,7 @@ def engine_record(figures: dict[str, Any], engine: str) -> dict[str, Any]:
         "machine": figures["machine"],
         "experiment": figures["experiment"],
         "engine": engine,
-        "bundle_precision": figures["bundle_precision"],
+        "bundle_precision": result["precision"],
         "bundle_python_has_tensorflow": figures["bundle_python_has_tensorflow"],
         "bundle_tensorflow_modules": result["tensorflow_modules_after_import"],
         "same_rows": result["same_rows"],

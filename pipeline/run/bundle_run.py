@@ -66,6 +66,7 @@ from pipeline.run.runtime_engines import (
     OnnxNetworks,
     OpenVinoNetworks,
     choose_engine,
+    exported_precision,
 )
 from pipeline.run.runtime_engines import (
     OPENVINO as OPENVINO_ENGINE,
@@ -186,10 +187,7 @@ def build_engines(
 
     segmentation = engine_of(SEGMENTATION, False)
     presence = engine_of(PRESENCE, True) if needs_presence else None
-    # OpenVINO computes in the precision asked for; onnxruntime and a SavedModel run the
-    # float32 networks as exported, whatever was asked (no bfloat16 kernels for them).
-    computed = resolved if chosen == OPENVINO_ENGINE else "float32"
-    return chosen, computed, segmentation, presence
+    return chosen, exported_precision(chosen, resolved), segmentation, presence
 
 
 def run_bundle(

@@ -53,7 +53,7 @@ AUTO_ORDER = {
 # whole prediction on TensorFlow; 3 B2 folds at 352x480 in bfloat16 on AVX512-BF16
 # (bench_deploy.py, records 81-82), 67-75 s for the converting run against 20-22 s on
 # TensorFlow (15 s on OpenVINO once converted). So there TensorFlow comes first.
-AUTO_ORDER_CONVERTING = {precision: (TENSORFLOW, OPENVINO, ONNXRUNTIME) for precision in AUTO_ORDER}
+AUTO_ORDER_CONVERTING = (TENSORFLOW, OPENVINO, ONNXRUNTIME)
 # The OpenVINO inference precision of each ``predict.precision``.
 OPENVINO_PRECISION = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}
 # Rows (stacked images) per OpenVINO request: one image's four flips.
@@ -87,12 +87,22 @@ def choose_engine(
                 f"no engine installed for {list(offered or ENGINES)}: pip install openvino "
                 "or onnxruntime (the runner's requirements.txt) or tensorflow"
             )
-        orders = AUTO_ORDER_CONVERTING if converting else AUTO_ORDER
-        order = orders.get(precision, orders["float32"])
+        order = (
+            AUTO_ORDER_CONVERTING
+            if converting
+            else AUTO_ORDER.get(precision, AUTO_ORDER["float32"])
+        )
         return next(e for e in order if e in candidates)
     if requested not in installed:
         raise ValueError(f"engine {requested!r} is not installed (pip install {requested})")
     return requested
+
+
+def exported_precision(engine: str, precision: str) -> str:
+    """The precision an exported float32 network computes in on ``engine`` when
+    ``precision`` is asked: OpenVINO's own (it converts as it compiles); onnxruntime and
+    a SavedModel run the float32 graph as exported (no bfloat16 kernels for them)."""
+    return precision if engine == OPENVINO else "float32"
 
 
 def accepts_size(height: int, width: int, fixed: tuple[int, int] | None) -> bool:
